@@ -1,0 +1,65 @@
+//! Stage 4 — the local cache: item metadata (so `not_started` and `ended` are answered
+//! without Redis) and sold-out flags (so the sold-out path never reaches Redis).
+//!
+//! moka's `sync` cache, not `future`: reads of the future cache go through a shared queue
+//! that slows down with many readers (moka #498); nothing here awaits. Flags are cleared on
+//! every instance by pub/sub when stock comes back; their TTL is only a safety net for a
+//! missed message.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::engine::ItemSpec;
+use crate::metrics;
+
+pub struct LocalCache {
+    items: moka::sync::Cache<String, Arc<ItemSpec>>,
+    sold_out: moka::sync::Cache<String, ()>,
+}
+
+impl LocalCache {
+    pub fn new(item_ttl: Duration, sold_out_ttl: Duration) -> Self {
+        LocalCache {
+            items: moka::sync::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(item_ttl)
+                .build(),
+            sold_out: moka::sync::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(sold_out_ttl)
+                .build(),
+        }
+    }
+
+    pub fn item(&self, item_id: &str) -> Option<Arc<ItemSpec>> {
+        let hit = self.items.get(item_id);
+        metrics::cache("item", hit.is_some());
+        hit
+    }
+
+    pub fn put_item(&self, spec: Arc<ItemSpec>) {
+        self.items.insert(spec.item_id.clone(), spec);
+    }
+
+    pub fn is_sold_out(&self, item_id: &str) -> bool {
+        let hit = self.sold_out.contains_key(item_id);
+        metrics::cache("sold_out", hit);
+        hit
+    }
+
+    pub fn mark_sold_out(&self, item_id: &str) {
+        self.sold_out.insert(item_id.to_owned(), ());
+    }
+
+    /// The item changed (replaced, or stock came back): forget what we knew.
+    pub fn invalidate(&self, item_id: &str) {
+        self.items.invalidate(item_id);
+        self.sold_out.invalidate(item_id);
+    }
+
+    /// After a pub/sub reconnect: messages may have been missed.
+    pub fn invalidate_all(&self) {
+        self.items.invalidate_all();
+        self.sold_out.invalidate_all();
+    }
+}

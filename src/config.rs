@@ -1,0 +1,269 @@
+//! Configuration: one struct, flags with environment fallbacks (`--help` lists them all),
+//! documented defaults, and [`Config::validate`], which fails at start-up naming the field.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(name = "seckill-gateway", version, about = "Flash-sale gateway: sells exactly the stock, loses no order.")]
+pub struct Cli {
+    #[command(flatten)]
+    pub config: Config,
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve HTTP (the default), with the persistence worker and sweeper unless disabled.
+    Serve,
+    /// Run only the persistence worker and the deadline sweeper, no HTTP front door.
+    Worker,
+    /// Compare Redis with the database per item; exit 1 on any difference.
+    Reconcile {
+        /// Only this item.
+        #[arg(long)]
+        item: Option<String>,
+        /// Re-emit the events of orders missing or behind in the database.
+        #[arg(long)]
+        repair: bool,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct Config {
+    /// Address the HTTP front door listens on.
+    #[arg(long, env = "SECKILL_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+
+    /// Redis URL. Unset: the embedded in-process stock engine.
+    #[arg(long, env = "REDIS_URL")]
+    pub redis_url: Option<String>,
+
+    /// Order store: `postgres://…` or `sqlite://…`.
+    #[arg(long, env = "DATABASE_URL", default_value = "sqlite://seckill.db")]
+    pub database_url: String,
+
+    /// Bearer token of the operator routes; unset: the admin API answers 403.
+    #[arg(long, env = "SECKILL_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+
+    /// HS256 secret of shopper JWTs (`sub` = user id). Unset: trust `X-User-Id`.
+    #[arg(long, env = "SECKILL_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+
+    /// Requests per second for the whole instance (0: no global limit).
+    #[arg(long, env = "SECKILL_RATE_GLOBAL", default_value_t = 0)]
+    pub rate_global: u32,
+
+    /// Requests per second per user; the burst is the same number (0: off).
+    #[arg(long, env = "SECKILL_RATE_PER_USER", default_value_t = 10)]
+    pub rate_per_user: u32,
+
+    /// Requests per second per client IP (0: off).
+    #[arg(long, env = "SECKILL_RATE_PER_IP", default_value_t = 1000)]
+    pub rate_per_ip: u32,
+
+    /// Take the client IP from `X-Forwarded-For` (only behind a trusted proxy).
+    #[arg(long, env = "SECKILL_TRUST_FORWARDED", default_value_t = false, action = clap::ArgAction::Set)]
+    pub trust_forwarded: bool,
+
+    /// How long a reservation waits for payment before its stock returns.
+    #[arg(long, env = "SECKILL_PAYMENT_TIMEOUT", default_value = "15m", value_parser = humantime::parse_duration)]
+    pub payment_timeout: Duration,
+
+    /// Preload a demo item (default: on in embedded mode, off with Redis).
+    #[arg(long, env = "SECKILL_DEMO", action = clap::ArgAction::Set)]
+    pub demo: Option<bool>,
+
+    /// Log format.
+    #[arg(long, env = "SECKILL_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+
+    /// Timeout of every Redis command (connect and response).
+    #[arg(long, env = "SECKILL_REDIS_TIMEOUT", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub redis_timeout: Duration,
+
+    /// Timeout of every store (database) call.
+    #[arg(long, env = "SECKILL_STORE_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub store_timeout: Duration,
+
+    /// Redis calls in flight before new ones are shed with 503.
+    #[arg(long, env = "SECKILL_MAX_INFLIGHT", default_value_t = 2048)]
+    pub max_inflight: usize,
+
+    /// Consecutive Redis failures that open the circuit.
+    #[arg(long, env = "SECKILL_CIRCUIT_FAILURES", default_value_t = 20)]
+    pub circuit_failures: u32,
+
+    /// How long an open circuit answers 503 before one probe is let through.
+    #[arg(long, env = "SECKILL_CIRCUIT_COOLDOWN", default_value = "2s", value_parser = humantime::parse_duration)]
+    pub circuit_cooldown: Duration,
+
+    /// Concurrent client connections; more are closed at accept.
+    #[arg(long, env = "SECKILL_MAX_CONNECTIONS", default_value_t = 20_000)]
+    pub max_connections: usize,
+
+    /// Time a client has to send its request headers.
+    #[arg(long, env = "SECKILL_HEADER_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub header_timeout: Duration,
+
+    /// How long an idempotency key is remembered.
+    #[arg(long, env = "SECKILL_IDEMPOTENCY_TTL", default_value = "24h", value_parser = humantime::parse_duration)]
+    pub idempotency_ttl: Duration,
+
+    /// How long a closed (paid, cancelled, expired) order stays in Redis for lookups.
+    #[arg(long, env = "SECKILL_CLOSED_ORDER_TTL", default_value = "24h", value_parser = humantime::parse_duration)]
+    pub closed_order_ttl: Duration,
+
+    /// Safety-net lifetime of a local sold-out flag (pub/sub clears it at once normally).
+    #[arg(long, env = "SECKILL_SOLD_OUT_TTL", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub sold_out_ttl: Duration,
+
+    /// Lifetime of cached item metadata (changes are also pushed by pub/sub).
+    #[arg(long, env = "SECKILL_ITEM_CACHE_TTL", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub item_cache_ttl: Duration,
+
+    /// Run the persistence worker and deadline sweeper inside `serve`.
+    #[arg(long, env = "SECKILL_WORKERS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub workers: bool,
+
+    /// Events per persistence batch.
+    #[arg(long, env = "SECKILL_PERSIST_BATCH", default_value_t = 1000)]
+    pub persist_batch: usize,
+
+    /// Longest wait for a batch to fill.
+    #[arg(long, env = "SECKILL_PERSIST_WAIT", default_value = "20ms", value_parser = humantime::parse_duration)]
+    pub persist_wait: Duration,
+
+    /// Pending entries idle longer than this are claimed from dead consumers.
+    #[arg(long, env = "SECKILL_CLAIM_IDLE", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub claim_idle: Duration,
+
+    /// Deliveries before an event goes to the dead-letter stream.
+    #[arg(long, env = "SECKILL_MAX_DELIVERIES", default_value_t = 5)]
+    pub max_deliveries: u64,
+
+    /// How often the deadline sweeper looks for expired reservations.
+    #[arg(long, env = "SECKILL_SWEEP_INTERVAL", default_value = "500ms", value_parser = humantime::parse_duration)]
+    pub sweep_interval: Duration,
+
+    /// Name of this instance's stream consumer (default: host name and PID).
+    #[arg(long, env = "SECKILL_CONSUMER_NAME")]
+    pub consumer_name: Option<String>,
+
+    /// How long shutdown waits for in-flight requests and the batch in hand.
+    #[arg(long, env = "SECKILL_SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub shutdown_grace: Duration,
+}
+
+/// A configuration value that cannot work, named by its field.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration: {field}: {why}")]
+pub struct ConfigError {
+    pub field: &'static str,
+    pub why: String,
+}
+
+impl Config {
+    /// Parse flags and environment (for tests and tools: `Config::parse_from([...])`).
+    pub fn from_args<I, T>(args: I) -> Result<Self, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        #[derive(Parser)]
+        struct Only {
+            #[command(flatten)]
+            config: Config,
+        }
+        Ok(Only::try_parse_from(args)?.config)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |field, why: &str| Err(ConfigError { field, why: why.to_owned() });
+        if let Some(url) = &self.redis_url {
+            if !(url.starts_with("redis://") || url.starts_with("rediss://") || url.starts_with("unix://")) {
+                return bad("REDIS_URL", "must start with redis://, rediss:// or unix://");
+            }
+        }
+        if !(self.database_url.starts_with("postgres://")
+            || self.database_url.starts_with("postgresql://")
+            || self.database_url.starts_with("sqlite:"))
+        {
+            return bad("DATABASE_URL", "must be postgres://… or sqlite://…");
+        }
+        if matches!(&self.admin_token, Some(t) if t.len() < 8) {
+            return bad("SECKILL_ADMIN_TOKEN", "must be at least 8 characters");
+        }
+        if matches!(&self.jwt_secret, Some(s) if s.len() < 16) {
+            return bad("SECKILL_JWT_SECRET", "must be at least 16 bytes");
+        }
+        if self.payment_timeout < Duration::from_secs(1) {
+            return bad("SECKILL_PAYMENT_TIMEOUT", "must be at least 1s");
+        }
+        if self.redis_timeout.is_zero() {
+            return bad("SECKILL_REDIS_TIMEOUT", "must be above zero");
+        }
+        if self.max_inflight == 0 {
+            return bad("SECKILL_MAX_INFLIGHT", "must be at least 1");
+        }
+        if self.max_connections == 0 {
+            return bad("SECKILL_MAX_CONNECTIONS", "must be at least 1");
+        }
+        if self.persist_batch == 0 || self.persist_batch > 10_000 {
+            return bad("SECKILL_PERSIST_BATCH", "must be 1..=10000");
+        }
+        if self.circuit_failures == 0 {
+            return bad("SECKILL_CIRCUIT_FAILURES", "must be at least 1");
+        }
+        if self.max_deliveries == 0 {
+            return bad("SECKILL_MAX_DELIVERIES", "must be at least 1");
+        }
+        Ok(())
+    }
+
+    /// Embedded mode: no Redis configured.
+    pub fn embedded(&self) -> bool {
+        self.redis_url.is_none()
+    }
+
+    /// Whether to preload the demo item: on by default in embedded mode only.
+    pub fn demo_enabled(&self) -> bool {
+        self.demo.unwrap_or(self.embedded())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_match_the_contract() {
+        let c = Config::from_args(["x"]).unwrap();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.database_url, "sqlite://seckill.db");
+        assert_eq!(c.payment_timeout, Duration::from_secs(15 * 60));
+        assert!(c.embedded());
+        assert!(c.demo_enabled());
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn validate_names_the_field() {
+        let c = Config::from_args(["x", "--database-url", "mysql://x"]).unwrap();
+        let e = c.validate().unwrap_err();
+        assert_eq!(e.field, "DATABASE_URL");
+        let c = Config::from_args(["x", "--payment-timeout", "10ms"]).unwrap();
+        assert_eq!(c.validate().unwrap_err().field, "SECKILL_PAYMENT_TIMEOUT");
+        assert!(Config::from_args(["x", "--payment-timeout", "soon"]).is_err());
+    }
+}

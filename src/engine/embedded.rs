@@ -1,0 +1,424 @@
+//! The embedded stock engine: the Lua scripts' semantics in one in-process critical section
+//! (invariant 5), for a gateway with no Redis. Same checks in the same order, same replies.
+//!
+//! Durability: every change produces [`OrderEvent`]s that go to the [`Journal`] (SQLite,
+//! group-committed) *before* the caller is answered. If the journal fails, the change is
+//! undone and the caller gets an error (503), so an answer of 200 always means committed.
+//! At start-up the engine is rebuilt from the store ([`EmbeddedEngine::restore`]).
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use futures_util::future::BoxFuture;
+
+use super::{
+    ExpireReply, Expired, ItemSpec, ItemState, Order, OrderStatus, PutReply, ReserveCmd, ReserveReply, StockEngine,
+    Transition, TransitionReply,
+};
+use crate::clock::{Clock, Millis};
+use crate::error::Error;
+use crate::orders::event::OrderEvent;
+
+/// Where the embedded engine makes its changes durable.
+pub trait Journal: Send + Sync {
+    /// Commit these events; resolve only once they are durable.
+    fn append(&self, events: Vec<OrderEvent>) -> BoxFuture<'static, Result<(), Error>>;
+    /// Store an item definition durably.
+    fn put_item(&self, spec: ItemSpec) -> BoxFuture<'static, Result<(), Error>>;
+}
+
+#[derive(Default)]
+struct State {
+    items: HashMap<String, ItemState>,
+    /// (item, user) → units held (reserved + paid).
+    buyers: HashMap<(String, String), i64>,
+    orders: HashMap<String, Order>,
+    /// (item, user, key) → (order id, expires at).
+    idem: HashMap<(String, String, String), (String, Millis)>,
+    /// (pay_before_ms, order_id) of reserved orders.
+    deadlines: BTreeSet<(Millis, String)>,
+}
+
+pub struct EmbeddedEngine {
+    /// A std Mutex: never held across an await (the journal is awaited after unlocking).
+    state: Mutex<State>,
+    clock: Clock,
+    journal: Option<Box<dyn Journal>>,
+    payment_timeout_ms: Millis,
+    idem_ttl_ms: Millis,
+}
+
+impl EmbeddedEngine {
+    pub fn new(clock: Clock, payment_timeout: Duration, idem_ttl: Duration, journal: Option<Box<dyn Journal>>) -> Self {
+        EmbeddedEngine {
+            state: Mutex::new(State::default()),
+            clock,
+            journal,
+            payment_timeout_ms: payment_timeout.as_millis() as Millis,
+            idem_ttl_ms: idem_ttl.as_millis() as Millis,
+        }
+    }
+
+    pub fn clock(&self) -> &Clock {
+        &self.clock
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Rebuild stock, quotas, open reservations, deadlines and idempotency keys from what the
+    /// store holds: the item definitions and every order with its current status.
+    pub fn restore(&self, items: Vec<ItemSpec>, orders: Vec<Order>) {
+        let now = self.clock.now_ms();
+        let mut s = self.lock();
+        for spec in items {
+            let id = spec.item_id.clone();
+            s.items.insert(
+                id,
+                ItemState { stock: spec.stock_total, spec, reserved: 0, paid: 0, cancelled: 0, expired: 0 },
+            );
+        }
+        for o in orders {
+            let Some(item) = s.items.get_mut(&o.item_id) else { continue };
+            match o.status {
+                OrderStatus::Reserved => {
+                    item.stock -= o.qty;
+                    item.reserved += o.qty;
+                }
+                OrderStatus::Paid => {
+                    item.stock -= o.qty;
+                    item.paid += o.qty;
+                }
+                OrderStatus::Cancelled => item.cancelled += o.qty,
+                OrderStatus::Expired => item.expired += o.qty,
+            }
+            if !o.status.is_final() || o.status == OrderStatus::Paid {
+                *s.buyers.entry((o.item_id.clone(), o.user_id.clone())).or_default() += o.qty;
+            }
+            if o.status == OrderStatus::Reserved {
+                s.deadlines.insert((o.pay_before_ms, o.order_id.clone()));
+            }
+            if !o.idem_key.is_empty() && o.created_ms + self.idem_ttl_ms > now {
+                s.idem.insert(
+                    (o.item_id.clone(), o.user_id.clone(), o.idem_key.clone()),
+                    (o.order_id.clone(), o.created_ms + self.idem_ttl_ms),
+                );
+            }
+            s.orders.insert(o.order_id.clone(), o);
+        }
+    }
+
+    /// The units a user holds of an item (for tests and the differential check).
+    pub fn held(&self, item_id: &str, user_id: &str) -> i64 {
+        self.lock().buyers.get(&(item_id.to_owned(), user_id.to_owned())).copied().unwrap_or(0)
+    }
+
+    async fn journal(&self, events: Vec<OrderEvent>) -> Result<(), Error> {
+        match &self.journal {
+            Some(j) => j.append(events).await,
+            None => Ok(()),
+        }
+    }
+}
+
+/// Return a reserved order's units to the sale (cancel or expire), under the lock.
+fn release(s: &mut State, order_id: &str, to: OrderStatus, now: Millis) -> Option<(Order, i64)> {
+    let order = s.orders.get_mut(order_id)?;
+    let prev = order.clone();
+    order.status = to;
+    order.updated_ms = now;
+    let qty = order.qty;
+    let item = s.items.get_mut(&prev.item_id)?;
+    item.stock += qty;
+    item.reserved -= qty;
+    match to {
+        OrderStatus::Cancelled => item.cancelled += qty,
+        _ => item.expired += qty,
+    }
+    let stock_after = item.stock;
+    let key = (prev.item_id.clone(), prev.user_id.clone());
+    if let Some(h) = s.buyers.get_mut(&key) {
+        *h -= qty;
+        if *h <= 0 {
+            s.buyers.remove(&key);
+        }
+    }
+    s.deadlines.remove(&(prev.pay_before_ms, prev.order_id.clone()));
+    Some((prev, stock_after))
+}
+
+/// Put a closed order back to `reserved` (the journal refused the transition).
+fn unrelease(s: &mut State, prev: &Order, from: OrderStatus) {
+    if let Some(item) = s.items.get_mut(&prev.item_id) {
+        item.stock -= prev.qty;
+        item.reserved += prev.qty;
+        match from {
+            OrderStatus::Cancelled => item.cancelled -= prev.qty,
+            _ => item.expired -= prev.qty,
+        }
+    }
+    *s.buyers.entry((prev.item_id.clone(), prev.user_id.clone())).or_default() += prev.qty;
+    s.deadlines.insert((prev.pay_before_ms, prev.order_id.clone()));
+    s.orders.insert(prev.order_id.clone(), prev.clone());
+}
+
+impl StockEngine for EmbeddedEngine {
+    async fn put_item(&self, spec: &ItemSpec) -> Result<PutReply, Error> {
+        let previous = {
+            let mut s = self.lock();
+            let prev = s.items.get(&spec.item_id).cloned();
+            let (reserved, paid, cancelled, expired) =
+                prev.as_ref().map_or((0, 0, 0, 0), |p| (p.reserved, p.paid, p.cancelled, p.expired));
+            if spec.stock_total < reserved + paid {
+                return Ok(PutReply::BelowHeld { held: reserved + paid });
+            }
+            let state = ItemState {
+                spec: spec.clone(),
+                stock: spec.stock_total - reserved - paid,
+                reserved,
+                paid,
+                cancelled,
+                expired,
+            };
+            s.items.insert(spec.item_id.clone(), state);
+            prev
+        };
+        if let Some(j) = &self.journal {
+            if let Err(e) = j.put_item(spec.clone()).await {
+                let mut s = self.lock();
+                match previous {
+                    Some(p) => s.items.insert(spec.item_id.clone(), p),
+                    None => s.items.remove(&spec.item_id),
+                };
+                return Err(e);
+            }
+        }
+        let stock = self.lock().items.get(&spec.item_id).map_or(0, |i| i.stock);
+        Ok(PutReply::Stored { stock })
+    }
+
+    async fn item(&self, item_id: &str) -> Result<Option<ItemState>, Error> {
+        Ok(self.lock().items.get(item_id).cloned())
+    }
+
+    async fn reserve(&self, cmd: &ReserveCmd) -> Result<ReserveReply, Error> {
+        let now = self.clock.now_ms();
+        let idem_key = cmd.idem_key.clone().unwrap_or_default();
+        let idem = (cmd.item_id.clone(), cmd.user_id.clone(), idem_key.clone());
+        let (order, reply) = {
+            let mut s = self.lock();
+            let duplicate = |s: &State, id: &str| match s.orders.get(id) {
+                Some(o) => ReserveReply::Duplicate {
+                    order_id: o.order_id.clone(),
+                    qty: o.qty,
+                    status: o.status,
+                    created_ms: o.created_ms,
+                    pay_before_ms: o.pay_before_ms,
+                },
+                None => ReserveReply::Duplicate {
+                    order_id: id.to_owned(),
+                    qty: 0,
+                    status: OrderStatus::Reserved,
+                    created_ms: 0,
+                    pay_before_ms: 0,
+                },
+            };
+            if !idem_key.is_empty() {
+                if let Some((id, expires)) = s.idem.get(&idem).cloned() {
+                    if expires > now {
+                        return Ok(duplicate(&s, &id));
+                    }
+                    s.idem.remove(&idem);
+                }
+            }
+            if s.orders.contains_key(&cmd.order_id) {
+                return Ok(duplicate(&s, &cmd.order_id));
+            }
+            let Some(item) = s.items.get(&cmd.item_id) else {
+                return Ok(ReserveReply::UnknownItem);
+            };
+            let (stock, limit) = (item.stock, item.spec.per_user_limit);
+            if now < item.spec.starts_ms {
+                return Ok(ReserveReply::NotStarted { starts_ms: item.spec.starts_ms });
+            }
+            if now >= item.spec.ends_ms {
+                return Ok(ReserveReply::Ended { ends_ms: item.spec.ends_ms });
+            }
+            if cmd.qty < 1 || cmd.qty > limit {
+                return Ok(ReserveReply::BadQty { limit });
+            }
+            let buyer = (cmd.item_id.clone(), cmd.user_id.clone());
+            let held = s.buyers.get(&buyer).copied().unwrap_or(0);
+            if held + cmd.qty > limit {
+                return Ok(ReserveReply::LimitReached { held, limit });
+            }
+            if stock < cmd.qty {
+                return Ok(ReserveReply::SoldOut { stock });
+            }
+            let pay_before_ms = now + self.payment_timeout_ms;
+            let item = s.items.get_mut(&cmd.item_id).expect("checked above");
+            item.stock -= cmd.qty;
+            item.reserved += cmd.qty;
+            let stock_after = item.stock;
+            *s.buyers.entry(buyer).or_default() += cmd.qty;
+            let order = Order {
+                order_id: cmd.order_id.clone(),
+                item_id: cmd.item_id.clone(),
+                user_id: cmd.user_id.clone(),
+                qty: cmd.qty,
+                status: OrderStatus::Reserved,
+                created_ms: now,
+                pay_before_ms,
+                updated_ms: now,
+                idem_key: idem_key.clone(),
+            };
+            s.orders.insert(order.order_id.clone(), order.clone());
+            if !idem_key.is_empty() {
+                s.idem.insert(idem.clone(), (order.order_id.clone(), now + self.idem_ttl_ms));
+            }
+            s.deadlines.insert((pay_before_ms, order.order_id.clone()));
+            let reply = ReserveReply::Reserved { order_id: order.order_id.clone(), created_ms: now, pay_before_ms, stock_after };
+            (order, reply)
+        };
+        if let Err(e) = self.journal(vec![OrderEvent::of(&order, OrderStatus::Reserved, now)]).await {
+            // Not durable: undo, so nothing is sold that was not answered 200.
+            let mut s = self.lock();
+            if s.orders.get(&order.order_id).is_some_and(|o| o.status == OrderStatus::Reserved) {
+                s.orders.remove(&order.order_id);
+                if let Some(item) = s.items.get_mut(&order.item_id) {
+                    item.stock += order.qty;
+                    item.reserved -= order.qty;
+                }
+                let buyer = (order.item_id.clone(), order.user_id.clone());
+                if let Some(h) = s.buyers.get_mut(&buyer) {
+                    *h -= order.qty;
+                    if *h <= 0 {
+                        s.buyers.remove(&buyer);
+                    }
+                }
+                s.idem.remove(&idem);
+                s.deadlines.remove(&(order.pay_before_ms, order.order_id.clone()));
+            }
+            return Err(e);
+        }
+        Ok(reply)
+    }
+
+    async fn transition(&self, t: Transition, order_id: &str, user_id: &str) -> Result<TransitionReply, Error> {
+        let now = self.clock.now_ms();
+        let (prev, event, reply) = {
+            let mut s = self.lock();
+            let Some(order) = s.orders.get(order_id).cloned() else {
+                return Ok(TransitionReply::UnknownOrder);
+            };
+            if order.user_id != user_id {
+                return Ok(TransitionReply::Forbidden);
+            }
+            match (t, order.status) {
+                (Transition::Pay, OrderStatus::Paid) => return Ok(TransitionReply::Already { status: OrderStatus::Paid }),
+                (Transition::Cancel, OrderStatus::Cancelled) => {
+                    return Ok(TransitionReply::Already { status: OrderStatus::Cancelled });
+                }
+                (_, status) if status != OrderStatus::Reserved => return Ok(TransitionReply::Closed { status }),
+                _ => {}
+            }
+            if order.pay_before_ms <= now {
+                release(&mut s, order_id, OrderStatus::Expired, now);
+                let ev = OrderEvent::of(&order, OrderStatus::Expired, now);
+                (order, ev, TransitionReply::Closed { status: OrderStatus::Expired })
+            } else if t == Transition::Pay {
+                let o = s.orders.get_mut(order_id).expect("present");
+                o.status = OrderStatus::Paid;
+                o.updated_ms = now;
+                let item = s.items.get_mut(&order.item_id).expect("an order's item exists");
+                item.reserved -= order.qty;
+                item.paid += order.qty;
+                let stock_after = item.stock;
+                s.deadlines.remove(&(order.pay_before_ms, order.order_id.clone()));
+                let ev = OrderEvent::of(&order, OrderStatus::Paid, now);
+                (order, ev, TransitionReply::Done { status: OrderStatus::Paid, stock_after })
+            } else {
+                let (_, stock_after) = release(&mut s, order_id, OrderStatus::Cancelled, now).expect("present");
+                let ev = OrderEvent::of(&order, OrderStatus::Cancelled, now);
+                (order, ev, TransitionReply::Done { status: OrderStatus::Cancelled, stock_after })
+            }
+        };
+        let to = event.status;
+        if let Err(e) = self.journal(vec![event]).await {
+            let mut s = self.lock();
+            if s.orders.get(order_id).is_some_and(|o| o.status == to) {
+                if to == OrderStatus::Paid {
+                    if let Some(item) = s.items.get_mut(&prev.item_id) {
+                        item.reserved += prev.qty;
+                        item.paid -= prev.qty;
+                    }
+                    s.deadlines.insert((prev.pay_before_ms, prev.order_id.clone()));
+                    s.orders.insert(prev.order_id.clone(), prev);
+                } else {
+                    unrelease(&mut s, &prev, to);
+                }
+            }
+            return Err(e);
+        }
+        Ok(reply)
+    }
+
+    async fn expire(&self, order_id: &str, _item_id: &str) -> Result<ExpireReply, Error> {
+        let now = self.clock.now_ms();
+        let (prev, stock_after) = {
+            let mut s = self.lock();
+            let Some(order) = s.orders.get(order_id) else {
+                return Ok(ExpireReply::UnknownOrder);
+            };
+            if order.status != OrderStatus::Reserved {
+                return Ok(ExpireReply::NotReserved { status: order.status });
+            }
+            if order.pay_before_ms > now {
+                return Ok(ExpireReply::NotDue { pay_before_ms: order.pay_before_ms });
+            }
+            release(&mut s, order_id, OrderStatus::Expired, now).expect("present")
+        };
+        if let Err(e) = self.journal(vec![OrderEvent::of(&prev, OrderStatus::Expired, now)]).await {
+            let mut s = self.lock();
+            if s.orders.get(order_id).is_some_and(|o| o.status == OrderStatus::Expired) {
+                unrelease(&mut s, &prev, OrderStatus::Expired);
+            }
+            return Err(e);
+        }
+        Ok(ExpireReply::Expired { stock_after })
+    }
+
+    async fn expire_due(&self, max: usize) -> Result<Vec<Expired>, Error> {
+        let now = self.clock.now_ms();
+        let due: Vec<(String, String)> = {
+            let s = self.lock();
+            s.deadlines
+                .iter()
+                .take_while(|(at, _)| *at <= now)
+                .take(max)
+                .filter_map(|(_, id)| s.orders.get(id).map(|o| (id.clone(), o.item_id.clone())))
+                .collect()
+        };
+        let mut expired = Vec::new();
+        for (order_id, item_id) in due {
+            if let ExpireReply::Expired { stock_after } = self.expire(&order_id, &item_id).await? {
+                expired.push(Expired { order_id, item_id, stock_after });
+            }
+        }
+        Ok(expired)
+    }
+
+    async fn order(&self, order_id: &str) -> Result<Option<Order>, Error> {
+        Ok(self.lock().orders.get(order_id).cloned())
+    }
+
+    async fn catalog(&self) -> Result<Vec<String>, Error> {
+        Ok(self.lock().items.keys().cloned().collect())
+    }
+
+    async fn ping(&self) -> Result<(), Error> {
+        Ok(())
+    }
+}

@@ -1,0 +1,229 @@
+//! Refusals and failures, and the one place that turns them into HTTP statuses.
+//!
+//! A [`Reject`] is an expected answer: sold out, rate limited, not started. It is not an
+//! error and is never logged as one. An [`Error`] is a failure, and records which side
+//! caused it (the pattern of pingora-error's `ErrorSource`): Redis, the store, or us.
+//! Both become `{"error": code, "message": text}`; [`Reject::status`] is the only mapping
+//! from refusal to status code in the crate.
+
+use http::StatusCode;
+
+/// An expected refusal. Each variant is one `error` code of the contract.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reject {
+    BadRequest(String),
+    Unauthenticated(&'static str),
+    Forbidden(&'static str),
+    UnknownItem,
+    UnknownOrder,
+    LimitReached { held: i64, limit: i64 },
+    OrderClosed { status: &'static str },
+    SoldOut,
+    NotStarted { starts_at_ms: i64 },
+    Ended,
+    PayloadTooLarge,
+    /// `retry_after_s` goes in the `Retry-After` header.
+    RateLimited { retry_after_s: u64 },
+    /// Redis or the store unreachable, circuit open, or shedding load.
+    Unavailable { retry_after_s: u64, reason: &'static str },
+    NotFound,
+    MethodNotAllowed,
+    Internal,
+}
+
+impl Reject {
+    /// The contract's `error` code, also the `outcome` label of `seckill_requests_total`.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Reject::BadRequest(_) => "bad_request",
+            Reject::Unauthenticated(_) => "unauthenticated",
+            Reject::Forbidden(_) => "forbidden",
+            Reject::UnknownItem => "unknown_item",
+            Reject::UnknownOrder => "unknown_order",
+            Reject::LimitReached { .. } => "limit_reached",
+            Reject::OrderClosed { .. } => "order_closed",
+            Reject::SoldOut => "sold_out",
+            Reject::NotStarted { .. } => "not_started",
+            Reject::Ended => "ended",
+            Reject::PayloadTooLarge => "payload_too_large",
+            Reject::RateLimited { .. } => "rate_limited",
+            Reject::Unavailable { .. } => "unavailable",
+            Reject::NotFound => "not_found",
+            Reject::MethodNotAllowed => "method_not_allowed",
+            Reject::Internal => "internal",
+        }
+    }
+
+    /// The one refusal → status mapping.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Reject::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Reject::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
+            Reject::Forbidden(_) => StatusCode::FORBIDDEN,
+            Reject::UnknownItem | Reject::UnknownOrder | Reject::NotFound => StatusCode::NOT_FOUND,
+            Reject::LimitReached { .. } | Reject::OrderClosed { .. } => StatusCode::CONFLICT,
+            Reject::SoldOut | Reject::Ended => StatusCode::GONE,
+            Reject::NotStarted { .. } => StatusCode::TOO_EARLY,
+            Reject::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Reject::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Reject::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Reject::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Reject::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// Seconds for the `Retry-After` header, where the contract asks for one.
+    pub fn retry_after(&self) -> Option<u64> {
+        match self {
+            Reject::RateLimited { retry_after_s } | Reject::Unavailable { retry_after_s, .. } => {
+                Some(*retry_after_s)
+            }
+            _ => None,
+        }
+    }
+
+    /// Human text for the `message` field.
+    pub fn message(&self) -> String {
+        match self {
+            Reject::BadRequest(why) => why.clone(),
+            Reject::Unauthenticated(why) => (*why).to_owned(),
+            Reject::Forbidden(why) => (*why).to_owned(),
+            Reject::UnknownItem => "no such item".to_owned(),
+            Reject::UnknownOrder => "no such order".to_owned(),
+            Reject::LimitReached { held, limit } => {
+                format!("you already hold {held} of the {limit} units allowed per shopper")
+            }
+            Reject::OrderClosed { status } => format!("the order is {status}"),
+            Reject::SoldOut => "sold out".to_owned(),
+            Reject::NotStarted { starts_at_ms } => {
+                format!("the sale starts at {}", crate::clock::rfc3339(*starts_at_ms))
+            }
+            Reject::Ended => "the sale has ended".to_owned(),
+            Reject::PayloadTooLarge => "request body over 4 KiB".to_owned(),
+            Reject::RateLimited { .. } => "too many requests; retry later".to_owned(),
+            Reject::Unavailable { reason, .. } => format!("temporarily unavailable: {reason}"),
+            Reject::NotFound => "no such route".to_owned(),
+            Reject::MethodNotAllowed => "method not allowed on this route".to_owned(),
+            Reject::Internal => "internal error".to_owned(),
+        }
+    }
+}
+
+/// Which side a failure came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Redis,
+    Store,
+    Internal,
+}
+
+/// A failure: something did not work, as opposed to an expected refusal.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("redis call timed out")]
+    RedisTimeout,
+    #[error("redis connection: {0}")]
+    RedisConnection(String),
+    #[error("redis script reply not understood: {0}")]
+    ScriptReply(String),
+    #[error("circuit open: redis failing, not called")]
+    CircuitOpen,
+    #[error("shedding load: too many redis calls in flight")]
+    Shed,
+    #[error("store: {0}")]
+    Store(String),
+    #[error("internal: {0}")]
+    Internal(String),
+}
+
+impl Error {
+    pub fn side(&self) -> Side {
+        match self {
+            Error::RedisTimeout
+            | Error::RedisConnection(_)
+            | Error::ScriptReply(_)
+            | Error::CircuitOpen
+            | Error::Shed => Side::Redis,
+            Error::Store(_) => Side::Store,
+            Error::Internal(_) => Side::Internal,
+        }
+    }
+
+    /// The `kind` label of `seckill_redis_errors_total`.
+    pub fn redis_kind(&self) -> Option<&'static str> {
+        match self {
+            Error::RedisTimeout => Some("timeout"),
+            Error::RedisConnection(_) => Some("connection"),
+            Error::ScriptReply(_) => Some("script"),
+            Error::CircuitOpen => Some("circuit_open"),
+            Error::Shed => Some("shed"),
+            _ => None,
+        }
+    }
+
+    /// How a failure is told to the shopper: unavailable (retry) or internal.
+    pub fn to_reject(&self) -> Reject {
+        match self {
+            Error::RedisTimeout | Error::RedisConnection(_) => Reject::Unavailable {
+                retry_after_s: 1,
+                reason: "stock engine unreachable",
+            },
+            Error::CircuitOpen => Reject::Unavailable { retry_after_s: 2, reason: "circuit open" },
+            Error::Shed => Reject::Unavailable { retry_after_s: 1, reason: "shedding load" },
+            Error::Store(_) => Reject::Unavailable { retry_after_s: 1, reason: "order store unreachable" },
+            Error::ScriptReply(_) | Error::Internal(_) => Reject::Internal,
+        }
+    }
+}
+
+impl From<redis::RedisError> for Error {
+    fn from(e: redis::RedisError) -> Self {
+        if e.is_timeout() {
+            Error::RedisTimeout
+        } else if e.is_io_error()
+            || e.is_connection_dropped()
+            || e.is_connection_refusal()
+            || e.is_unrecoverable_error()
+        {
+            Error::RedisConnection(e.to_string())
+        } else {
+            Error::ScriptReply(e.to_string())
+        }
+    }
+}
+
+impl From<sqlx::Error> for Error {
+    fn from(e: sqlx::Error) -> Self {
+        Error::Store(e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_contract_code_has_its_status() {
+        let cases = [
+            (Reject::BadRequest(String::new()), 400, "bad_request"),
+            (Reject::Unauthenticated(""), 401, "unauthenticated"),
+            (Reject::Forbidden(""), 403, "forbidden"),
+            (Reject::UnknownItem, 404, "unknown_item"),
+            (Reject::UnknownOrder, 404, "unknown_order"),
+            (Reject::LimitReached { held: 1, limit: 1 }, 409, "limit_reached"),
+            (Reject::OrderClosed { status: "expired" }, 409, "order_closed"),
+            (Reject::SoldOut, 410, "sold_out"),
+            (Reject::NotStarted { starts_at_ms: 0 }, 425, "not_started"),
+            (Reject::Ended, 410, "ended"),
+            (Reject::PayloadTooLarge, 413, "payload_too_large"),
+            (Reject::RateLimited { retry_after_s: 1 }, 429, "rate_limited"),
+            (Reject::Unavailable { retry_after_s: 1, reason: "" }, 503, "unavailable"),
+        ];
+        for (r, status, code) in cases {
+            assert_eq!(r.status().as_u16(), status, "{code}");
+            assert_eq!(r.code(), code);
+        }
+        assert!(Reject::RateLimited { retry_after_s: 3 }.retry_after() == Some(3));
+        assert!(Reject::SoldOut.retry_after().is_none());
+    }
+}

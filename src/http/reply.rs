@@ -1,0 +1,78 @@
+//! JSON in and out: bounded body reading, replies, and refusals as `{"error","message"}`.
+
+use bytes::Bytes;
+use http::header::{CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
+use http::{HeaderValue, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use serde::Serialize;
+
+use crate::error::Reject;
+
+pub type Body = Full<Bytes>;
+
+/// The contract's body limit.
+pub const MAX_BODY: usize = 4096;
+
+/// Read a request body of at most [`MAX_BODY`] bytes within `deadline`.
+pub async fn read_body(req: http::Request<Incoming>, deadline: std::time::Duration) -> Result<Bytes, Reject> {
+    let declared = req
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > MAX_BODY as u64) {
+        return Err(Reject::PayloadTooLarge);
+    }
+    let limited = Limited::new(req.into_body(), MAX_BODY);
+    match tokio::time::timeout(deadline, limited.collect()).await {
+        Err(_) => Err(Reject::BadRequest("request body not received in time".into())),
+        Ok(Err(e)) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => Err(Reject::PayloadTooLarge),
+        Ok(Err(_)) => Err(Reject::BadRequest("could not read the request body".into())),
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+    }
+}
+
+/// Parse a JSON body; an empty body is `None`.
+pub fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<Option<T>, Reject> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(None);
+    }
+    serde_json::from_slice(body)
+        .map(Some)
+        .map_err(|e| Reject::BadRequest(format!("malformed JSON: {e}")))
+}
+
+pub fn json<T: Serialize>(status: StatusCode, value: &T) -> Response<Body> {
+    let bytes = serde_json::to_vec(value).unwrap_or_else(|_| b"{}".to_vec());
+    let mut r = Response::new(Full::new(Bytes::from(bytes)));
+    *r.status_mut() = status;
+    r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r
+}
+
+pub fn ok<T: Serialize>(value: &T) -> Response<Body> {
+    json(StatusCode::OK, value)
+}
+
+pub fn text(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response<Body> {
+    let mut r = Response::new(Full::new(body.into()));
+    *r.status_mut() = status;
+    r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    r
+}
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    error: &'a str,
+    message: String,
+}
+
+/// A refusal as the contract's JSON, with `Retry-After` where it applies.
+pub fn reject(r: &Reject) -> Response<Body> {
+    let mut resp = json(r.status(), &ErrorBody { error: r.code(), message: r.message() });
+    if let Some(secs) = r.retry_after() {
+        resp.headers_mut().insert(RETRY_AFTER, HeaderValue::from(secs));
+    }
+    resp
+}

@@ -1,0 +1,124 @@
+//! Stage 1 — who is asking. A shopper is identified by the `sub` of an HS256 JWT when a
+//! secret is configured, otherwise by the `X-User-Id` header that a trusted proxy sets.
+
+use http::HeaderMap;
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde::Deserialize;
+
+use crate::error::Reject;
+use crate::ids::valid_id;
+
+pub enum Identity {
+    /// Verify `Authorization: Bearer <JWT>`; the key is built once at start-up.
+    Jwt { key: DecodingKey, validation: Validation },
+    /// Trust `X-User-Id` (a proxy in front authenticated the shopper).
+    TrustedHeader,
+}
+
+#[derive(Deserialize)]
+struct Claims {
+    sub: String,
+}
+
+impl Identity {
+    pub fn new(jwt_secret: Option<&str>) -> Self {
+        match jwt_secret {
+            Some(secret) => {
+                let mut validation = Validation::new(Algorithm::HS256);
+                validation.leeway = 5;
+                Identity::Jwt { key: DecodingKey::from_secret(secret.as_bytes()), validation }
+            }
+            None => Identity::TrustedHeader,
+        }
+    }
+
+    /// The user id of a request, or `unauthenticated`.
+    pub fn user(&self, headers: &HeaderMap) -> Result<String, Reject> {
+        let user = match self {
+            Identity::Jwt { key, validation } => {
+                let token = bearer(headers).ok_or(Reject::Unauthenticated("missing bearer token"))?;
+                jsonwebtoken::decode::<Claims>(token, key, validation)
+                    .map_err(|_| Reject::Unauthenticated("invalid or expired token"))?
+                    .claims
+                    .sub
+            }
+            Identity::TrustedHeader => headers
+                .get("x-user-id")
+                .and_then(|v| v.to_str().ok())
+                .ok_or(Reject::Unauthenticated("missing X-User-Id header"))?
+                .to_owned(),
+        };
+        if valid_id(&user) {
+            Ok(user)
+        } else {
+            Err(Reject::Unauthenticated("user id must be 1-64 chars of [A-Za-z0-9_.:-]"))
+        }
+    }
+}
+
+/// The token of an `Authorization: Bearer …` header.
+pub fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let v = headers.get(http::header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = v.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
+/// Whether the request carries the operator token. Compared in constant time.
+pub fn is_admin(headers: &HeaderMap, admin_token: Option<&str>) -> Result<(), Reject> {
+    let Some(expected) = admin_token else {
+        return Err(Reject::Forbidden("admin API disabled: SECKILL_ADMIN_TOKEN is not set"));
+    };
+    let given = bearer(headers).unwrap_or("");
+    let same = given.len() == expected.len()
+        && given.bytes().zip(expected.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0;
+    if same { Ok(()) } else { Err(Reject::Forbidden("admin token required")) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use jsonwebtoken::{EncodingKey, Header, encode};
+
+    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.insert(*k, v.parse().unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn jwt_sub_is_the_user() {
+        let secret = "0123456789abcdef0123";
+        let id = Identity::new(Some(secret));
+        let exp = (crate::clock::system_now_ms() / 1000 + 60) as usize;
+        let claims = serde_json::json!({"sub": "alice", "exp": exp});
+        let token = encode(&Header::default(), &claims, &EncodingKey::from_secret(secret.as_bytes())).unwrap();
+        let auth = format!("Bearer {token}");
+        assert_eq!(id.user(&headers(&[("authorization", &auth)])).unwrap(), "alice");
+        // Wrong secret, expired, missing: all 401.
+        let forged = encode(&Header::default(), &claims, &EncodingKey::from_secret(b"another-secret-123")).unwrap();
+        let auth = format!("Bearer {forged}");
+        assert!(matches!(id.user(&headers(&[("authorization", &auth)])), Err(Reject::Unauthenticated(_))));
+        let old = serde_json::json!({"sub": "alice", "exp": 1000});
+        let expired = encode(&Header::default(), &old, &EncodingKey::from_secret(secret.as_bytes())).unwrap();
+        let auth = format!("Bearer {expired}");
+        assert!(id.user(&headers(&[("authorization", &auth)])).is_err());
+        assert!(id.user(&headers(&[("x-user-id", "alice")])).is_err(), "header ignored in JWT mode");
+    }
+
+    #[test]
+    fn trusted_header_is_validated() {
+        let id = Identity::new(None);
+        assert_eq!(id.user(&headers(&[("x-user-id", "u-1")])).unwrap(), "u-1");
+        assert!(id.user(&headers(&[("x-user-id", "bad user")])).is_err());
+        assert!(id.user(&HeaderMap::new()).is_err());
+    }
+
+    #[test]
+    fn admin_token_checks() {
+        assert!(is_admin(&headers(&[("authorization", "Bearer sekret-token")]), Some("sekret-token")).is_ok());
+        assert!(is_admin(&headers(&[("authorization", "Bearer sekret-tokex")]), Some("sekret-token")).is_err());
+        assert!(is_admin(&headers(&[("authorization", "Bearer sekret-token")]), None).is_err());
+    }
+}

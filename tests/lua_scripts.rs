@@ -1,0 +1,1167 @@
+//! The Lua scripts in `lua/`, called directly against a real `redis-server`
+//! (one per test, on a free port), asserting every reply of every script and
+//! its side effects: stock and counters, buyers, the order hash, stream
+//! entries, the idempotency key, the deadline set and TTLs. Interfaces:
+//! `docs/internals.md`.
+//!
+//! "Changes nothing" is checked by snapshotting every key of the server
+//! (DUMP, plus whether it has a TTL) before and after a refused call.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::LazyLock;
+
+use common::{RedisServer, unique};
+use redis::aio::MultiplexedConnection;
+use redis::{Script, Value};
+
+static RESERVE: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("../lua/reserve.lua")));
+static PAY: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("../lua/pay.lua")));
+static CANCEL: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("../lua/cancel.lua")));
+static EXPIRE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("../lua/expire.lua")));
+static PUT_ITEM: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("../lua/put_item.lua")));
+
+/// The injected clock of these tests: 2023-11-14T22:13:20Z.
+const NOW: i64 = 1_700_000_000_000;
+const TIMEOUT_MS: i64 = 60_000;
+const IDEM_TTL_S: i64 = 600;
+const CLOSED_TTL_S: i64 = 3_600;
+/// The sale window of [`Sale::with_item`]: open from a second before [`NOW`]
+/// for an hour.
+const STARTS: i64 = NOW - 1_000;
+const ENDS: i64 = NOW + 3_600_000;
+
+/// One element of a script reply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum R {
+    S(String),
+    I(i64),
+}
+
+impl From<&str> for R {
+    fn from(s: &str) -> Self {
+        R::S(s.to_owned())
+    }
+}
+impl From<&String> for R {
+    fn from(s: &String) -> Self {
+        R::S(s.clone())
+    }
+}
+impl From<i64> for R {
+    fn from(n: i64) -> Self {
+        R::I(n)
+    }
+}
+impl From<i32> for R {
+    fn from(n: i32) -> Self {
+        R::I(n.into())
+    }
+}
+
+/// `reply!["ok", 3]` is the expected reply `{"ok", 3}`.
+macro_rules! reply {
+    ($($x:expr),* $(,)?) => { vec![$(R::from($x)),*] };
+}
+
+fn decode(v: Value) -> Vec<R> {
+    let Value::Array(items) = v else {
+        panic!("script reply is not an array: {v:?}")
+    };
+    items
+        .into_iter()
+        .map(|x| match x {
+            Value::Int(n) => R::I(n),
+            Value::BulkString(b) => R::S(String::from_utf8(b).expect("UTF-8 reply")),
+            Value::SimpleString(s) => R::S(s),
+            other => panic!("unexpected reply element {other:?}"),
+        })
+        .collect()
+}
+
+/// Every key of the server: name, DUMP, and whether it has a TTL.
+type Snapshot = Vec<(String, Vec<u8>, bool)>;
+
+/// One test's world: a private redis-server and one sale item whose keys
+/// carry the item's shard tag, as `src/engine/redis.rs` builds them.
+struct Sale {
+    con: MultiplexedConnection,
+    item: String,
+    /// `{s<N>}`, N = crc32(item) % 16.
+    tag: String,
+    shard: u32,
+    orders: u32,
+    _server: RedisServer,
+}
+
+impl Sale {
+    /// A server and an item id, no item yet.
+    async fn new() -> Self {
+        let server = RedisServer::start();
+        let con = server
+            .client()
+            .get_multiplexed_async_connection()
+            .await
+            .expect("connect to the test redis-server");
+        let item = unique("item");
+        let shard = crc32fast::hash(item.as_bytes()) % 16;
+        Self {
+            con,
+            tag: format!("{{s{shard}}}"),
+            item,
+            shard,
+            orders: 0,
+            _server: server,
+        }
+    }
+
+    /// A server and an item on sale in [`STARTS`, `ENDS`).
+    async fn with_item(stock: i64, limit: i64) -> Self {
+        let mut sale = Self::new().await;
+        assert_eq!(
+            sale.put(stock, limit, STARTS, ENDS).await,
+            reply!["ok", stock]
+        );
+        sale
+    }
+
+    fn item_key(&self) -> String {
+        format!("sk:{}:item:{}", self.tag, self.item)
+    }
+    fn buyers_key(&self) -> String {
+        format!("sk:{}:buyers:{}", self.tag, self.item)
+    }
+    fn order_key(&self, order: &str) -> String {
+        format!("sk:{}:order:{order}", self.tag)
+    }
+    fn idem_key(&self, user: &str, key: &str) -> String {
+        format!("sk:{}:idem:{}:{user}:{key}", self.tag, self.item)
+    }
+    fn deadlines_key(&self) -> String {
+        format!("sk:{}:deadlines", self.tag)
+    }
+    fn events_key(&self) -> String {
+        format!("sk:{}:events", self.tag)
+    }
+    fn member(&self, order: &str) -> String {
+        format!("{order}|{}", self.item)
+    }
+
+    /// A UUIDv7-shaped id whose last hex digit is the shard.
+    fn new_order_id(&mut self) -> String {
+        self.orders += 1;
+        format!(
+            "018bcfe5-6800-7000-8000-{:011x}{:x}",
+            self.orders, self.shard
+        )
+    }
+
+    async fn put(&mut self, stock_total: i64, limit: i64, starts: i64, ends: i64) -> Vec<R> {
+        let res = PUT_ITEM
+            .key(self.item_key())
+            .arg(&self.item)
+            .arg("Phone")
+            .arg(99_900)
+            .arg(stock_total)
+            .arg(limit)
+            .arg(starts)
+            .arg(ends)
+            .invoke_async(&mut self.con)
+            .await;
+        decode(res.expect("put_item.lua"))
+    }
+
+    async fn try_reserve(
+        &mut self,
+        user: &str,
+        qty: &str,
+        order: &str,
+        idem: &str,
+        now: &str,
+    ) -> redis::RedisResult<Value> {
+        let idem_key = self.idem_key(user, if idem.is_empty() { "-" } else { idem });
+        RESERVE
+            .key(self.item_key())
+            .key(self.buyers_key())
+            .key(self.order_key(order))
+            .key(idem_key)
+            .key(self.deadlines_key())
+            .key(self.events_key())
+            .arg(&self.item)
+            .arg(user)
+            .arg(qty)
+            .arg(order)
+            .arg(TIMEOUT_MS)
+            .arg(IDEM_TTL_S)
+            .arg(idem)
+            .arg(now)
+            .invoke_async(&mut self.con)
+            .await
+    }
+
+    /// reserve.lua with a new order id and no idempotency key, at [`NOW`].
+    async fn reserve(&mut self, user: &str, qty: i64) -> Vec<R> {
+        let order = self.new_order_id();
+        self.reserve_with(user, &qty.to_string(), &order, "", &NOW.to_string())
+            .await
+    }
+
+    async fn reserve_with(
+        &mut self,
+        user: &str,
+        qty: &str,
+        order: &str,
+        idem: &str,
+        now: &str,
+    ) -> Vec<R> {
+        decode(
+            self.try_reserve(user, qty, order, idem, now)
+                .await
+                .expect("reserve.lua"),
+        )
+    }
+
+    /// A reserved order of `qty` for `user` at [`NOW`]: its id.
+    async fn reserved(&mut self, user: &str, qty: i64) -> String {
+        let reply = self.reserve(user, qty).await;
+        assert_eq!(reply[0], R::from("ok"), "{reply:?}");
+        let R::S(order) = &reply[1] else {
+            panic!("{reply:?}")
+        };
+        order.clone()
+    }
+
+    async fn close(&mut self, script: &Script, order: &str, user: &str, now: &str) -> Vec<R> {
+        let res = script
+            .key(self.order_key(order))
+            .key(self.item_key())
+            .key(self.buyers_key())
+            .key(self.deadlines_key())
+            .key(self.events_key())
+            .arg(order)
+            .arg(user)
+            .arg(&self.item)
+            .arg(CLOSED_TTL_S)
+            .arg(now)
+            .invoke_async(&mut self.con)
+            .await;
+        decode(res.expect("pay.lua / cancel.lua"))
+    }
+
+    async fn pay(&mut self, order: &str, user: &str, now: i64) -> Vec<R> {
+        self.close(&PAY, order, user, &now.to_string()).await
+    }
+
+    async fn cancel(&mut self, order: &str, user: &str, now: i64) -> Vec<R> {
+        self.close(&CANCEL, order, user, &now.to_string()).await
+    }
+
+    async fn expire_at(&mut self, order: &str, now: &str) -> Vec<R> {
+        let res = EXPIRE
+            .key(self.order_key(order))
+            .key(self.item_key())
+            .key(self.buyers_key())
+            .key(self.deadlines_key())
+            .key(self.events_key())
+            .arg(order)
+            .arg(&self.item)
+            .arg(CLOSED_TTL_S)
+            .arg(now)
+            .invoke_async(&mut self.con)
+            .await;
+        decode(res.expect("expire.lua"))
+    }
+
+    async fn expire(&mut self, order: &str, now: i64) -> Vec<R> {
+        self.expire_at(order, &now.to_string()).await
+    }
+
+    async fn cmd<T: redis::FromRedisValue>(&mut self, args: &[&str]) -> T {
+        let mut cmd = redis::cmd(args[0]);
+        for a in &args[1..] {
+            cmd.arg(*a);
+        }
+        cmd.query_async(&mut self.con).await.expect("redis command")
+    }
+
+    async fn hash(&mut self, key: &str) -> HashMap<String, String> {
+        self.cmd(&["HGETALL", key]).await
+    }
+
+    /// The item's hash field `name` as a number.
+    async fn item_field(&mut self, name: &str) -> i64 {
+        let key = self.item_key();
+        let v: String = self.cmd(&["HGET", &key, name]).await;
+        v.parse().expect("numeric item field")
+    }
+
+    /// stock, reserved, paid, cancelled, expired.
+    async fn counters(&mut self) -> [i64; 5] {
+        let mut out = [0; 5];
+        for (i, f) in ["stock", "reserved", "paid", "cancelled", "expired"]
+            .iter()
+            .enumerate()
+        {
+            out[i] = self.item_field(f).await;
+        }
+        out
+    }
+
+    async fn held(&mut self, user: &str) -> Option<i64> {
+        let key = self.buyers_key();
+        self.cmd::<Option<i64>>(&["HGET", &key, user]).await
+    }
+
+    async fn events(&mut self) -> Vec<HashMap<String, String>> {
+        let key = self.events_key();
+        let entries: Vec<(String, HashMap<String, String>)> =
+            self.cmd(&["XRANGE", &key, "-", "+"]).await;
+        entries.into_iter().map(|(_, fields)| fields).collect()
+    }
+
+    async fn deadline(&mut self, order: &str) -> Option<i64> {
+        let (key, member) = (self.deadlines_key(), self.member(order));
+        self.cmd(&["ZSCORE", &key, &member]).await
+    }
+
+    async fn ttl(&mut self, key: &str) -> i64 {
+        self.cmd(&["TTL", key]).await
+    }
+
+    /// Redis's own clock, in ms.
+    async fn redis_now(&mut self) -> i64 {
+        let (s, us): (i64, i64) = self.cmd(&["TIME"]).await;
+        s * 1000 + us / 1000
+    }
+
+    async fn snapshot(&mut self) -> Snapshot {
+        let mut keys: Vec<String> = self.cmd(&["KEYS", "*"]).await;
+        keys.sort();
+        let mut snap = Vec::new();
+        for k in keys {
+            let dump: Vec<u8> = self.cmd(&["DUMP", &k]).await;
+            let pttl: i64 = self.cmd(&["PTTL", &k]).await;
+            snap.push((k, dump, pttl >= 0));
+        }
+        snap
+    }
+
+    /// Invariant 1 at a quiet point, and buyers add up to the units held.
+    async fn assert_invariants(&mut self) {
+        let [stock, reserved, paid, ..] = self.counters().await;
+        let total = self.item_field("stock_total").await;
+        assert_eq!(
+            stock,
+            total - reserved - paid,
+            "stock = total - reserved - paid"
+        );
+        let key = self.buyers_key();
+        let buyers: HashMap<String, i64> = self.cmd(&["HGETALL", &key]).await;
+        assert_eq!(
+            buyers.values().sum::<i64>(),
+            reserved + paid,
+            "buyers add up"
+        );
+        assert!(
+            buyers.values().all(|&n| n > 0),
+            "no buyer field at 0: {buyers:?}"
+        );
+    }
+}
+
+/// Asserts the map has exactly these string fields.
+fn assert_fields(got: &HashMap<String, String>, want: &[(&str, &str)]) {
+    let want: HashMap<String, String> = want
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+    assert_eq!(got, &want);
+}
+
+// ---------------------------------------------------------------------------
+// put_item.lua
+
+#[tokio::test]
+async fn put_item_creates_an_item_with_zero_counters() {
+    let mut sale = Sale::new().await;
+    assert_eq!(sale.put(10, 2, STARTS, ENDS).await, reply!["ok", 10]);
+    let key = sale.item_key();
+    let item = sale.hash(&key).await;
+    let (starts, ends) = (STARTS.to_string(), ENDS.to_string());
+    assert_fields(
+        &item,
+        &[
+            ("name", "Phone"),
+            ("price_cents", "99900"),
+            ("stock_total", "10"),
+            ("stock", "10"),
+            ("per_user_limit", "2"),
+            ("starts_ms", &starts),
+            ("ends_ms", &ends),
+            ("reserved", "0"),
+            ("paid", "0"),
+            ("cancelled", "0"),
+            ("expired", "0"),
+        ],
+    );
+    assert_eq!(sale.ttl(&key).await, -1, "items never expire");
+    // Only the item hash: put_item touches nothing else.
+    assert_eq!(sale.snapshot().await.len(), 1);
+}
+
+#[tokio::test]
+async fn put_item_replace_keeps_counters_and_units_held() {
+    let mut sale = Sale::with_item(10, 5).await;
+    let paid = sale.reserved("alice", 2).await;
+    sale.pay(&paid, "alice", NOW).await;
+    let cancelled = sale.reserved("bob", 1).await;
+    sale.cancel(&cancelled, "bob", NOW).await;
+    sale.reserved("carol", 3).await;
+    assert_eq!(sale.counters().await, [5, 3, 2, 1, 0]);
+
+    // 2 paid + 3 reserved are held: a new total of 8 leaves 3 to sell.
+    assert_eq!(sale.put(8, 4, STARTS, ENDS + 1).await, reply!["ok", 3]);
+    assert_eq!(sale.counters().await, [3, 3, 2, 1, 0]);
+    assert_eq!(sale.item_field("stock_total").await, 8);
+    assert_eq!(sale.item_field("per_user_limit").await, 4);
+    assert_eq!(sale.item_field("ends_ms").await, ENDS + 1);
+    sale.assert_invariants().await;
+
+    // Exactly the units held is allowed: stock 0.
+    assert_eq!(sale.put(5, 4, STARTS, ENDS).await, reply!["ok", 0]);
+    sale.assert_invariants().await;
+}
+
+#[tokio::test]
+async fn put_item_below_held_changes_nothing() {
+    let mut sale = Sale::with_item(10, 5).await;
+    let paid = sale.reserved("alice", 2).await;
+    sale.pay(&paid, "alice", NOW).await;
+    sale.reserved("bob", 3).await;
+    let before = sale.snapshot().await;
+    assert_eq!(sale.put(4, 5, STARTS, ENDS).await, reply!["below_held", 5]);
+    assert_eq!(sale.snapshot().await, before);
+}
+
+// ---------------------------------------------------------------------------
+// reserve.lua
+
+#[tokio::test]
+async fn reserve_takes_stock_and_records_everything() {
+    let mut sale = Sale::with_item(5, 3).await;
+    let order = sale.new_order_id();
+    let now = NOW.to_string();
+    let reply = sale.reserve_with("alice", "2", &order, "", &now).await;
+    assert_eq!(reply, reply!["ok", &order, NOW, NOW + TIMEOUT_MS, 3]);
+
+    assert_eq!(sale.counters().await, [3, 2, 0, 0, 0]);
+    assert_eq!(sale.held("alice").await, Some(2));
+
+    let order_key = sale.order_key(&order);
+    let (item, pay_before) = (sale.item.clone(), (NOW + TIMEOUT_MS).to_string());
+    let whole_order = [
+        ("order_id", order.as_str()),
+        ("item_id", item.as_str()),
+        ("user_id", "alice"),
+        ("qty", "2"),
+        ("created_ms", now.as_str()),
+        ("pay_before_ms", pay_before.as_str()),
+        ("idem_key", ""),
+    ];
+    let mut want = whole_order.to_vec();
+    want.extend([("status", "reserved"), ("updated_ms", now.as_str())]);
+    assert_fields(&sale.hash(&order_key).await, &want);
+    assert_eq!(sale.ttl(&order_key).await, -1, "no TTL while reserved");
+
+    assert_eq!(sale.deadline(&order).await, Some(NOW + TIMEOUT_MS));
+
+    let mut want = whole_order.to_vec();
+    want.extend([("type", "reserved"), ("at_ms", now.as_str())]);
+    let events = sale.events().await;
+    assert_eq!(events.len(), 1);
+    assert_fields(&events[0], &want);
+
+    // No idempotency key was given: no idem key exists.
+    let idem_keys: Vec<String> = sale.cmd(&["KEYS", "sk:*:idem:*"]).await;
+    assert!(idem_keys.is_empty(), "{idem_keys:?}");
+    sale.assert_invariants().await;
+}
+
+#[tokio::test]
+async fn reserve_with_idempotency_key_sets_it_with_ttl() {
+    let mut sale = Sale::with_item(5, 3).await;
+    let order = sale.new_order_id();
+    let reply = sale
+        .reserve_with("alice", "1", &order, "k-1", &NOW.to_string())
+        .await;
+    assert_eq!(reply[0], R::from("ok"));
+
+    let idem = sale.idem_key("alice", "k-1");
+    let value: String = sale.cmd(&["GET", &idem]).await;
+    assert_eq!(value, order);
+    let ttl = sale.ttl(&idem).await;
+    assert!(ttl > 0 && ttl <= IDEM_TTL_S, "idem TTL {ttl}");
+
+    let order_key = sale.order_key(&order);
+    let stored: String = sale.cmd(&["HGET", &order_key, "idem_key"]).await;
+    assert_eq!(stored, "k-1");
+    assert_eq!(sale.events().await[0]["idem_key"], "k-1");
+}
+
+#[tokio::test]
+async fn duplicate_idempotency_key_returns_the_same_order_and_decrements_once() {
+    let mut sale = Sale::with_item(5, 3).await;
+    let first = sale.new_order_id();
+    let now = NOW.to_string();
+    sale.reserve_with("alice", "2", &first, "k-1", &now).await;
+    let before = sale.snapshot().await;
+
+    // The retry carries a new order id (the gateway mints one per request) and
+    // a later clock: it still gets the first order, and nothing moves.
+    let retry = sale.new_order_id();
+    let later = (NOW + 5).to_string();
+    let reply = sale.reserve_with("alice", "2", &retry, "k-1", &later).await;
+    let dup = reply!["duplicate", &first, 2, "reserved", NOW, NOW + TIMEOUT_MS];
+    assert_eq!(reply, dup);
+    assert_eq!(sale.snapshot().await, before);
+    assert_eq!(sale.counters().await, [3, 2, 0, 0, 0]);
+    assert_eq!(sale.held("alice").await, Some(2));
+    assert_eq!(sale.events().await.len(), 1);
+
+    // The duplicate check comes first: it answers even once the sale has ended.
+    let after_end = ENDS.to_string();
+    let reply = sale
+        .reserve_with("alice", "2", &retry, "k-1", &after_end)
+        .await;
+    assert_eq!(reply, dup);
+
+    // And it reports the order as it is now.
+    sale.pay(&first, "alice", NOW + 10).await;
+    let reply = sale.reserve_with("alice", "2", &retry, "k-1", &later).await;
+    assert_eq!(
+        reply,
+        reply!["duplicate", &first, 2, "paid", NOW, NOW + TIMEOUT_MS]
+    );
+
+    // Another key of the same user is a new reservation.
+    let other = sale.new_order_id();
+    let reply = sale.reserve_with("alice", "1", &other, "k-2", &now).await;
+    assert_eq!(reply[0], R::from("ok"));
+    sale.assert_invariants().await;
+}
+
+#[tokio::test]
+async fn retried_call_with_the_same_order_id_is_a_duplicate() {
+    // Not in internals.md's list: reserve.lua refuses to overwrite an existing
+    // order, so a call the gateway retries after a lost reply cannot take
+    // stock twice.
+    let mut sale = Sale::with_item(5, 3).await;
+    let order = sale.new_order_id();
+    let now = NOW.to_string();
+    sale.reserve_with("alice", "1", &order, "", &now).await;
+    let before = sale.snapshot().await;
+    let reply = sale.reserve_with("alice", "1", &order, "", &now).await;
+    assert_eq!(
+        reply,
+        reply!["duplicate", &order, 1, "reserved", NOW, NOW + TIMEOUT_MS]
+    );
+    assert_eq!(sale.snapshot().await, before);
+}
+
+#[tokio::test]
+async fn idempotency_key_outliving_its_order_answers_duplicate_without_details() {
+    let mut sale = Sale::with_item(5, 3).await;
+    let first = sale.new_order_id();
+    let now = NOW.to_string();
+    sale.reserve_with("alice", "1", &first, "k-1", &now).await;
+    let order_key = sale.order_key(&first);
+    let _: i64 = sale.cmd(&["DEL", &order_key]).await;
+    let before = sale.snapshot().await;
+    let retry = sale.new_order_id();
+    let reply = sale.reserve_with("alice", "1", &retry, "k-1", &now).await;
+    assert_eq!(reply, reply!["duplicate", &first, 0, "", 0, 0]);
+    assert_eq!(sale.snapshot().await, before);
+}
+
+#[tokio::test]
+async fn unknown_item_changes_nothing() {
+    let mut sale = Sale::new().await;
+    let order = sale.new_order_id();
+    let reply = sale
+        .reserve_with("alice", "1", &order, "k-1", &NOW.to_string())
+        .await;
+    assert_eq!(reply, reply!["unknown_item"]);
+    assert!(sale.snapshot().await.is_empty(), "no key was created");
+}
+
+#[tokio::test]
+async fn not_started_and_ended_use_the_injected_clock() {
+    let mut sale = Sale::with_item(5, 3).await;
+    let before = sale.snapshot().await;
+    for now in [i64::from(i32::MIN), STARTS - 1] {
+        let order = sale.new_order_id();
+        let reply = sale
+            .reserve_with("alice", "1", &order, "k", &now.to_string())
+            .await;
+        assert_eq!(reply, reply!["not_started", STARTS]);
+    }
+    for now in [ENDS, ENDS + 1] {
+        let order = sale.new_order_id();
+        let reply = sale
+            .reserve_with("alice", "1", &order, "k", &now.to_string())
+            .await;
+        assert_eq!(reply, reply!["ended", ENDS]);
+    }
+    assert_eq!(sale.snapshot().await, before);
+
+    // The window is [starts, ends).
+    for now in [STARTS, ENDS - 1] {
+        let order = sale.new_order_id();
+        let reply = sale
+            .reserve_with("alice", "1", &order, "", &now.to_string())
+            .await;
+        assert_eq!(reply[0], R::from("ok"), "at {now}");
+    }
+}
+
+#[tokio::test]
+async fn empty_now_ms_means_redis_time() {
+    let mut sale = Sale::new().await;
+    let redis_now = sale.redis_now().await;
+    let starts = redis_now + 3_600_000;
+    sale.put(5, 3, starts, starts + 3_600_000).await;
+
+    // The item starts in an hour by Redis's clock: nothing in ARGV says so.
+    let before = sale.snapshot().await;
+    let order = sale.new_order_id();
+    let reply = sale.reserve_with("alice", "1", &order, "", "").await;
+    assert_eq!(reply, reply!["not_started", starts]);
+    assert_eq!(sale.snapshot().await, before);
+
+    // An injected clock overrides Redis's.
+    let reply = sale
+        .reserve_with("alice", "1", &order, "", &starts.to_string())
+        .await;
+    assert_eq!(reply[0], R::from("ok"));
+
+    // With Redis's clock: created_ms is Redis's now.
+    sale.put(5, 3, 0, starts + 3_600_000).await;
+    let t0 = sale.redis_now().await;
+    let order = sale.new_order_id();
+    let reply = sale.reserve_with("bob", "1", &order, "", "").await;
+    let t1 = sale.redis_now().await;
+    let R::I(created) = reply[2] else {
+        panic!("{reply:?}")
+    };
+    assert!(t0 <= created && created <= t1, "{t0} <= {created} <= {t1}");
+    assert_eq!(reply[3], R::I(created + TIMEOUT_MS));
+
+    // pay, cancel and expire read Redis's clock too: an order created at the
+    // injected NOW (2023) is long overdue by Redis's clock.
+    let old = sale
+        .reserve_with("carol", "1", "old-1", "", &NOW.to_string())
+        .await;
+    assert_eq!(old[0], R::from("ok"));
+    assert_eq!(
+        sale.close(&PAY, "old-1", "carol", "").await,
+        reply!["closed", "expired"]
+    );
+    sale.reserve_with("dave", "1", "old-2", "", &NOW.to_string())
+        .await;
+    assert_eq!(
+        sale.close(&CANCEL, "old-2", "dave", "").await,
+        reply!["closed", "expired"]
+    );
+    sale.reserve_with("erin", "1", "old-3", "", &NOW.to_string())
+        .await;
+    assert_eq!(sale.expire_at("old-3", "").await, reply!["expired", 3]);
+    // And a fresh order is not due by Redis's clock.
+    assert_eq!(
+        sale.expire_at(&order, "").await,
+        reply!["not_due", created + TIMEOUT_MS]
+    );
+}
+
+#[tokio::test]
+async fn bad_qty_changes_nothing() {
+    let mut sale = Sale::with_item(5, 3).await;
+    let before = sale.snapshot().await;
+    for qty in ["0", "-1", "4", "1.5", "abc", ""] {
+        let order = sale.new_order_id();
+        let reply = sale
+            .reserve_with("alice", qty, &order, "k", &NOW.to_string())
+            .await;
+        assert_eq!(reply, reply!["bad_qty", 3], "qty {qty:?}");
+    }
+    assert_eq!(sale.snapshot().await, before);
+}
+
+#[tokio::test]
+async fn limit_reached_counts_reserved_and_paid_units() {
+    let mut sale = Sale::with_item(10, 3).await;
+    let first = sale.reserved("alice", 1).await;
+    sale.pay(&first, "alice", NOW).await;
+    sale.reserved("alice", 1).await;
+    let before = sale.snapshot().await;
+    assert_eq!(
+        sale.reserve("alice", 2).await,
+        reply!["limit_reached", 2, 3]
+    );
+    assert_eq!(sale.snapshot().await, before);
+    // Up to the limit is fine; other users are not affected.
+    assert_eq!(sale.reserve("alice", 1).await[0], R::from("ok"));
+    assert_eq!(
+        sale.reserve("alice", 1).await,
+        reply!["limit_reached", 3, 3]
+    );
+    assert_eq!(sale.reserve("bob", 3).await[0], R::from("ok"));
+    sale.assert_invariants().await;
+}
+
+#[tokio::test]
+async fn sold_out_changes_nothing() {
+    let mut sale = Sale::with_item(3, 3).await;
+    sale.reserved("alice", 2).await;
+    let before = sale.snapshot().await;
+    assert_eq!(sale.reserve("bob", 2).await, reply!["sold_out", 1]);
+    assert_eq!(sale.snapshot().await, before);
+    assert_eq!(sale.reserve("bob", 1).await[4], R::I(0));
+    assert_eq!(sale.reserve("carol", 1).await, reply!["sold_out", 0]);
+    sale.assert_invariants().await;
+}
+
+#[tokio::test]
+async fn concurrent_reserves_sell_exactly_the_stock() {
+    let mut sale = Sale::with_item(10, 1).await;
+    let mut calls = Vec::new();
+    for n in 0..40 {
+        let (mut con, order) = (sale.con.clone(), sale.new_order_id());
+        let keys = [
+            sale.item_key(),
+            sale.buyers_key(),
+            sale.order_key(&order),
+            sale.idem_key("-", "-"),
+            sale.deadlines_key(),
+            sale.events_key(),
+        ];
+        let item = sale.item.clone();
+        calls.push(tokio::spawn(async move {
+            let mut inv = RESERVE.prepare_invoke();
+            inv.key(&keys[..]);
+            inv.arg(&item).arg(format!("u{n}")).arg(1).arg(&order);
+            inv.arg(TIMEOUT_MS).arg(IDEM_TTL_S).arg("").arg(NOW);
+            decode(inv.invoke_async(&mut con).await.expect("reserve.lua"))
+        }));
+    }
+    let mut ok = 0;
+    for call in calls {
+        let reply = call.await.expect("task");
+        match &reply[0] {
+            R::S(s) if s == "ok" => ok += 1,
+            R::S(s) if s == "sold_out" => assert_eq!(reply[1], R::I(0)),
+            _ => panic!("{reply:?}"),
+        }
+    }
+    assert_eq!(ok, 10);
+    assert_eq!(sale.counters().await, [0, 10, 0, 0, 0]);
+    assert_eq!(sale.events().await.len(), 10);
+    sale.assert_invariants().await;
+}
+
+// ---------------------------------------------------------------------------
+// pay.lua
+
+#[tokio::test]
+async fn pay_moves_units_to_paid_and_closes_the_order() {
+    let mut sale = Sale::with_item(5, 3).await;
+    let order = sale.reserved("alice", 2).await;
+    let at = NOW + 1_000;
+    assert_eq!(sale.pay(&order, "alice", at).await, reply!["ok", "paid", 3]);
+
+    assert_eq!(sale.counters().await, [3, 0, 2, 0, 0]);
+    assert_eq!(sale.held("alice").await, Some(2), "paid units stay held");
+    let order_key = sale.order_key(&order);
+    let o = sale.hash(&order_key).await;
+    assert_eq!(o["status"], "paid");
+    assert_eq!(o["updated_ms"], at.to_string());
+    assert_eq!(o["created_ms"], NOW.to_string());
+    let ttl = sale.ttl(&order_key).await;
+    assert!(ttl > 0 && ttl <= CLOSED_TTL_S, "closed order TTL {ttl}");
+    assert_eq!(sale.deadline(&order).await, None);
+
+    let events = sale.events().await;
+    assert_eq!(events.len(), 2);
+    let (item, now, at, pay_before) = (
+        sale.item.clone(),
+        NOW.to_string(),
+        at.to_string(),
+        (NOW + TIMEOUT_MS).to_string(),
+    );
+    assert_fields(
+        &events[1],
+        &[
+            ("type", "paid"),
+            ("order_id", &order),
+            ("item_id", &item),
+            ("user_id", "alice"),
+            ("qty", "2"),
+            ("at_ms", &at),
+            ("created_ms", &now),
+            ("pay_before_ms", &pay_before),
+            ("idem_key", ""),
+        ],
+    );
+    sale.assert_invariants().await;
+}
+
+#[tokio::test]
+async fn pay_twice_is_already_and_changes_nothing() {
+    let mut sale = Sale::with_item(5, 3).await;
+    let order = sale.reserved("alice", 1).await;
+    sale.pay(&order, "alice", NOW).await;
+    let before = sale.snapshot().await;
+    // Even after the deadline: a paid order never expires.
+    let late = NOW + TIMEOUT_MS + 1;
+    assert_eq!(
+        sale.pay(&order, "alice", late).await,
+        reply!["already", "paid"]
+    );
+    assert_eq!(sale.snapshot().await, before);
+}
+
+#[tokio::test]
+async fn pay_refusals_change_nothing() {
+    let mut sale = Sale::with_item(5, 3).await;
+    let order = sale.reserved("alice", 1).await;
+    let before = sale.snapshot().await;
+    assert_eq!(
+        sale.pay("nope", "alice", NOW).await,
+        reply!["unknown_order"]
+    );
+    assert_eq!(sale.pay(&order, "mallory", NOW).await, reply!["forbidden"]);
+    // Someone else's overdue order is not expired by their call either.
+    let late = NOW + TIMEOUT_MS;
+    assert_eq!(sale.pay(&order, "mallory", late).await, reply!["forbidden"]);
+    assert_eq!(sale.snapshot().await, before);
+
+    let cancelled = sale.reserved("bob", 1).await;
+    sale.cancel(&cancelled, "bob", NOW).await;
+    let before = sale.snapshot().await;
+    assert_eq!(
+        sale.pay(&cancelled, "bob", NOW).await,
+        reply!["closed", "cancelled"]
+    );
+    assert_eq!(sale.snapshot().await, before);
+}
+
+#[tokio::test]
+async fn pay_after_the_deadline_expires_the_order_once() {
+    let mut sale = Sale::with_item(5, 3).await;
+    let order = sale.reserved("alice", 2).await;
+    // pay_before_ms itself is too late.
+    let deadline = NOW + TIMEOUT_MS;
+    assert_eq!(
+        sale.pay(&order, "alice", deadline).await,
+        reply!["closed", "expired"]
+    );
+    assert_eq!(sale.counters().await, [5, 0, 0, 0, 2], "stock returned");
+    assert_eq!(sale.held("alice").await, None, "quota returned");
+    assert_eq!(sale.deadline(&order).await, None);
+    let order_key = sale.order_key(&order);
+    let ttl = sale.ttl(&order_key).await;
+    assert!(ttl > 0 && ttl <= CLOSED_TTL_S, "closed order TTL {ttl}");
+    let events = sale.events().await;
+    assert_eq!(events.len(), 2);
+    assert_eq!(events[1]["type"], "expired");
+    assert_eq!(events[1]["at_ms"], deadline.to_string());
+
+    // Nothing comes back a second time: not by paying again, nor by the sweeper.
+    let before = sale.snapshot().await;
+    assert_eq!(
+        sale.pay(&order, "alice", deadline).await,
+        reply!["closed", "expired"]
+    );
+    assert_eq!(sale.snapshot().await, before);
+    let (key, member) = (sale.deadlines_key(), sale.member(&order));
+    let _: i64 = sale.cmd(&["ZADD", &key, "0", &member]).await;
+    assert_eq!(
+        sale.expire(&order, deadline).await,
+        reply!["not_reserved", "expired"]
+    );
+    assert_eq!(sale.snapshot().await, before);
+    sale.assert_invariants().await;
+}
+
+// ---------------------------------------------------------------------------
+// cancel.lua
+
+#[tokio::test]
+async fn cancel_returns_stock_and_quota_exactly_once() {
+    let mut sale = Sale::with_item(5, 3).await;
+    let order = sale.reserved("alice", 2).await;
+    let at = NOW + 5;
+    assert_eq!(
+        sale.cancel(&order, "alice", at).await,
+        reply!["ok", "cancelled", 5]
+    );
+    assert_eq!(sale.counters().await, [5, 0, 0, 2, 0]);
+    assert_eq!(sale.held("alice").await, None, "buyer field deleted at 0");
+    assert_eq!(sale.deadline(&order).await, None);
+    let order_key = sale.order_key(&order);
+    let o = sale.hash(&order_key).await;
+    assert_eq!(o["status"], "cancelled");
+    assert_eq!(o["updated_ms"], at.to_string());
+    let ttl = sale.ttl(&order_key).await;
+    assert!(ttl > 0 && ttl <= CLOSED_TTL_S, "closed order TTL {ttl}");
+    let events = sale.events().await;
+    assert_eq!(events.len(), 2);
+    assert_eq!(events[1]["type"], "cancelled");
+    assert_eq!(events[1]["qty"], "2");
+    assert_eq!(events[1]["user_id"], "alice");
+    assert_eq!(events[1]["at_ms"], at.to_string());
+    sale.assert_invariants().await;
+
+    let before = sale.snapshot().await;
+    assert_eq!(
+        sale.cancel(&order, "alice", at).await,
+        reply!["already", "cancelled"]
+    );
+    assert_eq!(sale.snapshot().await, before);
+
+    // The quota is really back: alice can take the limit again.
+    assert_eq!(sale.reserve("alice", 3).await[0], R::from("ok"));
+}
+
+#[tokio::test]
+async fn cancel_one_of_two_orders_keeps_the_other_held() {
+    let mut sale = Sale::with_item(5, 3).await;
+    let first = sale.reserved("alice", 1).await;
+    sale.reserved("alice", 2).await;
+    assert_eq!(
+        sale.cancel(&first, "alice", NOW).await,
+        reply!["ok", "cancelled", 3]
+    );
+    assert_eq!(sale.held("alice").await, Some(2));
+    sale.assert_invariants().await;
+}
+
+#[tokio::test]
+async fn cancel_refusals_change_nothing() {
+    let mut sale = Sale::with_item(5, 3).await;
+    let paid = sale.reserved("alice", 1).await;
+    sale.pay(&paid, "alice", NOW).await;
+    let reserved = sale.reserved("bob", 1).await;
+    let before = sale.snapshot().await;
+    assert_eq!(
+        sale.cancel("nope", "alice", NOW).await,
+        reply!["unknown_order"]
+    );
+    assert_eq!(
+        sale.cancel(&reserved, "alice", NOW).await,
+        reply!["forbidden"]
+    );
+    assert_eq!(
+        sale.cancel(&paid, "alice", NOW).await,
+        reply!["closed", "paid"]
+    );
+    assert_eq!(sale.snapshot().await, before);
+}
+
+#[tokio::test]
+async fn cancel_after_the_deadline_expires_the_order() {
+    let mut sale = Sale::with_item(5, 3).await;
+    let order = sale.reserved("alice", 1).await;
+    let late = NOW + TIMEOUT_MS + 1;
+    assert_eq!(
+        sale.cancel(&order, "alice", late).await,
+        reply!["closed", "expired"]
+    );
+    assert_eq!(sale.counters().await, [5, 0, 0, 0, 1]);
+    assert_eq!(sale.held("alice").await, None);
+    assert_eq!(sale.events().await[1]["type"], "expired");
+    let before = sale.snapshot().await;
+    assert_eq!(
+        sale.cancel(&order, "alice", late).await,
+        reply!["closed", "expired"]
+    );
+    assert_eq!(sale.snapshot().await, before);
+    sale.assert_invariants().await;
+}
+
+// ---------------------------------------------------------------------------
+// expire.lua
+
+#[tokio::test]
+async fn expire_before_the_deadline_is_not_due_and_changes_nothing() {
+    let mut sale = Sale::with_item(5, 3).await;
+    let order = sale.reserved("alice", 1).await;
+    let before = sale.snapshot().await;
+    let deadline = NOW + TIMEOUT_MS;
+    assert_eq!(
+        sale.expire(&order, deadline - 1).await,
+        reply!["not_due", deadline]
+    );
+    assert_eq!(sale.snapshot().await, before);
+}
+
+#[tokio::test]
+async fn expire_at_the_deadline_returns_stock_and_quota() {
+    let mut sale = Sale::with_item(5, 3).await;
+    let order = sale.reserved("alice", 2).await;
+    sale.reserved("alice", 1).await;
+    let deadline = NOW + TIMEOUT_MS;
+    assert_eq!(sale.expire(&order, deadline).await, reply!["expired", 4]);
+    assert_eq!(sale.counters().await, [4, 1, 0, 0, 2]);
+    assert_eq!(sale.held("alice").await, Some(1));
+    assert_eq!(sale.deadline(&order).await, None);
+    let order_key = sale.order_key(&order);
+    let o = sale.hash(&order_key).await;
+    assert_eq!(o["status"], "expired");
+    assert_eq!(o["updated_ms"], deadline.to_string());
+    let ttl = sale.ttl(&order_key).await;
+    assert!(ttl > 0 && ttl <= CLOSED_TTL_S, "closed order TTL {ttl}");
+    let events = sale.events().await;
+    assert_eq!(events.len(), 3);
+    let (item, now, at) = (sale.item.clone(), NOW.to_string(), deadline.to_string());
+    assert_fields(
+        &events[2],
+        &[
+            ("type", "expired"),
+            ("order_id", &order),
+            ("item_id", &item),
+            ("user_id", "alice"),
+            ("qty", "2"),
+            ("at_ms", &at),
+            ("created_ms", &now),
+            ("pay_before_ms", &at),
+            ("idem_key", ""),
+        ],
+    );
+    sale.assert_invariants().await;
+
+    // Once only.
+    let before = sale.snapshot().await;
+    assert_eq!(
+        sale.expire(&order, deadline).await,
+        reply!["not_reserved", "expired"]
+    );
+    assert_eq!(sale.snapshot().await, before);
+}
+
+#[tokio::test]
+async fn expire_after_pay_is_not_reserved_and_keeps_the_stock_sold() {
+    let mut sale = Sale::with_item(5, 3).await;
+    let order = sale.reserved("alice", 1).await;
+    sale.pay(&order, "alice", NOW + TIMEOUT_MS - 1).await;
+    // The sweeper read the member before pay removed it.
+    let (key, member) = (sale.deadlines_key(), sale.member(&order));
+    let _: i64 = sale.cmd(&["ZADD", &key, "0", &member]).await;
+    let before = sale.counters().await;
+    assert_eq!(
+        sale.expire(&order, NOW + TIMEOUT_MS).await,
+        reply!["not_reserved", "paid"]
+    );
+    assert_eq!(sale.counters().await, before);
+    assert_eq!(sale.counters().await, [4, 0, 1, 0, 0]);
+    assert_eq!(sale.deadline(&order).await, None, "member removed");
+    assert_eq!(sale.events().await.len(), 2, "no expired event");
+    sale.assert_invariants().await;
+}
+
+#[tokio::test]
+async fn expire_unknown_order_removes_the_deadline_member_only() {
+    let mut sale = Sale::with_item(5, 3).await;
+    sale.reserved("alice", 1).await;
+    let before = sale.snapshot().await;
+    let (key, member) = (sale.deadlines_key(), sale.member("gone"));
+    let _: i64 = sale.cmd(&["ZADD", &key, "0", &member]).await;
+    assert_eq!(sale.expire("gone", NOW).await, reply!["unknown_order"]);
+    assert_eq!(sale.deadline("gone").await, None);
+    assert_eq!(sale.snapshot().await, before);
+}
+
+// ---------------------------------------------------------------------------
+// All scripts
+
+#[tokio::test]
+async fn wrong_argument_counts_are_errors_and_change_nothing() {
+    let mut sale = Sale::with_item(5, 3).await;
+    let order = sale.reserved("alice", 1).await;
+    let before = sale.snapshot().await;
+    let item_key = sale.item_key();
+    let calls: [(&Script, usize, usize); 5] = [
+        (&RESERVE, 6, 8),
+        (&PAY, 5, 5),
+        (&CANCEL, 5, 5),
+        (&EXPIRE, 5, 4),
+        (&PUT_ITEM, 1, 7),
+    ];
+    for (script, keys, args) in calls {
+        for (k, a) in [(keys - 1, args), (keys, args - 1), (keys, args + 1)] {
+            let mut inv = script.prepare_invoke();
+            for _ in 0..k {
+                inv.key(&item_key);
+            }
+            for _ in 0..a {
+                inv.arg(&order);
+            }
+            let res: redis::RedisResult<Value> = inv.invoke_async(&mut sale.con).await;
+            let err = res.expect_err("wrong counts must be refused");
+            assert!(err.to_string().contains("expected"), "{err}");
+        }
+    }
+    assert_eq!(sale.snapshot().await, before);
+}
+
+#[tokio::test]
+async fn order_of_another_item_is_an_error() {
+    let mut sale = Sale::with_item(5, 3).await;
+    let order = sale.reserved("alice", 1).await;
+    let before = sale.snapshot().await;
+    let res: redis::RedisResult<Value> = PAY
+        .key(sale.order_key(&order))
+        .key(sale.item_key())
+        .key(sale.buyers_key())
+        .key(sale.deadlines_key())
+        .key(sale.events_key())
+        .arg(&order)
+        .arg("alice")
+        .arg("other-item")
+        .arg(CLOSED_TTL_S)
+        .arg(NOW)
+        .invoke_async(&mut sale.con)
+        .await;
+    assert!(
+        res.expect_err("item mismatch")
+            .to_string()
+            .contains("is not of item")
+    );
+    assert_eq!(sale.snapshot().await, before);
+}
+
+#[tokio::test]
+async fn scripts_reload_after_script_flush() {
+    // After a restart or failover Redis has no scripts: EVALSHA answers
+    // NOSCRIPT and Script::invoke_async loads the script and retries.
+    let mut sale = Sale::with_item(5, 3).await;
+    sale.reserved("alice", 1).await;
+    let exists = |s: &Script| redis::cmd("SCRIPT").arg("EXISTS").arg(s.get_hash()).clone();
+    let loaded: Vec<bool> = exists(&RESERVE).query_async(&mut sale.con).await.unwrap();
+    assert_eq!(loaded, [true]);
+
+    let _: () = redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query_async(&mut sale.con)
+        .await
+        .unwrap();
+    let loaded: Vec<bool> = exists(&RESERVE).query_async(&mut sale.con).await.unwrap();
+    assert_eq!(loaded, [false]);
+
+    assert_eq!(sale.reserve("bob", 1).await[0], R::from("ok"));
+    let loaded: Vec<bool> = exists(&RESERVE).query_async(&mut sale.con).await.unwrap();
+    assert_eq!(loaded, [true]);
+    assert_eq!(sale.counters().await, [3, 2, 0, 0, 0]);
+}
