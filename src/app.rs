@@ -67,7 +67,8 @@ impl App {
                 clock.clone(),
             )?),
             None => {
-                let journal = crate::orders::journal::SqliteJournal::start(store.clone(), clock.clone());
+                let journal =
+                    crate::orders::journal::SqliteJournal::start(store.clone(), clock.clone());
                 let engine = EmbeddedEngine::new(
                     clock.clone(),
                     config.payment_timeout,
@@ -78,12 +79,11 @@ impl App {
                 Engine::Embedded(engine)
             }
         };
-        if let Engine::Redis(r) = &engine {
-            if !clock.is_manual() {
-                if let Err(e) = r.sync_clock().await {
-                    tracing::warn!(cause = %e, "could not read Redis TIME; local window checks use this host's clock");
-                }
-            }
+        if let Engine::Redis(r) = &engine
+            && !clock.is_manual()
+            && let Err(e) = r.sync_clock().await
+        {
+            tracing::warn!(cause = %e, "could not read Redis TIME; local window checks use this host's clock");
         }
         // The Bloom filter starts from the catalogue; an unreachable Redis leaves it empty
         // until the pub/sub listener connects and reloads it.
@@ -95,7 +95,9 @@ impl App {
             }
         };
         if config.jwt_secret.is_none() {
-            tracing::warn!("SECKILL_JWT_SECRET unset: trusting the X-User-Id header (run behind a proxy that sets it)");
+            tracing::warn!(
+                "SECKILL_JWT_SECRET unset: trusting the X-User-Id header (run behind a proxy that sets it)"
+            );
         }
         let app = App {
             identity: Identity::new(config.jwt_secret.as_deref()),
@@ -116,7 +118,11 @@ impl App {
     }
 
     pub fn next_request_id(&self) -> String {
-        format!("{}-{}", self.request_prefix, self.request_seq.fetch_add(1, Ordering::Relaxed))
+        format!(
+            "{}-{}",
+            self.request_prefix,
+            self.request_seq.fetch_add(1, Ordering::Relaxed)
+        )
     }
 
     /// An item changed here or on another instance: make every local answer about it fresh.
@@ -137,7 +143,10 @@ impl App {
     }
 
     /// Start the background tasks; they end when `shutdown` turns true.
-    pub fn spawn_background(self: &Arc<Self>, shutdown: watch::Receiver<bool>) -> Vec<tokio::task::JoinHandle<()>> {
+    pub fn spawn_background(
+        self: &Arc<Self>,
+        shutdown: watch::Receiver<bool>,
+    ) -> Vec<tokio::task::JoinHandle<()>> {
         let mut tasks = Vec::new();
         let app = self.clone();
         let mut stop = shutdown.clone();
@@ -160,11 +169,10 @@ impl App {
                 loop {
                     tokio::select! {
                         _ = tick.tick() => {
-                            if let Engine::Redis(r) = &app.engine {
-                                if !app.clock.is_manual() {
+                            if let Engine::Redis(r) = &app.engine
+                                && !app.clock.is_manual() {
                                     let _ = r.sync_clock().await;
                                 }
-                            }
                         }
                         _ = stopped(&mut stop) => break,
                     }
@@ -180,7 +188,9 @@ impl App {
 /// missed while disconnected.
 async fn subscribe_loop(app: Arc<App>, mut shutdown: watch::Receiver<bool>) {
     use backon::BackoffBuilder;
-    let Engine::Redis(engine) = &app.engine else { return };
+    let Engine::Redis(engine) = &app.engine else {
+        return;
+    };
     let backoff = || {
         backon::ExponentialBuilder::default()
             .with_min_delay(Duration::from_millis(100))
@@ -193,9 +203,10 @@ async fn subscribe_loop(app: Arc<App>, mut shutdown: watch::Receiver<bool>) {
     loop {
         let connected = AtomicBool::new(false);
         let attempt = async {
-            let mut pubsub = tokio::time::timeout(app.config.redis_timeout, engine.client().get_async_pubsub())
-                .await
-                .map_err(|_| Error::RedisTimeout)??;
+            let mut pubsub =
+                tokio::time::timeout(app.config.redis_timeout, engine.client().get_async_pubsub())
+                    .await
+                    .map_err(|_| Error::RedisTimeout)??;
             tokio::time::timeout(app.config.redis_timeout, pubsub.subscribe(keys::BUS))
                 .await
                 .map_err(|_| Error::RedisTimeout)??;
@@ -206,7 +217,9 @@ async fn subscribe_loop(app: Arc<App>, mut shutdown: watch::Receiver<bool>) {
             tracing::debug!(channel = keys::BUS, "subscribed");
             let mut messages = pubsub.on_message();
             while let Some(msg) = messages.next().await {
-                let Ok(payload) = msg.get_payload::<String>() else { continue };
+                let Ok(payload) = msg.get_payload::<String>() else {
+                    continue;
+                };
                 if let Some(item) = payload.strip_prefix("item_changed ") {
                     app.item_changed(item);
                 }

@@ -20,7 +20,9 @@ pub enum Clock {
 
 impl Default for Clock {
     fn default() -> Self {
-        Clock::System { offset_ms: Arc::new(AtomicI64::new(0)) }
+        Clock::System {
+            offset_ms: Arc::new(AtomicI64::new(0)),
+        }
     }
 }
 
@@ -96,7 +98,10 @@ mod tests {
     fn rfc3339_round_trips_with_offsets() {
         let ms = parse_rfc3339("2026-11-21T10:00:00+01:00").unwrap();
         assert_eq!(rfc3339(ms), "2026-11-21T09:00:00Z");
-        assert_eq!(parse_rfc3339(&rfc3339(1_700_000_000_123)), Some(1_700_000_000_123));
+        assert_eq!(
+            parse_rfc3339(&rfc3339(1_700_000_000_123)),
+            Some(1_700_000_000_123)
+        );
         assert_eq!(parse_rfc3339("yesterday"), None);
     }
 

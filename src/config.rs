@@ -7,7 +7,11 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 #[derive(Debug, Parser)]
-#[command(name = "seckill-gateway", version, about = "Flash-sale gateway: sells exactly the stock, loses no order.")]
+#[command(
+    name = "seckill-gateway",
+    version,
+    about = "Flash-sale gateway: sells exactly the stock, loses no order."
+)]
 pub struct Cli {
     #[command(flatten)]
     pub config: Config,
@@ -189,11 +193,21 @@ impl Config {
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let bad = |field, why: &str| Err(ConfigError { field, why: why.to_owned() });
-        if let Some(url) = &self.redis_url {
-            if !(url.starts_with("redis://") || url.starts_with("rediss://") || url.starts_with("unix://")) {
-                return bad("REDIS_URL", "must start with redis://, rediss:// or unix://");
-            }
+        let bad = |field, why: &str| {
+            Err(ConfigError {
+                field,
+                why: why.to_owned(),
+            })
+        };
+        if let Some(url) = &self.redis_url
+            && !(url.starts_with("redis://")
+                || url.starts_with("rediss://")
+                || url.starts_with("unix://"))
+        {
+            return bad(
+                "REDIS_URL",
+                "must start with redis://, rediss:// or unix://",
+            );
         }
         if !(self.database_url.starts_with("postgres://")
             || self.database_url.starts_with("postgresql://")

@@ -16,16 +16,28 @@ pub enum Reject {
     Forbidden(&'static str),
     UnknownItem,
     UnknownOrder,
-    LimitReached { held: i64, limit: i64 },
-    OrderClosed { status: &'static str },
+    LimitReached {
+        held: i64,
+        limit: i64,
+    },
+    OrderClosed {
+        status: &'static str,
+    },
     SoldOut,
-    NotStarted { starts_at_ms: i64 },
+    NotStarted {
+        starts_at_ms: i64,
+    },
     Ended,
     PayloadTooLarge,
     /// `retry_after_s` goes in the `Retry-After` header.
-    RateLimited { retry_after_s: u64 },
+    RateLimited {
+        retry_after_s: u64,
+    },
     /// Redis or the store unreachable, circuit open, or shedding load.
-    Unavailable { retry_after_s: u64, reason: &'static str },
+    Unavailable {
+        retry_after_s: u64,
+        reason: &'static str,
+    },
     NotFound,
     MethodNotAllowed,
     Internal,
@@ -96,7 +108,10 @@ impl Reject {
             Reject::OrderClosed { status } => format!("the order is {status}"),
             Reject::SoldOut => "sold out".to_owned(),
             Reject::NotStarted { starts_at_ms } => {
-                format!("the sale starts at {}", crate::clock::rfc3339(*starts_at_ms))
+                format!(
+                    "the sale starts at {}",
+                    crate::clock::rfc3339(*starts_at_ms)
+                )
             }
             Reject::Ended => "the sale has ended".to_owned(),
             Reject::PayloadTooLarge => "request body over 4 KiB".to_owned(),
@@ -168,9 +183,18 @@ impl Error {
                 retry_after_s: 1,
                 reason: "stock engine unreachable",
             },
-            Error::CircuitOpen => Reject::Unavailable { retry_after_s: 2, reason: "circuit open" },
-            Error::Shed => Reject::Unavailable { retry_after_s: 1, reason: "shedding load" },
-            Error::Store(_) => Reject::Unavailable { retry_after_s: 1, reason: "order store unreachable" },
+            Error::CircuitOpen => Reject::Unavailable {
+                retry_after_s: 2,
+                reason: "circuit open",
+            },
+            Error::Shed => Reject::Unavailable {
+                retry_after_s: 1,
+                reason: "shedding load",
+            },
+            Error::Store(_) => Reject::Unavailable {
+                retry_after_s: 1,
+                reason: "order store unreachable",
+            },
             Error::ScriptReply(_) | Error::Internal(_) => Reject::Internal,
         }
     }
@@ -210,14 +234,33 @@ mod tests {
             (Reject::Forbidden(""), 403, "forbidden"),
             (Reject::UnknownItem, 404, "unknown_item"),
             (Reject::UnknownOrder, 404, "unknown_order"),
-            (Reject::LimitReached { held: 1, limit: 1 }, 409, "limit_reached"),
-            (Reject::OrderClosed { status: "expired" }, 409, "order_closed"),
+            (
+                Reject::LimitReached { held: 1, limit: 1 },
+                409,
+                "limit_reached",
+            ),
+            (
+                Reject::OrderClosed { status: "expired" },
+                409,
+                "order_closed",
+            ),
             (Reject::SoldOut, 410, "sold_out"),
             (Reject::NotStarted { starts_at_ms: 0 }, 425, "not_started"),
             (Reject::Ended, 410, "ended"),
             (Reject::PayloadTooLarge, 413, "payload_too_large"),
-            (Reject::RateLimited { retry_after_s: 1 }, 429, "rate_limited"),
-            (Reject::Unavailable { retry_after_s: 1, reason: "" }, 503, "unavailable"),
+            (
+                Reject::RateLimited { retry_after_s: 1 },
+                429,
+                "rate_limited",
+            ),
+            (
+                Reject::Unavailable {
+                    retry_after_s: 1,
+                    reason: "",
+                },
+                503,
+                "unavailable",
+            ),
         ];
         for (r, status, code) in cases {
             assert_eq!(r.status().as_u16(), status, "{code}");

@@ -118,8 +118,13 @@ mod tests {
     #[test]
     fn false_positive_rate_is_low() {
         let f = ItemFilter::new((0..10_000).map(|i| format!("item-{i}")));
-        assert!((0..10_000).all(|i| f.may_contain(&format!("item-{i}"))), "no false negatives");
-        let fp = (0..100_000).filter(|i| f.may_contain(&format!("other-{i}"))).count();
+        assert!(
+            (0..10_000).all(|i| f.may_contain(&format!("item-{i}"))),
+            "no false negatives"
+        );
+        let fp = (0..100_000)
+            .filter(|i| f.may_contain(&format!("other-{i}")))
+            .count();
         assert!(fp < 1_000, "{fp} false positives in 100k");
     }
 }

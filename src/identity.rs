@@ -10,7 +10,10 @@ use crate::ids::valid_id;
 
 pub enum Identity {
     /// Verify `Authorization: Bearer <JWT>`; the key is built once at start-up.
-    Jwt { key: DecodingKey, validation: Validation },
+    Jwt {
+        key: Box<DecodingKey>,
+        validation: Box<Validation>,
+    },
     /// Trust `X-User-Id` (a proxy in front authenticated the shopper).
     TrustedHeader,
 }
@@ -26,7 +29,10 @@ impl Identity {
             Some(secret) => {
                 let mut validation = Validation::new(Algorithm::HS256);
                 validation.leeway = 5;
-                Identity::Jwt { key: DecodingKey::from_secret(secret.as_bytes()), validation }
+                Identity::Jwt {
+                    key: Box::new(DecodingKey::from_secret(secret.as_bytes())),
+                    validation: Box::new(validation),
+                }
             }
             None => Identity::TrustedHeader,
         }
@@ -36,7 +42,8 @@ impl Identity {
     pub fn user(&self, headers: &HeaderMap) -> Result<String, Reject> {
         let user = match self {
             Identity::Jwt { key, validation } => {
-                let token = bearer(headers).ok_or(Reject::Unauthenticated("missing bearer token"))?;
+                let token =
+                    bearer(headers).ok_or(Reject::Unauthenticated("missing bearer token"))?;
                 jsonwebtoken::decode::<Claims>(token, key, validation)
                     .map_err(|_| Reject::Unauthenticated("invalid or expired token"))?
                     .claims
@@ -51,7 +58,9 @@ impl Identity {
         if valid_id(&user) {
             Ok(user)
         } else {
-            Err(Reject::Unauthenticated("user id must be 1-64 chars of [A-Za-z0-9_.:-]"))
+            Err(Reject::Unauthenticated(
+                "user id must be 1-64 chars of [A-Za-z0-9_.:-]",
+            ))
         }
     }
 }
@@ -66,12 +75,22 @@ pub fn bearer(headers: &HeaderMap) -> Option<&str> {
 /// Whether the request carries the operator token. Compared in constant time.
 pub fn is_admin(headers: &HeaderMap, admin_token: Option<&str>) -> Result<(), Reject> {
     let Some(expected) = admin_token else {
-        return Err(Reject::Forbidden("admin API disabled: SECKILL_ADMIN_TOKEN is not set"));
+        return Err(Reject::Forbidden(
+            "admin API disabled: SECKILL_ADMIN_TOKEN is not set",
+        ));
     };
     let given = bearer(headers).unwrap_or("");
     let same = given.len() == expected.len()
-        && given.bytes().zip(expected.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0;
-    if same { Ok(()) } else { Err(Reject::Forbidden("admin token required")) }
+        && given
+            .bytes()
+            .zip(expected.bytes())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0;
+    if same {
+        Ok(())
+    } else {
+        Err(Reject::Forbidden("admin token required"))
+    }
 }
 
 #[cfg(test)]
@@ -93,18 +112,42 @@ mod tests {
         let id = Identity::new(Some(secret));
         let exp = (crate::clock::system_now_ms() / 1000 + 60) as usize;
         let claims = serde_json::json!({"sub": "alice", "exp": exp});
-        let token = encode(&Header::default(), &claims, &EncodingKey::from_secret(secret.as_bytes())).unwrap();
+        let token = encode(
+            &Header::default(),
+            &claims,
+            &EncodingKey::from_secret(secret.as_bytes()),
+        )
+        .unwrap();
         let auth = format!("Bearer {token}");
-        assert_eq!(id.user(&headers(&[("authorization", &auth)])).unwrap(), "alice");
+        assert_eq!(
+            id.user(&headers(&[("authorization", &auth)])).unwrap(),
+            "alice"
+        );
         // Wrong secret, expired, missing: all 401.
-        let forged = encode(&Header::default(), &claims, &EncodingKey::from_secret(b"another-secret-123")).unwrap();
+        let forged = encode(
+            &Header::default(),
+            &claims,
+            &EncodingKey::from_secret(b"another-secret-123"),
+        )
+        .unwrap();
         let auth = format!("Bearer {forged}");
-        assert!(matches!(id.user(&headers(&[("authorization", &auth)])), Err(Reject::Unauthenticated(_))));
+        assert!(matches!(
+            id.user(&headers(&[("authorization", &auth)])),
+            Err(Reject::Unauthenticated(_))
+        ));
         let old = serde_json::json!({"sub": "alice", "exp": 1000});
-        let expired = encode(&Header::default(), &old, &EncodingKey::from_secret(secret.as_bytes())).unwrap();
+        let expired = encode(
+            &Header::default(),
+            &old,
+            &EncodingKey::from_secret(secret.as_bytes()),
+        )
+        .unwrap();
         let auth = format!("Bearer {expired}");
         assert!(id.user(&headers(&[("authorization", &auth)])).is_err());
-        assert!(id.user(&headers(&[("x-user-id", "alice")])).is_err(), "header ignored in JWT mode");
+        assert!(
+            id.user(&headers(&[("x-user-id", "alice")])).is_err(),
+            "header ignored in JWT mode"
+        );
     }
 
     #[test]
@@ -117,8 +160,20 @@ mod tests {
 
     #[test]
     fn admin_token_checks() {
-        assert!(is_admin(&headers(&[("authorization", "Bearer sekret-token")]), Some("sekret-token")).is_ok());
-        assert!(is_admin(&headers(&[("authorization", "Bearer sekret-tokex")]), Some("sekret-token")).is_err());
+        assert!(
+            is_admin(
+                &headers(&[("authorization", "Bearer sekret-token")]),
+                Some("sekret-token")
+            )
+            .is_ok()
+        );
+        assert!(
+            is_admin(
+                &headers(&[("authorization", "Bearer sekret-tokex")]),
+                Some("sekret-token")
+            )
+            .is_err()
+        );
         assert!(is_admin(&headers(&[("authorization", "Bearer sekret-token")]), None).is_err());
     }
 }

@@ -38,7 +38,9 @@ impl Limiter {
 
     fn refuse(&self, not_until: governor::NotUntil<governor::clock::QuantaInstant>) -> Reject {
         let wait = not_until.wait_time_from(self.clock.now());
-        Reject::RateLimited { retry_after_s: wait.as_secs_f64().ceil().max(1.0) as u64 }
+        Reject::RateLimited {
+            retry_after_s: wait.as_secs_f64().ceil().max(1.0) as u64,
+        }
     }
 
     /// Instance and IP buckets: checked before anything else is read from the request.
@@ -105,7 +107,10 @@ mod tests {
         assert!(l.check_ip(a).is_ok());
         assert!(l.check_ip(a).is_err(), "ip bucket empty");
         assert!(l.check_ip(b).is_ok());
-        assert!(l.check_ip(b).is_err(), "global bucket of 3 spent (the refused call took none)");
+        assert!(
+            l.check_ip(b).is_err(),
+            "global bucket of 3 spent (the refused call took none)"
+        );
     }
 
     /// A million distinct user ids must not stay in memory once their buckets refill.

@@ -58,7 +58,10 @@ async fn run(config: seckill_gateway::config::Config, http: bool) -> anyhow::Res
     let running = seckill_gateway::server::start(config, Clock::system(), http).await?;
     if http {
         let url = running.url();
-        println!("seckill-gateway listening on {url} ({} mode)", if embedded { "embedded" } else { "redis" });
+        println!(
+            "seckill-gateway listening on {url} ({} mode)",
+            if embedded { "embedded" } else { "redis" }
+        );
         if running.app.config.demo_enabled() {
             println!("try:  curl -s {url}/api/v1/items/demo");
             println!(

@@ -8,8 +8,8 @@
 
 use std::time::Duration;
 
-pub use ::metrics::{counter, gauge, histogram};
 use ::metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+pub use ::metrics::{counter, gauge, histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 /// Requests by route template and outcome (`ok` or the contract's error code).
@@ -42,10 +42,12 @@ pub const CIRCUIT_OPEN: &str = "seckill_circuit_open";
 pub const STORE_UP: &str = "seckill_store_up";
 
 const LATENCY_BUCKETS: &[f64] = &[
-    0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05,
-    0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+    0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1,
+    0.25, 0.5, 1.0, 2.5, 5.0,
 ];
-const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0];
+const BATCH_BUCKETS: &[f64] = &[
+    1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0,
+];
 
 /// Install the global recorder once per process and start its upkeep task. Later calls
 /// (tests start several gateways in one process) return the first handle.
@@ -55,8 +57,15 @@ pub fn install() -> PrometheusHandle {
         .get_or_init(|| {
             let recorder = PrometheusBuilder::new()
                 .set_buckets_for_metric(Matcher::Full(REQUEST_DURATION.into()), LATENCY_BUCKETS)
-                .and_then(|b| b.set_buckets_for_metric(Matcher::Full(SCRIPT_DURATION.into()), LATENCY_BUCKETS))
-                .and_then(|b| b.set_buckets_for_metric(Matcher::Full(PERSIST_BATCH_SIZE.into()), BATCH_BUCKETS))
+                .and_then(|b| {
+                    b.set_buckets_for_metric(Matcher::Full(SCRIPT_DURATION.into()), LATENCY_BUCKETS)
+                })
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        Matcher::Full(PERSIST_BATCH_SIZE.into()),
+                        BATCH_BUCKETS,
+                    )
+                })
                 .expect("static bucket lists are non-empty")
                 .build_recorder();
             let handle = recorder.handle();
@@ -64,12 +73,15 @@ pub fn install() -> PrometheusHandle {
                 tracing::warn!("a metrics recorder was already installed; /metrics may be empty");
             }
             describe();
+            register_zeroes();
             let upkeep = handle.clone();
             std::thread::Builder::new()
                 .name("metrics-upkeep".into())
-                .spawn(move || loop {
-                    std::thread::sleep(Duration::from_secs(5));
-                    upkeep.run_upkeep();
+                .spawn(move || {
+                    loop {
+                        std::thread::sleep(Duration::from_secs(5));
+                        upkeep.run_upkeep();
+                    }
                 })
                 .expect("spawn metrics upkeep thread");
             handle
@@ -77,17 +89,49 @@ pub fn install() -> PrometheusHandle {
         .clone()
 }
 
+/// Series that alerts and `rate()` need to exist before their first event.
+fn register_zeroes() {
+    ::metrics::counter!(DEAD_LETTERS).absolute(0);
+    for kind in ["timeout", "connection", "script", "circuit_open", "shed"] {
+        ::metrics::counter!(REDIS_ERRORS, "kind" => kind).absolute(0);
+    }
+    for event in ["reserved", "paid", "cancelled", "expired"] {
+        ::metrics::counter!(ORDERS, "event" => event).absolute(0);
+    }
+    ::metrics::gauge!(CIRCUIT_OPEN).set(0.0);
+    ::metrics::gauge!(STORE_UP).set(1.0);
+    ::metrics::gauge!(PERSIST_LAG).set(0.0);
+    ::metrics::gauge!(STREAM_PENDING).set(0.0);
+}
+
 fn describe() {
-    describe_counter!(REQUESTS, "Requests by route template and outcome (ok or the error code).");
+    describe_counter!(
+        REQUESTS,
+        "Requests by route template and outcome (ok or the error code)."
+    );
     describe_histogram!(REQUEST_DURATION, Unit::Seconds, "Request latency by route.");
-    describe_histogram!(SCRIPT_DURATION, Unit::Seconds, "Redis Lua script round trip by script.");
+    describe_histogram!(
+        SCRIPT_DURATION,
+        Unit::Seconds,
+        "Redis Lua script round trip by script."
+    );
     describe_counter!(REDIS_ERRORS, "Redis failures by kind.");
     describe_counter!(CACHE_REQUESTS, "Local cache lookups by cache and result.");
     describe_counter!(ORDERS, "Order transitions by event.");
     describe_histogram!(PERSIST_BATCH_SIZE, "Rows written per persistence batch.");
-    describe_gauge!(PERSIST_LAG, Unit::Seconds, "Age of the oldest event not yet persisted.");
-    describe_gauge!(STREAM_PENDING, "Order events not yet acknowledged by the persistence worker.");
-    describe_counter!(DEAD_LETTERS, "Order events moved to the dead-letter stream.");
+    describe_gauge!(
+        PERSIST_LAG,
+        Unit::Seconds,
+        "Age of the oldest event not yet persisted."
+    );
+    describe_gauge!(
+        STREAM_PENDING,
+        "Order events not yet acknowledged by the persistence worker."
+    );
+    describe_counter!(
+        DEAD_LETTERS,
+        "Order events moved to the dead-letter stream."
+    );
     describe_gauge!(STOCK_REMAINING, "Units left per item.");
     describe_gauge!(STOCK_TOTAL, "Units configured per item.");
     describe_gauge!(CIRCUIT_OPEN, "1 while the Redis circuit breaker is open.");

@@ -50,11 +50,20 @@ pub async fn start(config: Config, clock: Clock, serve_http: bool) -> anyhow::Re
     let (addr, server) = if serve_http {
         let listener = crate::http::bind(listen).await?;
         let addr = listener.local_addr()?;
-        (addr, tokio::spawn(crate::http::serve(app.clone(), listener, rx)))
+        (
+            addr,
+            tokio::spawn(crate::http::serve(app.clone(), listener, rx)),
+        )
     } else {
         (listen, tokio::spawn(async {}))
     };
-    Ok(Running { app, addr, shutdown, server, tasks })
+    Ok(Running {
+        app,
+        addr,
+        shutdown,
+        server,
+        tasks,
+    })
 }
 
 /// The demo item: on sale now for 24 hours, 100 units, 2 per shopper. Kept if it exists

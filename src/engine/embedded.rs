@@ -13,8 +13,8 @@ use std::time::Duration;
 use futures_util::future::BoxFuture;
 
 use super::{
-    ExpireReply, Expired, ItemSpec, ItemState, Order, OrderStatus, PutReply, ReserveCmd, ReserveReply, StockEngine,
-    Transition, TransitionReply,
+    ExpireReply, Expired, ItemSpec, ItemState, Order, OrderStatus, PutReply, ReserveCmd,
+    ReserveReply, StockEngine, Transition, TransitionReply,
 };
 use crate::clock::{Clock, Millis};
 use crate::error::Error;
@@ -50,7 +50,12 @@ pub struct EmbeddedEngine {
 }
 
 impl EmbeddedEngine {
-    pub fn new(clock: Clock, payment_timeout: Duration, idem_ttl: Duration, journal: Option<Box<dyn Journal>>) -> Self {
+    pub fn new(
+        clock: Clock,
+        payment_timeout: Duration,
+        idem_ttl: Duration,
+        journal: Option<Box<dyn Journal>>,
+    ) -> Self {
         EmbeddedEngine {
             state: Mutex::new(State::default()),
             clock,
@@ -77,11 +82,20 @@ impl EmbeddedEngine {
             let id = spec.item_id.clone();
             s.items.insert(
                 id,
-                ItemState { stock: spec.stock_total, spec, reserved: 0, paid: 0, cancelled: 0, expired: 0 },
+                ItemState {
+                    stock: spec.stock_total,
+                    spec,
+                    reserved: 0,
+                    paid: 0,
+                    cancelled: 0,
+                    expired: 0,
+                },
             );
         }
         for o in orders {
-            let Some(item) = s.items.get_mut(&o.item_id) else { continue };
+            let Some(item) = s.items.get_mut(&o.item_id) else {
+                continue;
+            };
             match o.status {
                 OrderStatus::Reserved => {
                     item.stock -= o.qty;
@@ -95,7 +109,9 @@ impl EmbeddedEngine {
                 OrderStatus::Expired => item.expired += o.qty,
             }
             if !o.status.is_final() || o.status == OrderStatus::Paid {
-                *s.buyers.entry((o.item_id.clone(), o.user_id.clone())).or_default() += o.qty;
+                *s.buyers
+                    .entry((o.item_id.clone(), o.user_id.clone()))
+                    .or_default() += o.qty;
             }
             if o.status == OrderStatus::Reserved {
                 s.deadlines.insert((o.pay_before_ms, o.order_id.clone()));
@@ -112,7 +128,11 @@ impl EmbeddedEngine {
 
     /// The units a user holds of an item (for tests and the differential check).
     pub fn held(&self, item_id: &str, user_id: &str) -> i64 {
-        self.lock().buyers.get(&(item_id.to_owned(), user_id.to_owned())).copied().unwrap_or(0)
+        self.lock()
+            .buyers
+            .get(&(item_id.to_owned(), user_id.to_owned()))
+            .copied()
+            .unwrap_or(0)
     }
 
     async fn journal(&self, events: Vec<OrderEvent>) -> Result<(), Error> {
@@ -145,7 +165,8 @@ fn release(s: &mut State, order_id: &str, to: OrderStatus, now: Millis) -> Optio
             s.buyers.remove(&key);
         }
     }
-    s.deadlines.remove(&(prev.pay_before_ms, prev.order_id.clone()));
+    s.deadlines
+        .remove(&(prev.pay_before_ms, prev.order_id.clone()));
     Some((prev, stock_after))
 }
 
@@ -159,8 +180,11 @@ fn unrelease(s: &mut State, prev: &Order, from: OrderStatus) {
             _ => item.expired -= prev.qty,
         }
     }
-    *s.buyers.entry((prev.item_id.clone(), prev.user_id.clone())).or_default() += prev.qty;
-    s.deadlines.insert((prev.pay_before_ms, prev.order_id.clone()));
+    *s.buyers
+        .entry((prev.item_id.clone(), prev.user_id.clone()))
+        .or_default() += prev.qty;
+    s.deadlines
+        .insert((prev.pay_before_ms, prev.order_id.clone()));
     s.orders.insert(prev.order_id.clone(), prev.clone());
 }
 
@@ -169,10 +193,13 @@ impl StockEngine for EmbeddedEngine {
         let previous = {
             let mut s = self.lock();
             let prev = s.items.get(&spec.item_id).cloned();
-            let (reserved, paid, cancelled, expired) =
-                prev.as_ref().map_or((0, 0, 0, 0), |p| (p.reserved, p.paid, p.cancelled, p.expired));
+            let (reserved, paid, cancelled, expired) = prev.as_ref().map_or((0, 0, 0, 0), |p| {
+                (p.reserved, p.paid, p.cancelled, p.expired)
+            });
             if spec.stock_total < reserved + paid {
-                return Ok(PutReply::BelowHeld { held: reserved + paid });
+                return Ok(PutReply::BelowHeld {
+                    held: reserved + paid,
+                });
             }
             let state = ItemState {
                 spec: spec.clone(),
@@ -185,15 +212,15 @@ impl StockEngine for EmbeddedEngine {
             s.items.insert(spec.item_id.clone(), state);
             prev
         };
-        if let Some(j) = &self.journal {
-            if let Err(e) = j.put_item(spec.clone()).await {
-                let mut s = self.lock();
-                match previous {
-                    Some(p) => s.items.insert(spec.item_id.clone(), p),
-                    None => s.items.remove(&spec.item_id),
-                };
-                return Err(e);
-            }
+        if let Some(j) = &self.journal
+            && let Err(e) = j.put_item(spec.clone()).await
+        {
+            let mut s = self.lock();
+            match previous {
+                Some(p) => s.items.insert(spec.item_id.clone(), p),
+                None => s.items.remove(&spec.item_id),
+            };
+            return Err(e);
         }
         let stock = self.lock().items.get(&spec.item_id).map_or(0, |i| i.stock);
         Ok(PutReply::Stored { stock })
@@ -225,13 +252,13 @@ impl StockEngine for EmbeddedEngine {
                     pay_before_ms: 0,
                 },
             };
-            if !idem_key.is_empty() {
-                if let Some((id, expires)) = s.idem.get(&idem).cloned() {
-                    if expires > now {
-                        return Ok(duplicate(&s, &id));
-                    }
-                    s.idem.remove(&idem);
+            if !idem_key.is_empty()
+                && let Some((id, expires)) = s.idem.get(&idem).cloned()
+            {
+                if expires > now {
+                    return Ok(duplicate(&s, &id));
                 }
+                s.idem.remove(&idem);
             }
             if s.orders.contains_key(&cmd.order_id) {
                 return Ok(duplicate(&s, &cmd.order_id));
@@ -241,10 +268,14 @@ impl StockEngine for EmbeddedEngine {
             };
             let (stock, limit) = (item.stock, item.spec.per_user_limit);
             if now < item.spec.starts_ms {
-                return Ok(ReserveReply::NotStarted { starts_ms: item.spec.starts_ms });
+                return Ok(ReserveReply::NotStarted {
+                    starts_ms: item.spec.starts_ms,
+                });
             }
             if now >= item.spec.ends_ms {
-                return Ok(ReserveReply::Ended { ends_ms: item.spec.ends_ms });
+                return Ok(ReserveReply::Ended {
+                    ends_ms: item.spec.ends_ms,
+                });
             }
             if cmd.qty < 1 || cmd.qty > limit {
                 return Ok(ReserveReply::BadQty { limit });
@@ -276,16 +307,30 @@ impl StockEngine for EmbeddedEngine {
             };
             s.orders.insert(order.order_id.clone(), order.clone());
             if !idem_key.is_empty() {
-                s.idem.insert(idem.clone(), (order.order_id.clone(), now + self.idem_ttl_ms));
+                s.idem.insert(
+                    idem.clone(),
+                    (order.order_id.clone(), now + self.idem_ttl_ms),
+                );
             }
             s.deadlines.insert((pay_before_ms, order.order_id.clone()));
-            let reply = ReserveReply::Reserved { order_id: order.order_id.clone(), created_ms: now, pay_before_ms, stock_after };
+            let reply = ReserveReply::Reserved {
+                order_id: order.order_id.clone(),
+                created_ms: now,
+                pay_before_ms,
+                stock_after,
+            };
             (order, reply)
         };
-        if let Err(e) = self.journal(vec![OrderEvent::of(&order, OrderStatus::Reserved, now)]).await {
+        if let Err(e) = self
+            .journal(vec![OrderEvent::of(&order, OrderStatus::Reserved, now)])
+            .await
+        {
             // Not durable: undo, so nothing is sold that was not answered 200.
             let mut s = self.lock();
-            if s.orders.get(&order.order_id).is_some_and(|o| o.status == OrderStatus::Reserved) {
+            if s.orders
+                .get(&order.order_id)
+                .is_some_and(|o| o.status == OrderStatus::Reserved)
+            {
                 s.orders.remove(&order.order_id);
                 if let Some(item) = s.items.get_mut(&order.item_id) {
                     item.stock += order.qty;
@@ -299,14 +344,20 @@ impl StockEngine for EmbeddedEngine {
                     }
                 }
                 s.idem.remove(&idem);
-                s.deadlines.remove(&(order.pay_before_ms, order.order_id.clone()));
+                s.deadlines
+                    .remove(&(order.pay_before_ms, order.order_id.clone()));
             }
             return Err(e);
         }
         Ok(reply)
     }
 
-    async fn transition(&self, t: Transition, order_id: &str, user_id: &str) -> Result<TransitionReply, Error> {
+    async fn transition(
+        &self,
+        t: Transition,
+        order_id: &str,
+        user_id: &str,
+    ) -> Result<TransitionReply, Error> {
         let now = self.clock.now_ms();
         let (prev, event, reply) = {
             let mut s = self.lock();
@@ -317,32 +368,65 @@ impl StockEngine for EmbeddedEngine {
                 return Ok(TransitionReply::Forbidden);
             }
             match (t, order.status) {
-                (Transition::Pay, OrderStatus::Paid) => return Ok(TransitionReply::Already { status: OrderStatus::Paid }),
-                (Transition::Cancel, OrderStatus::Cancelled) => {
-                    return Ok(TransitionReply::Already { status: OrderStatus::Cancelled });
+                (Transition::Pay, OrderStatus::Paid) => {
+                    return Ok(TransitionReply::Already {
+                        status: OrderStatus::Paid,
+                    });
                 }
-                (_, status) if status != OrderStatus::Reserved => return Ok(TransitionReply::Closed { status }),
+                (Transition::Cancel, OrderStatus::Cancelled) => {
+                    return Ok(TransitionReply::Already {
+                        status: OrderStatus::Cancelled,
+                    });
+                }
+                (_, status) if status != OrderStatus::Reserved => {
+                    return Ok(TransitionReply::Closed { status });
+                }
                 _ => {}
             }
             if order.pay_before_ms <= now {
                 release(&mut s, order_id, OrderStatus::Expired, now);
                 let ev = OrderEvent::of(&order, OrderStatus::Expired, now);
-                (order, ev, TransitionReply::Closed { status: OrderStatus::Expired })
+                (
+                    order,
+                    ev,
+                    TransitionReply::Closed {
+                        status: OrderStatus::Expired,
+                    },
+                )
             } else if t == Transition::Pay {
                 let o = s.orders.get_mut(order_id).expect("present");
                 o.status = OrderStatus::Paid;
                 o.updated_ms = now;
-                let item = s.items.get_mut(&order.item_id).expect("an order's item exists");
+                let item = s
+                    .items
+                    .get_mut(&order.item_id)
+                    .expect("an order's item exists");
                 item.reserved -= order.qty;
                 item.paid += order.qty;
                 let stock_after = item.stock;
-                s.deadlines.remove(&(order.pay_before_ms, order.order_id.clone()));
+                s.deadlines
+                    .remove(&(order.pay_before_ms, order.order_id.clone()));
                 let ev = OrderEvent::of(&order, OrderStatus::Paid, now);
-                (order, ev, TransitionReply::Done { status: OrderStatus::Paid, stock_after })
+                (
+                    order,
+                    ev,
+                    TransitionReply::Done {
+                        status: OrderStatus::Paid,
+                        stock_after,
+                    },
+                )
             } else {
-                let (_, stock_after) = release(&mut s, order_id, OrderStatus::Cancelled, now).expect("present");
+                let (_, stock_after) =
+                    release(&mut s, order_id, OrderStatus::Cancelled, now).expect("present");
                 let ev = OrderEvent::of(&order, OrderStatus::Cancelled, now);
-                (order, ev, TransitionReply::Done { status: OrderStatus::Cancelled, stock_after })
+                (
+                    order,
+                    ev,
+                    TransitionReply::Done {
+                        status: OrderStatus::Cancelled,
+                        stock_after,
+                    },
+                )
             }
         };
         let to = event.status;
@@ -354,7 +438,8 @@ impl StockEngine for EmbeddedEngine {
                         item.reserved += prev.qty;
                         item.paid -= prev.qty;
                     }
-                    s.deadlines.insert((prev.pay_before_ms, prev.order_id.clone()));
+                    s.deadlines
+                        .insert((prev.pay_before_ms, prev.order_id.clone()));
                     s.orders.insert(prev.order_id.clone(), prev);
                 } else {
                     unrelease(&mut s, &prev, to);
@@ -373,16 +458,26 @@ impl StockEngine for EmbeddedEngine {
                 return Ok(ExpireReply::UnknownOrder);
             };
             if order.status != OrderStatus::Reserved {
-                return Ok(ExpireReply::NotReserved { status: order.status });
+                return Ok(ExpireReply::NotReserved {
+                    status: order.status,
+                });
             }
             if order.pay_before_ms > now {
-                return Ok(ExpireReply::NotDue { pay_before_ms: order.pay_before_ms });
+                return Ok(ExpireReply::NotDue {
+                    pay_before_ms: order.pay_before_ms,
+                });
             }
             release(&mut s, order_id, OrderStatus::Expired, now).expect("present")
         };
-        if let Err(e) = self.journal(vec![OrderEvent::of(&prev, OrderStatus::Expired, now)]).await {
+        if let Err(e) = self
+            .journal(vec![OrderEvent::of(&prev, OrderStatus::Expired, now)])
+            .await
+        {
             let mut s = self.lock();
-            if s.orders.get(order_id).is_some_and(|o| o.status == OrderStatus::Expired) {
+            if s.orders
+                .get(order_id)
+                .is_some_and(|o| o.status == OrderStatus::Expired)
+            {
                 unrelease(&mut s, &prev, OrderStatus::Expired);
             }
             return Err(e);
@@ -404,7 +499,11 @@ impl StockEngine for EmbeddedEngine {
         let mut expired = Vec::new();
         for (order_id, item_id) in due {
             if let ExpireReply::Expired { stock_after } = self.expire(&order_id, &item_id).await? {
-                expired.push(Expired { order_id, item_id, stock_after });
+                expired.push(Expired {
+                    order_id,
+                    item_id,
+                    stock_after,
+                });
             }
         }
         Ok(expired)

@@ -21,7 +21,11 @@ pub struct Guard {
 
 impl Guard {
     pub fn new(max_inflight: usize, timeout: Duration, failures: u32, cooldown: Duration) -> Self {
-        Guard { inflight: Semaphore::new(max_inflight), breaker: Breaker::new(failures, cooldown), timeout }
+        Guard {
+            inflight: Semaphore::new(max_inflight),
+            breaker: Breaker::new(failures, cooldown),
+            timeout,
+        }
     }
 
     /// Run one Redis call under the guard.
@@ -30,10 +34,10 @@ impl Guard {
         F: Future<Output = redis::RedisResult<T>>,
     {
         let result = self.call_inner(f).await;
-        if let Err(e) = &result {
-            if let Some(kind) = e.redis_kind() {
-                metrics::redis_error(kind);
-            }
+        if let Err(e) = &result
+            && let Some(kind) = e.redis_kind()
+        {
+            metrics::redis_error(kind);
         }
         result
     }
@@ -113,7 +117,11 @@ impl Breaker {
             return Err(Error::CircuitOpen);
         }
         // Cool-down over: exactly one caller probes.
-        if self.probing.compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+        if self
+            .probing
+            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
             Ok(())
         } else {
             Err(Error::CircuitOpen)
@@ -131,10 +139,17 @@ impl Breaker {
 
     fn failure(&self) {
         let open = |why: &str| {
-            self.open_until.store(self.now() + self.cooldown.as_millis() as i64, Ordering::Release);
+            self.open_until.store(
+                self.now() + self.cooldown.as_millis() as i64,
+                Ordering::Release,
+            );
             self.probing.store(false, Ordering::Release);
             metrics::gauge_circuit(true);
-            tracing::warn!(cooldown_ms = self.cooldown.as_millis() as u64, why, "redis circuit open");
+            tracing::warn!(
+                cooldown_ms = self.cooldown.as_millis() as u64,
+                why,
+                "redis circuit open"
+            );
         };
         if self.probing.load(Ordering::Acquire) {
             open("probe failed");
@@ -152,19 +167,31 @@ mod tests {
     use super::*;
 
     fn fail() -> redis::RedisResult<()> {
-        Err(redis::RedisError::from(std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "down")))
+        Err(redis::RedisError::from(std::io::Error::new(
+            std::io::ErrorKind::ConnectionRefused,
+            "down",
+        )))
     }
 
     #[tokio::test]
     async fn breaker_opens_then_probes() {
         let g = Guard::new(10, Duration::from_secs(1), 3, Duration::from_millis(50));
         for _ in 0..3 {
-            assert!(matches!(g.call(async { fail() }).await, Err(Error::RedisConnection(_))));
+            assert!(matches!(
+                g.call(async { fail() }).await,
+                Err(Error::RedisConnection(_))
+            ));
         }
         assert!(g.circuit_open());
-        assert!(matches!(g.call(async { Ok(()) }).await, Err(Error::CircuitOpen)), "open: not called");
+        assert!(
+            matches!(g.call(async { Ok(()) }).await, Err(Error::CircuitOpen)),
+            "open: not called"
+        );
         tokio::time::sleep(Duration::from_millis(60)).await;
-        assert!(g.call(async { Ok(()) }).await.is_ok(), "the probe goes through");
+        assert!(
+            g.call(async { Ok(()) }).await.is_ok(),
+            "the probe goes through"
+        );
         assert!(!g.circuit_open());
     }
 

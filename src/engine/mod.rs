@@ -47,9 +47,13 @@ pub struct ItemState {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum PutReply {
-    Stored { stock: i64 },
+    Stored {
+        stock: i64,
+    },
     /// The new total is below the units already reserved or paid; nothing changed.
-    BelowHeld { held: i64 },
+    BelowHeld {
+        held: i64,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -64,15 +68,37 @@ pub struct ReserveCmd {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ReserveReply {
-    Reserved { order_id: String, created_ms: Millis, pay_before_ms: Millis, stock_after: i64 },
+    Reserved {
+        order_id: String,
+        created_ms: Millis,
+        pay_before_ms: Millis,
+        stock_after: i64,
+    },
     /// The idempotency key was seen: the order it created, unchanged.
-    Duplicate { order_id: String, qty: i64, status: OrderStatus, created_ms: Millis, pay_before_ms: Millis },
+    Duplicate {
+        order_id: String,
+        qty: i64,
+        status: OrderStatus,
+        created_ms: Millis,
+        pay_before_ms: Millis,
+    },
     UnknownItem,
-    NotStarted { starts_ms: Millis },
-    Ended { ends_ms: Millis },
-    BadQty { limit: i64 },
-    LimitReached { held: i64, limit: i64 },
-    SoldOut { stock: i64 },
+    NotStarted {
+        starts_ms: Millis,
+    },
+    Ended {
+        ends_ms: Millis,
+    },
+    BadQty {
+        limit: i64,
+    },
+    LimitReached {
+        held: i64,
+        limit: i64,
+    },
+    SoldOut {
+        stock: i64,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
@@ -128,11 +154,18 @@ impl Transition {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum TransitionReply {
     /// Transitioned by this call.
-    Done { status: OrderStatus, stock_after: i64 },
+    Done {
+        status: OrderStatus,
+        stock_after: i64,
+    },
     /// The same transition happened before (pay and cancel are idempotent).
-    Already { status: OrderStatus },
+    Already {
+        status: OrderStatus,
+    },
     /// Closed another way (expired, cancelled, or paid for a cancel).
-    Closed { status: OrderStatus },
+    Closed {
+        status: OrderStatus,
+    },
     Forbidden,
     UnknownOrder,
 }
@@ -174,7 +207,8 @@ pub trait StockEngine: Send + Sync {
     /// An item with its counters, or `None`.
     fn item(&self, item_id: &str) -> impl Future<Output = Result<Option<ItemState>, Error>> + Send;
     /// Take stock for a shopper (`reserve.lua`).
-    fn reserve(&self, cmd: &ReserveCmd) -> impl Future<Output = Result<ReserveReply, Error>> + Send;
+    fn reserve(&self, cmd: &ReserveCmd)
+    -> impl Future<Output = Result<ReserveReply, Error>> + Send;
     /// Pay or cancel an order of `user_id` (`pay.lua`, `cancel.lua`).
     fn transition(
         &self,
@@ -183,7 +217,11 @@ pub trait StockEngine: Send + Sync {
         user_id: &str,
     ) -> impl Future<Output = Result<TransitionReply, Error>> + Send;
     /// Expire one reservation if its deadline passed (`expire.lua`).
-    fn expire(&self, order_id: &str, item_id: &str) -> impl Future<Output = Result<ExpireReply, Error>> + Send;
+    fn expire(
+        &self,
+        order_id: &str,
+        item_id: &str,
+    ) -> impl Future<Output = Result<ExpireReply, Error>> + Send;
     /// Expire every reservation whose deadline passed, at most `max` per shard per call.
     fn expire_due(&self, max: usize) -> impl Future<Output = Result<Vec<Expired>, Error>> + Send;
     /// An order while the engine still holds it.
@@ -219,7 +257,12 @@ impl StockEngine for Engine {
     async fn reserve(&self, cmd: &ReserveCmd) -> Result<ReserveReply, Error> {
         delegate!(self, e => e.reserve(cmd))
     }
-    async fn transition(&self, t: Transition, order_id: &str, user_id: &str) -> Result<TransitionReply, Error> {
+    async fn transition(
+        &self,
+        t: Transition,
+        order_id: &str,
+        user_id: &str,
+    ) -> Result<TransitionReply, Error> {
         delegate!(self, e => e.transition(t, order_id, user_id))
     }
     async fn expire(&self, order_id: &str, item_id: &str) -> Result<ExpireReply, Error> {

@@ -18,8 +18,8 @@ use redis::{Script, Value};
 use super::guard::Guard;
 use super::keys;
 use super::{
-    ExpireReply, Expired, ItemSpec, ItemState, Order, OrderStatus, PutReply, ReserveCmd, ReserveReply,
-    StockEngine, Transition, TransitionReply,
+    ExpireReply, Expired, ItemSpec, ItemState, Order, OrderStatus, PutReply, ReserveCmd,
+    ReserveReply, StockEngine, Transition, TransitionReply,
 };
 use crate::clock::{Clock, system_now_ms};
 use crate::error::Error;
@@ -87,7 +87,14 @@ impl RedisEngine {
             settings.circuit_failures,
             settings.circuit_cooldown,
         );
-        Ok(RedisEngine { client, conn, scripts: Arc::new(Scripts::load()), guard, clock, settings })
+        Ok(RedisEngine {
+            client,
+            conn,
+            scripts: Arc::new(Scripts::load()),
+            guard,
+            clock,
+            settings,
+        })
     }
 
     pub fn client(&self) -> &redis::Client {
@@ -114,14 +121,21 @@ impl RedisEngine {
     }
 
     /// Run a prepared script invocation under the guard, timing it.
-    async fn run(&self, name: &'static str, inv: redis::ScriptInvocation<'_>) -> Result<Vec<Value>, Error> {
+    async fn run(
+        &self,
+        name: &'static str,
+        inv: redis::ScriptInvocation<'_>,
+    ) -> Result<Vec<Value>, Error> {
         let mut conn = self.conn.clone();
         let started = std::time::Instant::now();
         let reply: Value = self.guard.call(inv.invoke_async(&mut conn)).await?;
-        metrics::histogram!(metrics::SCRIPT_DURATION, "script" => name).record(started.elapsed().as_secs_f64());
+        metrics::histogram!(metrics::SCRIPT_DURATION, "script" => name)
+            .record(started.elapsed().as_secs_f64());
         match reply {
             Value::Array(parts) if !parts.is_empty() => Ok(parts),
-            other => Err(Error::ScriptReply(format!("{name}: unexpected reply {other:?}"))),
+            other => Err(Error::ScriptReply(format!(
+                "{name}: unexpected reply {other:?}"
+            ))),
         }
     }
 
@@ -140,7 +154,12 @@ impl RedisEngine {
 
     /// Tell every instance that an item changed (added, replaced, stock back).
     pub async fn publish_changed(&self, item_id: &str) -> Result<(), Error> {
-        self.query::<i64>(redis::cmd("PUBLISH").arg(keys::BUS).arg(format!("item_changed {item_id}"))).await?;
+        self.query::<i64>(
+            redis::cmd("PUBLISH")
+                .arg(keys::BUS)
+                .arg(format!("item_changed {item_id}")),
+        )
+        .await?;
         Ok(())
     }
 
@@ -196,20 +215,38 @@ impl Reply<'_> {
 
 fn transition_reply(r: &Reply<'_>) -> Result<TransitionReply, Error> {
     Ok(match r.status()?.as_str() {
-        "ok" => TransitionReply::Done { status: r.order_status(1)?, stock_after: r.int(2)? },
-        "already" => TransitionReply::Already { status: r.order_status(1)? },
-        "closed" => TransitionReply::Closed { status: r.order_status(1)? },
+        "ok" => TransitionReply::Done {
+            status: r.order_status(1)?,
+            stock_after: r.int(2)?,
+        },
+        "already" => TransitionReply::Already {
+            status: r.order_status(1)?,
+        },
+        "closed" => TransitionReply::Closed {
+            status: r.order_status(1)?,
+        },
         "forbidden" => TransitionReply::Forbidden,
         "unknown_order" => TransitionReply::UnknownOrder,
-        other => return Err(Error::ScriptReply(format!("{}: unknown reply {other}", r.script))),
+        other => {
+            return Err(Error::ScriptReply(format!(
+                "{}: unknown reply {other}",
+                r.script
+            )));
+        }
     })
 }
 
 fn expire_reply(r: &Reply<'_>) -> Result<ExpireReply, Error> {
     Ok(match r.status()?.as_str() {
-        "expired" => ExpireReply::Expired { stock_after: r.int(1)? },
-        "not_due" => ExpireReply::NotDue { pay_before_ms: r.int(1)? },
-        "not_reserved" => ExpireReply::NotReserved { status: r.order_status(1)? },
+        "expired" => ExpireReply::Expired {
+            stock_after: r.int(1)?,
+        },
+        "not_due" => ExpireReply::NotDue {
+            pay_before_ms: r.int(1)?,
+        },
+        "not_reserved" => ExpireReply::NotReserved {
+            status: r.order_status(1)?,
+        },
         "unknown_order" => ExpireReply::UnknownOrder,
         other => return Err(Error::ScriptReply(format!("expire: unknown reply {other}"))),
     })
@@ -238,7 +275,10 @@ pub(crate) fn order_from_hash(h: &HashMap<String, String>) -> Result<Order, Erro
     })
 }
 
-pub(crate) fn item_from_hash(item_id: &str, h: &HashMap<String, String>) -> Result<ItemState, Error> {
+pub(crate) fn item_from_hash(
+    item_id: &str,
+    h: &HashMap<String, String>,
+) -> Result<ItemState, Error> {
     Ok(ItemState {
         spec: ItemSpec {
             item_id: item_id.to_owned(),
@@ -269,19 +309,29 @@ impl StockEngine for RedisEngine {
             .arg(spec.starts_ms)
             .arg(spec.ends_ms);
         let parts = self.run("put_item", inv).await?;
-        let r = Reply { script: "put_item", parts: &parts };
+        let r = Reply {
+            script: "put_item",
+            parts: &parts,
+        };
         let reply = match r.status()?.as_str() {
             "ok" => PutReply::Stored { stock: r.int(1)? },
             "below_held" => return Ok(PutReply::BelowHeld { held: r.int(1)? }),
-            other => return Err(Error::ScriptReply(format!("put_item: unknown reply {other}"))),
+            other => {
+                return Err(Error::ScriptReply(format!(
+                    "put_item: unknown reply {other}"
+                )));
+            }
         };
-        self.query::<i64>(redis::cmd("SADD").arg(keys::CATALOG).arg(&spec.item_id)).await?;
+        self.query::<i64>(redis::cmd("SADD").arg(keys::CATALOG).arg(&spec.item_id))
+            .await?;
         self.publish_changed(&spec.item_id).await?;
         Ok(reply)
     }
 
     async fn item(&self, item_id: &str) -> Result<Option<ItemState>, Error> {
-        let h: HashMap<String, String> = self.query(redis::cmd("HGETALL").arg(keys::item(item_id))).await?;
+        let h: HashMap<String, String> = self
+            .query(redis::cmd("HGETALL").arg(keys::item(item_id)))
+            .await?;
         if h.is_empty() {
             return Ok(None);
         }
@@ -291,7 +341,11 @@ impl StockEngine for RedisEngine {
     async fn reserve(&self, cmd: &ReserveCmd) -> Result<ReserveReply, Error> {
         let idem_key = cmd.idem_key.as_deref().unwrap_or("");
         // Without a key, KEYS[4] is never touched; it still names a key of the same slot.
-        let idem = keys::idem(&cmd.item_id, &cmd.user_id, if idem_key.is_empty() { "-" } else { idem_key });
+        let idem = keys::idem(
+            &cmd.item_id,
+            &cmd.user_id,
+            if idem_key.is_empty() { "-" } else { idem_key },
+        );
         let shard = shard_of(&cmd.item_id);
         let order_key = keys::order(&cmd.order_id)
             .ok_or_else(|| Error::Internal(format!("order id {} is not ours", cmd.order_id)))?;
@@ -311,7 +365,10 @@ impl StockEngine for RedisEngine {
             .arg(idem_key)
             .arg(self.now_arg());
         let parts = self.run("reserve", inv).await?;
-        let r = Reply { script: "reserve", parts: &parts };
+        let r = Reply {
+            script: "reserve",
+            parts: &parts,
+        };
         Ok(match r.status()?.as_str() {
             "ok" => ReserveReply::Reserved {
                 order_id: r.text(1)?,
@@ -327,22 +384,38 @@ impl StockEngine for RedisEngine {
                 pay_before_ms: r.int(5)?,
             },
             "unknown_item" => ReserveReply::UnknownItem,
-            "not_started" => ReserveReply::NotStarted { starts_ms: r.int(1)? },
+            "not_started" => ReserveReply::NotStarted {
+                starts_ms: r.int(1)?,
+            },
             "ended" => ReserveReply::Ended { ends_ms: r.int(1)? },
             "bad_qty" => ReserveReply::BadQty { limit: r.int(1)? },
-            "limit_reached" => ReserveReply::LimitReached { held: r.int(1)?, limit: r.int(2)? },
+            "limit_reached" => ReserveReply::LimitReached {
+                held: r.int(1)?,
+                limit: r.int(2)?,
+            },
             "sold_out" => ReserveReply::SoldOut { stock: r.int(1)? },
-            other => return Err(Error::ScriptReply(format!("reserve: unknown reply {other}"))),
+            other => {
+                return Err(Error::ScriptReply(format!(
+                    "reserve: unknown reply {other}"
+                )));
+            }
         })
     }
 
-    async fn transition(&self, t: Transition, order_id: &str, user_id: &str) -> Result<TransitionReply, Error> {
+    async fn transition(
+        &self,
+        t: Transition,
+        order_id: &str,
+        user_id: &str,
+    ) -> Result<TransitionReply, Error> {
         let Some(order_key) = keys::order(order_id) else {
             return Ok(TransitionReply::UnknownOrder);
         };
         // The order names its item, whose keys the script must declare (one slot: the
         // order id carries the item's shard).
-        let item_id: Option<String> = self.query(redis::cmd("HGET").arg(&order_key).arg("item_id")).await?;
+        let item_id: Option<String> = self
+            .query(redis::cmd("HGET").arg(&order_key).arg("item_id"))
+            .await?;
         let Some(item_id) = item_id else {
             return Ok(TransitionReply::UnknownOrder);
         };
@@ -363,10 +436,22 @@ impl StockEngine for RedisEngine {
             .arg(self.settings.closed_order_ttl.as_secs().max(1))
             .arg(self.now_arg());
         let parts = self.run(name, inv).await?;
-        let reply = transition_reply(&Reply { script: name, parts: &parts })?;
-        if matches!(reply, TransitionReply::Done { status: OrderStatus::Cancelled, .. })
-            || matches!(reply, TransitionReply::Closed { status: OrderStatus::Expired })
-        {
+        let reply = transition_reply(&Reply {
+            script: name,
+            parts: &parts,
+        })?;
+        if matches!(
+            reply,
+            TransitionReply::Done {
+                status: OrderStatus::Cancelled,
+                ..
+            }
+        ) || matches!(
+            reply,
+            TransitionReply::Closed {
+                status: OrderStatus::Expired
+            }
+        ) {
             // Stock came back: every instance clears its sold-out flag.
             self.publish_changed(&item_id).await?;
         }
@@ -389,7 +474,10 @@ impl StockEngine for RedisEngine {
             .arg(self.settings.closed_order_ttl.as_secs().max(1))
             .arg(self.now_arg());
         let parts = self.run("expire", inv).await?;
-        expire_reply(&Reply { script: "expire", parts: &parts })
+        expire_reply(&Reply {
+            script: "expire",
+            parts: &parts,
+        })
     }
 
     async fn expire_due(&self, max: usize) -> Result<Vec<Expired>, Error> {
@@ -408,12 +496,19 @@ impl StockEngine for RedisEngine {
                 )
                 .await?;
             // Concurrent calls on the multiplexed connection are pipelined.
-            let calls = members.iter().filter_map(|m| keys::split_deadline_member(m)).map(|(order_id, item_id)| async move {
-                (order_id, item_id, self.expire(order_id, item_id).await)
-            });
+            let calls = members
+                .iter()
+                .filter_map(|m| keys::split_deadline_member(m))
+                .map(|(order_id, item_id)| async move {
+                    (order_id, item_id, self.expire(order_id, item_id).await)
+                });
             for (order_id, item_id, reply) in futures_util::future::join_all(calls).await {
                 if let ExpireReply::Expired { stock_after } = reply? {
-                    expired.push(Expired { order_id: order_id.to_owned(), item_id: item_id.to_owned(), stock_after });
+                    expired.push(Expired {
+                        order_id: order_id.to_owned(),
+                        item_id: item_id.to_owned(),
+                        stock_after,
+                    });
                 }
             }
         }

@@ -15,7 +15,10 @@ pub type Body = Full<Bytes>;
 pub const MAX_BODY: usize = 4096;
 
 /// Read a request body of at most [`MAX_BODY`] bytes within `deadline`.
-pub async fn read_body(req: http::Request<Incoming>, deadline: std::time::Duration) -> Result<Bytes, Reject> {
+pub async fn read_body(
+    req: http::Request<Incoming>,
+    deadline: std::time::Duration,
+) -> Result<Bytes, Reject> {
     let declared = req
         .headers()
         .get(CONTENT_LENGTH)
@@ -26,8 +29,15 @@ pub async fn read_body(req: http::Request<Incoming>, deadline: std::time::Durati
     }
     let limited = Limited::new(req.into_body(), MAX_BODY);
     match tokio::time::timeout(deadline, limited.collect()).await {
-        Err(_) => Err(Reject::BadRequest("request body not received in time".into())),
-        Ok(Err(e)) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => Err(Reject::PayloadTooLarge),
+        Err(_) => Err(Reject::BadRequest(
+            "request body not received in time".into(),
+        )),
+        Ok(Err(e))
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
+        {
+            Err(Reject::PayloadTooLarge)
+        }
         Ok(Err(_)) => Err(Reject::BadRequest("could not read the request body".into())),
         Ok(Ok(collected)) => Ok(collected.to_bytes()),
     }
@@ -47,7 +57,8 @@ pub fn json<T: Serialize>(status: StatusCode, value: &T) -> Response<Body> {
     let bytes = serde_json::to_vec(value).unwrap_or_else(|_| b"{}".to_vec());
     let mut r = Response::new(Full::new(Bytes::from(bytes)));
     *r.status_mut() = status;
-    r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     r
 }
 
@@ -55,10 +66,15 @@ pub fn ok<T: Serialize>(value: &T) -> Response<Body> {
     json(StatusCode::OK, value)
 }
 
-pub fn text(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response<Body> {
+pub fn text(
+    status: StatusCode,
+    content_type: &'static str,
+    body: impl Into<Bytes>,
+) -> Response<Body> {
     let mut r = Response::new(Full::new(body.into()));
     *r.status_mut() = status;
-    r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
     r
 }
 
@@ -70,9 +86,16 @@ struct ErrorBody<'a> {
 
 /// A refusal as the contract's JSON, with `Retry-After` where it applies.
 pub fn reject(r: &Reject) -> Response<Body> {
-    let mut resp = json(r.status(), &ErrorBody { error: r.code(), message: r.message() });
+    let mut resp = json(
+        r.status(),
+        &ErrorBody {
+            error: r.code(),
+            message: r.message(),
+        },
+    );
     if let Some(secs) = r.retry_after() {
-        resp.headers_mut().insert(RETRY_AFTER, HeaderValue::from(secs));
+        resp.headers_mut()
+            .insert(RETRY_AFTER, HeaderValue::from(secs));
     }
     resp
 }

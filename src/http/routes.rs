@@ -18,8 +18,8 @@ use crate::engine::{
     TransitionReply,
 };
 use crate::error::{Error, Reject};
-use crate::ids::{new_order_id, valid_id};
 use crate::identity::is_admin;
+use crate::ids::{new_order_id, valid_id};
 use crate::metrics;
 
 type Answer = Result<Response<Body>, Reject>;
@@ -61,7 +61,7 @@ impl Route {
 }
 
 /// Match a path to a route, its expected method, and its id segment.
-fn route<'a>(path: &'a str) -> (Route, Method, Option<&'a str>) {
+fn route(path: &str) -> (Route, Method, Option<&str>) {
     let segs: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     match segs.as_slice() {
         ["api", "v1", "items", id] => (Route::ItemGet, Method::GET, Some(id)),
@@ -71,7 +71,9 @@ fn route<'a>(path: &'a str) -> (Route, Method, Option<&'a str>) {
         ["api", "v1", "orders", id, "cancel"] => (Route::Cancel, Method::POST, Some(id)),
         ["admin", "v1", "items", id] => (Route::AdminItemPut, Method::PUT, Some(id)),
         ["admin", "v1", "items", id, "stats"] => (Route::AdminStats, Method::GET, Some(id)),
-        ["admin", "v1", "items", id, "orders.csv"] => (Route::AdminOrdersCsv, Method::GET, Some(id)),
+        ["admin", "v1", "items", id, "orders.csv"] => {
+            (Route::AdminOrdersCsv, Method::GET, Some(id))
+        }
         ["metrics"] => (Route::Metrics, Method::GET, None),
         ["healthz"] => (Route::Healthz, Method::GET, None),
         ["readyz"] => (Route::Readyz, Method::GET, None),
@@ -99,13 +101,19 @@ pub async fn handle(app: &Arc<App>, req: Request<Incoming>, peer: SocketAddr) ->
         .unwrap_or_else(|| app.next_request_id());
     let (route, method, id) = route(req.uri().path());
     let id = id.map(str::to_owned);
-    let ctx = Ctx { app, peer, id: id.as_deref().unwrap_or("") };
+    let ctx = Ctx {
+        app,
+        peer,
+        id: id.as_deref().unwrap_or(""),
+    };
     let answer = if matches!(route, Route::NotFound) {
         Err(Reject::NotFound)
     } else if req.method() != method {
         Err(Reject::MethodNotAllowed)
     } else if id.as_deref().is_some_and(|id| !valid_id(id)) {
-        Err(Reject::BadRequest("ids are 1-64 characters of [A-Za-z0-9_.:-]".into()))
+        Err(Reject::BadRequest(
+            "ids are 1-64 characters of [A-Za-z0-9_.:-]".into(),
+        ))
     } else {
         match route {
             Route::ItemGet => item_get(&ctx, req).await,
@@ -116,7 +124,11 @@ pub async fn handle(app: &Arc<App>, req: Request<Incoming>, peer: SocketAddr) ->
             Route::AdminItemPut => admin_item_put(&ctx, req).await,
             Route::AdminStats => admin_stats(&ctx, req).await,
             Route::AdminOrdersCsv => admin_orders_csv(&ctx, req).await,
-            Route::Metrics => Ok(reply::text(StatusCode::OK, "text/plain; version=0.0.4", app.metrics.render())),
+            Route::Metrics => Ok(reply::text(
+                StatusCode::OK,
+                "text/plain; version=0.0.4",
+                app.metrics.render(),
+            )),
             Route::Healthz => Ok(reply::ok(&serde_json::json!({"status": "ok"}))),
             Route::Readyz => readyz(&ctx).await,
             Route::NotFound => Err(Reject::NotFound),
@@ -134,8 +146,10 @@ pub async fn handle(app: &Arc<App>, req: Request<Incoming>, peer: SocketAddr) ->
     if let Ok(v) = HeaderValue::from_str(&request_id) {
         response.headers_mut().insert("x-request-id", v);
     }
-    metrics::counter!(metrics::REQUESTS, "route" => route.label(), "outcome" => outcome).increment(1);
-    metrics::histogram!(metrics::REQUEST_DURATION, "route" => route.label()).record(started.elapsed().as_secs_f64());
+    metrics::counter!(metrics::REQUESTS, "route" => route.label(), "outcome" => outcome)
+        .increment(1);
+    metrics::histogram!(metrics::REQUEST_DURATION, "route" => route.label())
+        .record(started.elapsed().as_secs_f64());
     tracing::debug!(request_id = %request_id, route = route.label(), outcome, status = response.status().as_u16(), "request");
     response
 }
@@ -152,16 +166,15 @@ fn failed(ctx: &Ctx<'_>, what: &'static str, e: Error) -> Reject {
 /// The client's IP: the socket peer, or the last `X-Forwarded-For` hop when a trusted proxy
 /// sets it (the last hop is the one the proxy saw; earlier ones are client-supplied).
 fn client_ip(ctx: &Ctx<'_>, req: &Request<Incoming>) -> IpAddr {
-    if ctx.app.config.trust_forwarded {
-        if let Some(ip) = req
+    if ctx.app.config.trust_forwarded
+        && let Some(ip) = req
             .headers()
             .get("x-forwarded-for")
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.rsplit(',').next())
             .and_then(|v| v.trim().parse().ok())
-        {
-            return ip;
-        }
+    {
+        return ip;
     }
     ctx.peer.ip()
 }
@@ -274,17 +287,26 @@ async fn reserve(ctx: &Ctx<'_>, req: Request<Incoming>) -> Answer {
         None => None,
         Some(v) => match v.to_str() {
             Ok(k) if valid_id(k) => Some(k.to_owned()),
-            _ => return Err(Reject::BadRequest("Idempotency-Key must be 1-64 characters of [A-Za-z0-9_.:-]".into())),
+            _ => {
+                return Err(Reject::BadRequest(
+                    "Idempotency-Key must be 1-64 characters of [A-Za-z0-9_.:-]".into(),
+                ));
+            }
         },
     };
     let body = reply::read_body(req, ctx.app.config.header_timeout).await?;
-    let qty = reply::parse_json::<ReserveBody>(&body)?.and_then(|b| b.qty).unwrap_or(1);
+    let qty = reply::parse_json::<ReserveBody>(&body)?
+        .and_then(|b| b.qty)
+        .unwrap_or(1);
     if qty < 1 {
         return Err(Reject::BadRequest("qty must be at least 1".into()));
     }
     let spec = item_meta(ctx, item_id).await?;
     if qty > spec.per_user_limit {
-        return Err(Reject::BadRequest(format!("qty above the per-user limit of {}", spec.per_user_limit)));
+        return Err(Reject::BadRequest(format!(
+            "qty above the per-user limit of {}",
+            spec.per_user_limit
+        )));
     }
     // Local early answers. A retry carrying an idempotency key goes to the engine, which
     // returns the order it already made even after the item sold out or the sale ended.
@@ -300,7 +322,9 @@ async fn reserve(ctx: &Ctx<'_>, req: Request<Incoming>) -> Answer {
         // (Redis TIME) decides, so a fast local clock never starts a sale early and a slow
         // one never refuses a started sale.
         if now + 1000 < spec.starts_ms {
-            return Err(Reject::NotStarted { starts_at_ms: spec.starts_ms });
+            return Err(Reject::NotStarted {
+                starts_at_ms: spec.starts_ms,
+            });
         }
     }
     let cmd = ReserveCmd {
@@ -310,9 +334,19 @@ async fn reserve(ctx: &Ctx<'_>, req: Request<Incoming>) -> Answer {
         order_id: new_order_id(item_id),
         idem_key,
     };
-    let outcome = ctx.app.engine.reserve(&cmd).await.map_err(|e| failed(ctx, "reserve", e))?;
+    let outcome = ctx
+        .app
+        .engine
+        .reserve(&cmd)
+        .await
+        .map_err(|e| failed(ctx, "reserve", e))?;
     match outcome {
-        ReserveReply::Reserved { order_id, pay_before_ms, stock_after, .. } => {
+        ReserveReply::Reserved {
+            order_id,
+            pay_before_ms,
+            stock_after,
+            ..
+        } => {
             metrics::order_event("reserved");
             metrics::stock(item_id, stock_after, spec.stock_total);
             if stock_after == 0 {
@@ -327,7 +361,13 @@ async fn reserve(ctx: &Ctx<'_>, req: Request<Incoming>) -> Answer {
                 pay_before: rfc3339(pay_before_ms),
             }))
         }
-        ReserveReply::Duplicate { order_id, qty, status, pay_before_ms, .. } => Ok(reply::ok(&Reservation {
+        ReserveReply::Duplicate {
+            order_id,
+            qty,
+            status,
+            pay_before_ms,
+            ..
+        } => Ok(reply::ok(&Reservation {
             order_id: &order_id,
             item_id,
             user_id: &user,
@@ -340,9 +380,13 @@ async fn reserve(ctx: &Ctx<'_>, req: Request<Incoming>) -> Answer {
             ctx.app.cache.invalidate(item_id);
             Err(Reject::UnknownItem)
         }
-        ReserveReply::NotStarted { starts_ms } => Err(Reject::NotStarted { starts_at_ms: starts_ms }),
+        ReserveReply::NotStarted { starts_ms } => Err(Reject::NotStarted {
+            starts_at_ms: starts_ms,
+        }),
         ReserveReply::Ended { .. } => Err(Reject::Ended),
-        ReserveReply::BadQty { limit } => Err(Reject::BadRequest(format!("qty must be 1..={limit}"))),
+        ReserveReply::BadQty { limit } => {
+            Err(Reject::BadRequest(format!("qty must be 1..={limit}")))
+        }
         ReserveReply::LimitReached { held, limit } => Err(Reject::LimitReached { held, limit }),
         ReserveReply::SoldOut { stock } => {
             if stock == 0 {
@@ -362,16 +406,25 @@ async fn transition(ctx: &Ctx<'_>, req: Request<Incoming>, t: Transition) -> Ans
         Transition::Pay => "pay",
         Transition::Cancel => "cancel",
     };
-    let outcome = ctx.app.engine.transition(t, order_id, &user).await.map_err(|e| failed(ctx, what, e))?;
+    let outcome = ctx
+        .app
+        .engine
+        .transition(t, order_id, &user)
+        .await
+        .map_err(|e| failed(ctx, what, e))?;
     match outcome {
         TransitionReply::Done { status, .. } => {
             metrics::order_event(status.as_str());
-            Ok(reply::ok(&serde_json::json!({"order_id": order_id, "status": status.as_str()})))
+            Ok(reply::ok(
+                &serde_json::json!({"order_id": order_id, "status": status.as_str()}),
+            ))
         }
-        TransitionReply::Already { status } => {
-            Ok(reply::ok(&serde_json::json!({"order_id": order_id, "status": status.as_str()})))
-        }
-        TransitionReply::Closed { status } => Err(Reject::OrderClosed { status: status.as_str() }),
+        TransitionReply::Already { status } => Ok(reply::ok(
+            &serde_json::json!({"order_id": order_id, "status": status.as_str()}),
+        )),
+        TransitionReply::Closed { status } => Err(Reject::OrderClosed {
+            status: status.as_str(),
+        }),
         TransitionReply::Forbidden => Err(Reject::Forbidden("not your order")),
         TransitionReply::UnknownOrder => Err(Reject::UnknownOrder),
     }
@@ -406,7 +459,13 @@ fn order_view(o: &Order) -> OrderView<'_> {
 async fn order_get(ctx: &Ctx<'_>, req: Request<Incoming>) -> Answer {
     let user = shopper(ctx, &req)?;
     let order_id = ctx.id;
-    let order = match ctx.app.engine.order(order_id).await.map_err(|e| failed(ctx, "order lookup", e))? {
+    let order = match ctx
+        .app
+        .engine
+        .order(order_id)
+        .await
+        .map_err(|e| failed(ctx, "order lookup", e))?
+    {
         Some(o) => o,
         None => ctx
             .app
@@ -437,7 +496,8 @@ struct ItemBody {
 async fn admin_item_put(ctx: &Ctx<'_>, req: Request<Incoming>) -> Answer {
     is_admin(req.headers(), ctx.app.config.admin_token.as_deref())?;
     let body = reply::read_body(req, ctx.app.config.header_timeout).await?;
-    let b: ItemBody = reply::parse_json(&body)?.ok_or_else(|| Reject::BadRequest("a JSON body is required".into()))?;
+    let b: ItemBody = reply::parse_json(&body)?
+        .ok_or_else(|| Reject::BadRequest("a JSON body is required".into()))?;
     let bad = |why: &str| Err(Reject::BadRequest(why.to_owned()));
     if b.name.trim().is_empty() || b.name.chars().count() > 200 {
         return bad("name must be 1-200 characters");
@@ -451,7 +511,8 @@ async fn admin_item_put(ctx: &Ctx<'_>, req: Request<Incoming>) -> Answer {
     if b.per_user_limit < 1 {
         return bad("per_user_limit must be >= 1");
     }
-    let (Some(starts_ms), Some(ends_ms)) = (parse_rfc3339(&b.starts_at), parse_rfc3339(&b.ends_at)) else {
+    let (Some(starts_ms), Some(ends_ms)) = (parse_rfc3339(&b.starts_at), parse_rfc3339(&b.ends_at))
+    else {
         return bad("starts_at and ends_at must be RFC 3339 times");
     };
     if starts_ms >= ends_ms {
@@ -466,10 +527,18 @@ async fn admin_item_put(ctx: &Ctx<'_>, req: Request<Incoming>) -> Answer {
         starts_ms,
         ends_ms,
     };
-    let stock = match ctx.app.engine.put_item(&spec).await.map_err(|e| failed(ctx, "put item", e))? {
+    let stock = match ctx
+        .app
+        .engine
+        .put_item(&spec)
+        .await
+        .map_err(|e| failed(ctx, "put item", e))?
+    {
         PutReply::Stored { stock } => stock,
         PutReply::BelowHeld { held } => {
-            return Err(Reject::BadRequest(format!("stock below the {held} units already reserved or paid")));
+            return Err(Reject::BadRequest(format!(
+                "stock below the {held} units already reserved or paid"
+            )));
         }
     };
     if !ctx.app.store.is_sqlite() || ctx.app.config.redis_url.is_some() {
@@ -493,7 +562,12 @@ async fn admin_stats(ctx: &Ctx<'_>, req: Request<Incoming>) -> Answer {
         .await
         .map_err(|e| failed(ctx, "stats", e))?
         .ok_or(Reject::UnknownItem)?;
-    let persisted = ctx.app.store.count(ctx.id).await.map_err(|e| failed(ctx, "stats", e))?;
+    let persisted = ctx
+        .app
+        .store
+        .count(ctx.id)
+        .await
+        .map_err(|e| failed(ctx, "stats", e))?;
     metrics::stock(ctx.id, state.stock, state.spec.stock_total);
     Ok(reply::ok(&serde_json::json!({
         "item_id": ctx.id,
@@ -510,9 +584,23 @@ async fn admin_stats(ctx: &Ctx<'_>, req: Request<Incoming>) -> Answer {
 /// `GET /admin/v1/items/{id}/orders.csv`: the item's rows from the database.
 async fn admin_orders_csv(ctx: &Ctx<'_>, req: Request<Incoming>) -> Answer {
     is_admin(req.headers(), ctx.app.config.admin_token.as_deref())?;
-    let orders = ctx.app.store.orders(Some(ctx.id)).await.map_err(|e| failed(ctx, "orders export", e))?;
+    let orders = ctx
+        .app
+        .store
+        .orders(Some(ctx.id))
+        .await
+        .map_err(|e| failed(ctx, "orders export", e))?;
     let mut w = csv::Writer::from_writer(Vec::new());
-    let header = ["order_id", "item_id", "user_id", "qty", "status", "created_at", "pay_before", "updated_at"];
+    let header = [
+        "order_id",
+        "item_id",
+        "user_id",
+        "qty",
+        "status",
+        "created_at",
+        "pay_before",
+        "updated_at",
+    ];
     let mut write = || -> Result<(), csv::Error> {
         w.write_record(header)?;
         for o in &orders {
@@ -533,7 +621,11 @@ async fn admin_orders_csv(ctx: &Ctx<'_>, req: Request<Incoming>) -> Answer {
     };
     write().map_err(|_| Reject::Internal)?;
     let bytes = w.into_inner().map_err(|_| Reject::Internal)?;
-    Ok(reply::text(StatusCode::OK, "text/csv; charset=utf-8", bytes))
+    Ok(reply::text(
+        StatusCode::OK,
+        "text/csv; charset=utf-8",
+        bytes,
+    ))
 }
 
 /// `GET /readyz`: 200 while the engine answers. With Redis, a store outage is reported as
@@ -561,5 +653,12 @@ async fn readyz(ctx: &Ctx<'_>) -> Answer {
         "store": describe(&store),
         "mode": if embedded { "embedded" } else { "redis" },
     });
-    Ok(reply::json(if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }, &body))
+    Ok(reply::json(
+        if ready {
+            StatusCode::OK
+        } else {
+            StatusCode::SERVICE_UNAVAILABLE
+        },
+        &body,
+    ))
 }

@@ -39,12 +39,20 @@ impl OrderEvent {
 
     /// Decode the fields of a stream entry; `Err` names what is wrong (a poison event).
     pub fn from_fields(f: &HashMap<String, String>) -> Result<Self, String> {
-        let text = |k: &str| f.get(k).cloned().ok_or_else(|| format!("missing field {k}"));
+        let text = |k: &str| {
+            f.get(k)
+                .cloned()
+                .ok_or_else(|| format!("missing field {k}"))
+        };
         let num = |k: &str| -> Result<i64, String> {
-            f.get(k).ok_or_else(|| format!("missing field {k}"))?.parse().map_err(|_| format!("field {k} is not an integer"))
+            f.get(k)
+                .ok_or_else(|| format!("missing field {k}"))?
+                .parse()
+                .map_err(|_| format!("field {k} is not an integer"))
         };
         let kind = text("type")?;
-        let status = OrderStatus::parse(&kind).ok_or_else(|| format!("unknown event type {kind:?}"))?;
+        let status =
+            OrderStatus::parse(&kind).ok_or_else(|| format!("unknown event type {kind:?}"))?;
         let ev = OrderEvent {
             status,
             order_id: text("order_id")?,
@@ -56,7 +64,10 @@ impl OrderEvent {
             pay_before_ms: num("pay_before_ms")?,
             idem_key: f.get("idem_key").cloned().unwrap_or_default(),
         };
-        if !crate::ids::valid_id(&ev.order_id) || !crate::ids::valid_id(&ev.item_id) || !crate::ids::valid_id(&ev.user_id) {
+        if !crate::ids::valid_id(&ev.order_id)
+            || !crate::ids::valid_id(&ev.item_id)
+            || !crate::ids::valid_id(&ev.user_id)
+        {
             return Err("malformed id".into());
         }
         if ev.qty < 1 {

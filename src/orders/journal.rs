@@ -68,10 +68,16 @@ impl SqliteJournal {
         SqliteJournal { jobs }
     }
 
-    async fn submit(jobs: mpsc::Sender<Job>, job: impl FnOnce(oneshot::Sender<Result<(), Error>>) -> Job) -> Result<(), Error> {
+    async fn submit(
+        jobs: mpsc::Sender<Job>,
+        job: impl FnOnce(oneshot::Sender<Result<(), Error>>) -> Job,
+    ) -> Result<(), Error> {
         let (tx, rx) = oneshot::channel();
-        jobs.send(job(tx)).await.map_err(|_| Error::Internal("journal stopped".into()))?;
-        rx.await.map_err(|_| Error::Internal("journal stopped".into()))?
+        jobs.send(job(tx))
+            .await
+            .map_err(|_| Error::Internal("journal stopped".into()))?;
+        rx.await
+            .map_err(|_| Error::Internal("journal stopped".into()))?
     }
 }
 

@@ -1,8 +1,303 @@
-//! `seckill-gateway reconcile`: compare Redis with the database, per item.
+//! `seckill-gateway reconcile [--item ID] [--repair]`: compare, per item, what Redis holds
+//! (item counters, order hashes, stream backlog) with the database, print the differences
+//! as a table, and with `--repair` re-emit the events of orders the database is missing or
+//! behind on (the persistence worker then writes them; the upserts make it idempotent).
+//! Exit status: 0 clean (or everything found was repaired), 1 differences, 2 could not run.
+
+use std::collections::HashMap;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use redis::aio::ConnectionManager;
 
 use crate::config::Config;
+use crate::engine::redis::{item_from_hash, order_from_hash};
+use crate::engine::{Order, OrderStatus, keys};
+use crate::error::Error;
+use crate::ids::{SHARDS, shard_of};
+use crate::orders::event::OrderEvent;
+use crate::orders::store::Store;
 
-pub async fn main(_config: Config, _item: Option<String>, _repair: bool) -> std::process::ExitCode {
-    eprintln!("reconcile: not implemented yet (issue 3)");
-    std::process::ExitCode::from(2)
+/// One line of the report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Difference {
+    pub item_id: String,
+    pub order_id: String,
+    pub kind: &'static str,
+    pub redis: String,
+    pub database: String,
+}
+
+/// What reconcile found.
+#[derive(Debug, Default)]
+pub struct Report {
+    pub items: usize,
+    pub orders_checked: usize,
+    pub pending_events: u64,
+    pub differences: Vec<Difference>,
+    pub repaired: usize,
+}
+
+pub async fn main(config: Config, item: Option<String>, repair: bool) -> ExitCode {
+    let Some(url) = config.redis_url.clone() else {
+        eprintln!("reconcile compares Redis with the database: set REDIS_URL");
+        return ExitCode::from(2);
+    };
+    let run = async {
+        let store = Store::connect(&config.database_url, config.store_timeout).await?;
+        let client =
+            redis::Client::open(url.as_str()).map_err(|e| Error::RedisConnection(e.to_string()))?;
+        let cfg = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(config.redis_timeout))
+            .set_response_timeout(Some(config.redis_timeout.max(Duration::from_secs(5))));
+        let mut conn = ConnectionManager::new_with_config(client, cfg).await?;
+        reconcile(&mut conn, &store, item.as_deref(), repair).await
+    };
+    match run.await {
+        Ok(report) => {
+            print_report(&report);
+            if report.differences.is_empty()
+                || (repair && report.repaired == report.differences.len())
+            {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
+        }
+        Err(e) => {
+            eprintln!("reconcile failed: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn print_report(r: &Report) {
+    println!(
+        "items checked: {}  orders in redis: {}  events not yet persisted: {}",
+        r.items, r.orders_checked, r.pending_events
+    );
+    if r.differences.is_empty() {
+        println!("clean: the database agrees with Redis");
+        return;
+    }
+    println!(
+        "{:<24} {:<38} {:<20} {:<12} {:<12}",
+        "item", "order", "difference", "redis", "database"
+    );
+    for d in &r.differences {
+        println!(
+            "{:<24} {:<38} {:<20} {:<12} {:<12}",
+            d.item_id, d.order_id, d.kind, d.redis, d.database
+        );
+    }
+    println!(
+        "{} difference(s); repaired (events re-emitted): {}",
+        r.differences.len(),
+        r.repaired
+    );
+}
+
+/// Every order hash of one shard (SCAN, so Redis is never blocked).
+async fn shard_orders(conn: &mut ConnectionManager, shard: u32) -> Result<Vec<Order>, Error> {
+    let pattern = format!("sk:{}:order:*", keys::tag(shard));
+    let mut cursor: u64 = 0;
+    let mut out = Vec::new();
+    loop {
+        let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(&pattern)
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(conn)
+            .await?;
+        for key in batch {
+            let h: HashMap<String, String> =
+                redis::cmd("HGETALL").arg(&key).query_async(conn).await?;
+            if !h.is_empty() {
+                out.push(order_from_hash(&h)?);
+            }
+        }
+        if next == 0 {
+            return Ok(out);
+        }
+        cursor = next;
+    }
+}
+
+/// Compare and optionally repair. Public for the tests.
+pub async fn reconcile(
+    conn: &mut ConnectionManager,
+    store: &Store,
+    only: Option<&str>,
+    repair: bool,
+) -> Result<Report, Error> {
+    let items: Vec<String> = match only {
+        Some(i) => vec![i.to_owned()],
+        None => {
+            let mut v: Vec<String> = redis::cmd("SMEMBERS")
+                .arg(keys::CATALOG)
+                .query_async(conn)
+                .await?;
+            v.sort();
+            v
+        }
+    };
+    let mut report = Report {
+        items: items.len(),
+        ..Report::default()
+    };
+    // Backlog: events the worker has not acknowledged yet. Differences while it is non-zero
+    // may just be in flight.
+    for shard in 0..SHARDS {
+        let groups: redis::Value = redis::cmd("XINFO")
+            .arg("GROUPS")
+            .arg(keys::events(shard))
+            .query_async(conn)
+            .await
+            .unwrap_or(redis::Value::Nil);
+        if let redis::Value::Array(gs) = groups {
+            for g in gs {
+                let fields: HashMap<String, redis::Value> = match g {
+                    redis::Value::Array(kv) => kv
+                        .chunks(2)
+                        .filter_map(|c| {
+                            Some((
+                                redis::from_redis_value::<String>(c[0].clone()).ok()?,
+                                c.get(1)?.clone(),
+                            ))
+                        })
+                        .collect(),
+                    redis::Value::Map(kv) => kv
+                        .into_iter()
+                        .filter_map(|(k, v)| Some((redis::from_redis_value::<String>(k).ok()?, v)))
+                        .collect(),
+                    _ => continue,
+                };
+                for k in ["pending", "lag"] {
+                    if let Some(v) = fields
+                        .get(k)
+                        .and_then(|v| redis::from_redis_value::<u64>(v.clone()).ok())
+                    {
+                        report.pending_events += v;
+                    }
+                }
+            }
+        }
+    }
+    let shards: std::collections::BTreeSet<u32> = items.iter().map(|i| shard_of(i)).collect();
+    let mut redis_orders: HashMap<String, Vec<Order>> = HashMap::new();
+    for shard in shards {
+        for o in shard_orders(conn, shard).await? {
+            redis_orders.entry(o.item_id.clone()).or_default().push(o);
+        }
+    }
+    for item_id in &items {
+        let h: HashMap<String, String> = redis::cmd("HGETALL")
+            .arg(keys::item(item_id))
+            .query_async(conn)
+            .await?;
+        let diff = |order_id: &str, kind, redis: String, database: String| Difference {
+            item_id: item_id.clone(),
+            order_id: order_id.to_owned(),
+            kind,
+            redis,
+            database,
+        };
+        let orders = redis_orders.remove(item_id).unwrap_or_default();
+        report.orders_checked += orders.len();
+        if let Ok(state) = item_from_hash(item_id, &h) {
+            // Counters agree with the order hashes, and stock = total − reserved − paid.
+            let units = |s: OrderStatus| {
+                orders
+                    .iter()
+                    .filter(|o| o.status == s)
+                    .map(|o| o.qty)
+                    .sum::<i64>()
+            };
+            if state.stock != state.spec.stock_total - state.reserved - state.paid {
+                report.differences.push(diff(
+                    "-",
+                    "stock_arithmetic",
+                    state.stock.to_string(),
+                    format!(
+                        "{}-{}-{}",
+                        state.spec.stock_total, state.reserved, state.paid
+                    ),
+                ));
+            }
+            if units(OrderStatus::Reserved) != state.reserved {
+                report.differences.push(diff(
+                    "-",
+                    "reserved_counter",
+                    state.reserved.to_string(),
+                    units(OrderStatus::Reserved).to_string(),
+                ));
+            }
+        }
+        let rows: HashMap<String, Order> = store
+            .orders(Some(item_id))
+            .await?
+            .into_iter()
+            .map(|o| (o.order_id.clone(), o))
+            .collect();
+        let mut to_emit = Vec::new();
+        for o in &orders {
+            match rows.get(&o.order_id) {
+                None => {
+                    report.differences.push(diff(
+                        &o.order_id,
+                        "missing_in_database",
+                        o.status.as_str().into(),
+                        "-".into(),
+                    ));
+                    to_emit.push(o);
+                }
+                Some(row) if row.status != o.status => {
+                    let kind = if row.status == OrderStatus::Reserved {
+                        "database_behind"
+                    } else {
+                        "status_conflict"
+                    };
+                    report.differences.push(diff(
+                        &o.order_id,
+                        kind,
+                        o.status.as_str().into(),
+                        row.status.as_str().into(),
+                    ));
+                    if kind == "database_behind" {
+                        to_emit.push(o);
+                    }
+                }
+                Some(_) => {}
+            }
+        }
+        // A row whose order hash is gone is fine when final (closed orders expire from
+        // Redis); a `reserved` row without its hash never got its closing event.
+        let in_redis: std::collections::HashSet<&str> =
+            orders.iter().map(|o| o.order_id.as_str()).collect();
+        for (id, row) in &rows {
+            if !in_redis.contains(id.as_str()) && row.status == OrderStatus::Reserved {
+                report.differences.push(diff(
+                    id,
+                    "missing_in_redis",
+                    "-".into(),
+                    "reserved".into(),
+                ));
+            }
+        }
+        if repair {
+            for o in to_emit {
+                let ev = OrderEvent::of(o, o.status, o.updated_ms);
+                let mut c = redis::cmd("XADD");
+                c.arg(keys::events(shard_of(&o.item_id))).arg("*");
+                for (k, v) in ev.to_fields() {
+                    c.arg(k).arg(v);
+                }
+                let _: String = c.query_async(conn).await?;
+                report.repaired += 1;
+            }
+        }
+    }
+    Ok(report)
 }

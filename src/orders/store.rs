@@ -11,7 +11,9 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use sqlx::postgres::{PgPool, PgPoolOptions};
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
 use sqlx::{QueryBuilder, Row};
 
 use crate::engine::{ItemSpec, Order, OrderStatus};
@@ -72,7 +74,8 @@ where
         item_id: row.try_get("item_id")?,
         user_id: row.try_get("user_id")?,
         qty: row.try_get("qty")?,
-        status: OrderStatus::parse(&status).ok_or_else(|| Error::Store(format!("bad status {status}")))?,
+        status: OrderStatus::parse(&status)
+            .ok_or_else(|| Error::Store(format!("bad status {status}")))?,
         idem_key: row.try_get("idem_key")?,
         created_ms: row.try_get("created_ms")?,
         pay_before_ms: row.try_get("pay_before_ms")?,
@@ -108,8 +111,15 @@ impl Store {
                 .journal_mode(SqliteJournalMode::Wal)
                 .synchronous(SqliteSynchronous::Normal)
                 .busy_timeout(timeout);
-            let pool = SqlitePoolOptions::new().max_connections(4).acquire_timeout(timeout).connect_with(opts).await?;
-            sqlx::migrate!("./migrations/sqlite").run(&pool).await.map_err(|e| Error::Store(e.to_string()))?;
+            let pool = SqlitePoolOptions::new()
+                .max_connections(4)
+                .acquire_timeout(timeout)
+                .connect_with(opts)
+                .await?;
+            sqlx::migrate!("./migrations/sqlite")
+                .run(&pool)
+                .await
+                .map_err(|e| Error::Store(e.to_string()))?;
             Pool::Sqlite(pool)
         } else {
             let pool = PgPoolOptions::new()
@@ -117,7 +127,10 @@ impl Store {
                 .acquire_timeout(timeout)
                 .connect(url)
                 .await?;
-            sqlx::migrate!("./migrations/postgres").run(&pool).await.map_err(|e| Error::Store(e.to_string()))?;
+            sqlx::migrate!("./migrations/postgres")
+                .run(&pool)
+                .await
+                .map_err(|e| Error::Store(e.to_string()))?;
             Pool::Postgres(pool)
         };
         Ok(Store { pool, timeout })
@@ -127,7 +140,10 @@ impl Store {
         matches!(self.pool, Pool::Sqlite(_))
     }
 
-    async fn bounded<T>(&self, f: impl std::future::Future<Output = Result<T, sqlx::Error>>) -> Result<T, Error> {
+    async fn bounded<T>(
+        &self,
+        f: impl std::future::Future<Output = Result<T, sqlx::Error>>,
+    ) -> Result<T, Error> {
         match tokio::time::timeout(self.timeout, f).await {
             Ok(r) => r.map_err(Error::from),
             Err(_) => Err(Error::Store("timed out".into())),
@@ -226,7 +242,9 @@ impl Store {
     /// Every order of an item (or of every item), oldest first.
     pub async fn orders(&self, item_id: Option<&str>) -> Result<Vec<Order>, Error> {
         let sql = match item_id {
-            Some(_) => format!("SELECT {ORDER_COLUMNS} FROM orders WHERE item_id = $1 ORDER BY order_id"),
+            Some(_) => {
+                format!("SELECT {ORDER_COLUMNS} FROM orders WHERE item_id = $1 ORDER BY order_id")
+            }
             None => format!("SELECT {ORDER_COLUMNS} FROM orders ORDER BY order_id"),
         };
         with_pool!(self, pool => {

@@ -1,0 +1,591 @@
+//! The persistence worker: carries order events from the shard streams to the database.
+//!
+//! One task per shard (a Redis Cluster script may only touch one slot, and so does this):
+//! `XREADGROUP` a batch → decode → one transaction of forward-only upserts → `XACK`. Only
+//! after the commit is an event acknowledged, so a crash anywhere means redelivery, never
+//! loss; the upserts make redelivery harmless (invariant 4).
+//!
+//! - Blocking reads run on connections from a bb8-redis pool, never on the shared
+//!   multiplexed connection (a `BLOCK` there would stall every request behind it, redis-rs
+//!   #453, #643). bb8-redis connections keep redis' default 500 ms response timeout, so
+//!   `BLOCK` is capped below it ([`MAX_BLOCK`]) and every call has its own timeout too.
+//! - Start-up drains this consumer's own pending entries first (the consumer name is stable
+//!   across restarts: host name and listen port); `XAUTOCLAIM` takes over entries idle
+//!   longer than `claim_idle` from consumers that died.
+//! - An entry that cannot be decoded stays pending; once it has been delivered
+//!   `max_deliveries` times it moves to the shard's dead-letter stream, with a metric and an
+//!   error log, and the entries behind it are not held up.
+//! - A database outage: the batch in hand is retried with capped, jittered exponential
+//!   backoff while the stream buffers new events; `/readyz` reports the store degraded.
+//! - Acknowledged entries are trimmed (`XTRIM MINID`), so Redis memory stays bounded.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+use bb8_redis::RedisConnectionManager;
+use redis::Value;
+use tokio::sync::watch;
+
+use crate::app::{App, stopped};
+use crate::clock::system_now_ms;
+use crate::engine::keys;
+use crate::error::Error;
+use crate::metrics;
+use crate::orders::event::OrderEvent;
+
+/// Longest `BLOCK`: below the pooled connections' 500 ms response timeout.
+const MAX_BLOCK: Duration = Duration::from_millis(400);
+
+pub type Pool = bb8::Pool<RedisConnectionManager>;
+
+/// Settings of the worker, from the configuration.
+#[derive(Clone, Debug)]
+pub struct WorkerSettings {
+    pub consumer: String,
+    pub batch: usize,
+    pub block: Duration,
+    pub claim_idle: Duration,
+    pub max_deliveries: u64,
+    pub timeout: Duration,
+}
+
+impl WorkerSettings {
+    pub fn from_app(app: &App) -> Self {
+        let c = &app.config;
+        WorkerSettings {
+            consumer: c
+                .consumer_name
+                .clone()
+                .unwrap_or_else(|| default_consumer(c.listen.port())),
+            batch: c.persist_batch,
+            block: c.persist_wait.clamp(Duration::from_millis(1), MAX_BLOCK),
+            claim_idle: c.claim_idle,
+            max_deliveries: c.max_deliveries,
+            timeout: c.redis_timeout + MAX_BLOCK,
+        }
+    }
+}
+
+/// Host name and port: stable across restarts of one instance, distinct between instances.
+fn default_consumer(port: u16) -> String {
+    let host = std::fs::read_to_string("/etc/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "gateway".into());
+    format!("{host}:{port}")
+}
+
+pub fn pool(url: &str, size: u32, timeout: Duration) -> Result<Pool, Error> {
+    let manager =
+        RedisConnectionManager::new(url).map_err(|e| Error::RedisConnection(e.to_string()))?;
+    // Checkouts are rare (one per shard task, again after an error), so the PING of
+    // test-on-check-out costs nothing here and weeds out dead connections.
+    Ok(bb8::Pool::builder()
+        .max_size(size)
+        .connection_timeout(timeout)
+        .build_unchecked(manager))
+}
+
+/// A stream entry: its id and fields.
+struct Entry {
+    id: String,
+    fields: HashMap<String, String>,
+}
+
+fn text(v: &Value) -> Option<String> {
+    match v {
+        Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
+        Value::SimpleString(s) => Some(s.clone()),
+        Value::Int(i) => Some(i.to_string()),
+        _ => None,
+    }
+}
+
+/// Entries of a reply shaped `[[id, [k, v, …]], …]` (XRANGE, XAUTOCLAIM's second element).
+fn entries(v: &Value) -> Vec<Entry> {
+    let Value::Array(items) = v else {
+        return Vec::new();
+    };
+    items
+        .iter()
+        .filter_map(|item| {
+            let Value::Array(pair) = item else {
+                return None;
+            };
+            let id = text(pair.first()?)?;
+            // A claimed entry deleted meanwhile comes back with nil fields.
+            let fields = match pair.get(1)? {
+                Value::Array(kv) => kv
+                    .chunks(2)
+                    .filter_map(|c| Some((text(c.first()?)?, text(c.get(1)?)?)))
+                    .collect(),
+                _ => HashMap::new(),
+            };
+            Some(Entry { id, fields })
+        })
+        .collect()
+}
+
+/// Entries of an XREADGROUP reply for one stream: `[[key, [entries]]]` (or nil).
+fn read_entries(v: &Value) -> Vec<Entry> {
+    let Value::Array(streams) = v else {
+        return Vec::new();
+    };
+    streams
+        .iter()
+        .filter_map(|s| match s {
+            Value::Array(kv) => kv.get(1).map(entries),
+            _ => None,
+        })
+        .flatten()
+        .collect()
+}
+
+/// Milliseconds part of a stream id.
+pub fn id_ms(id: &str) -> Option<i64> {
+    id.split('-').next()?.parse().ok()
+}
+
+struct ShardWorker {
+    app: Arc<App>,
+    pool: Pool,
+    shard: u32,
+    stream: String,
+    settings: WorkerSettings,
+}
+
+impl ShardWorker {
+    async fn cmd(&self, cmd: &redis::Cmd) -> Result<Value, Error> {
+        let mut conn = match tokio::time::timeout(self.settings.timeout, self.pool.get()).await {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => return Err(Error::RedisConnection(e.to_string())),
+            Err(_) => return Err(Error::RedisTimeout),
+        };
+        match tokio::time::timeout(self.settings.timeout, cmd.query_async::<Value>(&mut *conn))
+            .await
+        {
+            Ok(r) => r.map_err(Error::from),
+            Err(_) => Err(Error::RedisTimeout),
+        }
+    }
+
+    async fn ensure_group(&self) -> Result<(), Error> {
+        let r = self
+            .cmd(
+                redis::cmd("XGROUP")
+                    .arg("CREATE")
+                    .arg(&self.stream)
+                    .arg(keys::GROUP)
+                    .arg("0")
+                    .arg("MKSTREAM"),
+            )
+            .await;
+        match r {
+            Ok(_) => Ok(()),
+            Err(Error::ScriptReply(e)) if e.contains("BUSYGROUP") => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// `>`: new entries; `0`: this consumer's pending entries (redelivered).
+    async fn read(&self, from: &str, block: bool) -> Result<Vec<Entry>, Error> {
+        let mut c = redis::cmd("XREADGROUP");
+        c.arg("GROUP")
+            .arg(keys::GROUP)
+            .arg(&self.settings.consumer)
+            .arg("COUNT")
+            .arg(self.settings.batch);
+        if block {
+            c.arg("BLOCK").arg(self.settings.block.as_millis() as u64);
+        }
+        c.arg("STREAMS").arg(&self.stream).arg(from);
+        Ok(read_entries(&self.cmd(&c).await?))
+    }
+
+    /// Take over entries idle longer than `claim_idle` (their consumer died).
+    async fn autoclaim(&self) -> Result<Vec<Entry>, Error> {
+        let reply = self
+            .cmd(
+                redis::cmd("XAUTOCLAIM")
+                    .arg(&self.stream)
+                    .arg(keys::GROUP)
+                    .arg(&self.settings.consumer)
+                    .arg(self.settings.claim_idle.as_millis() as u64)
+                    .arg("0-0")
+                    .arg("COUNT")
+                    .arg(self.settings.batch),
+            )
+            .await?;
+        Ok(match &reply {
+            Value::Array(parts) => parts.get(1).map(entries).unwrap_or_default(),
+            _ => Vec::new(),
+        })
+    }
+
+    /// Delivery counts of this consumer's pending entries.
+    async fn deliveries(&self) -> Result<HashMap<String, u64>, Error> {
+        let reply = self
+            .cmd(
+                redis::cmd("XPENDING")
+                    .arg(&self.stream)
+                    .arg(keys::GROUP)
+                    .arg("-")
+                    .arg("+")
+                    .arg(self.settings.batch)
+                    .arg(&self.settings.consumer),
+            )
+            .await?;
+        let Value::Array(rows) = reply else {
+            return Ok(HashMap::new());
+        };
+        Ok(rows
+            .iter()
+            .filter_map(|r| match r {
+                Value::Array(f) => Some((text(f.first()?)?, text(f.get(3)?)?.parse().ok()?)),
+                _ => None,
+            })
+            .collect())
+    }
+
+    async fn ack(&self, ids: &[String]) -> Result<(), Error> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        self.cmd(
+            redis::cmd("XACK")
+                .arg(&self.stream)
+                .arg(keys::GROUP)
+                .arg(ids),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Persist a batch: decode, write with retries, acknowledge. Undecodable entries stay
+    /// pending until they have been delivered `max_deliveries` times, then go to the
+    /// dead-letter stream.
+    async fn process(
+        &self,
+        batch: Vec<Entry>,
+        shutdown: &watch::Receiver<bool>,
+    ) -> Result<usize, Error> {
+        if batch.is_empty() {
+            return Ok(0);
+        }
+        let mut events = Vec::with_capacity(batch.len());
+        let mut ids = Vec::with_capacity(batch.len());
+        let mut poison = Vec::new();
+        for e in &batch {
+            match OrderEvent::from_fields(&e.fields) {
+                Ok(ev) => {
+                    events.push(ev);
+                    ids.push(e.id.clone());
+                }
+                Err(why) => poison.push((e, why)),
+            }
+        }
+        if !events.is_empty() {
+            self.write(&events, shutdown).await?;
+            metrics::histogram!(metrics::PERSIST_BATCH_SIZE).record(events.len() as f64);
+            self.ack(&ids).await?;
+        }
+        if !poison.is_empty() {
+            let counts = self.deliveries().await?;
+            for (e, why) in poison {
+                let n = counts.get(&e.id).copied().unwrap_or(0);
+                if n >= self.settings.max_deliveries {
+                    self.dead_letter(e, &why, n).await?;
+                } else {
+                    tracing::warn!(shard = self.shard, entry = %e.id, deliveries = n, cause = %why, "undecodable order event; will retry");
+                }
+            }
+        }
+        Ok(events.len())
+    }
+
+    async fn dead_letter(&self, e: &Entry, why: &str, deliveries: u64) -> Result<(), Error> {
+        let mut c = redis::cmd("XADD");
+        c.arg(keys::dead_letters(self.shard))
+            .arg("*")
+            .arg("source_id")
+            .arg(&e.id)
+            .arg("error")
+            .arg(why);
+        c.arg("deliveries").arg(deliveries);
+        for (k, v) in &e.fields {
+            c.arg(format!("f:{k}")).arg(v);
+        }
+        self.cmd(&c).await?;
+        self.ack(std::slice::from_ref(&e.id)).await?;
+        metrics::counter!(metrics::DEAD_LETTERS).increment(1);
+        tracing::error!(shard = self.shard, entry = %e.id, cause = why, deliveries, "order event moved to the dead-letter stream");
+        Ok(())
+    }
+
+    /// Write until it works (the stream keeps buffering meanwhile), or shutdown.
+    async fn write(
+        &self,
+        events: &[OrderEvent],
+        shutdown: &watch::Receiver<bool>,
+    ) -> Result<(), Error> {
+        let mut delays = ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(50))
+            .with_max_delay(Duration::from_secs(2))
+            .with_jitter()
+            .without_max_times()
+            .build();
+        loop {
+            match self.app.store.apply(events).await {
+                Ok(_) => {
+                    self.app.set_store_up(true);
+                    return Ok(());
+                }
+                Err(e) => {
+                    self.app.set_store_up(false);
+                    tracing::warn!(shard = self.shard, events = events.len(), cause = %e, "persisting a batch failed; retrying");
+                    if *shutdown.borrow() {
+                        return Err(e);
+                    }
+                    let mut stop = shutdown.clone();
+                    tokio::select! {
+                        _ = tokio::time::sleep(delays.next().unwrap_or(Duration::from_secs(2))) => {}
+                        _ = stopped(&mut stop) => return Err(e),
+                    }
+                }
+            }
+        }
+    }
+
+    async fn run(self, mut shutdown: watch::Receiver<bool>) {
+        let mut delays = ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(100))
+            .with_max_delay(Duration::from_secs(5))
+            .with_jitter()
+            .without_max_times()
+            .build();
+        let mut started = false;
+        let mut last_claim = std::time::Instant::now();
+        loop {
+            if *shutdown.borrow() {
+                return;
+            }
+            let step = async {
+                if !started {
+                    self.ensure_group().await?;
+                    // Our own pending entries first: what we read before a crash or restart.
+                    loop {
+                        let mine = self.read("0", false).await?;
+                        if mine.is_empty() || self.process(mine, &shutdown).await? == 0 {
+                            break;
+                        }
+                    }
+                    started = true;
+                }
+                if last_claim.elapsed() >= self.settings.claim_idle / 2 {
+                    last_claim = std::time::Instant::now();
+                    let claimed = self.autoclaim().await?;
+                    if !claimed.is_empty() {
+                        tracing::info!(
+                            shard = self.shard,
+                            entries = claimed.len(),
+                            "claimed entries of a dead consumer"
+                        );
+                        self.process(claimed, &shutdown).await?;
+                    }
+                    // Our own undecodable entries: deliver again so they reach the dead-letter
+                    // threshold without holding anything up.
+                    let mine = self.read("0", false).await?;
+                    self.process(mine, &shutdown).await?;
+                }
+                let fresh = self.read(">", true).await?;
+                self.process(fresh, &shutdown).await?;
+                Ok::<(), Error>(())
+            };
+            // A step is never cut off by shutdown: the batch in hand is finished and
+            // acknowledged first (the store retry loop itself gives up on shutdown).
+            match step.await {
+                Ok(()) => {
+                    delays = ExponentialBuilder::default()
+                        .with_jitter()
+                        .without_max_times()
+                        .build()
+                }
+                Err(e) => {
+                    tracing::warn!(shard = self.shard, cause = %e, "persistence worker step failed; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(delays.next().unwrap_or(Duration::from_secs(5))) => {}
+                        _ = stopped(&mut shutdown) => return,
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The backlog of one shard: entries not yet acknowledged, and the oldest one's id.
+async fn shard_backlog(
+    conn: &mut redis::aio::ConnectionManager,
+    stream: &str,
+) -> Result<(u64, Option<String>, Option<String>), Error> {
+    let groups: Value = redis::cmd("XINFO")
+        .arg("GROUPS")
+        .arg(stream)
+        .query_async(conn)
+        .await?;
+    let Value::Array(groups) = groups else {
+        return Ok((0, None, None));
+    };
+    for g in groups {
+        let fields: HashMap<String, Value> = match g {
+            Value::Array(kv) => kv
+                .chunks(2)
+                .filter_map(|c| Some((text(&c[0])?, c.get(1)?.clone())))
+                .collect(),
+            Value::Map(kv) => kv
+                .into_iter()
+                .filter_map(|(k, v)| Some((text(&k)?, v)))
+                .collect(),
+            _ => continue,
+        };
+        if fields.get("name").and_then(text).as_deref() != Some(keys::GROUP) {
+            continue;
+        }
+        let num = |k: &str| {
+            fields
+                .get(k)
+                .and_then(text)
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        let pending = num("pending");
+        let lag = num("lag");
+        let last = fields.get("last-delivered-id").and_then(text);
+        let oldest_pending = if pending > 0 {
+            let summary: Value = redis::cmd("XPENDING")
+                .arg(stream)
+                .arg(keys::GROUP)
+                .query_async(conn)
+                .await?;
+            match summary {
+                Value::Array(s) => s.get(1).and_then(text),
+                _ => None,
+            }
+        } else {
+            None
+        };
+        return Ok((pending + lag, oldest_pending, last));
+    }
+    Ok((0, None, None))
+}
+
+/// Every couple of seconds: publish pending and lag, and trim what every reader has acknowledged.
+async fn monitor(app: Arc<App>, mut shutdown: watch::Receiver<bool>) {
+    let crate::engine::Engine::Redis(engine) = &app.engine else {
+        return;
+    };
+    let mut conn = engine.connection();
+    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stopped(&mut shutdown) => return,
+        }
+        let mut total = 0u64;
+        let mut oldest: Option<i64> = None;
+        let mut ok = true;
+        for shard in keys::all_shards() {
+            let stream = keys::events(shard);
+            let r = tokio::time::timeout(
+                app.config.redis_timeout * 2,
+                shard_backlog(&mut conn, &stream),
+            )
+            .await;
+            let Ok(Ok((backlog, oldest_pending, last_delivered))) = r else {
+                ok = false;
+                continue;
+            };
+            total += backlog;
+            // The oldest unpersisted event: the oldest pending one, else the first one not
+            // yet delivered.
+            let oldest_id = match &oldest_pending {
+                Some(id) => Some(id.clone()),
+                None if backlog > 0 => {
+                    let start = last_delivered
+                        .as_ref()
+                        .map(|l| format!("({l}"))
+                        .unwrap_or_else(|| "-".into());
+                    let first: Result<Value, _> = redis::cmd("XRANGE")
+                        .arg(&stream)
+                        .arg(start)
+                        .arg("+")
+                        .arg("COUNT")
+                        .arg(1)
+                        .query_async(&mut conn)
+                        .await;
+                    first
+                        .ok()
+                        .and_then(|v| entries(&v).into_iter().next())
+                        .map(|e| e.id)
+                }
+                None => None,
+            };
+            if let Some(ms) = oldest_id.as_deref().and_then(id_ms) {
+                oldest = Some(oldest.map_or(ms, |o: i64| o.min(ms)));
+            }
+            // Trim below the oldest entry still needed: the oldest pending one, else the last
+            // delivered (everything before it is acknowledged; anything added since has a
+            // larger id, so nothing unread is ever trimmed).
+            if let Some(min_id) = oldest_pending.or(last_delivered).filter(|id| id != "0-0") {
+                let _: Result<Value, _> = redis::cmd("XTRIM")
+                    .arg(&stream)
+                    .arg("MINID")
+                    .arg(min_id)
+                    .query_async(&mut conn)
+                    .await;
+            }
+        }
+        if ok {
+            metrics::gauge!(metrics::STREAM_PENDING).set(total as f64);
+            let lag = oldest.map_or(0.0, |ms| ((system_now_ms() - ms).max(0) as f64) / 1000.0);
+            metrics::gauge!(metrics::PERSIST_LAG).set(lag);
+        }
+    }
+}
+
+/// Start one worker per shard plus the monitor.
+pub fn spawn(app: &Arc<App>, shutdown: watch::Receiver<bool>) -> Vec<tokio::task::JoinHandle<()>> {
+    let Some(url) = app.config.redis_url.clone() else {
+        return Vec::new();
+    };
+    let settings = WorkerSettings::from_app(app);
+    let pool = match pool(
+        &url,
+        keys::all_shards().count() as u32 + 2,
+        settings.timeout,
+    ) {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::error!(cause = %e, "persistence worker not started");
+            return Vec::new();
+        }
+    };
+    tracing::info!(consumer = %settings.consumer, "persistence worker starting");
+    let mut tasks: Vec<_> = keys::all_shards()
+        .map(|shard| {
+            let w = ShardWorker {
+                app: app.clone(),
+                pool: pool.clone(),
+                shard,
+                stream: keys::events(shard),
+                settings: settings.clone(),
+            };
+            tokio::spawn(w.run(shutdown.clone()))
+        })
+        .collect();
+    tasks.push(tokio::spawn(monitor(app.clone(), shutdown)));
+    tasks
+}
