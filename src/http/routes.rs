@@ -9,6 +9,7 @@ use std::time::Instant;
 use http::{HeaderValue, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use serde::{Deserialize, Serialize};
+use tracing::Instrument;
 
 use super::reply::{self, Body};
 use crate::app::App;
@@ -106,34 +107,40 @@ pub async fn handle(app: &Arc<App>, req: Request<Incoming>, peer: SocketAddr) ->
         peer,
         id: id.as_deref().unwrap_or(""),
     };
-    let answer = if matches!(route, Route::NotFound) {
-        Err(Reject::NotFound)
-    } else if req.method() != method {
-        Err(Reject::MethodNotAllowed)
-    } else if id.as_deref().is_some_and(|id| !valid_id(id)) {
-        Err(Reject::BadRequest(
-            "ids are 1-64 characters of [A-Za-z0-9_.:-]".into(),
-        ))
-    } else {
-        match route {
-            Route::ItemGet => item_get(&ctx, req).await,
-            Route::Reserve => reserve(&ctx, req).await,
-            Route::Pay => transition(&ctx, req, Transition::Pay).await,
-            Route::Cancel => transition(&ctx, req, Transition::Cancel).await,
-            Route::OrderGet => order_get(&ctx, req).await,
-            Route::AdminItemPut => admin_item_put(&ctx, req).await,
-            Route::AdminStats => admin_stats(&ctx, req).await,
-            Route::AdminOrdersCsv => admin_orders_csv(&ctx, req).await,
-            Route::Metrics => Ok(reply::text(
-                StatusCode::OK,
-                "text/plain; version=0.0.4",
-                app.metrics.render(),
-            )),
-            Route::Healthz => Ok(reply::ok(&serde_json::json!({"status": "ok"}))),
-            Route::Readyz => readyz(&ctx).await,
-            Route::NotFound => Err(Reject::NotFound),
+    // Every log line of this request carries its id and route (JSON logs: span fields).
+    let span = tracing::info_span!("request", request_id = %request_id, route = route.label());
+    let answer = async {
+        if matches!(route, Route::NotFound) {
+            Err(Reject::NotFound)
+        } else if req.method() != method {
+            Err(Reject::MethodNotAllowed)
+        } else if id.as_deref().is_some_and(|id| !valid_id(id)) {
+            Err(Reject::BadRequest(
+                "ids are 1-64 characters of [A-Za-z0-9_.:-]".into(),
+            ))
+        } else {
+            match route {
+                Route::ItemGet => item_get(&ctx, req).await,
+                Route::Reserve => reserve(&ctx, req).await,
+                Route::Pay => transition(&ctx, req, Transition::Pay).await,
+                Route::Cancel => transition(&ctx, req, Transition::Cancel).await,
+                Route::OrderGet => order_get(&ctx, req).await,
+                Route::AdminItemPut => admin_item_put(&ctx, req).await,
+                Route::AdminStats => admin_stats(&ctx, req).await,
+                Route::AdminOrdersCsv => admin_orders_csv(&ctx, req).await,
+                Route::Metrics => Ok(reply::text(
+                    StatusCode::OK,
+                    "text/plain; version=0.0.4",
+                    app.metrics.render(),
+                )),
+                Route::Healthz => Ok(reply::ok(&serde_json::json!({"status": "ok"}))),
+                Route::Readyz => readyz(&ctx).await,
+                Route::NotFound => Err(Reject::NotFound),
+            }
         }
-    };
+    }
+    .instrument(span)
+    .await;
     let (mut response, outcome) = match answer {
         Ok(r) => (r, "ok"),
         Err(reject) => {
