@@ -43,13 +43,14 @@ impl Limiter {
         }
     }
 
-    /// Instance and IP buckets: checked before anything else is read from the request.
+    /// IP and instance buckets: checked before anything else is read from the request. The
+    /// IP bucket first, so a client over its own limit does not spend the instance's budget.
     pub fn check_ip(&self, ip: IpAddr) -> Result<(), Reject> {
-        if let Some(l) = &self.global {
-            l.check().map_err(|n| self.refuse(n))?;
-        }
         if let Some(l) = &self.per_ip {
             l.check_key(&ip).map_err(|n| self.refuse(n))?;
+        }
+        if let Some(l) = &self.global {
+            l.check().map_err(|n| self.refuse(n))?;
         }
         Ok(())
     }

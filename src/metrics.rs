@@ -35,7 +35,7 @@ pub const DEAD_LETTERS: &str = "seckill_dead_letters_total";
 /// Units left per item.
 pub const STOCK_REMAINING: &str = "seckill_stock_remaining";
 /// Units configured per item (so alerts can say "below 10% of stock").
-pub const STOCK_TOTAL: &str = "seckill_stock_total";
+pub const STOCK_TOTAL: &str = "seckill_stock_configured";
 /// 1 while the Redis circuit breaker is open.
 pub const CIRCUIT_OPEN: &str = "seckill_circuit_open";
 /// 1 while the order store answers.

@@ -35,7 +35,9 @@ ROUTES = {"item_get", "reserve", "pay", "cancel", "order_get", "admin_item_put",
           "admin_orders_csv", "metrics", "healthz", "readyz", "not_found"}
 OUTCOMES = {"ok", "bad_request", "unauthenticated", "forbidden", "unknown_item", "unknown_order",
             "limit_reached", "order_closed", "sold_out", "not_started", "ended",
-            "payload_too_large", "rate_limited", "unavailable", "internal"}
+            "payload_too_large", "rate_limited", "unavailable", "internal",
+            # route-level refusals outside the contract table (README: deviations)
+            "not_found", "method_not_allowed"}
 SCRIPTS = {"reserve", "pay", "cancel", "expire", "put_item"}
 REDIS_ERROR_KINDS = {"timeout", "connection", "script", "circuit_open", "shed"}
 CACHES = {"item", "sold_out", "not_found", "bloom"}
@@ -56,7 +58,7 @@ CONTRACT_METRICS = {
     "seckill_stream_pending": {},
     "seckill_dead_letters_total": {},
     "seckill_stock_remaining": {"item": None},
-    "seckill_stock_total": {"item": None},
+    "seckill_stock_configured": {"item": None},
     "seckill_circuit_open": {},
     "seckill_store_up": {},
     "up": {},  # Prometheus' own per-target series

@@ -23,7 +23,8 @@ impl Guard {
     pub fn new(max_inflight: usize, timeout: Duration, failures: u32, cooldown: Duration) -> Self {
         Guard {
             inflight: Semaphore::new(max_inflight),
-            breaker: Breaker::new(failures, cooldown),
+            // A real probe ends within `timeout`; one silent for longer was abandoned.
+            breaker: Breaker::new(failures, cooldown, timeout + Duration::from_millis(100)),
             timeout,
         }
     }
@@ -82,18 +83,25 @@ struct Breaker {
     open_until: AtomicI64,
     /// A probe is out while the cool-down is over but no call has succeeded yet.
     probing: AtomicBool,
+    /// When the probe went out (ms since `epoch`). A probe whose caller went away (the
+    /// client hung up and hyper dropped the handler) never reports back; after
+    /// `probe_timeout` another caller may probe instead, so the circuit cannot stay stuck.
+    probe_started: AtomicI64,
+    probe_timeout: Duration,
     threshold: u32,
     cooldown: Duration,
     epoch: Instant,
 }
 
 impl Breaker {
-    fn new(threshold: u32, cooldown: Duration) -> Self {
+    fn new(threshold: u32, cooldown: Duration, probe_timeout: Duration) -> Self {
         metrics::gauge_circuit(false);
         Breaker {
             failures: AtomicU32::new(0),
             open_until: AtomicI64::new(0),
             probing: AtomicBool::new(false),
+            probe_started: AtomicI64::new(0),
+            probe_timeout,
             threshold,
             cooldown,
             epoch: Instant::now(),
@@ -116,16 +124,27 @@ impl Breaker {
         if self.now() < until {
             return Err(Error::CircuitOpen);
         }
-        // Cool-down over: exactly one caller probes.
+        // Cool-down over: exactly one caller probes at a time.
+        let now = self.now();
         if self
             .probing
             .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
             .is_ok()
         {
-            Ok(())
-        } else {
-            Err(Error::CircuitOpen)
+            self.probe_started.store(now, Ordering::Release);
+            return Ok(());
         }
+        let started = self.probe_started.load(Ordering::Acquire);
+        let abandoned = now - started > self.probe_timeout.as_millis() as i64;
+        if abandoned
+            && self
+                .probe_started
+                .compare_exchange(started, now, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+        {
+            return Ok(());
+        }
+        Err(Error::CircuitOpen)
     }
 
     fn success(&self) {
@@ -191,6 +210,30 @@ mod tests {
         assert!(
             g.call(async { Ok(()) }).await.is_ok(),
             "the probe goes through"
+        );
+        assert!(!g.circuit_open());
+    }
+
+    #[tokio::test]
+    async fn an_abandoned_probe_does_not_keep_the_circuit_open() {
+        let g = Guard::new(10, Duration::from_millis(20), 1, Duration::from_millis(10));
+        assert!(g.call(async { fail() }).await.is_err());
+        tokio::time::sleep(Duration::from_millis(15)).await;
+        // The probe's caller goes away: the future is dropped before it finishes.
+        let probe = g.call(std::future::pending::<redis::RedisResult<()>>());
+        assert!(
+            tokio::time::timeout(Duration::from_millis(5), probe)
+                .await
+                .is_err()
+        );
+        assert!(
+            matches!(g.call(async { Ok(()) }).await, Err(Error::CircuitOpen)),
+            "probe still out"
+        );
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        assert!(
+            g.call(async { Ok(()) }).await.is_ok(),
+            "a new probe after the old one was abandoned"
         );
         assert!(!g.circuit_open());
     }

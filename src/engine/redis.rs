@@ -376,6 +376,16 @@ impl StockEngine for RedisEngine {
                 pay_before_ms: r.int(3)?,
                 stock_after: r.int(4)?,
             },
+            // The key outlived its order's hash (closed and expired from Redis): the same
+            // reply the embedded engine gives for a missing order; the front door then asks
+            // the database.
+            "duplicate" if r.text(3)?.is_empty() => ReserveReply::Duplicate {
+                order_id: r.text(1)?,
+                qty: 0,
+                status: OrderStatus::Reserved,
+                created_ms: 0,
+                pay_before_ms: 0,
+            },
             "duplicate" => ReserveReply::Duplicate {
                 order_id: r.text(1)?,
                 qty: r.int(2)?,

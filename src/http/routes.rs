@@ -374,14 +374,26 @@ async fn reserve(ctx: &Ctx<'_>, req: Request<Incoming>) -> Answer {
             status,
             pay_before_ms,
             ..
-        } => Ok(reply::ok(&Reservation {
-            order_id: &order_id,
-            item_id,
-            user_id: &user,
-            qty,
-            status: status.as_str(),
-            pay_before: rfc3339(pay_before_ms),
-        })),
+        } => {
+            // qty 0: the engine no longer holds the order (closed long ago); the database does.
+            let (qty, status, pay_before_ms) = if qty == 0 {
+                match ctx.app.store.order(&order_id).await {
+                    Ok(Some(o)) => (o.qty, o.status, o.pay_before_ms),
+                    Ok(None) => (cmd.qty, status, pay_before_ms),
+                    Err(e) => return Err(failed(ctx, "reserve", e)),
+                }
+            } else {
+                (qty, status, pay_before_ms)
+            };
+            Ok(reply::ok(&Reservation {
+                order_id: &order_id,
+                item_id,
+                user_id: &user,
+                qty,
+                status: status.as_str(),
+                pay_before: rfc3339(pay_before_ms),
+            }))
+        }
         ReserveReply::UnknownItem => {
             ctx.app.filter.remember_missing(item_id);
             ctx.app.cache.invalidate(item_id);

@@ -1,0 +1,161 @@
+//! Drain benchmark of the persistence worker (issue 3): 100,000 `reserved` events already
+//! in the shard streams are carried into PostgreSQL by the real worker; prints rows/s. Then
+//! a steady feed (events XADDed at a fixed rate while the worker runs) and the p50/p99 of
+//! `seckill_persist_lag_seconds` sampled every 100 ms.
+//!
+//! Run: `cargo bench --bench persist_drain` (starts its own redis-server and PostgreSQL on
+//! free ports; `SECKILL_BENCH_EVENTS` and `SECKILL_BENCH_RATE` override the sizes).
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{PgServer, RedisServer, unique};
+use seckill_gateway::clock::{Clock, system_now_ms};
+use seckill_gateway::config::Config;
+use seckill_gateway::engine::{Order, OrderStatus, keys};
+use seckill_gateway::ids::{new_order_id, shard_of};
+use seckill_gateway::orders::event::OrderEvent;
+use seckill_gateway::orders::store::Store;
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// XADD `n` reserved events for `items` (spread over shards), pipelined.
+async fn feed(conn: &mut redis::aio::ConnectionManager, items: &[String], n: usize) {
+    let now = system_now_ms();
+    let mut pipe = redis::pipe();
+    for i in 0..n {
+        let item = &items[i % items.len()];
+        let order = Order {
+            order_id: new_order_id(item),
+            item_id: item.clone(),
+            user_id: format!("u{i}"),
+            qty: 1,
+            status: OrderStatus::Reserved,
+            created_ms: now,
+            pay_before_ms: now + 900_000,
+            updated_ms: now,
+            idem_key: String::new(),
+        };
+        let ev = OrderEvent::of(&order, OrderStatus::Reserved, system_now_ms());
+        let cmd = pipe.cmd("XADD").arg(keys::events(shard_of(item))).arg("*");
+        for (k, v) in ev.to_fields() {
+            cmd.arg(k).arg(v);
+        }
+        cmd.ignore();
+        if pipe.len() >= 1000 {
+            let _: () = pipe.query_async(conn).await.unwrap();
+            pipe = redis::pipe();
+        }
+    }
+    if !pipe.is_empty() {
+        let _: () = pipe.query_async(conn).await.unwrap();
+    }
+}
+
+async fn total_rows(store: &Store, items: &[String]) -> usize {
+    let mut n = 0;
+    for i in items {
+        n += store.count(i).await.unwrap() as usize;
+    }
+    n
+}
+
+fn gauge(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+fn main() {
+    let events = env_usize("SECKILL_BENCH_EVENTS", 100_000);
+    let rate = env_usize("SECKILL_BENCH_RATE", 10_000);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        let redis = RedisServer::start();
+        let pg = PgServer::start();
+        pg.create_database("bench");
+        let db = pg.url("bench");
+        // 16 items: one per shard, so every shard worker has work.
+        let mut items: Vec<String> = Vec::new();
+        while items.len() < 16 {
+            let id = unique("bench");
+            if !items.iter().any(|i| shard_of(i) == shard_of(&id)) {
+                items.push(id);
+            }
+        }
+        let mut conn = redis::aio::ConnectionManager::new(redis.client()).await.unwrap();
+        feed(&mut conn, &items, events).await;
+        println!("persist_drain: {events} reserved events queued in 16 shard streams");
+
+        let args = [
+            "x", "--listen", "127.0.0.1:0", "--redis-url", &redis.url(), "--database-url", &db,
+            "--demo", "false", "--persist-batch", "1000", "--persist-wait", "20ms",
+        ];
+        let config = Config::from_args(args).unwrap();
+        let started = Instant::now();
+        let gw = seckill_gateway::server::start(config, Clock::system(), true).await.unwrap();
+        let store = Store::connect(&db, Duration::from_secs(5)).await.unwrap();
+        loop {
+            if total_rows(&store, &items).await >= events {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let secs = started.elapsed().as_secs_f64();
+        println!(
+            "persist_drain: backlog of {events} drained in {secs:.2} s = {:.0} rows/s (worker start included)",
+            events as f64 / secs
+        );
+
+        // Steady feed: `rate` events/s for 5 s in 50 ms slices; sample the lag gauge.
+        let metrics_url = format!("{}/metrics", gw.url());
+        let http = reqwest::Client::new();
+        let sampler = tokio::spawn(async move {
+            let mut samples = Vec::new();
+            for _ in 0..70 {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                let text = http.get(&metrics_url).send().await.unwrap().text().await.unwrap();
+                samples.push(gauge(&text, "seckill_persist_lag_seconds"));
+            }
+            samples
+        });
+        let slice = rate / 20;
+        let steady_start = Instant::now();
+        for _ in 0..100 {
+            let t = Instant::now();
+            feed(&mut conn, &items, slice).await;
+            tokio::time::sleep(Duration::from_millis(50).saturating_sub(t.elapsed())).await;
+        }
+        let fed = slice * 100;
+        let fed_secs = steady_start.elapsed().as_secs_f64();
+        loop {
+            if total_rows(&store, &items).await >= events + fed {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let mut samples = sampler.await.unwrap();
+        samples.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        let pct = |p: f64| samples[((samples.len() as f64 - 1.0) * p).round() as usize];
+        println!(
+            "persist_drain: steady feed {:.0} events/s for {fed_secs:.1} s: lag p50 {:.3} s, p99 {:.3} s, max {:.3} s (gauge sampled every 100 ms; it is refreshed every 2 s)",
+            fed as f64 / fed_secs,
+            pct(0.5),
+            pct(0.99),
+            samples.last().unwrap()
+        );
+        gw.stop().await;
+    });
+}

@@ -1,0 +1,1163 @@
+//! The operator's view of a sale (issue 6, acceptance 1 and 2), on the real tools:
+//!
+//! 1. [`metrics_pass_promtool_lint`]: after traffic of every outcome, `GET /metrics` passes
+//!    `promtool check metrics` without a single complaint; every contract metric
+//!    (`../shared/design.md`, "Metrics") is there with `# HELP` and `# TYPE`; the histograms
+//!    are real histograms; and no label carries a user id, an order id or a raw path.
+//! 2. [`prometheus_scrapes_and_every_dashboard_query_returns_data`]: a real `prometheus`
+//!    (Debian package) scrapes a gateway under a short load and loads
+//!    `deploy/prometheus/alerts.yml`; `scripts/checks/lib/query_prometheus.py` then sends it
+//!    every expression of `deploy/grafana/seckill.json` (panels and variables) and of the
+//!    alert rules: every one parses, every dashboard and variable query returns data, and
+//!    every rule is loaded and evaluated with health `ok`.
+//!
+//! `promtool`, `prometheus` and `python3` (with PyYAML) are required: a missing one is a
+//! failure that says how to install it, never a skip. The gateway runs in-process
+//! (`server::start`) against a throwaway `redis-server` and a fresh PostgreSQL database;
+//! Prometheus runs as a child process on a free loopback port with a temporary storage
+//! directory and is killed by PID when the test ends.
+//!
+//! The metrics recorder is one per process: both tests see each other's series. Nothing
+//! below depends on a series belonging to one test only.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use common::{RedisServer, free_port, shared_pg, unique};
+use reqwest::{Method, StatusCode};
+use seckill_gateway::clock::{Clock, rfc3339, system_now_ms};
+use seckill_gateway::config::Config;
+use seckill_gateway::server::Running;
+use serde_json::{Value, json};
+use tokio::io::AsyncWriteExt;
+
+const ADMIN_TOKEN: &str = "admin-token-123";
+const MINUTE_MS: i64 = 60_000;
+const HOUR_MS: i64 = 3_600_000;
+
+/// Every metric of the contract (`../shared/design.md`, "Metrics") and the three the
+/// alerts and dashboard also use, with their Prometheus type.
+const CONTRACT: &[(&str, &str)] = &[
+    ("seckill_requests_total", "counter"),
+    ("seckill_request_duration_seconds", "histogram"),
+    ("seckill_redis_script_duration_seconds", "histogram"),
+    ("seckill_redis_errors_total", "counter"),
+    ("seckill_cache_requests_total", "counter"),
+    ("seckill_orders_total", "counter"),
+    ("seckill_persist_batch_size", "histogram"),
+    ("seckill_persist_lag_seconds", "gauge"),
+    ("seckill_stream_pending", "gauge"),
+    ("seckill_stock_remaining", "gauge"),
+    ("seckill_circuit_open", "gauge"),
+    // Not in the contract; the alerts and the dashboard use them. Names from src/metrics.rs.
+    (seckill_gateway::metrics::DEAD_LETTERS, "counter"),
+    (seckill_gateway::metrics::STOCK_TOTAL, "gauge"),
+    (seckill_gateway::metrics::STORE_UP, "gauge"),
+];
+
+/// Route templates: the only values of the `route` label.
+const ROUTES: &[&str] = &[
+    "item_get",
+    "reserve",
+    "pay",
+    "cancel",
+    "order_get",
+    "admin_item_put",
+    "admin_stats",
+    "admin_orders_csv",
+    "metrics",
+    "healthz",
+    "readyz",
+    "not_found",
+];
+
+/// The contract's error codes, `ok`, and `internal` (a 500): the `outcome` label's values.
+const OUTCOMES: &[&str] = &[
+    "ok",
+    "bad_request",
+    "unauthenticated",
+    "forbidden",
+    "unknown_item",
+    "unknown_order",
+    "limit_reached",
+    "order_closed",
+    "sold_out",
+    "not_started",
+    "ended",
+    "payload_too_large",
+    "rate_limited",
+    "unavailable",
+    "internal",
+];
+
+/// Bounded label values of the other labels.
+const LABEL_VALUES: &[(&str, &[&str])] = &[
+    (
+        "script",
+        &["reserve", "pay", "cancel", "expire", "put_item"],
+    ),
+    (
+        "kind",
+        &["timeout", "connection", "script", "circuit_open", "shed"],
+    ),
+    ("cache", &["item", "sold_out", "not_found", "bloom"]),
+    ("result", &["hit", "miss"]),
+    ("event", &["reserved", "paid", "cancelled", "expired"]),
+];
+
+fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+// ---------------------------------------------------------------------------
+// The gateway and HTTP
+
+/// Flags of a test gateway; every flag with an environment fallback that matters here is
+/// given, so a `SECKILL_*` variable of the machine does not leak in.
+fn gateway_config(redis_url: &str, db_url: &str, extra: &[(&str, &str)]) -> Config {
+    let mut flags: Vec<(String, String)> = [
+        ("--listen", "127.0.0.1:0"),
+        ("--redis-url", redis_url),
+        ("--database-url", db_url),
+        ("--admin-token", ADMIN_TOKEN),
+        ("--rate-per-user", "1"),
+        ("--rate-per-ip", "0"),
+        ("--rate-global", "0"),
+        ("--demo", "false"),
+        ("--trust-forwarded", "false"),
+        ("--payment-timeout", "15m"),
+        ("--redis-timeout", "1s"),
+        ("--circuit-failures", "20"),
+        ("--circuit-cooldown", "2s"),
+        ("--max-inflight", "2048"),
+        ("--workers", "true"),
+        ("--persist-wait", "20ms"),
+        ("--sweep-interval", "500ms"),
+        ("--shutdown-grace", "2s"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect();
+    for (k, v) in extra {
+        flags.retain(|(f, _)| f != k);
+        flags.push(((*k).to_owned(), (*v).to_owned()));
+    }
+    let consumer = unique("consumer");
+    let mut args = vec!["x".to_owned()];
+    for (k, v) in flags {
+        args.push(k);
+        args.push(v);
+    }
+    args.push("--consumer-name".into());
+    args.push(consumer);
+    Config::from_args(&args).expect("test gateway flags parse")
+}
+
+async fn start_gateway(config: Config) -> Running {
+    seckill_gateway::server::start(config, Clock::system(), true)
+        .await
+        .expect("gateway starts")
+}
+
+/// Stop the gateway, but never wait long: with Redis killed its workers retry until told
+/// to stop, and the test is over anyway.
+async fn stop_gateway(running: Running) {
+    let _ = tokio::time::timeout(Duration::from_secs(5), running.stop()).await;
+}
+
+fn http_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .expect("reqwest client")
+}
+
+/// One request to the gateway.
+struct Req<'a> {
+    method: Method,
+    path: String,
+    user: Option<&'a str>,
+    admin: Option<&'a str>,
+    body: Option<Vec<u8>>,
+}
+
+impl<'a> Req<'a> {
+    fn new(method: Method, path: impl Into<String>) -> Self {
+        Req {
+            method,
+            path: path.into(),
+            user: None,
+            admin: None,
+            body: None,
+        }
+    }
+    fn get(path: impl Into<String>) -> Self {
+        Self::new(Method::GET, path)
+    }
+    fn post(path: impl Into<String>) -> Self {
+        Self::new(Method::POST, path)
+    }
+    fn put(path: impl Into<String>) -> Self {
+        Self::new(Method::PUT, path)
+    }
+    fn user(mut self, user: &'a str) -> Self {
+        self.user = Some(user);
+        self
+    }
+    fn admin(mut self, token: &'a str) -> Self {
+        self.admin = Some(token);
+        self
+    }
+    fn json(mut self, v: &Value) -> Self {
+        self.body = Some(serde_json::to_vec(v).unwrap());
+        self
+    }
+    fn raw(mut self, bytes: impl Into<Vec<u8>>) -> Self {
+        self.body = Some(bytes.into());
+        self
+    }
+}
+
+/// The answer: status, the `error` code ("ok" for a 2xx) and the JSON body (Null if none).
+struct Answer {
+    status: StatusCode,
+    code: String,
+    json: Value,
+    text: String,
+}
+
+async fn send(http: &reqwest::Client, base: &str, req: Req<'_>) -> Answer {
+    let mut b = http.request(req.method.clone(), format!("{base}{}", req.path));
+    if let Some(u) = req.user {
+        b = b.header("x-user-id", u);
+    }
+    if let Some(t) = req.admin {
+        b = b.header("authorization", format!("Bearer {t}"));
+    }
+    if let Some(body) = req.body {
+        b = b.header("content-type", "application/json").body(body);
+    }
+    let r = b
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{} {}: {e}", req.method, req.path));
+    let status = r.status();
+    let text = r.text().await.unwrap_or_default();
+    let json: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+    let code = if status.is_success() {
+        "ok".to_owned()
+    } else {
+        json["error"].as_str().unwrap_or("").to_owned()
+    };
+    Answer {
+        status,
+        code,
+        json,
+        text,
+    }
+}
+
+/// The JSON body of `PUT /admin/v1/items/{id}`.
+fn item_body(stock: i64, per_user_limit: i64, starts_ms: i64, ends_ms: i64) -> Value {
+    json!({
+        "name": "Observability test item",
+        "price_cents": 1999,
+        "stock": stock,
+        "per_user_limit": per_user_limit,
+        "starts_at": rfc3339(starts_ms),
+        "ends_at": rfc3339(ends_ms),
+    })
+}
+
+async fn put_item(http: &reqwest::Client, base: &str, id: &str, body: &Value) {
+    let a = send(
+        http,
+        base,
+        Req::put(format!("/admin/v1/items/{id}"))
+            .admin(ADMIN_TOKEN)
+            .json(body),
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::OK, "PUT item {id}: {}", a.text);
+}
+
+/// Sends requests and checks each answer's code, remembering the outcomes seen.
+struct Driver<'a> {
+    http: &'a reqwest::Client,
+    base: String,
+    outcomes: BTreeMap<String, usize>,
+}
+
+impl Driver<'_> {
+    /// Send `req` and require the `error` code `expect` ("ok" for a 2xx).
+    async fn expect(&mut self, expect: &str, req: Req<'_>) -> Value {
+        let what = format!("{} {} (user {:?})", req.method, req.path, req.user);
+        let a = send(self.http, &self.base, req).await;
+        assert_eq!(a.code, expect, "{what}: {} {}", a.status, a.text);
+        *self.outcomes.entry(a.code).or_default() += 1;
+        a.json
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Prometheus text format
+
+/// One sample line: metric name and labels, in order.
+struct Sample {
+    name: String,
+    labels: Vec<(String, String)>,
+}
+
+/// Parse `name{a="x",b="y"} value [timestamp]` (exposition format 0.0.4).
+fn parse_sample(line: &str) -> Sample {
+    let end = line
+        .find(['{', ' '])
+        .unwrap_or_else(|| panic!("sample line without a value: {line}"));
+    let name = line[..end].to_owned();
+    let mut labels = Vec::new();
+    if line[end..].starts_with('{') {
+        let mut chars = line[end + 1..].chars().peekable();
+        loop {
+            while chars.peek() == Some(&',') || chars.peek() == Some(&' ') {
+                chars.next();
+            }
+            if chars.peek() == Some(&'}') || chars.peek().is_none() {
+                break;
+            }
+            let key: String = chars.by_ref().take_while(|&c| c != '=').collect();
+            assert_eq!(chars.next(), Some('"'), "label {key} not quoted: {line}");
+            let mut value = String::new();
+            loop {
+                match chars.next() {
+                    Some('\\') => match chars.next() {
+                        Some('n') => value.push('\n'),
+                        Some(c) => value.push(c),
+                        None => panic!("unterminated label value: {line}"),
+                    },
+                    Some('"') => break,
+                    Some(c) => value.push(c),
+                    None => panic!("unterminated label value: {line}"),
+                }
+            }
+            labels.push((key.trim().to_owned(), value));
+        }
+    }
+    Sample { name, labels }
+}
+
+/// `8-4-4-4-12` hex: the shape of an order id (a UUID).
+fn looks_like_uuid(s: &str) -> bool {
+    s.len() == 36
+        && s.char_indices().all(|(i, c)| match i {
+            8 | 13 | 18 | 23 => c == '-',
+            _ => c.is_ascii_hexdigit(),
+        })
+}
+
+// ---------------------------------------------------------------------------
+// Test 1: promtool lint after traffic of every outcome
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_pass_promtool_lint() {
+    let t0 = Instant::now();
+    let promtool = std::process::Command::new("promtool")
+        .arg("--version")
+        .output();
+    if let Err(e) = promtool {
+        panic!(
+            "promtool not runnable ({e}): install Prometheus' promtool (Debian/Ubuntu: \
+             apt-get install prometheus; or a release from prometheus.io on PATH), or run ./scripts/test"
+        );
+    }
+
+    let mut redis = RedisServer::start();
+    let db = shared_pg();
+    let gw = start_gateway(gateway_config(
+        &redis.url(),
+        &db,
+        &[("--rate-per-user", "1")],
+    ))
+    .await;
+    let http = http_client();
+    let base = gw.url();
+    let mut d = Driver {
+        http: &http,
+        base: base.clone(),
+        outcomes: BTreeMap::new(),
+    };
+    eprintln!("[lint] gateway up after {:?}", t0.elapsed());
+
+    // Items: on sale (limit 1), a single unit, upcoming, over.
+    let now = system_now_ms();
+    let open = unique("item");
+    let single = unique("item");
+    let upcoming = unique("item");
+    let over = unique("item");
+    let items = [&open, &single, &upcoming, &over];
+    put_item(
+        &http,
+        &base,
+        &open,
+        &item_body(100, 1, now - MINUTE_MS, now + HOUR_MS),
+    )
+    .await;
+    put_item(
+        &http,
+        &base,
+        &single,
+        &item_body(1, 1, now - MINUTE_MS, now + HOUR_MS),
+    )
+    .await;
+    put_item(
+        &http,
+        &base,
+        &upcoming,
+        &item_body(10, 1, now + HOUR_MS, now + 2 * HOUR_MS),
+    )
+    .await;
+    put_item(
+        &http,
+        &base,
+        &over,
+        &item_body(10, 1, now - 2 * HOUR_MS, now - HOUR_MS),
+    )
+    .await;
+
+    // Shoppers. The per-user bucket allows 1 request/s, so a user's second request waits
+    // for the next phase (1.1 s later), except where the test wants a 429.
+    let mut users: Vec<String> = Vec::new();
+    let mut user = || {
+        let u = unique("user");
+        users.push(u.clone());
+        u
+    };
+    let (ua, ub, uc, ud, ue, uf, ug, uh, ui, uj, uk, ul, um, un, uo, up) = (
+        user(),
+        user(),
+        user(),
+        user(),
+        user(),
+        user(),
+        user(),
+        user(),
+        user(),
+        user(),
+        user(),
+        user(),
+        user(),
+        user(),
+        user(),
+        user(),
+    );
+    let reserve = |item: &str| Req::post(format!("/api/v1/items/{item}/reserve"));
+    let pay = |order: &str| Req::post(format!("/api/v1/orders/{order}/pay"));
+    let cancel = |order: &str| Req::post(format!("/api/v1/orders/{order}/cancel"));
+    let order_id = |v: &Value| v["order_id"].as_str().expect("order_id").to_owned();
+
+    // Phase A: one request per user.
+    d.expect(
+        "forbidden",
+        Req::put(format!("/admin/v1/items/{open}")).json(&item_body(1, 1, now, now + HOUR_MS)),
+    )
+    .await;
+    d.expect(
+        "forbidden",
+        Req::put(format!("/admin/v1/items/{open}"))
+            .admin("wrong-token-123")
+            .json(&item_body(1, 1, now, now + HOUR_MS)),
+    )
+    .await;
+    d.expect(
+        "bad_request",
+        Req::put(format!("/admin/v1/items/{open}"))
+            .admin(ADMIN_TOKEN)
+            .raw("{not json"),
+    )
+    .await;
+    d.expect(
+        "payload_too_large",
+        Req::put(format!("/admin/v1/items/{open}"))
+            .admin(ADMIN_TOKEN)
+            .raw(vec![b' '; 5000]),
+    )
+    .await;
+    let oa = order_id(&d.expect("ok", reserve(&open).user(&ua)).await);
+    let ob = order_id(&d.expect("ok", reserve(&open).user(&ub)).await);
+    let oc = order_id(
+        &d.expect("ok", reserve(&open).user(&uc).json(&json!({"qty": 1})))
+            .await,
+    );
+    let od = order_id(&d.expect("ok", reserve(&single).user(&ud)).await);
+    d.expect("sold_out", reserve(&single).user(&ue)).await;
+    d.expect("not_started", reserve(&upcoming).user(&uf)).await;
+    d.expect("ended", reserve(&over).user(&ug)).await;
+    d.expect("unknown_item", reserve(&unique("item")).user(&uh))
+        .await;
+    d.expect("unauthenticated", reserve(&open)).await;
+    d.expect(
+        "bad_request",
+        reserve(&open).user(&ui).json(&json!({"qty": 0})),
+    )
+    .await;
+    d.expect(
+        "payload_too_large",
+        reserve(&open).user(&uo).raw(vec![b' '; 5000]),
+    )
+    .await;
+    d.expect("ended", reserve(&over).user(&uj)).await;
+    d.expect("rate_limited", reserve(&over).user(&uj)).await;
+    let missing_order = seckill_gateway::ids::new_order_id(&open);
+    d.expect("unknown_order", pay(&missing_order).user(&uk))
+        .await;
+    d.expect("forbidden", pay(&oa).user(&ul)).await;
+    d.expect(
+        "forbidden",
+        Req::get(format!("/api/v1/orders/{ob}")).user(&um),
+    )
+    .await;
+    d.expect("ok", Req::get(format!("/api/v1/items/{open}")))
+        .await;
+    d.expect(
+        "unknown_item",
+        Req::get(format!("/api/v1/items/{}", unique("item"))),
+    )
+    .await;
+    d.expect("ok", Req::get("/healthz")).await;
+    d.expect("ok", Req::get("/readyz")).await;
+    d.expect(
+        "ok",
+        Req::get(format!("/admin/v1/items/{open}/stats")).admin(ADMIN_TOKEN),
+    )
+    .await;
+    d.expect(
+        "forbidden",
+        Req::get(format!("/admin/v1/items/{open}/stats")),
+    )
+    .await;
+
+    // Phase B: each user's second request.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    d.expect("ok", pay(&oa).user(&ua)).await;
+    d.expect("ok", cancel(&ob).user(&ub)).await;
+    d.expect("limit_reached", reserve(&open).user(&uc)).await;
+    d.expect("ok", cancel(&od).user(&ud)).await;
+
+    // Phase C: third requests.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    d.expect("order_closed", pay(&ob).user(&ub)).await;
+    d.expect("order_closed", pay(&od).user(&ud)).await;
+    d.expect("ok", Req::get(format!("/api/v1/orders/{oa}")).user(&ua))
+        .await;
+    d.expect("ok", pay(&oc).user(&uc)).await;
+    eprintln!("[lint] traffic driven after {:?}", t0.elapsed());
+
+    // The persistence worker has written a batch (seckill_persist_batch_size exists).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let m = send(&http, &base, Req::get("/metrics")).await;
+        *d.outcomes.entry("ok".into()).or_default() += 1;
+        if m.text.contains("seckill_persist_batch_size_count") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no seckill_persist_batch_size after 10 s: the persistence worker wrote no batch"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Redis gone: 503 unavailable.
+    redis.kill();
+    d.expect("unavailable", reserve(&open).user(&un)).await;
+    d.expect("unavailable", pay(&oc).user(&up)).await;
+    eprintln!("[lint] unavailable driven after {:?}", t0.elapsed());
+
+    let metrics = send(&http, &base, Req::get("/metrics")).await;
+    assert_eq!(metrics.status, StatusCode::OK);
+    let text = metrics.text;
+
+    // promtool check metrics: exit 0 and nothing printed.
+    let mut child = tokio::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("run promtool check metrics");
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(text.as_bytes()).await.unwrap();
+    drop(stdin);
+    let out = child.wait_with_output().await.unwrap();
+    let printed = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && printed.trim().is_empty(),
+        "promtool check metrics: {}\n{printed}\n--- /metrics ---\n{text}",
+        out.status
+    );
+
+    // Every contract metric with HELP and TYPE; histograms as histograms.
+    for (name, kind) in CONTRACT {
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with(&format!("# HELP {name} "))),
+            "no `# HELP {name}` in /metrics:\n{text}"
+        );
+        assert!(
+            text.lines().any(|l| l == format!("# TYPE {name} {kind}")),
+            "no `# TYPE {name} {kind}` in /metrics:\n{text}"
+        );
+        if *kind == "histogram" {
+            let bucket = format!("{name}_bucket{{");
+            assert!(
+                text.lines()
+                    .any(|l| l.starts_with(&bucket) && l.contains("le=\"")),
+                "{name} has no `_bucket{{…le=…}}` series:\n{text}"
+            );
+            assert!(
+                text.lines()
+                    .any(|l| l.starts_with(&bucket) && l.contains("le=\"+Inf\"")),
+                "{name} has no +Inf bucket"
+            );
+            for suffix in ["_sum", "_count"] {
+                assert!(
+                    text.lines()
+                        .any(|l| l.starts_with(&format!("{name}{suffix}"))),
+                    "{name} has no {suffix} series"
+                );
+            }
+        }
+    }
+    assert!(
+        !text
+            .lines()
+            .any(|l| l.starts_with("# TYPE ") && l.ends_with(" summary")),
+        "a summary in /metrics (histogram_quantile cannot read it):\n{text}"
+    );
+
+    // Labels are bounded: templates and codes, item ids; never a user id, order id, path.
+    let secret_ids: HashSet<&str> = users
+        .iter()
+        .map(String::as_str)
+        .chain([
+            oa.as_str(),
+            ob.as_str(),
+            oc.as_str(),
+            od.as_str(),
+            missing_order.as_str(),
+        ])
+        .collect();
+    let mut outcomes_seen: BTreeSet<String> = BTreeSet::new();
+    let mut items_seen: BTreeSet<String> = BTreeSet::new();
+    for line in text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+    {
+        let s = parse_sample(line);
+        assert!(
+            s.name.starts_with("seckill_"),
+            "a metric outside the seckill_ namespace: {line}"
+        );
+        for (k, v) in &s.labels {
+            assert!(
+                !secret_ids.iter().any(|id| v.contains(id)),
+                "label {k}={v:?} carries a user or order id: {line}"
+            );
+            assert!(
+                !looks_like_uuid(v),
+                "label {k}={v:?} looks like an order id: {line}"
+            );
+            assert!(
+                !v.contains('/'),
+                "label {k}={v:?} looks like a raw path: {line}"
+            );
+            match k.as_str() {
+                "route" => assert!(
+                    ROUTES.contains(&v.as_str()),
+                    "route {v:?} is not a template: {line}"
+                ),
+                "outcome" => {
+                    assert!(
+                        OUTCOMES.contains(&v.as_str()),
+                        "outcome {v:?} is not a contract code: {line}"
+                    );
+                    if s.name == "seckill_requests_total" {
+                        outcomes_seen.insert(v.clone());
+                    }
+                }
+                "item" => {
+                    assert!(
+                        seckill_gateway::ids::valid_id(v) && v.starts_with("item_"),
+                        "item label {v:?} is not an item id of these tests: {line}"
+                    );
+                    items_seen.insert(v.clone());
+                }
+                "le" => assert!(
+                    v == "+Inf" || v.parse::<f64>().is_ok(),
+                    "le={v:?} is not a number: {line}"
+                ),
+                other => {
+                    let allowed = LABEL_VALUES
+                        .iter()
+                        .find(|(name, _)| *name == other)
+                        .unwrap_or_else(|| panic!("unexpected label {other:?}: {line}"));
+                    assert!(
+                        allowed.1.contains(&v.as_str()),
+                        "{other}={v:?} not a known value: {line}"
+                    );
+                }
+            }
+        }
+    }
+
+    // Every outcome driven is counted, and every outcome of the brief was driven.
+    let required = [
+        "ok",
+        "bad_request",
+        "unauthenticated",
+        "forbidden",
+        "unknown_item",
+        "unknown_order",
+        "limit_reached",
+        "order_closed",
+        "sold_out",
+        "not_started",
+        "ended",
+        "payload_too_large",
+        "rate_limited",
+        "unavailable",
+    ];
+    for o in required {
+        assert!(
+            d.outcomes.contains_key(o),
+            "the test did not drive outcome {o}"
+        );
+    }
+    for o in d.outcomes.keys() {
+        assert!(
+            outcomes_seen.contains(o),
+            "outcome {o} was answered but is not in seckill_requests_total (seen: {outcomes_seen:?})"
+        );
+    }
+    for item in items {
+        assert!(
+            items_seen.contains(item.as_str()),
+            "no seckill_stock_remaining/total for item {item}"
+        );
+    }
+    // The routes driven appear too.
+    for route in [
+        "item_get",
+        "reserve",
+        "pay",
+        "cancel",
+        "order_get",
+        "admin_item_put",
+        "admin_stats",
+        "metrics",
+        "healthz",
+        "readyz",
+    ] {
+        assert!(
+            text.contains(&format!("route=\"{route}\"")),
+            "route {route} missing from /metrics"
+        );
+    }
+
+    stop_gateway(gw).await;
+    eprintln!(
+        "[lint] done in {:?}: {} outcomes driven ({:?}), {} lines of /metrics",
+        t0.elapsed(),
+        d.outcomes.len(),
+        d.outcomes,
+        text.lines().count()
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Test 2: a real Prometheus scraping the gateway; every dashboard query returns data
+
+/// A `prometheus` child process on a free loopback port, with its configuration and
+/// storage in a temporary directory. Dropping it kills it (by PID) and reaps it.
+struct Prometheus {
+    child: std::process::Child,
+    url: String,
+    dir: tempfile::TempDir,
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Prometheus {
+    /// Start Prometheus scraping `target` (host:port) every second as job `seckill`, with
+    /// the alert rules of `alerts` evaluated every second; wait until it is ready.
+    async fn start(target: &str, alerts: &Path) -> Prometheus {
+        let dir = tempfile::Builder::new()
+            .prefix("seckill-prom-")
+            .tempdir()
+            .expect("temporary directory for prometheus");
+        let config = format!(
+            "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n  evaluation_interval: 1s\n\
+             rule_files:\n  - {alerts}\n\
+             scrape_configs:\n  - job_name: seckill\n    metrics_path: /metrics\n    \
+             static_configs:\n      - targets: ['{target}']\n",
+            alerts = alerts.display()
+        );
+        let config_path = dir.path().join("prometheus.yml");
+        std::fs::write(&config_path, config).unwrap();
+        let http = http_client();
+        let mut last_log = String::new();
+        for _ in 0..3 {
+            let port = free_port();
+            let url = format!("http://127.0.0.1:{port}");
+            let log_path = dir.path().join(format!("prometheus-{port}.log"));
+            let log = std::fs::File::create(&log_path).unwrap();
+            let spawned = std::process::Command::new("prometheus")
+                .arg(format!("--config.file={}", config_path.display()))
+                .arg(format!(
+                    "--storage.tsdb.path={}",
+                    dir.path().join(format!("data-{port}")).display()
+                ))
+                .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+                .arg("--log.level=warn")
+                .stdin(Stdio::null())
+                .stdout(log.try_clone().unwrap())
+                .stderr(log)
+                .spawn();
+            let mut child = match spawned {
+                Ok(c) => c,
+                Err(e) => panic!(
+                    "prometheus not runnable ({e}): install Prometheus (Debian/Ubuntu: apt-get install \
+                     prometheus; or a release from prometheus.io on PATH), or run ./scripts/test"
+                ),
+            };
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                if let Ok(r) = http.get(format!("{url}/-/ready")).send().await
+                    && r.status().is_success()
+                {
+                    return Prometheus { child, url, dir };
+                }
+                if child.try_wait().ok().flatten().is_some() || Instant::now() > deadline {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            // Lost the port race or never ready: stop this one (by PID) and try another port.
+            let _ = child.kill();
+            let _ = child.wait();
+            last_log = std::fs::read_to_string(&log_path).unwrap_or_default();
+        }
+        panic!("prometheus did not become ready on 3 ports; last log:\n{last_log}");
+    }
+
+    /// An instant query; panics unless Prometheus answers `success`.
+    async fn query(&self, http: &reqwest::Client, expr: &str) -> Vec<Value> {
+        let body: Value = http
+            .post(format!("{}/api/v1/query", self.url))
+            .form(&[("query", expr)])
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("query {expr}: {e}"))
+            .json()
+            .await
+            .unwrap_or_else(|e| panic!("query {expr}: {e}"));
+        assert_eq!(body["status"], "success", "query {expr}: {body}");
+        body["data"]["result"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// The first value of an instant vector query, if any.
+    async fn value(&self, http: &reqwest::Client, expr: &str) -> Option<f64> {
+        self.query(http, expr)
+            .await
+            .first()
+            .and_then(|s| s["value"][1].as_str().and_then(|v| v.parse().ok()))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prometheus_scrapes_and_every_dashboard_query_returns_data() {
+    let t0 = Instant::now();
+    let root = repo_root();
+    let alerts = root.join("deploy/prometheus/alerts.yml");
+    let query_script = root.join("scripts/checks/lib/query_prometheus.py");
+    assert!(alerts.is_file() && query_script.is_file());
+    match std::process::Command::new("python3")
+        .args(["-c", "import yaml"])
+        .output()
+    {
+        Ok(o) if o.status.success() => {}
+        Ok(_) => panic!(
+            "python3 has no PyYAML (needed to read alerts.yml): apt-get install python3-yaml"
+        ),
+        Err(e) => panic!("python3 not runnable ({e}): apt-get install python3 python3-yaml"),
+    }
+
+    let redis = RedisServer::start();
+    let db = shared_pg();
+    let gw = start_gateway(gateway_config(
+        &redis.url(),
+        &db,
+        &[("--rate-per-user", "5"), ("--persist-wait", "10ms")],
+    ))
+    .await;
+    let http = http_client();
+    let base = gw.url();
+    let prom = Prometheus::start(&gw.addr.to_string(), &alerts).await;
+    eprintln!(
+        "[prom] gateway and prometheus ({}) up after {:?}",
+        prom.url,
+        t0.elapsed()
+    );
+
+    // Items: a hot one that sells out during the load, a calm one, one whose sale is over.
+    let now = system_now_ms();
+    let hot = unique("item");
+    let calm = unique("item");
+    let over = unique("item");
+    put_item(
+        &http,
+        &base,
+        &hot,
+        &item_body(25, 1, now - MINUTE_MS, now + HOUR_MS),
+    )
+    .await;
+    put_item(
+        &http,
+        &base,
+        &calm,
+        &item_body(1000, 2, now - MINUTE_MS, now + HOUR_MS),
+    )
+    .await;
+    put_item(
+        &http,
+        &base,
+        &over,
+        &item_body(10, 1, now - 2 * HOUR_MS, now - HOUR_MS),
+    )
+    .await;
+
+    // Prometheus sees the gateway before the load starts.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while prom.value(&http, r#"up{job="seckill"}"#).await != Some(1.0) {
+        assert!(
+            Instant::now() < deadline,
+            "prometheus never scraped the gateway (up != 1)"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // The load: ~9 s (so rate() over the 1m $__rate_interval the script substitutes has
+    // many samples of every series), rounds of mixed outcomes every 200 ms.
+    let load_for = Duration::from_secs(9);
+    let started = Instant::now();
+    let mut outcomes: BTreeMap<String, usize> = BTreeMap::new();
+    let mut count = |a: &Answer| *outcomes.entry(a.code.clone()).or_default() += 1;
+    let mut previous: Vec<(String, String)> = Vec::new(); // (user, order) of the last round
+    let mut round = 0u32;
+    while started.elapsed() < load_for {
+        round += 1;
+        // Last round's orders: pay one, cancel the other, look one up.
+        for (i, (user, order)) in previous.drain(..).enumerate() {
+            let path = if i % 2 == 0 { "pay" } else { "cancel" };
+            count(
+                &send(
+                    &http,
+                    &base,
+                    Req::post(format!("/api/v1/orders/{order}/{path}")).user(&user),
+                )
+                .await,
+            );
+            count(
+                &send(
+                    &http,
+                    &base,
+                    Req::get(format!("/api/v1/orders/{order}")).user(&user),
+                )
+                .await,
+            );
+        }
+        // New shoppers on both items (hot sells out after a while: sold_out).
+        for item in [&hot, &hot, &calm] {
+            let user = unique("user");
+            let a = send(
+                &http,
+                &base,
+                Req::post(format!("/api/v1/items/{item}/reserve")).user(&user),
+            )
+            .await;
+            count(&a);
+            if let Some(order) = a.json["order_id"].as_str() {
+                previous.push((user, order.to_owned()));
+            }
+        }
+        let user = unique("user");
+        count(&send(&http, &base, Req::get(format!("/api/v1/items/{hot}"))).await);
+        count(&send(&http, &base, Req::get(format!("/api/v1/items/{calm}"))).await);
+        count(
+            &send(
+                &http,
+                &base,
+                Req::post(format!("/api/v1/items/{over}/reserve")).user(&user),
+            )
+            .await,
+        );
+        count(
+            &send(
+                &http,
+                &base,
+                Req::post(format!("/api/v1/items/{}/reserve", unique("item"))).user(&user),
+            )
+            .await,
+        );
+        count(
+            &send(
+                &http,
+                &base,
+                Req::post(format!("/api/v1/items/{calm}/reserve")),
+            )
+            .await,
+        );
+        count(
+            &send(
+                &http,
+                &base,
+                Req::post(format!("/api/v1/items/{calm}/reserve"))
+                    .user(&user)
+                    .json(&json!({"qty": 5})),
+            )
+            .await,
+        );
+        if round.is_multiple_of(5) {
+            // One shopper hammering: past the burst of 5, 429.
+            let eager = unique("user");
+            for _ in 0..8 {
+                count(
+                    &send(
+                        &http,
+                        &base,
+                        Req::post(format!("/api/v1/items/{over}/reserve")).user(&eager),
+                    )
+                    .await,
+                );
+            }
+            count(
+                &send(
+                    &http,
+                    &base,
+                    Req::get(format!("/admin/v1/items/{hot}/stats")).admin(ADMIN_TOKEN),
+                )
+                .await,
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let total: usize = outcomes.values().sum();
+    eprintln!(
+        "[prom] load: {total} requests in {round} rounds, {:?}: {outcomes:?}",
+        started.elapsed()
+    );
+    for o in [
+        "ok",
+        "sold_out",
+        "ended",
+        "unknown_item",
+        "unauthenticated",
+        "bad_request",
+        "rate_limited",
+    ] {
+        assert!(
+            outcomes.contains_key(o),
+            "the load produced no {o}: {outcomes:?}"
+        );
+    }
+    assert!(
+        outcomes
+            .keys()
+            .all(|o| !["internal", "unavailable"].contains(&o.as_str())),
+        "the gateway failed under the load: {outcomes:?}"
+    );
+
+    // Wait for two scrapes after the load (the last counts and gauges are in Prometheus)
+    // and for the persistence histogram to have been scraped.
+    let load_end = system_now_ms() as f64 / 1000.0;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let scraped = prom.value(&http, r#"timestamp(up{job="seckill"})"#).await;
+        let batches = prom
+            .value(
+                &http,
+                r#"sum(seckill_persist_batch_size_count{job="seckill"})"#,
+            )
+            .await;
+        if scraped.is_some_and(|t| t > load_end + 1.0) && batches.is_some_and(|n| n > 0.0) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "prometheus did not scrape after the load (last scrape {scraped:?}, load end {load_end}; \
+             persisted batches {batches:?})"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    eprintln!("[prom] scraped after the load at {:?}", t0.elapsed());
+
+    // Every dashboard and variable query parses and returns data; every alert expression
+    // parses; every rule of alerts.yml is loaded and evaluated with health ok.
+    let out = tokio::process::Command::new("python3")
+        .arg(&query_script)
+        .args(["dashboard", "variables", "alerts"])
+        .args(["--url", &prom.url])
+        .arg("--rules")
+        .arg(&alerts)
+        .args(["--require-data", "dashboard", "variables"])
+        .arg("-v")
+        .current_dir(&root)
+        .kill_on_drop(true)
+        .output()
+        .await
+        .expect("run python3 scripts/checks/lib/query_prometheus.py");
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("{report}");
+    assert!(
+        out.status.success(),
+        "query_prometheus.py failed ({}):\n{report}\n--- prometheus log ---\n{}",
+        out.status,
+        std::fs::read_dir(prom.dir.path())
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".log"))
+            .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
+            .collect::<String>()
+    );
+    assert!(
+        report.contains("every dashboard/variables query returned data"),
+        "query_prometheus.py did not require data:\n{report}"
+    );
+
+    drop(prom);
+    stop_gateway(gw).await;
+    drop(redis);
+    eprintln!("[prom] done in {:?}", t0.elapsed());
+}
