@@ -24,6 +24,28 @@ fn random_v7() -> String {
     uuid::Uuid::now_v7().hyphenated().to_string()
 }
 
+/// Issue 4, acceptance 4: once the pipeline is quiet, the database agrees with Redis
+/// (statuses equal), as `seckill-gateway reconcile` checks it.
+async fn assert_reconcile_clean(gw: &Gateway, redis_url: &str, item: &str) {
+    let client = redis::Client::open(redis_url).unwrap();
+    let mut conn = redis::aio::ConnectionManager::new(client).await.unwrap();
+    let store = gw.running().app.store.clone();
+    let mut last = None;
+    for _ in 0..100 {
+        let report =
+            seckill_gateway::orders::reconcile::reconcile(&mut conn, &store, Some(item), false)
+                .await
+                .unwrap();
+        if report.differences.is_empty() && report.pending_events == 0 {
+            assert!(report.orders_checked > 0, "reconcile looked at the orders");
+            return;
+        }
+        last = Some(report.differences);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("reconcile never came clean: {last:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pay_and_order_lookup() {
     let redis = RedisServer::start();
@@ -192,6 +214,7 @@ async fn cancel_returns_stock_and_quota_once() {
         (json!(2), json!(1))
     );
     assert_eq!(v["stock_remaining"], json!(0));
+    assert_reconcile_clean(&gw, &redis.url(), &item).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -282,7 +305,9 @@ async fn late_payments_race_the_sweeper() {
     const N: usize = 1000;
     let redis = RedisServer::start();
     let mut rd = Redis::connect(&redis.client()).await;
-    // The test runs the sweeps itself (two loops, as two instances would).
+    // The test runs the sweeps itself (two loops, as two instances would). Its gateway
+    // persists nothing, so every event stays in the stream for the checks below; a second
+    // instance persists them afterwards.
     let gw = Gateway::builder(&redis.url())
         .flag("--payment-timeout", "2s")
         .flag("--workers", "false")
@@ -436,6 +461,13 @@ async fn late_payments_race_the_sweeper() {
         .await
         .unwrap();
     assert_eq!(deadlines_left, 0, "no deadline left behind");
+    // Acceptance 4: an instance with the persistence worker drains the streams; then the
+    // database statuses equal Redis statuses.
+    let persister = Gateway::builder(&redis.url())
+        .flag("--payment-timeout", "2s")
+        .start()
+        .await;
+    assert_reconcile_clean(&persister, &redis.url(), &item).await;
 }
 
 /// Acceptance 3: two gateways on one Redis; the sold-out flag of the second

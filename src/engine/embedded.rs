@@ -487,13 +487,19 @@ impl StockEngine for EmbeddedEngine {
 
     async fn expire_due(&self, max: usize) -> Result<Vec<Expired>, Error> {
         let now = self.clock.now_ms();
+        // At most `max` per shard, as the Redis engine reads each shard's deadline set.
         let due: Vec<(String, String)> = {
             let s = self.lock();
+            let mut per_shard: HashMap<u32, usize> = HashMap::new();
             s.deadlines
                 .iter()
                 .take_while(|(at, _)| *at <= now)
-                .take(max)
                 .filter_map(|(_, id)| s.orders.get(id).map(|o| (id.clone(), o.item_id.clone())))
+                .filter(|(_, item)| {
+                    let n = per_shard.entry(crate::ids::shard_of(item)).or_default();
+                    *n += 1;
+                    *n <= max
+                })
                 .collect()
         };
         let mut expired = Vec::new();

@@ -15,8 +15,8 @@ use super::reply::{self, Body};
 use crate::app::App;
 use crate::clock::{parse_rfc3339, rfc3339};
 use crate::engine::{
-    ItemSpec, ItemState, Order, PutReply, ReserveCmd, ReserveReply, StockEngine, Transition,
-    TransitionReply,
+    ItemSpec, ItemState, Order, OrderStatus, PutReply, ReserveCmd, ReserveReply, StockEngine,
+    Transition, TransitionReply,
 };
 use crate::error::{Error, Reject};
 use crate::identity::is_admin;
@@ -431,6 +431,22 @@ async fn transition(ctx: &Ctx<'_>, req: Request<Incoming>, t: Transition) -> Ans
         .transition(t, order_id, &user)
         .await
         .map_err(|e| failed(ctx, what, e))?;
+    let stock_back = matches!(
+        outcome,
+        TransitionReply::Done {
+            status: OrderStatus::Cancelled,
+            ..
+        } | TransitionReply::Closed {
+            status: OrderStatus::Expired
+        }
+    );
+    if stock_back && ctx.app.config.embedded() {
+        // Stock came back: clear the local sold-out flag (with Redis, the engine's pub/sub
+        // message does this on every instance, this one included).
+        if let Ok(Some(o)) = ctx.app.engine.order(order_id).await {
+            ctx.app.cache.invalidate(&o.item_id);
+        }
+    }
     match outcome {
         TransitionReply::Done { status, .. } => {
             metrics::order_event(status.as_str());
