@@ -1161,3 +1161,67 @@ async fn prometheus_scrapes_and_every_dashboard_query_returns_data() {
     drop(redis);
     eprintln!("[prom] done in {:?}", t0.elapsed());
 }
+
+/// Issue 6: with `SECKILL_LOG_FORMAT=json` every log line is JSON, and the lines of one
+/// request carry its request id (the one the client sent, echoed in `X-Request-Id`).
+#[test]
+fn json_logs_carry_the_request_id() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+
+    let dir = tempfile::tempdir().unwrap();
+    let port = common::free_port();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_seckill-gateway"))
+        .current_dir(dir.path())
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("SECKILL_LISTEN", format!("127.0.0.1:{port}"))
+        .env("SECKILL_LOG_FORMAT", "json")
+        .env("RUST_LOG", "seckill_gateway=debug")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let echoed = rt.block_on(async {
+        let http = reqwest::Client::new();
+        let url = format!("http://127.0.0.1:{port}/api/v1/items/demo/reserve");
+        for _ in 0..100 {
+            if let Ok(r) = http
+                .post(&url)
+                .header("x-user-id", "logger")
+                .header("x-request-id", "req-json-1")
+                .send()
+                .await
+            {
+                return r.headers()["x-request-id"].to_str().unwrap().to_owned();
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        panic!("gateway did not start");
+    });
+    assert_eq!(echoed, "req-json-1");
+    child.kill().unwrap();
+    let stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut carried = 0;
+    for line in stderr.lines().map_while(Result::ok) {
+        let v: serde_json::Value =
+            serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        let in_request = v["span"]["request_id"].as_str() == Some("req-json-1")
+            || v["spans"]
+                .as_array()
+                .is_some_and(|s| s.iter().any(|s| s["request_id"] == "req-json-1"));
+        if in_request {
+            assert_eq!(v["span"]["route"], "reserve", "{line}");
+            carried += 1;
+        }
+    }
+    child.wait().unwrap();
+    assert!(
+        carried >= 1,
+        "a log line of the request carries its request id"
+    );
+}

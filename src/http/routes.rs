@@ -139,7 +139,7 @@ pub async fn handle(app: &Arc<App>, req: Request<Incoming>, peer: SocketAddr) ->
             }
         }
     }
-    .instrument(span)
+    .instrument(span.clone())
     .await;
     let (mut response, outcome) = match answer {
         Ok(r) => (r, "ok"),
@@ -157,7 +157,7 @@ pub async fn handle(app: &Arc<App>, req: Request<Incoming>, peer: SocketAddr) ->
         .increment(1);
     metrics::histogram!(metrics::REQUEST_DURATION, "route" => route.label())
         .record(started.elapsed().as_secs_f64());
-    tracing::debug!(request_id = %request_id, route = route.label(), outcome, status = response.status().as_u16(), "request");
+    span.in_scope(|| tracing::debug!(outcome, status = response.status().as_u16(), "request"));
     response
 }
 
