@@ -74,7 +74,8 @@ impl App {
                     config.payment_timeout,
                     config.idempotency_ttl,
                     Some(Box::new(journal)),
-                );
+                )
+                .with_closed_ttl(config.closed_order_ttl);
                 engine.restore(store.items().await?, store.orders(None).await?);
                 Engine::Embedded(engine)
             }

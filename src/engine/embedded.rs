@@ -47,6 +47,9 @@ pub struct EmbeddedEngine {
     journal: Option<Box<dyn Journal>>,
     payment_timeout_ms: Millis,
     idem_ttl_ms: Millis,
+    /// How long a closed order stays in memory (the store answers lookups after that), as
+    /// the Redis engine's `closed_order_ttl`. `None`: forever (tests of pure semantics).
+    closed_ttl_ms: Option<Millis>,
 }
 
 impl EmbeddedEngine {
@@ -62,7 +65,30 @@ impl EmbeddedEngine {
             journal,
             payment_timeout_ms: payment_timeout.as_millis() as Millis,
             idem_ttl_ms: idem_ttl.as_millis() as Millis,
+            closed_ttl_ms: None,
         }
+    }
+
+    /// Forget closed orders this long after they closed, so memory stays bounded during a
+    /// long sale; the store keeps them (order lookups fall back to it).
+    pub fn with_closed_ttl(mut self, ttl: Duration) -> Self {
+        self.closed_ttl_ms = Some(ttl.as_millis() as Millis);
+        self
+    }
+
+    /// Drop closed orders past their TTL and idempotency keys past theirs. Returns how many
+    /// orders were dropped. The sweeper calls it.
+    pub fn prune(&self) -> usize {
+        let now = self.clock.now_ms();
+        let mut s = self.lock();
+        s.idem.retain(|_, (_, expires)| *expires > now);
+        let Some(ttl) = self.closed_ttl_ms else {
+            return 0;
+        };
+        let before = s.orders.len();
+        s.orders
+            .retain(|_, o| !o.status.is_final() || o.updated_ms + ttl > now);
+        before - s.orders.len()
     }
 
     pub fn clock(&self) -> &Clock {
@@ -525,5 +551,65 @@ impl StockEngine for EmbeddedEngine {
 
     async fn ping(&self) -> Result<(), Error> {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn closed_orders_and_old_keys_are_pruned() {
+        let clock = Clock::manual(1_000_000);
+        let e = EmbeddedEngine::new(
+            clock.clone(),
+            Duration::from_secs(60),
+            Duration::from_secs(10),
+            None,
+        )
+        .with_closed_ttl(Duration::from_secs(30));
+        let spec = ItemSpec {
+            item_id: "i".into(),
+            name: "n".into(),
+            price_cents: 1,
+            stock_total: 10,
+            per_user_limit: 5,
+            starts_ms: 0,
+            ends_ms: i64::MAX / 2,
+        };
+        e.put_item(&spec).await.unwrap();
+        let mut ids = Vec::new();
+        for n in 0..3 {
+            let cmd = ReserveCmd {
+                item_id: "i".into(),
+                user_id: "u".into(),
+                qty: 1,
+                order_id: format!("o{n}"),
+                idem_key: Some(format!("k{n}")),
+            };
+            e.reserve(&cmd).await.unwrap();
+            ids.push(cmd.order_id);
+        }
+        e.transition(Transition::Pay, &ids[0], "u").await.unwrap();
+        e.transition(Transition::Cancel, &ids[1], "u")
+            .await
+            .unwrap();
+        clock.advance(29_000);
+        assert_eq!(e.prune(), 0, "closed less than the TTL ago");
+        clock.advance(2_000);
+        assert_eq!(
+            e.prune(),
+            2,
+            "paid and cancelled orders dropped, the reserved one kept"
+        );
+        assert!(e.order(&ids[2]).await.unwrap().is_some());
+        assert!(e.lock().idem.is_empty(), "keys older than 10 s dropped");
+        // Counters and quotas are untouched by pruning.
+        let item = e.item("i").await.unwrap().unwrap();
+        assert_eq!(
+            (item.stock, item.reserved, item.paid, item.cancelled),
+            (8, 1, 1, 1)
+        );
+        assert_eq!(e.held("i", "u"), 2);
     }
 }

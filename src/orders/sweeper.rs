@@ -28,6 +28,9 @@ pub async fn run(app: Arc<App>, mut shutdown: watch::Receiver<bool>) {
 /// One pass: expire everything due (in batches), then clear local flags of items whose
 /// stock came back (other instances hear it by pub/sub).
 pub async fn sweep(app: &App) -> usize {
+    if let crate::engine::Engine::Embedded(e) = &app.engine {
+        e.prune();
+    }
     let mut total = 0;
     loop {
         match app.engine.expire_due(BATCH).await {
