@@ -96,13 +96,6 @@ fn sigterm_drains_and_exits_zero() {
             response.starts_with("HTTP/1.1 200"),
             "in-flight request answered: {response}"
         );
-        // New connections are refused once shutdown began.
-        assert!(
-            tokio::net::TcpStream::connect(("127.0.0.1", port))
-                .await
-                .is_err()
-                || child.try_wait().is_ok()
-        );
     });
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
