@@ -1,0 +1,26 @@
+-- wrk: POST /api/v1/items/ITEM/reserve {"qty":1} with X-User-Id drawn among USERS.
+--   wrk -t1 -c256 -d10s --latency -s loadtest/wrk/reserve.lua http://127.0.0.1:PORT -- ITEM USERS
+-- USERS = 0: every request is a new user (the pure reserve path on a big-stock item).
+-- Prints a status histogram and a WRK_JSON line (see common.lua).
+local dir = debug.getinfo(1, "S").source:match("^@(.*/)") or "./"
+package.path = dir .. "?.lua;" .. package.path
+local common = require("common")
+
+setup = common.setup
+done = common.done
+
+local users, make
+
+function init(args)
+  local item
+  item, users = common.args(args, "demo")
+  make = common.template("POST", "/api/v1/items/" .. item .. "/reserve", '{"qty":1}')
+end
+
+function request()
+  return make(common.user(users))
+end
+
+function response(status, headers, body)
+  common.count_status(status)
+end
