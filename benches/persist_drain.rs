@@ -4,7 +4,8 @@
 //! the persistence lag: from an event's XADD until its row is in the database.
 //!
 //! Run: `cargo bench --bench persist_drain` (starts its own redis-server and PostgreSQL on
-//! free ports; `SECKILL_BENCH_EVENTS` and `SECKILL_BENCH_RATE` override the sizes).
+//! free ports; `SECKILL_BENCH_EVENTS` and `SECKILL_BENCH_RATE` override the sizes). Under
+//! `cargo test` it runs with 5,000 events as a smoke test.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -68,8 +69,10 @@ async fn total_rows(store: &Store, items: &[String]) -> usize {
 }
 
 fn main() {
-    let events = env_usize("SECKILL_BENCH_EVENTS", 100_000);
-    let rate = env_usize("SECKILL_BENCH_RATE", 10_000);
+    // `cargo bench` passes `--bench`; under `cargo test` this runs as a small smoke test.
+    let bench = std::env::args().any(|a| a == "--bench");
+    let events = env_usize("SECKILL_BENCH_EVENTS", if bench { 100_000 } else { 5_000 });
+    let rate = env_usize("SECKILL_BENCH_RATE", if bench { 10_000 } else { 2_000 });
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -89,10 +89,10 @@ fn stages(c: &mut Criterion) {
         Duration::from_secs(3600),
         None,
     );
-    rt.block_on(engine.put_item(&spec("bench-item", i64::MAX / 4)))
+    rt.block_on(engine.put_item(&spec("bench-item", 1_000_000_000)))
         .unwrap();
     let filter = ItemFilter::new(["bench-item".to_owned()]);
-    cache.put_item(Arc::new(spec("bench-item", i64::MAX / 4)));
+    cache.put_item(Arc::new(spec("bench-item", 1_000_000_000)));
     let seq = AtomicU64::new(0);
     c.bench_function("path: limiter+bloom+cache+embedded reserve+reply", |b| {
         b.iter(|| {
@@ -115,6 +115,7 @@ fn stages(c: &mut Criterion) {
 
     // The reserve script round trip on a real redis-server.
     let redis = common::RedisServer::start();
+    let _runtime = rt.enter(); // the connection manager spawns its task on it
     let engine = RedisEngine::new(
         RedisSettings {
             url: redis.url(),
@@ -129,7 +130,7 @@ fn stages(c: &mut Criterion) {
         Clock::system(),
     )
     .unwrap();
-    rt.block_on(engine.put_item(&spec("bench-item", i64::MAX / 4)))
+    rt.block_on(engine.put_item(&spec("bench-item", 1_000_000_000)))
         .unwrap();
     let seq = AtomicU64::new(0);
     c.bench_function(

@@ -537,14 +537,17 @@ async fn admin_item_put(ctx: &Ctx<'_>, req: Request<Incoming>) -> Answer {
     if b.name.trim().is_empty() || b.name.chars().count() > 200 {
         return bad("name must be 1-200 characters");
     }
-    if b.price_cents < 0 {
-        return bad("price_cents must be >= 0");
+    // Lua numbers are doubles: integers above 2^53 would be stored imprecisely, so every
+    // count stays far below that.
+    const MAX_COUNT: i64 = 1_000_000_000_000;
+    if !(0..=MAX_COUNT).contains(&b.price_cents) {
+        return bad("price_cents must be 0..=1000000000000");
     }
-    if b.stock < 0 {
-        return bad("stock must be >= 0");
+    if !(0..=MAX_COUNT).contains(&b.stock) {
+        return bad("stock must be 0..=1000000000000");
     }
-    if b.per_user_limit < 1 {
-        return bad("per_user_limit must be >= 1");
+    if !(1..=MAX_COUNT).contains(&b.per_user_limit) {
+        return bad("per_user_limit must be 1..=1000000000000");
     }
     let (Some(starts_ms), Some(ends_ms)) = (parse_rfc3339(&b.starts_at), parse_rfc3339(&b.ends_at))
     else {
