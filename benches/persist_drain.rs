@@ -21,10 +21,7 @@ use seckill_gateway::orders::event::OrderEvent;
 use seckill_gateway::orders::store::Store;
 
 fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
 
 /// XADD `n` reserved events for `items` (spread over shards), pipelined.

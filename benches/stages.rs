@@ -45,22 +45,14 @@ fn stages(c: &mut Criterion) {
     });
 
     let filter = ItemFilter::new((0..1000).map(|i| format!("item-{i}")));
-    c.bench_function("bloom: unknown id", |b| {
-        b.iter(|| filter.may_contain("no-such-item"))
-    });
-    c.bench_function("bloom: known id", |b| {
-        b.iter(|| filter.may_contain("item-500"))
-    });
+    c.bench_function("bloom: unknown id", |b| b.iter(|| filter.may_contain("no-such-item")));
+    c.bench_function("bloom: known id", |b| b.iter(|| filter.may_contain("item-500")));
 
     let cache = LocalCache::new(Duration::from_secs(60), Duration::from_secs(60));
     cache.put_item(Arc::new(spec("hot", 10)));
     cache.mark_sold_out("gone");
-    c.bench_function("cache: item metadata hit", |b| {
-        b.iter(|| cache.item("hot").is_some())
-    });
-    c.bench_function("cache: sold-out flag hit", |b| {
-        b.iter(|| cache.is_sold_out("gone"))
-    });
+    c.bench_function("cache: item metadata hit", |b| b.iter(|| cache.item("hot").is_some()));
+    c.bench_function("cache: sold-out flag hit", |b| b.iter(|| cache.is_sold_out("gone")));
 
     #[derive(serde::Deserialize)]
     struct Body {
@@ -133,21 +125,18 @@ fn stages(c: &mut Criterion) {
     rt.block_on(engine.put_item(&spec("bench-item", 1_000_000_000)))
         .unwrap();
     let seq = AtomicU64::new(0);
-    c.bench_function(
-        "redis: reserve.lua round trip (one connection, sequential)",
-        |b| {
-            b.iter(|| {
-                let cmd = ReserveCmd {
-                    item_id: "bench-item".into(),
-                    user_id: format!("u{}", seq.fetch_add(1, Ordering::Relaxed)),
-                    qty: 1,
-                    order_id: new_order_id("bench-item"),
-                    idem_key: None,
-                };
-                rt.block_on(engine.reserve(&cmd)).unwrap()
-            })
-        },
-    );
+    c.bench_function("redis: reserve.lua round trip (one connection, sequential)", |b| {
+        b.iter(|| {
+            let cmd = ReserveCmd {
+                item_id: "bench-item".into(),
+                user_id: format!("u{}", seq.fetch_add(1, Ordering::Relaxed)),
+                qty: 1,
+                order_id: new_order_id("bench-item"),
+                idem_key: None,
+            };
+            rt.block_on(engine.reserve(&cmd)).unwrap()
+        })
+    });
 }
 
 criterion_group! {

@@ -67,8 +67,7 @@ impl App {
                 clock.clone(),
             )?),
             None => {
-                let journal =
-                    crate::orders::journal::SqliteJournal::start(store.clone(), clock.clone());
+                let journal = crate::orders::journal::SqliteJournal::start(store.clone(), clock.clone());
                 let engine = EmbeddedEngine::new(
                     clock.clone(),
                     config.payment_timeout,
@@ -96,9 +95,7 @@ impl App {
             }
         };
         if config.jwt_secret.is_none() {
-            tracing::warn!(
-                "SECKILL_JWT_SECRET unset: trusting the X-User-Id header (run behind a proxy that sets it)"
-            );
+            tracing::warn!("SECKILL_JWT_SECRET unset: trusting the X-User-Id header (run behind a proxy that sets it)");
         }
         let app = App {
             identity: Identity::new(config.jwt_secret.as_deref()),
@@ -144,10 +141,7 @@ impl App {
     }
 
     /// Start the background tasks; they end when `shutdown` turns true.
-    pub fn spawn_background(
-        self: &Arc<Self>,
-        shutdown: watch::Receiver<bool>,
-    ) -> Vec<tokio::task::JoinHandle<()>> {
+    pub fn spawn_background(self: &Arc<Self>, shutdown: watch::Receiver<bool>) -> Vec<tokio::task::JoinHandle<()>> {
         let mut tasks = Vec::new();
         let app = self.clone();
         let mut stop = shutdown.clone();
@@ -204,10 +198,9 @@ async fn subscribe_loop(app: Arc<App>, mut shutdown: watch::Receiver<bool>) {
     loop {
         let connected = AtomicBool::new(false);
         let attempt = async {
-            let mut pubsub =
-                tokio::time::timeout(app.config.redis_timeout, engine.client().get_async_pubsub())
-                    .await
-                    .map_err(|_| Error::RedisTimeout)??;
+            let mut pubsub = tokio::time::timeout(app.config.redis_timeout, engine.client().get_async_pubsub())
+                .await
+                .map_err(|_| Error::RedisTimeout)??;
             tokio::time::timeout(app.config.redis_timeout, pubsub.subscribe(keys::BUS))
                 .await
                 .map_err(|_| Error::RedisTimeout)??;

@@ -200,14 +200,9 @@ impl Config {
             })
         };
         if let Some(url) = &self.redis_url
-            && !(url.starts_with("redis://")
-                || url.starts_with("rediss://")
-                || url.starts_with("unix://"))
+            && !(url.starts_with("redis://") || url.starts_with("rediss://") || url.starts_with("unix://"))
         {
-            return bad(
-                "REDIS_URL",
-                "must start with redis://, rediss:// or unix://",
-            );
+            return bad("REDIS_URL", "must start with redis://, rediss:// or unix://");
         }
         if !(self.database_url.starts_with("postgres://")
             || self.database_url.starts_with("postgresql://")

@@ -87,9 +87,7 @@ impl Reject {
     /// Seconds for the `Retry-After` header, where the contract asks for one.
     pub fn retry_after(&self) -> Option<u64> {
         match self {
-            Reject::RateLimited { retry_after_s } | Reject::Unavailable { retry_after_s, .. } => {
-                Some(*retry_after_s)
-            }
+            Reject::RateLimited { retry_after_s } | Reject::Unavailable { retry_after_s, .. } => Some(*retry_after_s),
             _ => None,
         }
     }
@@ -108,10 +106,7 @@ impl Reject {
             Reject::OrderClosed { status } => format!("the order is {status}"),
             Reject::SoldOut => "sold out".to_owned(),
             Reject::NotStarted { starts_at_ms } => {
-                format!(
-                    "the sale starts at {}",
-                    crate::clock::rfc3339(*starts_at_ms)
-                )
+                format!("the sale starts at {}", crate::clock::rfc3339(*starts_at_ms))
             }
             Reject::Ended => "the sale has ended".to_owned(),
             Reject::PayloadTooLarge => "request body over 4 KiB".to_owned(),
@@ -234,25 +229,13 @@ mod tests {
             (Reject::Forbidden(""), 403, "forbidden"),
             (Reject::UnknownItem, 404, "unknown_item"),
             (Reject::UnknownOrder, 404, "unknown_order"),
-            (
-                Reject::LimitReached { held: 1, limit: 1 },
-                409,
-                "limit_reached",
-            ),
-            (
-                Reject::OrderClosed { status: "expired" },
-                409,
-                "order_closed",
-            ),
+            (Reject::LimitReached { held: 1, limit: 1 }, 409, "limit_reached"),
+            (Reject::OrderClosed { status: "expired" }, 409, "order_closed"),
             (Reject::SoldOut, 410, "sold_out"),
             (Reject::NotStarted { starts_at_ms: 0 }, 425, "not_started"),
             (Reject::Ended, 410, "ended"),
             (Reject::PayloadTooLarge, 413, "payload_too_large"),
-            (
-                Reject::RateLimited { retry_after_s: 1 },
-                429,
-                "rate_limited",
-            ),
+            (Reject::RateLimited { retry_after_s: 1 }, 429, "rate_limited"),
             (
                 Reject::Unavailable {
                     retry_after_s: 1,

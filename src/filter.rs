@@ -33,8 +33,8 @@ pub struct ItemFilter {
 
 fn build(ids: &HashSet<String>, seed: &[u8; 32]) -> Bloom<str> {
     let capacity = (ids.len() * 2).max(MIN_CAPACITY);
-    let mut bloom = Bloom::new_for_fp_rate_with_seed(capacity, FALSE_POSITIVE_RATE, seed)
-        .expect("capacity > 0 and 0 < rate < 1");
+    let mut bloom =
+        Bloom::new_for_fp_rate_with_seed(capacity, FALSE_POSITIVE_RATE, seed).expect("capacity > 0 and 0 < rate < 1");
     for id in ids {
         bloom.set(id.as_str());
     }
@@ -122,9 +122,7 @@ mod tests {
             (0..10_000).all(|i| f.may_contain(&format!("item-{i}"))),
             "no false negatives"
         );
-        let fp = (0..100_000)
-            .filter(|i| f.may_contain(&format!("other-{i}")))
-            .count();
+        let fp = (0..100_000).filter(|i| f.may_contain(&format!("other-{i}"))).count();
         assert!(fp < 1_000, "{fp} false positives in 100k");
     }
 }

@@ -42,8 +42,7 @@ impl Identity {
     pub fn user(&self, headers: &HeaderMap) -> Result<String, Reject> {
         let user = match self {
             Identity::Jwt { key, validation } => {
-                let token =
-                    bearer(headers).ok_or(Reject::Unauthenticated("missing bearer token"))?;
+                let token = bearer(headers).ok_or(Reject::Unauthenticated("missing bearer token"))?;
                 jsonwebtoken::decode::<Claims>(token, key, validation)
                     .map_err(|_| Reject::Unauthenticated("invalid or expired token"))?
                     .claims
@@ -58,9 +57,7 @@ impl Identity {
         if valid_id(&user) {
             Ok(user)
         } else {
-            Err(Reject::Unauthenticated(
-                "user id must be 1-64 chars of [A-Za-z0-9_.:-]",
-            ))
+            Err(Reject::Unauthenticated("user id must be 1-64 chars of [A-Za-z0-9_.:-]"))
         }
     }
 }
@@ -75,9 +72,7 @@ pub fn bearer(headers: &HeaderMap) -> Option<&str> {
 /// Whether the request carries the operator token. Compared in constant time.
 pub fn is_admin(headers: &HeaderMap, admin_token: Option<&str>) -> Result<(), Reject> {
     let Some(expected) = admin_token else {
-        return Err(Reject::Forbidden(
-            "admin API disabled: SECKILL_ADMIN_TOKEN is not set",
-        ));
+        return Err(Reject::Forbidden("admin API disabled: SECKILL_ADMIN_TOKEN is not set"));
     };
     let given = bearer(headers).unwrap_or("");
     let same = given.len() == expected.len()
@@ -119,10 +114,7 @@ mod tests {
         )
         .unwrap();
         let auth = format!("Bearer {token}");
-        assert_eq!(
-            id.user(&headers(&[("authorization", &auth)])).unwrap(),
-            "alice"
-        );
+        assert_eq!(id.user(&headers(&[("authorization", &auth)])).unwrap(), "alice");
         // Wrong secret, expired, missing: all 401.
         let forged = encode(
             &Header::default(),
@@ -136,12 +128,7 @@ mod tests {
             Err(Reject::Unauthenticated(_))
         ));
         let old = serde_json::json!({"sub": "alice", "exp": 1000});
-        let expired = encode(
-            &Header::default(),
-            &old,
-            &EncodingKey::from_secret(secret.as_bytes()),
-        )
-        .unwrap();
+        let expired = encode(&Header::default(), &old, &EncodingKey::from_secret(secret.as_bytes())).unwrap();
         let auth = format!("Bearer {expired}");
         assert!(id.user(&headers(&[("authorization", &auth)])).is_err());
         assert!(

@@ -6,7 +6,11 @@
 //! memory stays flat when nobody scrapes (metrics #245, #339). Labels are bounded: route
 //! templates, codes, script names and item ids (operator-created), never user or order ids.
 
+use std::collections::HashMap;
+use std::sync::{OnceLock, RwLock};
 use std::time::Duration;
+
+use ::metrics::{Counter, Gauge, Histogram};
 
 use ::metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
 pub use ::metrics::{counter, gauge, histogram};
@@ -42,8 +46,8 @@ pub const CIRCUIT_OPEN: &str = "seckill_circuit_open";
 pub const STORE_UP: &str = "seckill_store_up";
 
 const LATENCY_BUCKETS: &[f64] = &[
-    0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1,
-    0.25, 0.5, 1.0, 2.5, 5.0,
+    0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+    2.5, 5.0,
 ];
 const BATCH_BUCKETS: &[f64] = &[
     1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0,
@@ -57,15 +61,8 @@ pub fn install() -> PrometheusHandle {
         .get_or_init(|| {
             let recorder = PrometheusBuilder::new()
                 .set_buckets_for_metric(Matcher::Full(REQUEST_DURATION.into()), LATENCY_BUCKETS)
-                .and_then(|b| {
-                    b.set_buckets_for_metric(Matcher::Full(SCRIPT_DURATION.into()), LATENCY_BUCKETS)
-                })
-                .and_then(|b| {
-                    b.set_buckets_for_metric(
-                        Matcher::Full(PERSIST_BATCH_SIZE.into()),
-                        BATCH_BUCKETS,
-                    )
-                })
+                .and_then(|b| b.set_buckets_for_metric(Matcher::Full(SCRIPT_DURATION.into()), LATENCY_BUCKETS))
+                .and_then(|b| b.set_buckets_for_metric(Matcher::Full(PERSIST_BATCH_SIZE.into()), BATCH_BUCKETS))
                 .expect("static bucket lists are non-empty")
                 .build_recorder();
             let handle = recorder.handle();
@@ -74,6 +71,7 @@ pub fn install() -> PrometheusHandle {
             }
             describe();
             register_zeroes();
+            let _ = HANDLES.set(Handles::new());
             let upkeep = handle.clone();
             std::thread::Builder::new()
                 .name("metrics-upkeep".into())
@@ -110,57 +108,201 @@ fn describe() {
         "Requests by route template and outcome (ok or the error code)."
     );
     describe_histogram!(REQUEST_DURATION, Unit::Seconds, "Request latency by route.");
-    describe_histogram!(
-        SCRIPT_DURATION,
-        Unit::Seconds,
-        "Redis Lua script round trip by script."
-    );
+    describe_histogram!(SCRIPT_DURATION, Unit::Seconds, "Redis Lua script round trip by script.");
     describe_counter!(REDIS_ERRORS, "Redis failures by kind.");
     describe_counter!(CACHE_REQUESTS, "Local cache lookups by cache and result.");
     describe_counter!(ORDERS, "Order transitions by event.");
     describe_histogram!(PERSIST_BATCH_SIZE, "Rows written per persistence batch.");
-    describe_gauge!(
-        PERSIST_LAG,
-        Unit::Seconds,
-        "Age of the oldest event not yet persisted."
-    );
+    describe_gauge!(PERSIST_LAG, Unit::Seconds, "Age of the oldest event not yet persisted.");
     describe_gauge!(
         STREAM_PENDING,
         "Order events not yet acknowledged by the persistence worker."
     );
-    describe_counter!(
-        DEAD_LETTERS,
-        "Order events moved to the dead-letter stream."
-    );
+    describe_counter!(DEAD_LETTERS, "Order events moved to the dead-letter stream.");
     describe_gauge!(STOCK_REMAINING, "Units left per item.");
     describe_gauge!(STOCK_TOTAL, "Units configured per item.");
     describe_gauge!(CIRCUIT_OPEN, "1 while the Redis circuit breaker is open.");
     describe_gauge!(STORE_UP, "1 while the order store answers.");
 }
 
+/// Route templates (the `route` label) and outcomes (`ok` or an error code): bounded sets.
+pub const ROUTES: &[&str] = &[
+    "item_get",
+    "reserve",
+    "pay",
+    "cancel",
+    "order_get",
+    "admin_item_put",
+    "admin_stats",
+    "admin_orders_csv",
+    "metrics",
+    "healthz",
+    "readyz",
+    "not_found",
+];
+pub const OUTCOMES: &[&str] = &[
+    "ok",
+    "bad_request",
+    "unauthenticated",
+    "forbidden",
+    "unknown_item",
+    "unknown_order",
+    "limit_reached",
+    "order_closed",
+    "sold_out",
+    "not_started",
+    "ended",
+    "payload_too_large",
+    "rate_limited",
+    "unavailable",
+    "not_found",
+    "method_not_allowed",
+    "internal",
+];
+const CACHES: &[&str] = &["item", "sold_out", "not_found", "bloom"];
+const SCRIPTS: &[&str] = &["reserve", "pay", "cancel", "expire", "put_item"];
+const EVENTS: &[&str] = &["reserved", "paid", "cancelled", "expired"];
+const REDIS_ERROR_KINDS: &[&str] = &["timeout", "connection", "script", "circuit_open", "shed"];
+
+/// Handles of the hot-path series, registered once. `counter!` with labels builds a key
+/// (allocating its label list) and looks it up in the registry on every call; a handle is
+/// one atomic add. Unknown label values fall back to the macros.
+struct Handles {
+    requests: HashMap<(&'static str, &'static str), Counter>,
+    durations: HashMap<&'static str, Histogram>,
+    cache: HashMap<(&'static str, bool), Counter>,
+    scripts: HashMap<&'static str, Histogram>,
+    orders: HashMap<&'static str, Counter>,
+    redis_errors: HashMap<&'static str, Counter>,
+    /// Per-item stock gauges (remaining, configured), created on first use. A std RwLock:
+    /// never held across an await; reads dominate.
+    stock: RwLock<HashMap<String, (Gauge, Gauge)>>,
+}
+
+static HANDLES: OnceLock<Handles> = OnceLock::new();
+
+impl Handles {
+    fn new() -> Self {
+        let mut requests = HashMap::new();
+        let mut durations = HashMap::new();
+        for &route in ROUTES {
+            durations.insert(route, ::metrics::histogram!(REQUEST_DURATION, "route" => route));
+            for &outcome in OUTCOMES {
+                requests.insert(
+                    (route, outcome),
+                    ::metrics::counter!(REQUESTS, "route" => route, "outcome" => outcome),
+                );
+            }
+        }
+        let mut cache = HashMap::new();
+        for &c in CACHES {
+            for hit in [true, false] {
+                let result = if hit { "hit" } else { "miss" };
+                cache.insert(
+                    (c, hit),
+                    ::metrics::counter!(CACHE_REQUESTS, "cache" => c, "result" => result),
+                );
+            }
+        }
+        Handles {
+            requests,
+            durations,
+            cache,
+            scripts: SCRIPTS
+                .iter()
+                .map(|&s| (s, ::metrics::histogram!(SCRIPT_DURATION, "script" => s)))
+                .collect(),
+            orders: EVENTS
+                .iter()
+                .map(|&e| (e, ::metrics::counter!(ORDERS, "event" => e)))
+                .collect(),
+            redis_errors: REDIS_ERROR_KINDS
+                .iter()
+                .map(|&k| (k, ::metrics::counter!(REDIS_ERRORS, "kind" => k)))
+                .collect(),
+            stock: RwLock::new(HashMap::new()),
+        }
+    }
+}
+
+/// Count and time one request.
+#[inline]
+pub fn request(route: &'static str, outcome: &'static str, seconds: f64) {
+    match HANDLES.get() {
+        Some(h) => {
+            match h.requests.get(&(route, outcome)) {
+                Some(c) => c.increment(1),
+                None => ::metrics::counter!(REQUESTS, "route" => route, "outcome" => outcome).increment(1),
+            }
+            match h.durations.get(route) {
+                Some(d) => d.record(seconds),
+                None => ::metrics::histogram!(REQUEST_DURATION, "route" => route).record(seconds),
+            }
+        }
+        None => {
+            ::metrics::counter!(REQUESTS, "route" => route, "outcome" => outcome).increment(1);
+            ::metrics::histogram!(REQUEST_DURATION, "route" => route).record(seconds);
+        }
+    }
+}
+
+/// Time one Redis script call.
+#[inline]
+pub fn script(name: &'static str, seconds: f64) {
+    match HANDLES.get().and_then(|h| h.scripts.get(name)) {
+        Some(h) => h.record(seconds),
+        None => ::metrics::histogram!(SCRIPT_DURATION, "script" => name).record(seconds),
+    }
+}
+
 /// Count a cache lookup.
 #[inline]
 pub fn cache(cache: &'static str, hit: bool) {
-    ::metrics::counter!(CACHE_REQUESTS, "cache" => cache, "result" => if hit { "hit" } else { "miss" })
-        .increment(1);
+    match HANDLES.get().and_then(|h| h.cache.get(&(cache, hit))) {
+        Some(c) => c.increment(1),
+        None => ::metrics::counter!(CACHE_REQUESTS, "cache" => cache, "result" => if hit { "hit" } else { "miss" })
+            .increment(1),
+    }
 }
 
 /// Count a Redis failure.
 #[inline]
 pub fn redis_error(kind: &'static str) {
-    ::metrics::counter!(REDIS_ERRORS, "kind" => kind).increment(1);
+    match HANDLES.get().and_then(|h| h.redis_errors.get(kind)) {
+        Some(c) => c.increment(1),
+        None => ::metrics::counter!(REDIS_ERRORS, "kind" => kind).increment(1),
+    }
 }
 
 /// Count an order transition.
 #[inline]
 pub fn order_event(event: &'static str) {
-    ::metrics::counter!(ORDERS, "event" => event).increment(1);
+    match HANDLES.get().and_then(|h| h.orders.get(event)) {
+        Some(c) => c.increment(1),
+        None => ::metrics::counter!(ORDERS, "event" => event).increment(1),
+    }
 }
 
 /// Publish an item's stock gauges.
 pub fn stock(item: &str, remaining: i64, total: i64) {
-    ::metrics::gauge!(STOCK_REMAINING, "item" => item.to_owned()).set(remaining as f64);
-    ::metrics::gauge!(STOCK_TOTAL, "item" => item.to_owned()).set(total as f64);
+    let Some(h) = HANDLES.get() else {
+        ::metrics::gauge!(STOCK_REMAINING, "item" => item.to_owned()).set(remaining as f64);
+        ::metrics::gauge!(STOCK_TOTAL, "item" => item.to_owned()).set(total as f64);
+        return;
+    };
+    if let Some((r, t)) = h.stock.read().unwrap_or_else(|p| p.into_inner()).get(item) {
+        r.set(remaining as f64);
+        t.set(total as f64);
+        return;
+    }
+    let r = ::metrics::gauge!(STOCK_REMAINING, "item" => item.to_owned());
+    let t = ::metrics::gauge!(STOCK_TOTAL, "item" => item.to_owned());
+    r.set(remaining as f64);
+    t.set(total as f64);
+    h.stock
+        .write()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(item.to_owned(), (r, t));
 }
 
 /// Publish the circuit breaker state.

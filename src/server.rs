@@ -50,10 +50,7 @@ pub async fn start(config: Config, clock: Clock, serve_http: bool) -> anyhow::Re
     let (addr, server) = if serve_http {
         let listener = crate::http::bind(listen).await?;
         let addr = listener.local_addr()?;
-        (
-            addr,
-            tokio::spawn(crate::http::serve(app.clone(), listener, rx)),
-        )
+        (addr, tokio::spawn(crate::http::serve(app.clone(), listener, rx)))
     } else {
         (listen, tokio::spawn(async {}))
     };

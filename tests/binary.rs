@@ -9,8 +9,7 @@ use std::time::{Duration, Instant};
 
 fn gateway() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_seckill-gateway"));
-    c.env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default());
+    c.env_clear().env("PATH", std::env::var("PATH").unwrap_or_default());
     c
 }
 
@@ -39,10 +38,7 @@ fn help_lists_the_contract_settings() {
 
 #[test]
 fn a_bad_setting_fails_naming_it() {
-    let out = gateway()
-        .env("DATABASE_URL", "mysql://nope")
-        .output()
-        .unwrap();
+    let out = gateway().env("DATABASE_URL", "mysql://nope").output().unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("DATABASE_URL"));
 }
@@ -72,9 +68,7 @@ fn sigterm_drains_and_exits_zero() {
         }
         // A request whose body is still arriving when SIGTERM comes is answered.
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut conn = tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .unwrap();
+        let mut conn = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
         conn.write_all(
             b"POST /api/v1/items/demo/reserve HTTP/1.1\r\nhost: x\r\nx-user-id: late\r\n\
               content-type: application/json\r\ncontent-length: 9\r\nconnection: close\r\n\r\n",
@@ -103,10 +97,7 @@ fn sigterm_drains_and_exits_zero() {
             assert_eq!(status.code(), Some(0), "SIGTERM exits 0");
             break;
         }
-        assert!(
-            Instant::now() < deadline,
-            "gateway did not exit after SIGTERM"
-        );
+        assert!(Instant::now() < deadline, "gateway did not exit after SIGTERM");
         std::thread::sleep(Duration::from_millis(50));
     }
 }

@@ -150,13 +150,8 @@ fn op_strategy() -> impl Strategy<Value = Op> {
 
 /// Three items created first (so most reserves meet an item), then the operations.
 fn scenario() -> impl Strategy<Value = (Vec<Put>, Vec<Op>)> {
-    let first = (put_strategy(1), put_strategy(1), put_strategy(1)).prop_map(|(a, b, c)| {
-        vec![
-            Put { item: 0, ..a },
-            Put { item: 1, ..b },
-            Put { item: 2, ..c },
-        ]
-    });
+    let first = (put_strategy(1), put_strategy(1), put_strategy(1))
+        .prop_map(|(a, b, c)| vec![Put { item: 0, ..a }, Put { item: 1, ..b }, Put { item: 2, ..c }]);
     (first, proptest::collection::vec(op_strategy(), 10..=50))
 }
 
@@ -264,10 +259,7 @@ async fn state<E: StockEngine>(
     for item in ITEMS {
         s.insert(format!("item {item}"), norm(e.item(item).await));
         for user in USERS {
-            s.insert(
-                format!("held {item} {user}"),
-                format!("{:?}", held(item, user).await?),
-            );
+            s.insert(format!("held {item} {user}"), format!("{:?}", held(item, user).await?));
         }
     }
     for id in order_ids {
@@ -279,12 +271,7 @@ async fn state<E: StockEngine>(
     Ok(s)
 }
 
-fn diff(
-    a_name: &str,
-    a: &BTreeMap<String, String>,
-    b_name: &str,
-    b: &BTreeMap<String, String>,
-) -> Option<String> {
+fn diff(a_name: &str, a: &BTreeMap<String, String>, b_name: &str, b: &BTreeMap<String, String>) -> Option<String> {
     let lines: Vec<String> = a
         .iter()
         .filter(|(k, v)| b.get(*k) != Some(*v))
@@ -321,12 +308,7 @@ fn kind(op: &Op, reply: &str) -> String {
 }
 
 /// Apply the scenario to both engines; `Err` describes the first difference.
-async fn run_case(
-    server: &RedisServer,
-    seen: &Seen,
-    puts: Vec<Put>,
-    ops: Vec<Op>,
-) -> Result<(), String> {
+async fn run_case(server: &RedisServer, seen: &Seen, puts: Vec<Put>, ops: Vec<Op>) -> Result<(), String> {
     let en = Engines::new(server).await?;
     let (r, m, clock) = (&en.redis, &en.embedded, &en.clock);
     let mut calls: Vec<ReserveCmd> = Vec::new();
@@ -347,11 +329,7 @@ async fn run_case(
             match t {
                 Target::Attempted(i) if !calls.is_empty() => {
                     let c = &calls[i % calls.len()];
-                    (
-                        c.order_id.clone(),
-                        c.item_id.clone(),
-                        Some(c.user_id.clone()),
-                    )
+                    (c.order_id.clone(), c.item_id.clone(), Some(c.user_id.clone()))
                 }
                 Target::Issued(_) | Target::Attempted(_) | Target::Unknown => {
                     (new_order_id(ITEMS[0]), ITEMS[0].to_owned(), None)
@@ -373,12 +351,7 @@ async fn run_case(
                     norm(m.put_item(&s).await),
                 )
             }
-            Op::Reserve {
-                item,
-                user,
-                qty,
-                key,
-            } => {
+            Op::Reserve { item, user, qty, key } => {
                 let c = ReserveCmd {
                     item_id: ITEMS[*item].to_owned(),
                     user_id: USERS[*user].to_owned(),
@@ -472,22 +445,12 @@ async fn run_case(
     }
 
     // A restart: the embedded engine rebuilt from its journal holds the same state.
-    let restored = EmbeddedEngine::new(
-        clock.clone(),
-        Duration::from_millis(TIMEOUT_MS as u64),
-        DAY,
-        None,
-    );
+    let restored = EmbeddedEngine::new(clock.clone(), Duration::from_millis(TIMEOUT_MS as u64), DAY, None);
     restored.restore(
         en.store.items().await.map_err(|e| e.to_string())?,
         en.store.orders(None).await.map_err(|e| e.to_string())?,
     );
-    let ss = state(
-        &restored,
-        async |i: &str, u: &str| Ok(restored.held(i, u)),
-        &ids,
-    )
-    .await?;
+    let ss = state(&restored, async |i: &str, u: &str| Ok(restored.held(i, u)), &ids).await?;
     if let Some(d) = diff("live", &ms, "restored", &ss) {
         return Err(format!(
             "the embedded engine restored from its journal differs:\n{d}\ntranscript:\n{}",

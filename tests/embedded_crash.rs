@@ -63,9 +63,7 @@ impl Gateway {
                 .expect("log file");
             cmd.stdout(out.try_clone().expect("log file")).stderr(out);
         }
-        let child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("could not run {BIN}: {e}"));
+        let child = cmd.spawn().unwrap_or_else(|e| panic!("could not run {BIN}: {e}"));
         Gateway {
             child: Some(child),
             port,
@@ -86,15 +84,8 @@ impl Gateway {
             {
                 return;
             }
-            if let Some(status) = self
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten())
-            {
-                panic!(
-                    "the gateway exited with {status}; log:\n{}",
-                    self.log_text()
-                );
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                panic!("the gateway exited with {status}; log:\n{}", self.log_text());
             }
             assert!(
                 Instant::now() < deadline,
@@ -144,10 +135,7 @@ async fn call(
     let resp = req.send().await?;
     let status = resp.status();
     let text = resp.text().await?;
-    Ok((
-        status,
-        serde_json::from_str(&text).unwrap_or(Value::String(text)),
-    ))
+    Ok((status, serde_json::from_str(&text).unwrap_or(Value::String(text))))
 }
 
 /// A request the gateway must answer: retried after a 429 (the per-IP bucket refills).
@@ -183,13 +171,7 @@ fn rfc3339(ms: i64) -> String {
 }
 
 /// `PUT /admin/v1/items/{item}`: on sale from a minute ago for an hour.
-async fn admin_put(
-    client: &reqwest::Client,
-    base: &str,
-    item: &str,
-    stock: i64,
-    limit: i64,
-) -> (StatusCode, Value) {
+async fn admin_put(client: &reqwest::Client, base: &str, item: &str, stock: i64, limit: i64) -> (StatusCode, Value) {
     let now = seckill_gateway::clock::system_now_ms();
     let body = json!({
         "name": format!("Item {item}"), "price_cents": 4_999, "stock": stock, "per_user_limit": limit,
@@ -231,11 +213,7 @@ enum Fate {
 /// A request of the phase cut by the kill.
 #[derive(Clone, Debug)]
 enum Task {
-    Reserve {
-        item: String,
-        user: String,
-        qty: i64,
-    },
+    Reserve { item: String, user: String, qty: i64 },
     Pay(Ack),
     Cancel(Ack),
 }
@@ -284,44 +262,28 @@ async fn held_units(dir: &Path, item: &str) -> i64 {
         .connect(&url)
         .await
         .expect("open seckill.db");
-    let sum: Option<i64> = sqlx::query_scalar(
-        "SELECT sum(qty) FROM orders WHERE item_id = ? AND status IN ('reserved', 'paid')",
-    )
-    .bind(item)
-    .fetch_one(&pool)
-    .await
-    .expect("sum of held units");
+    let sum: Option<i64> =
+        sqlx::query_scalar("SELECT sum(qty) FROM orders WHERE item_id = ? AND status IN ('reserved', 'paid')")
+            .bind(item)
+            .fetch_one(&pool)
+            .await
+            .expect("sum of held units");
     pool.close().await;
     sum.unwrap_or(0)
 }
 
 /// Reserve concurrently, acknowledging what got 200.
-async fn reserve_all(
-    client: &reqwest::Client,
-    base: &str,
-    reqs: Vec<(String, String, i64)>,
-) -> Vec<Ack> {
+async fn reserve_all(client: &reqwest::Client, base: &str, reqs: Vec<(String, String, i64)>) -> Vec<Ack> {
     let calls = reqs.into_iter().map(|(item, user, qty)| {
         let client = client.clone();
         let url = format!("{base}/api/v1/items/{item}/reserve");
         async move {
-            let (status, v) = answered(
-                &client,
-                Method::POST,
-                url,
-                Some(&user),
-                Some(json!({"qty": qty})),
-            )
-            .await;
+            let (status, v) = answered(&client, Method::POST, url, Some(&user), Some(json!({"qty": qty}))).await;
             match status {
                 StatusCode::OK => {
                     assert_eq!(v["status"], "reserved", "{v}");
                     assert_eq!(
-                        (
-                            v["item_id"].as_str(),
-                            v["user_id"].as_str(),
-                            v["qty"].as_i64()
-                        ),
+                        (v["item_id"].as_str(), v["user_id"].as_str(), v["qty"].as_i64()),
                         (Some(&*item), Some(&*user), Some(qty))
                     );
                     Some(Ack {
@@ -360,14 +322,7 @@ async fn sigkill_loses_no_acknowledged_order() {
     let base = gw.url();
 
     // The demo item, as preloaded.
-    let (status, demo) = answered(
-        &http,
-        Method::GET,
-        format!("{base}/api/v1/items/demo"),
-        None,
-        None,
-    )
-    .await;
+    let (status, demo) = answered(&http, Method::GET, format!("{base}/api/v1/items/demo"), None, None).await;
     assert_eq!(status, StatusCode::OK, "{demo}");
     assert_eq!(
         (
@@ -395,12 +350,7 @@ async fn sigkill_loses_no_acknowledged_order() {
         .collect();
     reqs.extend((0..60).map(|i| ("second".to_owned(), format!("s{i}"), 1)));
     let acks = reserve_all(&http, &base, reqs).await;
-    let units = |item: &str| {
-        acks.iter()
-            .filter(|a| a.item == item)
-            .map(|a| a.qty)
-            .sum::<i64>()
-    };
+    let units = |item: &str| acks.iter().filter(|a| a.item == item).map(|a| a.qty).sum::<i64>();
     assert!(
         units("demo") <= 100 && units("second") <= 40,
         "oversold: {} demo, {} second",
@@ -415,34 +365,20 @@ async fn sigkill_loses_no_acknowledged_order() {
     );
 
     // Pay a third, cancel a third, all answered.
-    let mut fate: HashMap<String, Fate> = acks
-        .iter()
-        .map(|a| (a.order_id.clone(), Fate::Reserved))
-        .collect();
+    let mut fate: HashMap<String, Fate> = acks.iter().map(|a| (a.order_id.clone(), Fate::Reserved)).collect();
     tokio::time::sleep(Duration::from_millis(1_100)).await;
-    let transitions = acks
-        .iter()
-        .enumerate()
-        .filter(|(i, _)| i % 3 != 2)
-        .map(|(i, a)| {
-            let (http, a) = (http.clone(), a.clone());
-            let verb = if i % 3 == 0 { "pay" } else { "cancel" };
-            let url = format!("{base}/api/v1/orders/{}/{verb}", a.order_id);
-            async move {
-                let (status, v) = answered(&http, Method::POST, url, Some(&a.user), None).await;
-                assert_eq!(status, StatusCode::OK, "{verb} {a:?}: {v}");
-                let want = if verb == "pay" { "paid" } else { "cancelled" };
-                assert_eq!(v["status"], want);
-                (
-                    a.order_id,
-                    if verb == "pay" {
-                        Fate::Paid
-                    } else {
-                        Fate::Cancelled
-                    },
-                )
-            }
-        });
+    let transitions = acks.iter().enumerate().filter(|(i, _)| i % 3 != 2).map(|(i, a)| {
+        let (http, a) = (http.clone(), a.clone());
+        let verb = if i % 3 == 0 { "pay" } else { "cancel" };
+        let url = format!("{base}/api/v1/orders/{}/{verb}", a.order_id);
+        async move {
+            let (status, v) = answered(&http, Method::POST, url, Some(&a.user), None).await;
+            assert_eq!(status, StatusCode::OK, "{verb} {a:?}: {v}");
+            let want = if verb == "pay" { "paid" } else { "cancelled" };
+            assert_eq!(v["status"], want);
+            (a.order_id, if verb == "pay" { Fate::Paid } else { Fate::Cancelled })
+        }
+    });
     fate.extend(futures_util::future::join_all(transitions).await);
     let open: Vec<Ack> = acks
         .iter()
@@ -508,14 +444,7 @@ async fn sigkill_loses_no_acknowledged_order() {
                     let reply = match &task {
                         Task::Reserve { item, user, qty } => {
                             let url = format!("{base}/api/v1/items/{item}/reserve");
-                            call(
-                                &http,
-                                Method::POST,
-                                url,
-                                Some(user),
-                                Some(json!({"qty": qty})),
-                            )
-                            .await
+                            call(&http, Method::POST, url, Some(user), Some(json!({"qty": qty}))).await
                         }
                         Task::Pay(a) => {
                             call(
@@ -563,9 +492,7 @@ async fn sigkill_loses_no_acknowledged_order() {
             Task::Pay(_) => "pay".into(),
             Task::Cancel(_) => "cancel".into(),
         };
-        let status = reply
-            .as_ref()
-            .map_or("cut".to_owned(), |(s, _)| s.as_u16().to_string());
+        let status = reply.as_ref().map_or("cut".to_owned(), |(s, _)| s.as_u16().to_string());
         *statuses.entry(format!("{kind}: {status}")).or_default() += 1;
     }
     eprintln!("phase 2 (cut by the kill): {statuses:?}");
@@ -617,11 +544,7 @@ async fn sigkill_loses_no_acknowledged_order() {
                     Some((status, v)) => panic!("{verb} {a:?}: {status} {v}"),
                     None => {
                         cut += 1;
-                        *f = if is_pay {
-                            Fate::MaybePaid
-                        } else {
-                            Fate::MaybeCancelled
-                        };
+                        *f = if is_pay { Fate::MaybePaid } else { Fate::MaybeCancelled };
                     }
                 }
             }
@@ -643,22 +566,13 @@ async fn sigkill_loses_no_acknowledged_order() {
     let lookups = acks.iter().map(|a| {
         let http = http.clone();
         let url = format!("{base}/api/v1/orders/{}", a.order_id);
-        async move {
-            (
-                a,
-                answered(&http, Method::GET, url, Some(&a.user), None).await,
-            )
-        }
+        async move { (a, answered(&http, Method::GET, url, Some(&a.user), None).await) }
     });
     for (a, (status, v)) in futures_util::future::join_all(lookups).await {
         let row = db
             .get(&a.order_id)
             .unwrap_or_else(|| panic!("acknowledged order {a:?} is not in seckill.db"));
-        assert_eq!(
-            (&row.item, &row.user, row.qty),
-            (&a.item, &a.user, a.qty),
-            "{a:?}"
-        );
+        assert_eq!((&row.item, &row.user, row.qty), (&a.item, &a.user, a.qty), "{a:?}");
         let allowed: &[&str] = match fate[&a.order_id] {
             Fate::Reserved => &["reserved"],
             Fate::Paid => &["paid"],
@@ -705,14 +619,7 @@ async fn sigkill_loses_no_acknowledged_order() {
     // The stock is what the orders hold; no item is oversold, no user above the limit.
     for (item, total) in &totals {
         let held = held_units(dir.path(), item).await;
-        let (status, v) = answered(
-            &http,
-            Method::GET,
-            format!("{base}/api/v1/items/{item}"),
-            None,
-            None,
-        )
-        .await;
+        let (status, v) = answered(&http, Method::GET, format!("{base}/api/v1/items/{item}"), None, None).await;
         assert_eq!(status, StatusCode::OK, "{v}");
         assert_eq!(v["stock_total"].as_i64(), Some(*total), "{v}");
         assert_eq!(
@@ -723,10 +630,7 @@ async fn sigkill_loses_no_acknowledged_order() {
         assert!(held <= *total, "{item} oversold: {held} of {total}");
     }
     let mut per_user: HashMap<(&str, &str), i64> = HashMap::new();
-    for row in db
-        .values()
-        .filter(|r| r.status == "reserved" || r.status == "paid")
-    {
+    for row in db.values().filter(|r| r.status == "reserved" || r.status == "paid") {
         *per_user.entry((&row.item, &row.user)).or_default() += row.qty;
     }
     for ((item, user), units) in per_user {
@@ -791,22 +695,10 @@ async fn cancelled_stock_sells_again_at_once() {
     let mut gw = Gateway::spawn(dir.path(), &logs.path().join("gateway.log"), false);
     gw.ready(&http).await;
     let base = gw.url();
-    assert_eq!(
-        admin_put(&http, &base, "single", 1, 1).await.0,
-        StatusCode::OK
-    );
+    assert_eq!(admin_put(&http, &base, "single", 1, 1).await.0, StatusCode::OK);
     let reserve = |user: &'static str| {
         let (http, url) = (http.clone(), format!("{base}/api/v1/items/single/reserve"));
-        async move {
-            answered(
-                &http,
-                Method::POST,
-                url,
-                Some(user),
-                Some(json!({"qty": 1})),
-            )
-            .await
-        }
+        async move { answered(&http, Method::POST, url, Some(user), Some(json!({"qty": 1}))).await }
     };
     let (status, order) = reserve("alice").await;
     assert_eq!(status, StatusCode::OK, "{order}");
@@ -817,10 +709,7 @@ async fn cancelled_stock_sells_again_at_once() {
         "{v}"
     );
 
-    let url = format!(
-        "{base}/api/v1/orders/{}/cancel",
-        order["order_id"].as_str().unwrap()
-    );
+    let url = format!("{base}/api/v1/orders/{}/cancel", order["order_id"].as_str().unwrap());
     let (status, v) = answered(&http, Method::POST, url, Some("alice"), None).await;
     assert_eq!(
         (status, v["status"].as_str()),
@@ -828,14 +717,7 @@ async fn cancelled_stock_sells_again_at_once() {
         "{v}"
     );
 
-    let (status, v) = answered(
-        &http,
-        Method::GET,
-        format!("{base}/api/v1/items/single"),
-        None,
-        None,
-    )
-    .await;
+    let (status, v) = answered(&http, Method::GET, format!("{base}/api/v1/items/single"), None, None).await;
     assert_eq!(
         (status, v["stock_remaining"].as_i64(), v["state"].as_str()),
         (StatusCode::OK, Some(1), Some("active")),
@@ -856,22 +738,11 @@ async fn quickstart_curl_lines_work_as_printed() {
         .expect("tempdir");
     let logs = tempfile::tempdir().expect("log dir");
     let mut gw = Gateway::spawn(dir.path(), &logs.path().join("unused.log"), true);
-    let stdout = gw
-        .child
-        .as_mut()
-        .and_then(|c| c.stdout.take())
-        .expect("stdout");
-    let stderr = gw
-        .child
-        .as_mut()
-        .and_then(|c| c.stderr.take())
-        .expect("stderr");
+    let stdout = gw.child.as_mut().and_then(|c| c.stdout.take()).expect("stdout");
+    let stderr = gw.child.as_mut().and_then(|c| c.stderr.take()).expect("stderr");
     // Read (and keep draining) both streams on threads.
     let (tx, rx) = mpsc::channel::<String>();
-    for stream in [
-        Box::new(stdout) as Box<dyn std::io::Read + Send>,
-        Box::new(stderr),
-    ] {
+    for stream in [Box::new(stdout) as Box<dyn std::io::Read + Send>, Box::new(stderr)] {
         let tx = tx.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stream).lines().map_while(Result::ok) {
@@ -907,9 +778,7 @@ async fn quickstart_curl_lines_work_as_printed() {
     );
     assert!(banner.contains("embedded"), "banner:\n{banner}");
     assert!(
-        output
-            .iter()
-            .any(|l| l.starts_with("try:") && l.contains("curl")),
+        output.iter().any(|l| l.starts_with("try:") && l.contains("curl")),
         "banner:\n{banner}"
     );
     assert_eq!(curls.len(), 2, "banner:\n{banner}");
@@ -963,18 +832,12 @@ async fn quickstart_curl_lines_work_as_printed() {
         (Some("demo"), Some("alice"), Some(1)),
         "{order}"
     );
-    assert!(
-        order["order_id"].as_str().is_some_and(|s| !s.is_empty()),
-        "{order}"
-    );
+    assert!(order["order_id"].as_str().is_some_and(|s| !s.is_empty()), "{order}");
     let pay_before = order["pay_before"]
         .as_str()
         .and_then(seckill_gateway::clock::parse_rfc3339)
         .expect("pay_before");
-    assert!(
-        pay_before > seckill_gateway::clock::system_now_ms(),
-        "{order}"
-    );
+    assert!(pay_before > seckill_gateway::clock::system_now_ms(), "{order}");
 
     // The first line again shows the unit gone.
     assert_eq!(run(&curls[0])["stock_remaining"], 99);

@@ -17,8 +17,8 @@ use seckill_gateway::clock::{Clock, Millis};
 use seckill_gateway::engine::embedded::EmbeddedEngine;
 use seckill_gateway::engine::redis::{RedisEngine, RedisSettings};
 use seckill_gateway::engine::{
-    ExpireReply, Expired, ItemSpec, ItemState, Order, OrderStatus, PutReply, ReserveCmd,
-    ReserveReply, StockEngine, Transition, TransitionReply, keys,
+    ExpireReply, Expired, ItemSpec, ItemState, Order, OrderStatus, PutReply, ReserveCmd, ReserveReply, StockEngine,
+    Transition, TransitionReply, keys,
 };
 use seckill_gateway::ids::{new_order_id, shard_of};
 use seckill_gateway::orders::journal::SqliteJournal;
@@ -89,12 +89,7 @@ fn redis_engine(clock: &Clock, ttls: Ttls) -> (RedisEngine, RedisServer) {
 }
 
 fn embedded_engine(clock: &Clock, ttls: Ttls) -> EmbeddedEngine {
-    EmbeddedEngine::new(
-        clock.clone(),
-        Duration::from_millis(TIMEOUT_MS as u64),
-        ttls.idem,
-        None,
-    )
+    EmbeddedEngine::new(clock.clone(), Duration::from_millis(TIMEOUT_MS as u64), ttls.idem, None)
 }
 
 /// The embedded engine with its SQLite journal (every change committed before the reply).
@@ -227,9 +222,7 @@ async fn counters<E: Probe>(e: &E, item: &str) -> (i64, i64, i64, i64, i64) {
 async fn put<E: Probe>(e: &E, s: &ItemSpec) {
     assert_eq!(
         e.put_item(s).await.expect("put_item"),
-        PutReply::Stored {
-            stock: s.stock_total
-        }
+        PutReply::Stored { stock: s.stock_total }
     );
 }
 
@@ -284,10 +277,7 @@ fn sorted(mut v: Vec<Expired>) -> Vec<Expired> {
 async fn put_item_contract<E: Probe>(e: &E, clock: &Clock) {
     assert_eq!(e.item("sku").await.unwrap(), None);
     let first = spec("sku", 5, 2);
-    assert_eq!(
-        e.put_item(&first).await.unwrap(),
-        PutReply::Stored { stock: 5 }
-    );
+    assert_eq!(e.put_item(&first).await.unwrap(), PutReply::Stored { stock: 5 });
     assert_eq!(
         e.item("sku").await.unwrap(),
         Some(ItemState {
@@ -330,10 +320,7 @@ async fn put_item_contract<E: Probe>(e: &E, clock: &Clock) {
         ends_ms: NOW + 7_200_000,
         ..first.clone()
     };
-    assert_eq!(
-        e.put_item(&bigger).await.unwrap(),
-        PutReply::Stored { stock: 7 }
-    );
+    assert_eq!(e.put_item(&bigger).await.unwrap(), PutReply::Stored { stock: 7 });
     assert_eq!(
         e.item("sku").await.unwrap(),
         Some(ItemState {
@@ -357,19 +344,13 @@ async fn put_item_contract<E: Probe>(e: &E, clock: &Clock) {
         name: "too small".into(),
         ..bigger.clone()
     };
-    assert_eq!(
-        e.put_item(&too_small).await.unwrap(),
-        PutReply::BelowHeld { held: 3 }
-    );
+    assert_eq!(e.put_item(&too_small).await.unwrap(), PutReply::BelowHeld { held: 3 });
     assert_eq!(e.item("sku").await.unwrap(), before);
     let zero = ItemSpec {
         stock_total: 0,
         ..bigger.clone()
     };
-    assert_eq!(
-        e.put_item(&zero).await.unwrap(),
-        PutReply::BelowHeld { held: 3 }
-    );
+    assert_eq!(e.put_item(&zero).await.unwrap(), PutReply::BelowHeld { held: 3 });
     assert_eq!(e.item("sku").await.unwrap(), before);
 
     // Exactly what is held: stored, nothing left.
@@ -377,10 +358,7 @@ async fn put_item_contract<E: Probe>(e: &E, clock: &Clock) {
         stock_total: 3,
         ..bigger.clone()
     };
-    assert_eq!(
-        e.put_item(&exact).await.unwrap(),
-        PutReply::Stored { stock: 0 }
-    );
+    assert_eq!(e.put_item(&exact).await.unwrap(), PutReply::Stored { stock: 0 });
     assert_eq!(counters(e, "sku").await, (0, 1, 2, 1, 0));
     assert_eq!(
         e.reserve(&cmd("sku", "dave", 1, None)).await.unwrap(),
@@ -398,10 +376,7 @@ async fn put_item_contract<E: Probe>(e: &E, clock: &Clock) {
 
     // An item with no stock at all is a valid item.
     let empty = spec("empty", 0, 1);
-    assert_eq!(
-        e.put_item(&empty).await.unwrap(),
-        PutReply::Stored { stock: 0 }
-    );
+    assert_eq!(e.put_item(&empty).await.unwrap(), PutReply::Stored { stock: 0 });
     assert_eq!(
         e.item("empty").await.unwrap(),
         Some(ItemState {
@@ -476,10 +451,7 @@ async fn reserve_contract<E: Probe>(e: &E, clock: &Clock) {
     reserve_ok(e, clock, &bob, 3).await;
     let alice_other = cmd("other", "alice", 1, Some("k1"));
     reserve_ok(e, clock, &alice_other, 4).await;
-    assert_eq!(
-        e.order(&bob.order_id).await.unwrap().unwrap().created_ms,
-        t1
-    );
+    assert_eq!(e.order(&bob.order_id).await.unwrap().unwrap().created_ms, t1);
 
     // Duplicate by order id: the very same call retried (no key).
     let c2 = cmd("sku", "carol", 1, None);
@@ -499,16 +471,11 @@ async fn reserve_contract<E: Probe>(e: &E, clock: &Clock) {
 
     // UnknownItem (nothing created).
     let unknown = cmd("nope", "alice", 1, None);
-    assert_eq!(
-        e.reserve(&unknown).await.unwrap(),
-        ReserveReply::UnknownItem
-    );
+    assert_eq!(e.reserve(&unknown).await.unwrap(), ReserveReply::UnknownItem);
     assert_eq!(e.order(&unknown.order_id).await.unwrap(), None);
     assert_eq!(e.item("nope").await.unwrap(), None);
     assert_eq!(
-        e.reserve(&cmd("nope", "alice", 0, Some("k9")))
-            .await
-            .unwrap(),
+        e.reserve(&cmd("nope", "alice", 0, Some("k9"))).await.unwrap(),
         ReserveReply::UnknownItem
     );
 
@@ -541,10 +508,7 @@ async fn reserve_contract<E: Probe>(e: &E, clock: &Clock) {
     assert_eq!(counters(e, "sku").await, (1, 4, 0, 0, 0));
     let before = snapshot(e, "sku", "erin").await;
     let c = cmd("sku", "erin", 2, None);
-    assert_eq!(
-        e.reserve(&c).await.unwrap(),
-        ReserveReply::SoldOut { stock: 1 }
-    );
+    assert_eq!(e.reserve(&c).await.unwrap(), ReserveReply::SoldOut { stock: 1 });
     assert_eq!(e.order(&c.order_id).await.unwrap(), None);
     assert_eq!(snapshot(e, "sku", "erin").await, before);
     reserve_ok(e, clock, &cmd("sku", "erin", 1, None), 0).await;
@@ -623,24 +587,18 @@ async fn sale_window_contract<E: Probe>(e: &E, clock: &Clock) {
     let before = snapshot(e, "later", "carol").await;
     assert_eq!(
         e.reserve(&cmd("later", "carol", 1, None)).await.unwrap(),
-        ReserveReply::Ended {
-            ends_ms: now + 20_000
-        }
+        ReserveReply::Ended { ends_ms: now + 20_000 }
     );
     assert_eq!(
         e.reserve(&cmd("later", "carol", 5, None)).await.unwrap(),
-        ReserveReply::Ended {
-            ends_ms: now + 20_000
-        }
+        ReserveReply::Ended { ends_ms: now + 20_000 }
     );
     // (Well past the end, but within the idempotency TTL: the embedded engine measures the
     // TTL on the injected clock, Redis on its own wall clock.)
     clock.advance(100_000);
     assert_eq!(
         e.reserve(&cmd("later", "carol", 1, None)).await.unwrap(),
-        ReserveReply::Ended {
-            ends_ms: now + 20_000
-        }
+        ReserveReply::Ended { ends_ms: now + 20_000 }
     );
     assert_eq!(snapshot(e, "later", "carol").await, before);
 
@@ -667,10 +625,7 @@ async fn sale_window_contract<E: Probe>(e: &E, clock: &Clock) {
         ends_ms: clock.now_ms() + 1,
         ..later
     };
-    assert_eq!(
-        e.put_item(&reopened).await.unwrap(),
-        PutReply::Stored { stock: 1 }
-    );
+    assert_eq!(e.put_item(&reopened).await.unwrap(), PutReply::Stored { stock: 1 });
     reserve_ok(e, clock, &cmd("later", "carol", 1, None), 0).await;
 }
 
@@ -698,10 +653,7 @@ async fn check_order_contract<E: Probe>(e: &E, clock: &Clock) {
         ends_ms: now,
         ..spec("sku", 1, 1)
     };
-    assert_eq!(
-        e.put_item(&ended).await.unwrap(),
-        PutReply::Stored { stock: 0 }
-    );
+    assert_eq!(e.put_item(&ended).await.unwrap(), PutReply::Stored { stock: 0 });
     let same = ReserveCmd {
         order_id: held.clone(),
         ..cmd("sku", "alice", 1, None)
@@ -723,10 +675,7 @@ async fn transition_contract<E: Probe>(e: &E, clock: &Clock) {
     let created = clock.now_ms();
 
     // Forbidden: another user's order, nothing changed.
-    let before = (
-        snapshot(e, "sku", "alice").await,
-        e.order(&a).await.unwrap(),
-    );
+    let before = (snapshot(e, "sku", "alice").await, e.order(&a).await.unwrap());
     assert_eq!(
         e.transition(Transition::Pay, &a, "bob").await.unwrap(),
         TransitionReply::Forbidden
@@ -735,13 +684,7 @@ async fn transition_contract<E: Probe>(e: &E, clock: &Clock) {
         e.transition(Transition::Cancel, &a, "bob").await.unwrap(),
         TransitionReply::Forbidden
     );
-    assert_eq!(
-        (
-            snapshot(e, "sku", "alice").await,
-            e.order(&a).await.unwrap()
-        ),
-        before
-    );
+    assert_eq!((snapshot(e, "sku", "alice").await, e.order(&a).await.unwrap()), before);
 
     // Pay one millisecond before the deadline: Done, stock unchanged.
     clock.advance(TIMEOUT_MS - 1);
@@ -772,10 +715,7 @@ async fn transition_contract<E: Probe>(e: &E, clock: &Clock) {
 
     // Paid is final: pay again → Already, cancel → Closed{Paid}, even past the deadline.
     clock.advance(TIMEOUT_MS * 2);
-    let before = (
-        snapshot(e, "sku", "alice").await,
-        e.order(&a).await.unwrap(),
-    );
+    let before = (snapshot(e, "sku", "alice").await, e.order(&a).await.unwrap());
     assert_eq!(
         e.transition(Transition::Pay, &a, "alice").await.unwrap(),
         TransitionReply::Already {
@@ -792,13 +732,7 @@ async fn transition_contract<E: Probe>(e: &E, clock: &Clock) {
         e.transition(Transition::Cancel, &a, "bob").await.unwrap(),
         TransitionReply::Forbidden
     );
-    assert_eq!(
-        (
-            snapshot(e, "sku", "alice").await,
-            e.order(&a).await.unwrap()
-        ),
-        before
-    );
+    assert_eq!((snapshot(e, "sku", "alice").await, e.order(&a).await.unwrap()), before);
     // Paid units count towards the limit.
     assert_eq!(
         e.reserve(&cmd("sku", "alice", 2, None)).await.unwrap(),
@@ -817,10 +751,7 @@ async fn transition_contract<E: Probe>(e: &E, clock: &Clock) {
         }
     );
     let ob = e.order(&b).await.unwrap().unwrap();
-    assert_eq!(
-        (ob.status, ob.updated_ms),
-        (OrderStatus::Cancelled, clock.now_ms())
-    );
+    assert_eq!((ob.status, ob.updated_ms), (OrderStatus::Cancelled, clock.now_ms()));
     assert_eq!(counters(e, "sku").await, (8, 0, 2, 3, 0));
     assert_eq!(e.held("sku", "bob").await, 0);
 
@@ -838,10 +769,7 @@ async fn transition_contract<E: Probe>(e: &E, clock: &Clock) {
             status: OrderStatus::Cancelled
         }
     );
-    assert_eq!(
-        (snapshot(e, "sku", "bob").await, e.order(&b).await.unwrap()),
-        before
-    );
+    assert_eq!((snapshot(e, "sku", "bob").await, e.order(&b).await.unwrap()), before);
     // The quota came back: bob can take 3 again.
     reserve_ok(e, clock, &cmd("sku", "bob", 3, None), 5).await;
 
@@ -862,14 +790,9 @@ async fn transition_contract<E: Probe>(e: &E, clock: &Clock) {
     }
     // An order id whose reservation was refused is unknown too.
     let refused = cmd("sku", "carol", 9, None);
+    assert_eq!(e.reserve(&refused).await.unwrap(), ReserveReply::BadQty { limit: 3 });
     assert_eq!(
-        e.reserve(&refused).await.unwrap(),
-        ReserveReply::BadQty { limit: 3 }
-    );
-    assert_eq!(
-        e.transition(Transition::Pay, &refused.order_id, "carol")
-            .await
-            .unwrap(),
+        e.transition(Transition::Pay, &refused.order_id, "carol").await.unwrap(),
         TransitionReply::UnknownOrder
     );
     assert_eq!(counters(e, "sku").await, (5, 3, 2, 3, 0));
@@ -890,10 +813,7 @@ async fn expiry_on_transition_contract<E: Probe>(e: &E, clock: &Clock) {
         }
     );
     let oc = e.order(&c).await.unwrap().unwrap();
-    assert_eq!(
-        (oc.status, oc.updated_ms),
-        (OrderStatus::Expired, clock.now_ms())
-    );
+    assert_eq!((oc.status, oc.updated_ms), (OrderStatus::Expired, clock.now_ms()));
     assert_eq!(counters(e, "sku").await, (10, 0, 0, 0, 3));
     assert_eq!(e.held("sku", "bob").await, 0);
     // Exactly once.
@@ -959,23 +879,14 @@ async fn expire_contract<E: Probe>(e: &E, clock: &Clock) {
         }
     );
     clock.advance(TIMEOUT_MS - 1);
-    let before = (
-        snapshot(e, "sku", "alice").await,
-        e.order(&a).await.unwrap(),
-    );
+    let before = (snapshot(e, "sku", "alice").await, e.order(&a).await.unwrap());
     assert_eq!(
         e.expire(&a, "sku").await.unwrap(),
         ExpireReply::NotDue {
             pay_before_ms: pay_before
         }
     );
-    assert_eq!(
-        (
-            snapshot(e, "sku", "alice").await,
-            e.order(&a).await.unwrap()
-        ),
-        before
-    );
+    assert_eq!((snapshot(e, "sku", "alice").await, e.order(&a).await.unwrap()), before);
 
     clock.advance(1);
     assert_eq!(
@@ -983,10 +894,7 @@ async fn expire_contract<E: Probe>(e: &E, clock: &Clock) {
         ExpireReply::Expired { stock_after: 10 }
     );
     let oa = e.order(&a).await.unwrap().unwrap();
-    assert_eq!(
-        (oa.status, oa.updated_ms),
-        (OrderStatus::Expired, pay_before)
-    );
+    assert_eq!((oa.status, oa.updated_ms), (OrderStatus::Expired, pay_before));
     assert_eq!(counters(e, "sku").await, (10, 0, 0, 0, 2));
     assert_eq!(e.held("sku", "alice").await, 0);
     // Exactly once.
@@ -1240,9 +1148,7 @@ async fn retry_after_closed_order_forgotten_contract<E: Probe>(e: &E, clock: &Cl
     let c = cmd("sku", "alice", 1, Some("k"));
     let first = reserve_ok(e, clock, &c, 4).await;
     assert!(matches!(
-        e.transition(Transition::Cancel, &first, "alice")
-            .await
-            .unwrap(),
+        e.transition(Transition::Cancel, &first, "alice").await.unwrap(),
         TransitionReply::Done { .. }
     ));
     clock.advance(1_100);

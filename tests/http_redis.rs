@@ -32,15 +32,7 @@ async fn start(builder: gateway::Builder) -> Gateway {
 
 /// Commands the gateway sends on its own, whatever the requests: the clock
 /// sync (`TIME`), the pub/sub subscription, and what the test itself sends.
-const BACKGROUND: &[&str] = &[
-    "time",
-    "subscribe",
-    "ping",
-    "info",
-    "config",
-    "hello",
-    "client",
-];
+const BACKGROUND: &[&str] = &["time", "subscribe", "ping", "info", "config", "hello", "client"];
 
 /// Calls of every command the gateway sent that is not background noise.
 fn foreground(calls: &HashMap<String, u64>) -> HashMap<String, u64> {
@@ -54,10 +46,7 @@ fn foreground(calls: &HashMap<String, u64>) -> HashMap<String, u64> {
 }
 
 fn calls_of(calls: &HashMap<String, u64>, names: &[&str]) -> u64 {
-    names
-        .iter()
-        .map(|n| calls.get(*n).copied().unwrap_or(0))
-        .sum()
+    names.iter().map(|n| calls.get(*n).copied().unwrap_or(0)).sum()
 }
 
 /// The value of an unlabelled metric line (`name value`).
@@ -78,8 +67,7 @@ async fn item_get_answers_each_state_and_refusal() {
     let upcoming = unique("upcoming");
     let sold_out = unique("soldout");
     let ended = unique("ended");
-    gw.create_item_window(&active, 5, 2, now - 60_000, now + HOUR_MS)
-        .await;
+    gw.create_item_window(&active, 5, 2, now - 60_000, now + HOUR_MS).await;
     gw.create_item_window(&upcoming, 5, 2, now + HOUR_MS, now + 2 * HOUR_MS)
         .await;
     gw.create_item_window(&sold_out, 0, 1, now - 60_000, now + HOUR_MS)
@@ -99,24 +87,13 @@ async fn item_get_answers_each_state_and_refusal() {
     let starts = parse_rfc3339(v["starts_at"].as_str().unwrap()).expect("starts_at is RFC 3339");
     let ends = parse_rfc3339(v["ends_at"].as_str().unwrap()).expect("ends_at is RFC 3339");
     assert_eq!((starts, ends), (now - 60_000, now + HOUR_MS));
-    assert_eq!(
-        r.header("content-type"),
-        Some("application/json"),
-        "JSON out"
-    );
+    assert_eq!(r.header("content-type"), Some("application/json"), "JSON out");
 
-    for (item, state) in [
-        (&upcoming, "upcoming"),
-        (&sold_out, "sold_out"),
-        (&ended, "ended"),
-    ] {
+    for (item, state) in [(&upcoming, "upcoming"), (&sold_out, "sold_out"), (&ended, "ended")] {
         let r = gw.get_item(item).await;
         assert_eq!(r.assert_ok()["state"], json!(state), "{item}: {}", r.text);
     }
-    assert_eq!(
-        gw.get_item(&sold_out).await.json["stock_remaining"],
-        json!(0)
-    );
+    assert_eq!(gw.get_item(&sold_out).await.json["stock_remaining"], json!(0));
 
     // Selling the last unit turns an active item sold_out.
     let one = unique("one");
@@ -126,18 +103,10 @@ async fn item_get_answers_each_state_and_refusal() {
     assert_eq!(r.assert_ok()["state"], json!("sold_out"), "{}", r.text);
     assert_eq!(r.json["stock_remaining"], json!(0));
 
-    gw.get_item(&unique("never"))
-        .await
-        .assert_refused(404, "unknown_item");
-    gw.get_item(&"a".repeat(65))
-        .await
-        .assert_refused(400, "bad_request");
-    gw.get_item("a%20b")
-        .await
-        .assert_refused(400, "bad_request");
-    gw.get_item("a.b:c_d-1")
-        .await
-        .assert_refused(404, "unknown_item");
+    gw.get_item(&unique("never")).await.assert_refused(404, "unknown_item");
+    gw.get_item(&"a".repeat(65)).await.assert_refused(400, "bad_request");
+    gw.get_item("a%20b").await.assert_refused(400, "bad_request");
+    gw.get_item("a.b:c_d-1").await.assert_refused(404, "unknown_item");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -159,8 +128,7 @@ async fn reserve_answers_every_contract_status() {
     assert_eq!(v["user_id"], json!("alice"));
     assert_eq!(v["qty"], json!(1));
     assert_eq!(v["status"], json!("reserved"));
-    let pay_before =
-        parse_rfc3339(v["pay_before"].as_str().unwrap()).expect("pay_before is RFC 3339");
+    let pay_before = parse_rfc3339(v["pay_before"].as_str().unwrap()).expect("pay_before is RFC 3339");
     let expected = started + 15 * 60 * 1000;
     assert!(
         (expected - 5_000..=expected + 5_000).contains(&pay_before),
@@ -208,16 +176,10 @@ async fn reserve_answers_every_contract_status() {
     )
     .await
     .assert_refused(400, "bad_request");
-    assert_eq!(
-        r.item_field(&item, "stock").await,
-        stock,
-        "refusals take no stock"
-    );
+    assert_eq!(r.item_field(&item, "stock").await, stock, "refusals take no stock");
 
     // 401.
-    send(gw.post(&path))
-        .await
-        .assert_refused(401, "unauthenticated");
+    send(gw.post(&path)).await.assert_refused(401, "unauthenticated");
     for user in ["", "bad user", &"u".repeat(65), "a/b"] {
         send(gw.post(&path).header("x-user-id", user))
             .await
@@ -233,20 +195,14 @@ async fn reserve_answers_every_contract_status() {
     send(gw.reserve_req(&item, "alice").json(&json!({"qty": 2})))
         .await
         .assert_refused(409, "limit_reached");
-    gw.reserve(&item, "dave")
-        .await
-        .assert_refused(409, "limit_reached");
+    gw.reserve(&item, "dave").await.assert_refused(409, "limit_reached");
 
     // 410 sold out.
     let small = unique("small");
     gw.create_item(&small, 1, 1).await;
     gw.reserve_ok(&small, "alice").await;
-    gw.reserve(&small, "bob")
-        .await
-        .assert_refused(410, "sold_out");
-    gw.reserve(&small, "carol")
-        .await
-        .assert_refused(410, "sold_out");
+    gw.reserve(&small, "bob").await.assert_refused(410, "sold_out");
+    gw.reserve(&small, "carol").await.assert_refused(410, "sold_out");
 
     // 425 not started, 410 ended: nothing taken.
     let now = gw.now_ms();
@@ -258,9 +214,7 @@ async fn reserve_answers_every_contract_status() {
     let past = unique("past");
     gw.create_item_window(&past, 5, 1, now - 2 * HOUR_MS, now - HOUR_MS)
         .await;
-    gw.reserve(&past, "alice")
-        .await
-        .assert_refused(410, "ended");
+    gw.reserve(&past, "alice").await.assert_refused(410, "ended");
     assert_eq!(r.item_field(&later, "stock").await, 5);
     assert_eq!(r.item_field(&past, "stock").await, 5);
 
@@ -272,9 +226,7 @@ async fn reserve_answers_every_contract_status() {
     let just_under = format!("{{\"qty\":1,\"p\":\"{}\"}}", "x".repeat(4000));
     assert!(just_under.len() <= 4096);
     // Unknown fields are ignored by reserve; 4 KiB or less is read.
-    send(gw.reserve_req(&item, "frank").body(just_under))
-        .await
-        .assert_ok();
+    send(gw.reserve_req(&item, "frank").body(just_under)).await.assert_ok();
     let chunked = raw_request(
         gw.running().addr,
         &format!(
@@ -371,9 +323,7 @@ async fn jwt_mode_takes_the_user_from_sub() {
     send(gw.post(&path).header("x-user-id", "bob"))
         .await
         .assert_refused(401, "unauthenticated");
-    send(gw.post(&path))
-        .await
-        .assert_refused(401, "unauthenticated");
+    send(gw.post(&path)).await.assert_refused(401, "unauthenticated");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -438,21 +388,12 @@ async fn admin_put_validates_and_needs_the_token() {
             r.text
         );
     }
-    let r = send(
-        gw.admin(gw.put(&format!("/admin/v1/items/{other}")))
-            .body("{"),
-    )
-    .await;
+    let r = send(gw.admin(gw.put(&format!("/admin/v1/items/{other}"))).body("{")).await;
     r.assert_refused(400, "bad_request");
     let r = send(gw.admin(gw.put(&format!("/admin/v1/items/{other}")))).await;
     r.assert_refused(400, "bad_request");
-    assert!(
-        rd.item(&other).await.is_empty(),
-        "no invalid item was stored"
-    );
-    gw.get_item(&other)
-        .await
-        .assert_refused(404, "unknown_item");
+    assert!(rd.item(&other).await.is_empty(), "no invalid item was stored");
+    gw.get_item(&other).await.assert_refused(404, "unknown_item");
 
     // 403: no token, wrong token, another scheme.
     let put = || gw.put(&format!("/admin/v1/items/{other}")).json(&body);
@@ -522,16 +463,13 @@ async fn stats_and_orders_csv() {
     }
     assert_eq!(v["item_id"], json!(item));
     assert!(v["persisted"].is_i64(), "persisted is a count: {}", r.text);
-    gw.stats(&unique("never"))
-        .await
-        .assert_refused(404, "unknown_item");
+    gw.stats(&unique("never")).await.assert_refused(404, "unknown_item");
 
     let csv_path = format!("/admin/v1/items/{item}/orders.csv");
     let r = send(gw.admin(gw.get(&csv_path))).await;
     assert_eq!(r.status.as_u16(), 200, "{}", r.text);
     assert!(
-        r.header("content-type")
-            .is_some_and(|t| t.starts_with("text/csv")),
+        r.header("content-type").is_some_and(|t| t.starts_with("text/csv")),
         "{:?}",
         r.headers
     );
@@ -551,15 +489,11 @@ async fn stats_and_orders_csv() {
                 (f.len() == 8).then(|| (f[0].to_owned(), f[4].to_owned()))
             })
             .collect();
-        let done = want
-            .iter()
-            .all(|(o, s)| rows.get(o).map(String::as_str) == Some(*s));
+        let done = want.iter().all(|(o, s)| rows.get(o).map(String::as_str) == Some(*s));
         done.then_some(rows)
     })
     .await;
-    let rows = rows.expect(
-        "orders.csv lists the item's 3 orders with their statuses within 10 s (persistence worker)",
-    );
+    let rows = rows.expect("orders.csv lists the item's 3 orders with their statuses within 10 s (persistence worker)");
     assert_eq!(rows.len(), 3, "{rows:?}");
     let v = gw.stats(&item).await.assert_ok().clone();
     assert_eq!(v["persisted"], json!(3));
@@ -583,17 +517,12 @@ async fn plain_routes_and_unknown_routes() {
     gw.reserve_ok(&item, "alice").await;
     let r = send(gw.get("/metrics")).await;
     assert_eq!(r.status.as_u16(), 200);
-    assert!(
-        r.header("content-type")
-            .is_some_and(|t| t.starts_with("text/plain"))
-    );
+    assert!(r.header("content-type").is_some_and(|t| t.starts_with("text/plain")));
     assert!(r.text.contains("seckill_requests_total"), "{}", r.text);
     assert!(
-        r.text
-            .lines()
-            .any(|l| l.starts_with("seckill_requests_total{")
-                && l.contains("route=\"reserve\"")
-                && l.contains("outcome=\"ok\"")),
+        r.text.lines().any(|l| l.starts_with("seckill_requests_total{")
+            && l.contains("route=\"reserve\"")
+            && l.contains("outcome=\"ok\"")),
         "reserve/ok is counted"
     );
     assert!(
@@ -614,10 +543,7 @@ async fn plain_routes_and_unknown_routes() {
     }
     for (method, path) in [
         (reqwest::Method::POST, format!("/api/v1/items/{item}")),
-        (
-            reqwest::Method::GET,
-            format!("/api/v1/items/{item}/reserve"),
-        ),
+        (reqwest::Method::GET, format!("/api/v1/items/{item}/reserve")),
         (reqwest::Method::DELETE, format!("/admin/v1/items/{item}")),
         (reqwest::Method::POST, "/healthz".to_owned()),
         (reqwest::Method::PUT, "/metrics".to_owned()),
@@ -664,9 +590,7 @@ async fn concurrent_reservations_sell_exactly_the_stock() {
     let mut winners = HashSet::new();
     let mut orders = HashSet::new();
     for (user, r) in &replies {
-        *by_code
-            .entry((r.status.as_u16(), r.error().to_owned()))
-            .or_default() += 1;
+        *by_code.entry((r.status.as_u16(), r.error().to_owned())).or_default() += 1;
         if r.status.as_u16() == 200 {
             assert_eq!(r.json["user_id"], json!(user));
             winners.insert(user.clone());
@@ -674,11 +598,7 @@ async fn concurrent_reservations_sell_exactly_the_stock() {
         }
     }
     eprintln!("3000 reserves in {took:?}: {by_code:?}");
-    assert_eq!(
-        by_code.get(&(200, String::new())),
-        Some(&100),
-        "{by_code:?}"
-    );
+    assert_eq!(by_code.get(&(200, String::new())), Some(&100), "{by_code:?}");
     assert_eq!(winners.len(), 100, "100 distinct users");
     assert_eq!(orders.len(), 100, "100 distinct order ids");
     for (status, code) in by_code.keys() {
@@ -697,14 +617,10 @@ async fn concurrent_reservations_sell_exactly_the_stock() {
     assert_eq!(buyers.keys().cloned().collect::<HashSet<_>>(), winners);
     assert!(buyers.values().all(|&n| n == 1));
     let events = rd.events(&item).await;
-    let reserved: Vec<&gateway::Event> =
-        events.iter().filter(|e| e["type"] == "reserved").collect();
+    let reserved: Vec<&gateway::Event> = events.iter().filter(|e| e["type"] == "reserved").collect();
     assert_eq!(reserved.len(), 100);
     assert_eq!(
-        reserved
-            .iter()
-            .map(|e| e["order_id"].clone())
-            .collect::<HashSet<_>>(),
+        reserved.iter().map(|e| e["order_id"].clone()).collect::<HashSet<_>>(),
         orders
     );
     assert_eq!(
@@ -724,10 +640,7 @@ async fn idempotent_retry_returns_the_same_order() {
     let gw = start(Gateway::builder(&redis.url())).await;
     let item = unique("item");
     gw.create_item(&item, 3, 2).await;
-    let keyed = || {
-        gw.reserve_req(&item, "alice")
-            .header("idempotency-key", "checkout-1")
-    };
+    let keyed = || gw.reserve_req(&item, "alice").header("idempotency-key", "checkout-1");
 
     let first = send(keyed()).await.assert_ok().clone();
     let again = send(keyed()).await.assert_ok().clone();
@@ -736,19 +649,14 @@ async fn idempotent_retry_returns_the_same_order() {
     assert_eq!(rd.item_field(&item, "stock").await, 2, "decremented once");
     assert_eq!(rd.buyers(&item).await.get("alice"), Some(&1));
     // The same key from another user is another reservation.
-    let bob = send(
-        gw.reserve_req(&item, "bob")
-            .header("idempotency-key", "checkout-1"),
-    )
-    .await
-    .assert_ok()
-    .clone();
+    let bob = send(gw.reserve_req(&item, "bob").header("idempotency-key", "checkout-1"))
+        .await
+        .assert_ok()
+        .clone();
     assert_ne!(bob["order_id"], first["order_id"]);
     // Sell out, then retry: still the same order, 200.
     gw.reserve_ok(&item, "carol").await;
-    gw.reserve(&item, "dave")
-        .await
-        .assert_refused(410, "sold_out");
+    gw.reserve(&item, "dave").await.assert_refused(410, "sold_out");
     let late = send(keyed()).await.assert_ok().clone();
     assert_eq!(late["order_id"], first["order_id"]);
     assert_eq!(late["status"], json!("reserved"));
@@ -757,9 +665,7 @@ async fn idempotent_retry_returns_the_same_order() {
     let alice: Vec<_> = events.iter().filter(|e| e["user_id"] == "alice").collect();
     assert_eq!(alice.len(), 1, "one reserved event for alice: {alice:?}");
     // Without the key alice makes a second, distinct order (limit 2) — but stock is gone.
-    gw.reserve(&item, "alice")
-        .await
-        .assert_refused(410, "sold_out");
+    gw.reserve(&item, "alice").await.assert_refused(410, "sold_out");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -843,18 +749,12 @@ async fn unknown_item_ids_cost_no_redis_command() {
     assert_eq!(
         calls_of(
             &calls,
-            &[
-                "evalsha", "eval", "hgetall", "hget", "hmget", "get", "exists"
-            ]
+            &["evalsha", "eval", "hgetall", "hget", "hmget", "get", "exists"]
         ),
         0,
         "{calls:?}"
     );
-    assert_eq!(
-        foreground(&calls),
-        HashMap::new(),
-        "every command: {calls:?}"
-    );
+    assert_eq!(foreground(&calls), HashMap::new(), "every command: {calls:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -867,9 +767,7 @@ async fn sold_out_answers_after_the_first_cost_no_redis_command() {
     // The item's own pub/sub notice must not clear the flag we are about to set.
     tokio::time::sleep(Duration::from_millis(300)).await;
     gw.reserve_ok(&item, "winner").await;
-    gw.reserve(&item, "first-loser")
-        .await
-        .assert_refused(410, "sold_out");
+    gw.reserve(&item, "first-loser").await.assert_refused(410, "sold_out");
     rd.reset_stats().await;
 
     let replies: Vec<Reply> = futures_util::stream::iter(0..500)
@@ -919,25 +817,13 @@ async fn redis_down_gives_503_within_the_timeout_and_recovers() {
     redis.kill();
     for i in 0..6 {
         let r = gw.reserve(&item, &format!("down-{i}")).await;
-        assert!(
-            r.elapsed < Duration::from_secs(2),
-            "answered in {:?}",
-            r.elapsed
-        );
+        assert!(r.elapsed < Duration::from_secs(2), "answered in {:?}", r.elapsed);
         r.assert_refused(503, "unavailable");
-        assert!(
-            (1..=5).contains(&r.retry_after()),
-            "Retry-After: {:?}",
-            r.headers
-        );
+        assert!((1..=5).contains(&r.retry_after()), "Retry-After: {:?}", r.headers);
     }
     assert!(breaker_open(), "3 failures open the circuit");
     let text = gw.metrics().await;
-    assert_eq!(
-        metric(&text, "seckill_circuit_open"),
-        Some(1.0),
-        "circuit gauge"
-    );
+    assert_eq!(metric(&text, "seckill_circuit_open"), Some(1.0), "circuit gauge");
     drop(gauge);
     let r = gw.get_item(&item).await;
     assert!(r.elapsed < Duration::from_secs(2));
@@ -947,9 +833,7 @@ async fn redis_down_gives_503_within_the_timeout_and_recovers() {
     assert!(r.elapsed < Duration::from_secs(2));
     assert_eq!(r.status.as_u16(), 503, "{}", r.text);
     assert!(
-        r.json["engine"]
-            .as_str()
-            .is_some_and(|e| e.starts_with("down")),
+        r.json["engine"].as_str().is_some_and(|e| e.starts_with("down")),
         "{}",
         r.text
     );
@@ -966,20 +850,14 @@ async fn redis_down_gives_503_within_the_timeout_and_recovers() {
         (r.status.as_u16() == 200).then_some(r)
     })
     .await;
-    assert!(
-        put.is_some(),
-        "admin PUT works again within 10 s of the restart"
-    );
+    assert!(put.is_some(), "admin PUT works again within 10 s of the restart");
     let order = poll(Duration::from_secs(5), || async {
         let r = gw.reserve(&item, "after").await;
         (r.status.as_u16() == 200).then_some(r)
     })
     .await
     .expect("reserve answers 200 again without restarting the gateway");
-    eprintln!(
-        "serving again {:?} after the Redis restart",
-        restarted.elapsed()
-    );
+    eprintln!("serving again {:?} after the Redis restart", restarted.elapsed());
     assert_eq!(order.json["user_id"], json!("after"));
     assert!(!breaker_open(), "the circuit closed again");
     let r = send(gw.get("/readyz")).await;
@@ -1015,15 +893,9 @@ async fn graceful_shutdown_answers_in_flight_requests() {
         t.elapsed()
     });
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(
-        !stopping.is_finished(),
-        "stop waits for the request in flight"
-    );
+    assert!(!stopping.is_finished(), "stop waits for the request in flight");
     // No new connections once stopping.
-    let refused = gateway::client()
-        .get(format!("{}/healthz", gw.url))
-        .send()
-        .await;
+    let refused = gateway::client().get(format!("{}/healthz", gw.url)).send().await;
     assert!(
         refused.is_err(),
         "new connections are refused while stopping: {refused:?}"
@@ -1090,10 +962,7 @@ async fn circuit_recovers_after_an_abandoned_probe() {
         .header("x-user-id", "impatient")
         .send()
         .await;
-    assert!(
-        gave_up.is_err(),
-        "the probe outlasts the client: {gave_up:?}"
-    );
+    assert!(gave_up.is_err(), "the probe outlasts the client: {gave_up:?}");
     tokio::time::sleep(Duration::from_millis(600)).await;
 
     drop(black_hole);
@@ -1130,10 +999,7 @@ async fn idempotent_retry_after_the_order_hash_expired() {
     .await;
     let item = unique("item");
     gw.create_item(&item, 5, 1).await;
-    let keyed = || {
-        gw.reserve_req(&item, "alice")
-            .header("idempotency-key", "k-1")
-    };
+    let keyed = || gw.reserve_req(&item, "alice").header("idempotency-key", "k-1");
     let first = send(keyed()).await.assert_ok().clone();
     let order = first["order_id"].as_str().unwrap().to_owned();
     gw.cancel(&order, "alice").await.assert_ok();
@@ -1141,11 +1007,7 @@ async fn idempotent_retry_after_the_order_hash_expired() {
         let mut conn = rd.conn.clone();
         let key = seckill_gateway::engine::keys::order(&order).unwrap();
         async move {
-            let exists: bool = redis::cmd("EXISTS")
-                .arg(key)
-                .query_async(&mut conn)
-                .await
-                .unwrap();
+            let exists: bool = redis::cmd("EXISTS").arg(key).query_async(&mut conn).await.unwrap();
             (!exists).then_some(())
         }
     })
@@ -1159,11 +1021,7 @@ async fn idempotent_retry_after_the_order_hash_expired() {
         "the retry names the same order: {}",
         retry.text
     );
-    assert_eq!(
-        rd.item_field(&item, "stock").await,
-        stock,
-        "and takes nothing"
-    );
+    assert_eq!(rd.item_field(&item, "stock").await, stock, "and takes nothing");
 }
 
 // ---------------------------------------------------------------------------
@@ -1211,12 +1069,7 @@ async fn forwarded_for_is_trusted_only_when_configured() {
     let direct = start(Gateway::builder(&redis.url()).flag("--rate-per-ip", "1")).await;
     let item = unique("item");
     trusting.create_item(&item, 5, 1).await;
-    let get = |gw: &Gateway, ip: &str| {
-        send(
-            gw.get(&format!("/api/v1/items/{item}"))
-                .header("x-forwarded-for", ip),
-        )
-    };
+    let get = |gw: &Gateway, ip: &str| send(gw.get(&format!("/api/v1/items/{item}")).header("x-forwarded-for", ip));
     // Behind a trusted proxy every shopper has a bucket of their own …
     get(&trusting, "10.0.0.1").await.assert_ok();
     let r = get(&trusting, "10.0.0.1").await;
@@ -1230,9 +1083,7 @@ async fn forwarded_for_is_trusted_only_when_configured() {
         .assert_refused(429, "rate_limited");
     // Without trust the header is ignored: one socket address, one bucket.
     get(&direct, "10.0.0.1").await.assert_ok();
-    get(&direct, "10.0.0.2")
-        .await
-        .assert_refused(429, "rate_limited");
+    get(&direct, "10.0.0.2").await.assert_refused(429, "rate_limited");
 
     let global = start(Gateway::builder(&redis.url()).flag("--rate-global", "1")).await;
     global.reserve_ok(&item, "alice").await;
@@ -1254,9 +1105,7 @@ async fn slow_headers_and_the_connection_cap() {
 
     // A client that never finishes its headers is cut off.
     let mut slow = tokio::net::TcpStream::connect(addr).await.unwrap();
-    slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: t\r\n")
-        .await
-        .unwrap();
+    slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: t\r\n").await.unwrap();
     let t = Instant::now();
     let mut sink = Vec::new();
     tokio::time::timeout(Duration::from_secs(3), slow.read_to_end(&mut sink))
@@ -1281,18 +1130,11 @@ async fn slow_headers_and_the_connection_cap() {
     let _ = third.write_all(healthz).await;
     let mut out = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(3), third.read_to_end(&mut out)).await;
-    assert!(
-        out.is_empty(),
-        "over the cap: closed without an answer: {out:?}"
-    );
+    assert!(out.is_empty(), "over the cap: closed without an answer: {out:?}");
     // A freed slot is usable again.
     drop(held.pop());
     let again = poll(Duration::from_secs(2), || async {
-        let answer = raw_request(
-            addr,
-            "GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
-        )
-        .await;
+        let answer = raw_request(addr, "GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").await;
         answer.starts_with("HTTP/1.1 200").then_some(())
     })
     .await;
@@ -1313,7 +1155,20 @@ async fn hung_redis_times_out_and_sheds_load() {
     )
     .await;
     let item = unique("item");
-    gw.create_item(&item, 5, 1).await;
+    // With one permit, the gateway's own start-up reads (catalogue, clock) may hold it for a
+    // moment and shed this call: retry until it lands.
+    let now = system_now_ms();
+    let created = poll(Duration::from_secs(5), || {
+        let (gw, item) = (&gw, &item);
+        async move {
+            let r = gw
+                .put_item_body(item, &item_body(5, 1, now - 60_000, now + HOUR_MS))
+                .await;
+            (r.status.as_u16() == 200).then_some(())
+        }
+    })
+    .await;
+    assert!(created.is_some(), "item created");
     gw.reserve_ok(&item, "before").await;
     redis.kill();
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
@@ -1323,9 +1178,7 @@ async fn hung_redis_times_out_and_sheds_load() {
         .expect("bind the stalled port");
     let _black_hole = socket.listen(64).unwrap();
     // The first call finds the old connection dead; later ones wait on the new one.
-    gw.reserve(&item, "zero")
-        .await
-        .assert_refused(503, "unavailable");
+    gw.reserve(&item, "zero").await.assert_refused(503, "unavailable");
 
     let (hung, shed) = tokio::join!(gw.reserve(&item, "first"), async {
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -1364,11 +1217,7 @@ async fn a_client_that_hangs_up_does_not_abandon_its_request() {
     // Warm the item cache so the only Redis call of the request is the script.
     gw.get_item(&item).await.assert_ok();
     // Redis stalls every client for 800 ms; the client gives up after 200 ms.
-    let mut pauser = redis
-        .client()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let mut pauser = redis.client().get_multiplexed_async_connection().await.unwrap();
     let _: () = redis::cmd("CLIENT")
         .arg("PAUSE")
         .arg(800)
@@ -1383,10 +1232,7 @@ async fn a_client_that_hangs_up_does_not_abandon_its_request() {
         .build()
         .unwrap();
     let r = impatient
-        .post(format!(
-            "{}/api/v1/items/{item}/reserve",
-            gw.running().url()
-        ))
+        .post(format!("{}/api/v1/items/{item}/reserve", gw.running().url()))
         .header("x-user-id", "impatient")
         .send()
         .await;
@@ -1394,16 +1240,11 @@ async fn a_client_that_hangs_up_does_not_abandon_its_request() {
     stall.await.unwrap();
     let mut rd = Redis::connect(&redis.client()).await;
     let made = poll(Duration::from_secs(3), || {
-        let mut rd = Redis {
-            conn: rd.conn.clone(),
-        };
+        let mut rd = Redis { conn: rd.conn.clone() };
         let item = item.clone();
         async move { (rd.item_field(&item, "reserved").await == 1).then_some(()) }
     })
     .await;
-    assert!(
-        made.is_some(),
-        "the script ran after the client left: the order exists"
-    );
+    assert!(made.is_some(), "the script ran after the client left: the order exists");
     assert_eq!(rd.item_field(&item, "stock").await, 9);
 }

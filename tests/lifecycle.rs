@@ -32,10 +32,9 @@ async fn assert_reconcile_clean(gw: &Gateway, redis_url: &str, item: &str) {
     let store = gw.running().app.store.clone();
     let mut last = None;
     for _ in 0..100 {
-        let report =
-            seckill_gateway::orders::reconcile::reconcile(&mut conn, &store, Some(item), false)
-                .await
-                .unwrap();
+        let report = seckill_gateway::orders::reconcile::reconcile(&mut conn, &store, Some(item), false)
+            .await
+            .unwrap();
         if report.differences.is_empty() && report.pending_events == 0 {
             assert!(report.orders_checked > 0, "reconcile looked at the orders");
             return;
@@ -70,9 +69,7 @@ async fn pay_and_order_lookup() {
             r.text
         );
     }
-    gw.get_order(&order, "bob")
-        .await
-        .assert_refused(403, "forbidden");
+    gw.get_order(&order, "bob").await.assert_refused(403, "forbidden");
 
     // Someone else's order: 403 and nothing changes.
     gw.pay(&order, "bob").await.assert_refused(403, "forbidden");
@@ -80,18 +77,11 @@ async fn pay_and_order_lookup() {
 
     // Pay: 200, then again 200 with the same body.
     let paid = gw.pay(&order, "alice").await;
-    assert_eq!(
-        paid.assert_ok(),
-        &json!({"order_id": order, "status": "paid"})
-    );
+    assert_eq!(paid.assert_ok(), &json!({"order_id": order, "status": "paid"}));
     let again = gw.pay(&order, "alice").await;
     assert_eq!(again.assert_ok(), paid.assert_ok());
     assert_eq!(rd.order(&order).await["status"], "paid");
-    assert_eq!(
-        rd.item_field(&item, "stock").await,
-        9,
-        "paying moves no stock"
-    );
+    assert_eq!(rd.item_field(&item, "stock").await, 9, "paying moves no stock");
     assert_eq!(rd.item_field(&item, "reserved").await, 0);
     assert_eq!(rd.item_field(&item, "paid").await, 1);
     assert_eq!(
@@ -101,11 +91,7 @@ async fn pay_and_order_lookup() {
     );
     let events = rd.events(&item).await;
     let types: Vec<&str> = events.iter().map(|e| e["type"].as_str()).collect();
-    assert_eq!(
-        types,
-        ["reserved", "paid"],
-        "one paid event, however often paid"
-    );
+    assert_eq!(types, ["reserved", "paid"], "one paid event, however often paid");
     let r = gw.get_order(&order, "alice").await;
     assert_eq!(r.assert_ok()["status"], json!("paid"));
     gw.pay(&order, "bob").await.assert_refused(403, "forbidden");
@@ -116,23 +102,13 @@ async fn pay_and_order_lookup() {
         random_v7(),
         "67e55044-10b1-426f-9247-bb680e5fe0c8".to_owned(),
     ] {
-        gw.pay(&id, "alice")
-            .await
-            .assert_refused(404, "unknown_order");
-        gw.cancel(&id, "alice")
-            .await
-            .assert_refused(404, "unknown_order");
-        gw.get_order(&id, "alice")
-            .await
-            .assert_refused(404, "unknown_order");
+        gw.pay(&id, "alice").await.assert_refused(404, "unknown_order");
+        gw.cancel(&id, "alice").await.assert_refused(404, "unknown_order");
+        gw.get_order(&id, "alice").await.assert_refused(404, "unknown_order");
     }
     let long = "o".repeat(65);
-    gw.pay(&long, "alice")
-        .await
-        .assert_refused(400, "bad_request");
-    gw.get_order(&long, "alice")
-        .await
-        .assert_refused(400, "bad_request");
+    gw.pay(&long, "alice").await.assert_refused(400, "bad_request");
+    gw.get_order(&long, "alice").await.assert_refused(400, "bad_request");
     gateway::send(gw.post(&format!("/api/v1/orders/{order}/pay")))
         .await
         .assert_refused(401, "unauthenticated");
@@ -155,24 +131,15 @@ async fn cancel_returns_stock_and_quota_once() {
     let item = unique("item");
     gw.create_item(&item, 2, 1).await;
     let order = gw.reserve_ok(&item, "alice").await;
-    gw.reserve(&item, "alice")
-        .await
-        .assert_refused(409, "limit_reached");
+    gw.reserve(&item, "alice").await.assert_refused(409, "limit_reached");
     let bob_order = gw.reserve_ok(&item, "bob").await;
-    gw.reserve(&item, "carol")
-        .await
-        .assert_refused(410, "sold_out");
+    gw.reserve(&item, "carol").await.assert_refused(410, "sold_out");
 
-    gw.cancel(&order, "bob")
-        .await
-        .assert_refused(403, "forbidden");
+    gw.cancel(&order, "bob").await.assert_refused(403, "forbidden");
     assert_eq!(rd.order(&order).await["status"], "reserved");
 
     let r = gw.cancel(&order, "alice").await;
-    assert_eq!(
-        r.assert_ok(),
-        &json!({"order_id": order, "status": "cancelled"})
-    );
+    assert_eq!(r.assert_ok(), &json!({"order_id": order, "status": "cancelled"}));
     let again = gw.cancel(&order, "alice").await;
     assert_eq!(again.assert_ok(), r.assert_ok());
     assert_eq!(rd.item_field(&item, "stock").await, 1, "stock back, once");
@@ -183,9 +150,7 @@ async fn cancel_returns_stock_and_quota_once() {
         HashMap::from([("bob".to_owned(), 1)]),
         "alice's quota back, bob's kept"
     );
-    gw.pay(&order, "alice")
-        .await
-        .assert_refused(409, "order_closed");
+    gw.pay(&order, "alice").await.assert_refused(409, "order_closed");
     assert_eq!(rd.order(&order).await["status"], "cancelled");
     assert_eq!(rd.order(&bob_order).await["status"], "reserved");
     let r = gw.get_order(&order, "alice").await;
@@ -209,10 +174,7 @@ async fn cancel_returns_stock_and_quota_once() {
     assert_ne!(second.json["order_id"], json!(order));
     assert_eq!(rd.item_field(&item, "stock").await, 0);
     let v = gw.stats(&item).await.assert_ok().clone();
-    assert_eq!(
-        (v["reserved"].clone(), v["cancelled"].clone()),
-        (json!(2), json!(1))
-    );
+    assert_eq!((v["reserved"].clone(), v["cancelled"].clone()), (json!(2), json!(1)));
     assert_eq!(v["stock_remaining"], json!(0));
     assert_reconcile_clean(&gw, &redis.url(), &item).await;
 }
@@ -250,17 +212,11 @@ async fn payment_timeout_expires_once_on_a_manual_clock() {
 
     gw.clock().advance(2);
     // Carol pays after her deadline: pay expires the order itself and refuses.
-    gw.pay(&c_order, "carol")
-        .await
-        .assert_refused(409, "order_closed");
+    gw.pay(&c_order, "carol").await.assert_refused(409, "order_closed");
     assert_eq!(rd.order(&c_order).await["status"], "expired");
     assert_eq!(rd.item_field(&item, "stock").await, 3);
 
-    assert_eq!(
-        sweep(&app).await,
-        2,
-        "alice's and bob's reservations expire"
-    );
+    assert_eq!(sweep(&app).await, 2, "alice's and bob's reservations expire");
     for o in [&a_order, &b_order, &c_order] {
         assert_eq!(rd.order(o).await["status"], "expired", "{o}");
     }
@@ -281,15 +237,9 @@ async fn payment_timeout_expires_once_on_a_manual_clock() {
     assert_eq!(expired.len(), 3, "one expired event per order");
 
     // Closed: pay and cancel refuse; the stats count it.
-    gw.pay(&a_order, "alice")
-        .await
-        .assert_refused(409, "order_closed");
-    gw.cancel(&b_order, "bob")
-        .await
-        .assert_refused(409, "order_closed");
-    gw.pay(&a_order, "bob")
-        .await
-        .assert_refused(403, "forbidden");
+    gw.pay(&a_order, "alice").await.assert_refused(409, "order_closed");
+    gw.cancel(&b_order, "bob").await.assert_refused(409, "order_closed");
+    gw.pay(&a_order, "bob").await.assert_refused(403, "forbidden");
     assert_eq!(rd.item_field(&item, "stock").await, 5);
     let v = gw.stats(&item).await.assert_ok().clone();
     assert_eq!(v["expired"], json!(3));
@@ -396,10 +346,7 @@ async fn late_payments_race_the_sweeper() {
                 paid_users.insert(user.clone());
             }
             (409, "order_closed", "expired") => expired += 1,
-            other => panic!(
-                "order {order}: pay answered {} {}, status {other:?}",
-                r.status, r.text
-            ),
+            other => panic!("order {order}: pay answered {} {}, status {other:?}", r.status, r.text),
         }
     }
     eprintln!(
@@ -418,11 +365,7 @@ async fn late_payments_race_the_sweeper() {
     assert_eq!(field("expired"), expired, "{h:?}");
     // Quotas: only paid users still hold a unit; none returned twice.
     let buyers = rd.buyers(&item).await;
-    assert_eq!(
-        buyers.values().sum::<i64>(),
-        paid,
-        "buyers hold exactly the paid units"
-    );
+    assert_eq!(buyers.values().sum::<i64>(), paid, "buyers hold exactly the paid units");
     assert!(buyers.values().all(|&n| n == 1), "{buyers:?}");
     assert_eq!(buyers.keys().cloned().collect::<HashSet<_>>(), paid_users);
     // Events: one final event per order, never both.
@@ -431,26 +374,15 @@ async fn late_payments_race_the_sweeper() {
     for e in rd.events(&item).await {
         match e["type"].as_str() {
             "reserved" => reserved_events += 1,
-            t @ ("paid" | "expired") => finals
-                .entry(e["order_id"].clone())
-                .or_default()
-                .push(t.to_owned()),
+            t @ ("paid" | "expired") => finals.entry(e["order_id"].clone()).or_default().push(t.to_owned()),
             other => panic!("unexpected {other} event"),
         }
     }
     assert_eq!(reserved_events, N);
-    assert_eq!(
-        finals.values().map(Vec::len).sum::<usize>(),
-        N,
-        "paid + expired events"
-    );
+    assert_eq!(finals.values().map(Vec::len).sum::<usize>(), N, "paid + expired events");
     assert_eq!(finals.len(), N);
     for (order, _, r) in &pays {
-        let want = if r.status.as_u16() == 200 {
-            "paid"
-        } else {
-            "expired"
-        };
+        let want = if r.status.as_u16() == 200 { "paid" } else { "expired" };
         assert_eq!(finals[order], [want], "order {order}");
     }
     let deadlines_left: i64 = redis::cmd("ZCARD")
@@ -489,9 +421,7 @@ async fn two_gateways_share_the_sold_out_flag_and_its_clearing() {
     a.create_item(&item, 1, 1).await;
 
     let order = a.reserve_ok(&item, "alice").await;
-    a.reserve(&item, "bob")
-        .await
-        .assert_refused(410, "sold_out");
+    a.reserve(&item, "bob").await.assert_refused(410, "sold_out");
     // B learns it from one script call, then answers locally.
     let known = poll(Duration::from_secs(2), || async {
         let r = b.reserve(&item, "carol").await;
@@ -530,10 +460,7 @@ async fn two_gateways_share_the_sold_out_flag_and_its_clearing() {
     })
     .await
     .expect("B's sold-out flag clears within 1 s of the cancel on A");
-    eprintln!(
-        "B sold the returned unit {:?} after the cancel",
-        t.elapsed()
-    );
+    eprintln!("B sold the returned unit {:?} after the cancel", t.elapsed());
     assert_eq!(bought.json["user_id"], json!("grace"));
     let grace_order = bought.json["order_id"].as_str().unwrap().to_owned();
     assert_eq!(rd.item_field(&item, "stock").await, 0);
@@ -545,20 +472,13 @@ async fn two_gateways_share_the_sold_out_flag_and_its_clearing() {
         "the unit is grace's; alice's quota came back"
     );
     // Sold out again on both.
-    a.reserve(&item, "heidi")
-        .await
-        .assert_refused(410, "sold_out");
-    b.reserve(&item, "ivan")
-        .await
-        .assert_refused(410, "sold_out");
+    a.reserve(&item, "heidi").await.assert_refused(410, "sold_out");
+    b.reserve(&item, "ivan").await.assert_refused(410, "sold_out");
     // The order is one order, whichever gateway is asked.
     let r = a.get_order(&grace_order, "grace").await;
     assert_eq!(r.assert_ok()["status"], json!("reserved"));
     a.pay(&grace_order, "grace").await.assert_ok();
     let r = b.pay(&grace_order, "grace").await;
-    assert_eq!(
-        r.assert_ok(),
-        &json!({"order_id": grace_order, "status": "paid"})
-    );
+    assert_eq!(r.assert_ok(), &json!({"order_id": grace_order, "status": "paid"}));
     assert_eq!(rd.item_field(&item, "paid").await, 1);
 }

@@ -16,13 +16,11 @@ use common::{RedisServer, unique};
 use redis::aio::MultiplexedConnection;
 use redis::{Script, Value};
 
-static RESERVE: LazyLock<Script> =
-    LazyLock::new(|| Script::new(include_str!("../lua/reserve.lua")));
+static RESERVE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("../lua/reserve.lua")));
 static PAY: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("../lua/pay.lua")));
 static CANCEL: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("../lua/cancel.lua")));
 static EXPIRE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("../lua/expire.lua")));
-static PUT_ITEM: LazyLock<Script> =
-    LazyLock::new(|| Script::new(include_str!("../lua/put_item.lua")));
+static PUT_ITEM: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("../lua/put_item.lua")));
 
 /// The injected clock of these tests: 2023-11-14T22:13:20Z.
 const NOW: i64 = 1_700_000_000_000;
@@ -121,10 +119,7 @@ impl Sale {
     /// A server and an item on sale in [`STARTS`, `ENDS`).
     async fn with_item(stock: i64, limit: i64) -> Self {
         let mut sale = Self::new().await;
-        assert_eq!(
-            sale.put(stock, limit, STARTS, ENDS).await,
-            reply!["ok", stock]
-        );
+        assert_eq!(sale.put(stock, limit, STARTS, ENDS).await, reply!["ok", stock]);
         sale
     }
 
@@ -153,10 +148,7 @@ impl Sale {
     /// A UUIDv7-shaped id whose last hex digit is the shard.
     fn new_order_id(&mut self) -> String {
         self.orders += 1;
-        format!(
-            "018bcfe5-6800-7000-8000-{:011x}{:x}",
-            self.orders, self.shard
-        )
+        format!("018bcfe5-6800-7000-8000-{:011x}{:x}", self.orders, self.shard)
     }
 
     async fn put(&mut self, stock_total: i64, limit: i64, starts: i64, ends: i64) -> Vec<R> {
@@ -209,14 +201,7 @@ impl Sale {
             .await
     }
 
-    async fn reserve_with(
-        &mut self,
-        user: &str,
-        qty: &str,
-        order: &str,
-        idem: &str,
-        now: &str,
-    ) -> Vec<R> {
+    async fn reserve_with(&mut self, user: &str, qty: &str, order: &str, idem: &str, now: &str) -> Vec<R> {
         decode(
             self.try_reserve(user, qty, order, idem, now)
                 .await
@@ -228,9 +213,7 @@ impl Sale {
     async fn reserved(&mut self, user: &str, qty: i64) -> String {
         let reply = self.reserve(user, qty).await;
         assert_eq!(reply[0], R::from("ok"), "{reply:?}");
-        let R::S(order) = &reply[1] else {
-            panic!("{reply:?}")
-        };
+        let R::S(order) = &reply[1] else { panic!("{reply:?}") };
         order.clone()
     }
 
@@ -301,10 +284,7 @@ impl Sale {
     /// stock, reserved, paid, cancelled, expired.
     async fn counters(&mut self) -> [i64; 5] {
         let mut out = [0; 5];
-        for (i, f) in ["stock", "reserved", "paid", "cancelled", "expired"]
-            .iter()
-            .enumerate()
-        {
+        for (i, f) in ["stock", "reserved", "paid", "cancelled", "expired"].iter().enumerate() {
             out[i] = self.item_field(f).await;
         }
         out
@@ -317,8 +297,7 @@ impl Sale {
 
     async fn events(&mut self) -> Vec<HashMap<String, String>> {
         let key = self.events_key();
-        let entries: Vec<(String, HashMap<String, String>)> =
-            self.cmd(&["XRANGE", &key, "-", "+"]).await;
+        let entries: Vec<(String, HashMap<String, String>)> = self.cmd(&["XRANGE", &key, "-", "+"]).await;
         entries.into_iter().map(|(_, fields)| fields).collect()
     }
 
@@ -353,31 +332,17 @@ impl Sale {
     async fn assert_invariants(&mut self) {
         let [stock, reserved, paid, ..] = self.counters().await;
         let total = self.item_field("stock_total").await;
-        assert_eq!(
-            stock,
-            total - reserved - paid,
-            "stock = total - reserved - paid"
-        );
+        assert_eq!(stock, total - reserved - paid, "stock = total - reserved - paid");
         let key = self.buyers_key();
         let buyers: HashMap<String, i64> = self.cmd(&["HGETALL", &key]).await;
-        assert_eq!(
-            buyers.values().sum::<i64>(),
-            reserved + paid,
-            "buyers add up"
-        );
-        assert!(
-            buyers.values().all(|&n| n > 0),
-            "no buyer field at 0: {buyers:?}"
-        );
+        assert_eq!(buyers.values().sum::<i64>(), reserved + paid, "buyers add up");
+        assert!(buyers.values().all(|&n| n > 0), "no buyer field at 0: {buyers:?}");
     }
 }
 
 /// Asserts the map has exactly these string fields.
 fn assert_fields(got: &HashMap<String, String>, want: &[(&str, &str)]) {
-    let want: HashMap<String, String> = want
-        .iter()
-        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-        .collect();
+    let want: HashMap<String, String> = want.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
     assert_eq!(got, &want);
 }
 
@@ -494,9 +459,7 @@ async fn reserve_takes_stock_and_records_everything() {
 async fn reserve_with_idempotency_key_sets_it_with_ttl() {
     let mut sale = Sale::with_item(5, 3).await;
     let order = sale.new_order_id();
-    let reply = sale
-        .reserve_with("alice", "1", &order, "k-1", &NOW.to_string())
-        .await;
+    let reply = sale.reserve_with("alice", "1", &order, "k-1", &NOW.to_string()).await;
     assert_eq!(reply[0], R::from("ok"));
 
     let idem = sale.idem_key("alice", "k-1");
@@ -533,18 +496,13 @@ async fn duplicate_idempotency_key_returns_the_same_order_and_decrements_once() 
 
     // The duplicate check comes first: it answers even once the sale has ended.
     let after_end = ENDS.to_string();
-    let reply = sale
-        .reserve_with("alice", "2", &retry, "k-1", &after_end)
-        .await;
+    let reply = sale.reserve_with("alice", "2", &retry, "k-1", &after_end).await;
     assert_eq!(reply, dup);
 
     // And it reports the order as it is now.
     sale.pay(&first, "alice", NOW + 10).await;
     let reply = sale.reserve_with("alice", "2", &retry, "k-1", &later).await;
-    assert_eq!(
-        reply,
-        reply!["duplicate", &first, 2, "paid", NOW, NOW + TIMEOUT_MS]
-    );
+    assert_eq!(reply, reply!["duplicate", &first, 2, "paid", NOW, NOW + TIMEOUT_MS]);
 
     // Another key of the same user is a new reservation.
     let other = sale.new_order_id();
@@ -564,10 +522,7 @@ async fn retried_call_with_the_same_order_id_is_a_duplicate() {
     sale.reserve_with("alice", "1", &order, "", &now).await;
     let before = sale.snapshot().await;
     let reply = sale.reserve_with("alice", "1", &order, "", &now).await;
-    assert_eq!(
-        reply,
-        reply!["duplicate", &order, 1, "reserved", NOW, NOW + TIMEOUT_MS]
-    );
+    assert_eq!(reply, reply!["duplicate", &order, 1, "reserved", NOW, NOW + TIMEOUT_MS]);
     assert_eq!(sale.snapshot().await, before);
 }
 
@@ -590,9 +545,7 @@ async fn idempotency_key_outliving_its_order_answers_duplicate_without_details()
 async fn unknown_item_changes_nothing() {
     let mut sale = Sale::new().await;
     let order = sale.new_order_id();
-    let reply = sale
-        .reserve_with("alice", "1", &order, "k-1", &NOW.to_string())
-        .await;
+    let reply = sale.reserve_with("alice", "1", &order, "k-1", &NOW.to_string()).await;
     assert_eq!(reply, reply!["unknown_item"]);
     assert!(sale.snapshot().await.is_empty(), "no key was created");
 }
@@ -603,16 +556,12 @@ async fn not_started_and_ended_use_the_injected_clock() {
     let before = sale.snapshot().await;
     for now in [i64::from(i32::MIN), STARTS - 1] {
         let order = sale.new_order_id();
-        let reply = sale
-            .reserve_with("alice", "1", &order, "k", &now.to_string())
-            .await;
+        let reply = sale.reserve_with("alice", "1", &order, "k", &now.to_string()).await;
         assert_eq!(reply, reply!["not_started", STARTS]);
     }
     for now in [ENDS, ENDS + 1] {
         let order = sale.new_order_id();
-        let reply = sale
-            .reserve_with("alice", "1", &order, "k", &now.to_string())
-            .await;
+        let reply = sale.reserve_with("alice", "1", &order, "k", &now.to_string()).await;
         assert_eq!(reply, reply!["ended", ENDS]);
     }
     assert_eq!(sale.snapshot().await, before);
@@ -620,9 +569,7 @@ async fn not_started_and_ended_use_the_injected_clock() {
     // The window is [starts, ends).
     for now in [STARTS, ENDS - 1] {
         let order = sale.new_order_id();
-        let reply = sale
-            .reserve_with("alice", "1", &order, "", &now.to_string())
-            .await;
+        let reply = sale.reserve_with("alice", "1", &order, "", &now.to_string()).await;
         assert_eq!(reply[0], R::from("ok"), "at {now}");
     }
 }
@@ -642,9 +589,7 @@ async fn empty_now_ms_means_redis_time() {
     assert_eq!(sale.snapshot().await, before);
 
     // An injected clock overrides Redis's.
-    let reply = sale
-        .reserve_with("alice", "1", &order, "", &starts.to_string())
-        .await;
+    let reply = sale.reserve_with("alice", "1", &order, "", &starts.to_string()).await;
     assert_eq!(reply[0], R::from("ok"));
 
     // With Redis's clock: created_ms is Redis's now.
@@ -653,30 +598,24 @@ async fn empty_now_ms_means_redis_time() {
     let order = sale.new_order_id();
     let reply = sale.reserve_with("bob", "1", &order, "", "").await;
     let t1 = sale.redis_now().await;
-    let R::I(created) = reply[2] else {
-        panic!("{reply:?}")
-    };
+    let R::I(created) = reply[2] else { panic!("{reply:?}") };
     assert!(t0 <= created && created <= t1, "{t0} <= {created} <= {t1}");
     assert_eq!(reply[3], R::I(created + TIMEOUT_MS));
 
     // pay, cancel and expire read Redis's clock too: an order created at the
     // injected NOW (2023) is long overdue by Redis's clock.
-    let old = sale
-        .reserve_with("carol", "1", "old-1", "", &NOW.to_string())
-        .await;
+    let old = sale.reserve_with("carol", "1", "old-1", "", &NOW.to_string()).await;
     assert_eq!(old[0], R::from("ok"));
     assert_eq!(
         sale.close(&PAY, "old-1", "carol", "").await,
         reply!["closed", "expired"]
     );
-    sale.reserve_with("dave", "1", "old-2", "", &NOW.to_string())
-        .await;
+    sale.reserve_with("dave", "1", "old-2", "", &NOW.to_string()).await;
     assert_eq!(
         sale.close(&CANCEL, "old-2", "dave", "").await,
         reply!["closed", "expired"]
     );
-    sale.reserve_with("erin", "1", "old-3", "", &NOW.to_string())
-        .await;
+    sale.reserve_with("erin", "1", "old-3", "", &NOW.to_string()).await;
     assert_eq!(sale.expire_at("old-3", "").await, reply!["expired", 3]);
     // And a fresh order is not due by Redis's clock.
     assert_eq!(
@@ -691,9 +630,7 @@ async fn bad_qty_changes_nothing() {
     let before = sale.snapshot().await;
     for qty in ["0", "-1", "4", "1.5", "abc", ""] {
         let order = sale.new_order_id();
-        let reply = sale
-            .reserve_with("alice", qty, &order, "k", &NOW.to_string())
-            .await;
+        let reply = sale.reserve_with("alice", qty, &order, "k", &NOW.to_string()).await;
         assert_eq!(reply, reply!["bad_qty", 3], "qty {qty:?}");
     }
     assert_eq!(sale.snapshot().await, before);
@@ -706,17 +643,11 @@ async fn limit_reached_counts_reserved_and_paid_units() {
     sale.pay(&first, "alice", NOW).await;
     sale.reserved("alice", 1).await;
     let before = sale.snapshot().await;
-    assert_eq!(
-        sale.reserve("alice", 2).await,
-        reply!["limit_reached", 2, 3]
-    );
+    assert_eq!(sale.reserve("alice", 2).await, reply!["limit_reached", 2, 3]);
     assert_eq!(sale.snapshot().await, before);
     // Up to the limit is fine; other users are not affected.
     assert_eq!(sale.reserve("alice", 1).await[0], R::from("ok"));
-    assert_eq!(
-        sale.reserve("alice", 1).await,
-        reply!["limit_reached", 3, 3]
-    );
+    assert_eq!(sale.reserve("alice", 1).await, reply!["limit_reached", 3, 3]);
     assert_eq!(sale.reserve("bob", 3).await[0], R::from("ok"));
     sale.assert_invariants().await;
 }
@@ -825,10 +756,7 @@ async fn pay_twice_is_already_and_changes_nothing() {
     let before = sale.snapshot().await;
     // Even after the deadline: a paid order never expires.
     let late = NOW + TIMEOUT_MS + 1;
-    assert_eq!(
-        sale.pay(&order, "alice", late).await,
-        reply!["already", "paid"]
-    );
+    assert_eq!(sale.pay(&order, "alice", late).await, reply!["already", "paid"]);
     assert_eq!(sale.snapshot().await, before);
 }
 
@@ -837,10 +765,7 @@ async fn pay_refusals_change_nothing() {
     let mut sale = Sale::with_item(5, 3).await;
     let order = sale.reserved("alice", 1).await;
     let before = sale.snapshot().await;
-    assert_eq!(
-        sale.pay("nope", "alice", NOW).await,
-        reply!["unknown_order"]
-    );
+    assert_eq!(sale.pay("nope", "alice", NOW).await, reply!["unknown_order"]);
     assert_eq!(sale.pay(&order, "mallory", NOW).await, reply!["forbidden"]);
     // Someone else's overdue order is not expired by their call either.
     let late = NOW + TIMEOUT_MS;
@@ -850,10 +775,7 @@ async fn pay_refusals_change_nothing() {
     let cancelled = sale.reserved("bob", 1).await;
     sale.cancel(&cancelled, "bob", NOW).await;
     let before = sale.snapshot().await;
-    assert_eq!(
-        sale.pay(&cancelled, "bob", NOW).await,
-        reply!["closed", "cancelled"]
-    );
+    assert_eq!(sale.pay(&cancelled, "bob", NOW).await, reply!["closed", "cancelled"]);
     assert_eq!(sale.snapshot().await, before);
 }
 
@@ -863,10 +785,7 @@ async fn pay_after_the_deadline_expires_the_order_once() {
     let order = sale.reserved("alice", 2).await;
     // pay_before_ms itself is too late.
     let deadline = NOW + TIMEOUT_MS;
-    assert_eq!(
-        sale.pay(&order, "alice", deadline).await,
-        reply!["closed", "expired"]
-    );
+    assert_eq!(sale.pay(&order, "alice", deadline).await, reply!["closed", "expired"]);
     assert_eq!(sale.counters().await, [5, 0, 0, 0, 2], "stock returned");
     assert_eq!(sale.held("alice").await, None, "quota returned");
     assert_eq!(sale.deadline(&order).await, None);
@@ -880,17 +799,11 @@ async fn pay_after_the_deadline_expires_the_order_once() {
 
     // Nothing comes back a second time: not by paying again, nor by the sweeper.
     let before = sale.snapshot().await;
-    assert_eq!(
-        sale.pay(&order, "alice", deadline).await,
-        reply!["closed", "expired"]
-    );
+    assert_eq!(sale.pay(&order, "alice", deadline).await, reply!["closed", "expired"]);
     assert_eq!(sale.snapshot().await, before);
     let (key, member) = (sale.deadlines_key(), sale.member(&order));
     let _: i64 = sale.cmd(&["ZADD", &key, "0", &member]).await;
-    assert_eq!(
-        sale.expire(&order, deadline).await,
-        reply!["not_reserved", "expired"]
-    );
+    assert_eq!(sale.expire(&order, deadline).await, reply!["not_reserved", "expired"]);
     assert_eq!(sale.snapshot().await, before);
     sale.assert_invariants().await;
 }
@@ -903,10 +816,7 @@ async fn cancel_returns_stock_and_quota_exactly_once() {
     let mut sale = Sale::with_item(5, 3).await;
     let order = sale.reserved("alice", 2).await;
     let at = NOW + 5;
-    assert_eq!(
-        sale.cancel(&order, "alice", at).await,
-        reply!["ok", "cancelled", 5]
-    );
+    assert_eq!(sale.cancel(&order, "alice", at).await, reply!["ok", "cancelled", 5]);
     assert_eq!(sale.counters().await, [5, 0, 0, 2, 0]);
     assert_eq!(sale.held("alice").await, None, "buyer field deleted at 0");
     assert_eq!(sale.deadline(&order).await, None);
@@ -925,10 +835,7 @@ async fn cancel_returns_stock_and_quota_exactly_once() {
     sale.assert_invariants().await;
 
     let before = sale.snapshot().await;
-    assert_eq!(
-        sale.cancel(&order, "alice", at).await,
-        reply!["already", "cancelled"]
-    );
+    assert_eq!(sale.cancel(&order, "alice", at).await, reply!["already", "cancelled"]);
     assert_eq!(sale.snapshot().await, before);
 
     // The quota is really back: alice can take the limit again.
@@ -940,10 +847,7 @@ async fn cancel_one_of_two_orders_keeps_the_other_held() {
     let mut sale = Sale::with_item(5, 3).await;
     let first = sale.reserved("alice", 1).await;
     sale.reserved("alice", 2).await;
-    assert_eq!(
-        sale.cancel(&first, "alice", NOW).await,
-        reply!["ok", "cancelled", 3]
-    );
+    assert_eq!(sale.cancel(&first, "alice", NOW).await, reply!["ok", "cancelled", 3]);
     assert_eq!(sale.held("alice").await, Some(2));
     sale.assert_invariants().await;
 }
@@ -955,18 +859,9 @@ async fn cancel_refusals_change_nothing() {
     sale.pay(&paid, "alice", NOW).await;
     let reserved = sale.reserved("bob", 1).await;
     let before = sale.snapshot().await;
-    assert_eq!(
-        sale.cancel("nope", "alice", NOW).await,
-        reply!["unknown_order"]
-    );
-    assert_eq!(
-        sale.cancel(&reserved, "alice", NOW).await,
-        reply!["forbidden"]
-    );
-    assert_eq!(
-        sale.cancel(&paid, "alice", NOW).await,
-        reply!["closed", "paid"]
-    );
+    assert_eq!(sale.cancel("nope", "alice", NOW).await, reply!["unknown_order"]);
+    assert_eq!(sale.cancel(&reserved, "alice", NOW).await, reply!["forbidden"]);
+    assert_eq!(sale.cancel(&paid, "alice", NOW).await, reply!["closed", "paid"]);
     assert_eq!(sale.snapshot().await, before);
 }
 
@@ -975,18 +870,12 @@ async fn cancel_after_the_deadline_expires_the_order() {
     let mut sale = Sale::with_item(5, 3).await;
     let order = sale.reserved("alice", 1).await;
     let late = NOW + TIMEOUT_MS + 1;
-    assert_eq!(
-        sale.cancel(&order, "alice", late).await,
-        reply!["closed", "expired"]
-    );
+    assert_eq!(sale.cancel(&order, "alice", late).await, reply!["closed", "expired"]);
     assert_eq!(sale.counters().await, [5, 0, 0, 0, 1]);
     assert_eq!(sale.held("alice").await, None);
     assert_eq!(sale.events().await[1]["type"], "expired");
     let before = sale.snapshot().await;
-    assert_eq!(
-        sale.cancel(&order, "alice", late).await,
-        reply!["closed", "expired"]
-    );
+    assert_eq!(sale.cancel(&order, "alice", late).await, reply!["closed", "expired"]);
     assert_eq!(sale.snapshot().await, before);
     sale.assert_invariants().await;
 }
@@ -1000,10 +889,7 @@ async fn expire_before_the_deadline_is_not_due_and_changes_nothing() {
     let order = sale.reserved("alice", 1).await;
     let before = sale.snapshot().await;
     let deadline = NOW + TIMEOUT_MS;
-    assert_eq!(
-        sale.expire(&order, deadline - 1).await,
-        reply!["not_due", deadline]
-    );
+    assert_eq!(sale.expire(&order, deadline - 1).await, reply!["not_due", deadline]);
     assert_eq!(sale.snapshot().await, before);
 }
 
@@ -1044,10 +930,7 @@ async fn expire_at_the_deadline_returns_stock_and_quota() {
 
     // Once only.
     let before = sale.snapshot().await;
-    assert_eq!(
-        sale.expire(&order, deadline).await,
-        reply!["not_reserved", "expired"]
-    );
+    assert_eq!(sale.expire(&order, deadline).await, reply!["not_reserved", "expired"]);
     assert_eq!(sale.snapshot().await, before);
 }
 
@@ -1134,11 +1017,7 @@ async fn order_of_another_item_is_an_error() {
         .arg(NOW)
         .invoke_async(&mut sale.con)
         .await;
-    assert!(
-        res.expect_err("item mismatch")
-            .to_string()
-            .contains("is not of item")
-    );
+    assert!(res.expect_err("item mismatch").to_string().contains("is not of item"));
     assert_eq!(sale.snapshot().await, before);
 }
 

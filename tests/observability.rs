@@ -96,14 +96,8 @@ const OUTCOMES: &[&str] = &[
 
 /// Bounded label values of the other labels.
 const LABEL_VALUES: &[(&str, &[&str])] = &[
-    (
-        "script",
-        &["reserve", "pay", "cancel", "expire", "put_item"],
-    ),
-    (
-        "kind",
-        &["timeout", "connection", "script", "circuit_open", "shed"],
-    ),
+    ("script", &["reserve", "pay", "cancel", "expire", "put_item"]),
+    ("kind", &["timeout", "connection", "script", "circuit_open", "shed"]),
     ("cache", &["item", "sold_out", "not_found", "bloom"]),
     ("result", &["hit", "miss"]),
     ("event", &["reserved", "paid", "cancelled", "expired"]),
@@ -278,9 +272,7 @@ async fn put_item(http: &reqwest::Client, base: &str, id: &str, body: &Value) {
     let a = send(
         http,
         base,
-        Req::put(format!("/admin/v1/items/{id}"))
-            .admin(ADMIN_TOKEN)
-            .json(body),
+        Req::put(format!("/admin/v1/items/{id}")).admin(ADMIN_TOKEN).json(body),
     )
     .await;
     assert_eq!(a.status, StatusCode::OK, "PUT item {id}: {}", a.text);
@@ -365,9 +357,7 @@ fn looks_like_uuid(s: &str) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_pass_promtool_lint() {
     let t0 = Instant::now();
-    let promtool = std::process::Command::new("promtool")
-        .arg("--version")
-        .output();
+    let promtool = std::process::Command::new("promtool").arg("--version").output();
     if let Err(e) = promtool {
         panic!(
             "promtool not runnable ({e}): install Prometheus' promtool (Debian/Ubuntu: \
@@ -377,12 +367,7 @@ async fn metrics_pass_promtool_lint() {
 
     let mut redis = RedisServer::start();
     let db = shared_pg();
-    let gw = start_gateway(gateway_config(
-        &redis.url(),
-        &db,
-        &[("--rate-per-user", "1")],
-    ))
-    .await;
+    let gw = start_gateway(gateway_config(&redis.url(), &db, &[("--rate-per-user", "1")])).await;
     let http = http_client();
     let base = gw.url();
     let mut d = Driver {
@@ -399,20 +384,8 @@ async fn metrics_pass_promtool_lint() {
     let upcoming = unique("item");
     let over = unique("item");
     let items = [&open, &single, &upcoming, &over];
-    put_item(
-        &http,
-        &base,
-        &open,
-        &item_body(100, 1, now - MINUTE_MS, now + HOUR_MS),
-    )
-    .await;
-    put_item(
-        &http,
-        &base,
-        &single,
-        &item_body(1, 1, now - MINUTE_MS, now + HOUR_MS),
-    )
-    .await;
+    put_item(&http, &base, &open, &item_body(100, 1, now - MINUTE_MS, now + HOUR_MS)).await;
+    put_item(&http, &base, &single, &item_body(1, 1, now - MINUTE_MS, now + HOUR_MS)).await;
     put_item(
         &http,
         &base,
@@ -420,13 +393,7 @@ async fn metrics_pass_promtool_lint() {
         &item_body(10, 1, now + HOUR_MS, now + 2 * HOUR_MS),
     )
     .await;
-    put_item(
-        &http,
-        &base,
-        &over,
-        &item_body(10, 1, now - 2 * HOUR_MS, now - HOUR_MS),
-    )
-    .await;
+    put_item(&http, &base, &over, &item_body(10, 1, now - 2 * HOUR_MS, now - HOUR_MS)).await;
 
     // Shoppers. The per-user bucket allows 1 request/s, so a user's second request waits
     // for the next phase (1.1 s later), except where the test wants a 429.
@@ -488,45 +455,27 @@ async fn metrics_pass_promtool_lint() {
     .await;
     let oa = order_id(&d.expect("ok", reserve(&open).user(&ua)).await);
     let ob = order_id(&d.expect("ok", reserve(&open).user(&ub)).await);
-    let oc = order_id(
-        &d.expect("ok", reserve(&open).user(&uc).json(&json!({"qty": 1})))
-            .await,
-    );
+    let oc = order_id(&d.expect("ok", reserve(&open).user(&uc).json(&json!({"qty": 1}))).await);
     let od = order_id(&d.expect("ok", reserve(&single).user(&ud)).await);
     d.expect("sold_out", reserve(&single).user(&ue)).await;
     d.expect("not_started", reserve(&upcoming).user(&uf)).await;
     d.expect("ended", reserve(&over).user(&ug)).await;
-    d.expect("unknown_item", reserve(&unique("item")).user(&uh))
-        .await;
+    d.expect("unknown_item", reserve(&unique("item")).user(&uh)).await;
     d.expect("unauthenticated", reserve(&open)).await;
-    d.expect(
-        "bad_request",
-        reserve(&open).user(&ui).json(&json!({"qty": 0})),
-    )
-    .await;
-    d.expect(
-        "payload_too_large",
-        reserve(&open).user(&uo).raw(vec![b' '; 5000]),
-    )
-    .await;
+    d.expect("bad_request", reserve(&open).user(&ui).json(&json!({"qty": 0})))
+        .await;
+    d.expect("payload_too_large", reserve(&open).user(&uo).raw(vec![b' '; 5000]))
+        .await;
     d.expect("ended", reserve(&over).user(&uj)).await;
     d.expect("rate_limited", reserve(&over).user(&uj)).await;
     let missing_order = seckill_gateway::ids::new_order_id(&open);
-    d.expect("unknown_order", pay(&missing_order).user(&uk))
-        .await;
+    d.expect("unknown_order", pay(&missing_order).user(&uk)).await;
     d.expect("forbidden", pay(&oa).user(&ul)).await;
-    d.expect(
-        "forbidden",
-        Req::get(format!("/api/v1/orders/{ob}")).user(&um),
-    )
-    .await;
-    d.expect("ok", Req::get(format!("/api/v1/items/{open}")))
+    d.expect("forbidden", Req::get(format!("/api/v1/orders/{ob}")).user(&um))
         .await;
-    d.expect(
-        "unknown_item",
-        Req::get(format!("/api/v1/items/{}", unique("item"))),
-    )
-    .await;
+    d.expect("ok", Req::get(format!("/api/v1/items/{open}"))).await;
+    d.expect("unknown_item", Req::get(format!("/api/v1/items/{}", unique("item"))))
+        .await;
     d.expect("ok", Req::get("/healthz")).await;
     d.expect("ok", Req::get("/readyz")).await;
     d.expect(
@@ -534,11 +483,8 @@ async fn metrics_pass_promtool_lint() {
         Req::get(format!("/admin/v1/items/{open}/stats")).admin(ADMIN_TOKEN),
     )
     .await;
-    d.expect(
-        "forbidden",
-        Req::get(format!("/admin/v1/items/{open}/stats")),
-    )
-    .await;
+    d.expect("forbidden", Req::get(format!("/admin/v1/items/{open}/stats")))
+        .await;
 
     // Phase B: each user's second request.
     tokio::time::sleep(Duration::from_millis(1100)).await;
@@ -551,8 +497,7 @@ async fn metrics_pass_promtool_lint() {
     tokio::time::sleep(Duration::from_millis(1100)).await;
     d.expect("order_closed", pay(&ob).user(&ub)).await;
     d.expect("order_closed", pay(&od).user(&ud)).await;
-    d.expect("ok", Req::get(format!("/api/v1/orders/{oa}")).user(&ua))
-        .await;
+    d.expect("ok", Req::get(format!("/api/v1/orders/{oa}")).user(&ua)).await;
     d.expect("ok", pay(&oc).user(&uc)).await;
     eprintln!("[lint] traffic driven after {:?}", t0.elapsed());
 
@@ -608,8 +553,7 @@ async fn metrics_pass_promtool_lint() {
     // Every contract metric with HELP and TYPE; histograms as histograms.
     for (name, kind) in CONTRACT {
         assert!(
-            text.lines()
-                .any(|l| l.starts_with(&format!("# HELP {name} "))),
+            text.lines().any(|l| l.starts_with(&format!("# HELP {name} "))),
             "no `# HELP {name}` in /metrics:\n{text}"
         );
         assert!(
@@ -619,8 +563,7 @@ async fn metrics_pass_promtool_lint() {
         if *kind == "histogram" {
             let bucket = format!("{name}_bucket{{");
             assert!(
-                text.lines()
-                    .any(|l| l.starts_with(&bucket) && l.contains("le=\"")),
+                text.lines().any(|l| l.starts_with(&bucket) && l.contains("le=\"")),
                 "{name} has no `_bucket{{…le=…}}` series:\n{text}"
             );
             assert!(
@@ -630,8 +573,7 @@ async fn metrics_pass_promtool_lint() {
             );
             for suffix in ["_sum", "_count"] {
                 assert!(
-                    text.lines()
-                        .any(|l| l.starts_with(&format!("{name}{suffix}"))),
+                    text.lines().any(|l| l.starts_with(&format!("{name}{suffix}"))),
                     "{name} has no {suffix} series"
                 );
             }
@@ -658,10 +600,7 @@ async fn metrics_pass_promtool_lint() {
         .collect();
     let mut outcomes_seen: BTreeSet<String> = BTreeSet::new();
     let mut items_seen: BTreeSet<String> = BTreeSet::new();
-    for line in text
-        .lines()
-        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
-    {
+    for line in text.lines().filter(|l| !l.starts_with('#') && !l.trim().is_empty()) {
         let s = parse_sample(line);
         assert!(
             s.name.starts_with("seckill_"),
@@ -672,19 +611,10 @@ async fn metrics_pass_promtool_lint() {
                 !secret_ids.iter().any(|id| v.contains(id)),
                 "label {k}={v:?} carries a user or order id: {line}"
             );
-            assert!(
-                !looks_like_uuid(v),
-                "label {k}={v:?} looks like an order id: {line}"
-            );
-            assert!(
-                !v.contains('/'),
-                "label {k}={v:?} looks like a raw path: {line}"
-            );
+            assert!(!looks_like_uuid(v), "label {k}={v:?} looks like an order id: {line}");
+            assert!(!v.contains('/'), "label {k}={v:?} looks like a raw path: {line}");
             match k.as_str() {
-                "route" => assert!(
-                    ROUTES.contains(&v.as_str()),
-                    "route {v:?} is not a template: {line}"
-                ),
+                "route" => assert!(ROUTES.contains(&v.as_str()), "route {v:?} is not a template: {line}"),
                 "outcome" => {
                     assert!(
                         OUTCOMES.contains(&v.as_str()),
@@ -737,10 +667,7 @@ async fn metrics_pass_promtool_lint() {
         "unavailable",
     ];
     for o in required {
-        assert!(
-            d.outcomes.contains_key(o),
-            "the test did not drive outcome {o}"
-        );
+        assert!(d.outcomes.contains_key(o), "the test did not drive outcome {o}");
     }
     for o in d.outcomes.keys() {
         assert!(
@@ -876,10 +803,7 @@ impl Prometheus {
             .await
             .unwrap_or_else(|e| panic!("query {expr}: {e}"));
         assert_eq!(body["status"], "success", "query {expr}: {body}");
-        body["data"]["result"]
-            .as_array()
-            .cloned()
-            .unwrap_or_default()
+        body["data"]["result"].as_array().cloned().unwrap_or_default()
     }
 
     /// The first value of an instant vector query, if any.
@@ -903,9 +827,7 @@ async fn prometheus_scrapes_and_every_dashboard_query_returns_data() {
         .output()
     {
         Ok(o) if o.status.success() => {}
-        Ok(_) => panic!(
-            "python3 has no PyYAML (needed to read alerts.yml): apt-get install python3-yaml"
-        ),
+        Ok(_) => panic!("python3 has no PyYAML (needed to read alerts.yml): apt-get install python3-yaml"),
         Err(e) => panic!("python3 not runnable ({e}): apt-get install python3 python3-yaml"),
     }
 
@@ -931,27 +853,9 @@ async fn prometheus_scrapes_and_every_dashboard_query_returns_data() {
     let hot = unique("item");
     let calm = unique("item");
     let over = unique("item");
-    put_item(
-        &http,
-        &base,
-        &hot,
-        &item_body(25, 1, now - MINUTE_MS, now + HOUR_MS),
-    )
-    .await;
-    put_item(
-        &http,
-        &base,
-        &calm,
-        &item_body(1000, 2, now - MINUTE_MS, now + HOUR_MS),
-    )
-    .await;
-    put_item(
-        &http,
-        &base,
-        &over,
-        &item_body(10, 1, now - 2 * HOUR_MS, now - HOUR_MS),
-    )
-    .await;
+    put_item(&http, &base, &hot, &item_body(25, 1, now - MINUTE_MS, now + HOUR_MS)).await;
+    put_item(&http, &base, &calm, &item_body(1000, 2, now - MINUTE_MS, now + HOUR_MS)).await;
+    put_item(&http, &base, &over, &item_body(10, 1, now - 2 * HOUR_MS, now - HOUR_MS)).await;
 
     // Prometheus sees the gateway before the load starts.
     let deadline = Instant::now() + Duration::from_secs(15);
@@ -984,14 +888,7 @@ async fn prometheus_scrapes_and_every_dashboard_query_returns_data() {
                 )
                 .await,
             );
-            count(
-                &send(
-                    &http,
-                    &base,
-                    Req::get(format!("/api/v1/orders/{order}")).user(&user),
-                )
-                .await,
-            );
+            count(&send(&http, &base, Req::get(format!("/api/v1/orders/{order}")).user(&user)).await);
         }
         // New shoppers on both items (hot sells out after a while: sold_out).
         for item in [&hot, &hot, &calm] {
@@ -1026,14 +923,7 @@ async fn prometheus_scrapes_and_every_dashboard_query_returns_data() {
             )
             .await,
         );
-        count(
-            &send(
-                &http,
-                &base,
-                Req::post(format!("/api/v1/items/{calm}/reserve")),
-            )
-            .await,
-        );
+        count(&send(&http, &base, Req::post(format!("/api/v1/items/{calm}/reserve"))).await);
         count(
             &send(
                 &http,
@@ -1082,10 +972,7 @@ async fn prometheus_scrapes_and_every_dashboard_query_returns_data() {
         "bad_request",
         "rate_limited",
     ] {
-        assert!(
-            outcomes.contains_key(o),
-            "the load produced no {o}: {outcomes:?}"
-        );
+        assert!(outcomes.contains_key(o), "the load produced no {o}: {outcomes:?}");
     }
     assert!(
         outcomes
@@ -1101,10 +988,7 @@ async fn prometheus_scrapes_and_every_dashboard_query_returns_data() {
     loop {
         let scraped = prom.value(&http, r#"timestamp(up{job="seckill"})"#).await;
         let batches = prom
-            .value(
-                &http,
-                r#"sum(seckill_persist_batch_size_count{job="seckill"})"#,
-            )
+            .value(&http, r#"sum(seckill_persist_batch_size_count{job="seckill"})"#)
             .await;
         if scraped.is_some_and(|t| t > load_end + 1.0) && batches.is_some_and(|n| n > 0.0) {
             break;
@@ -1208,8 +1092,7 @@ fn json_logs_carry_the_request_id() {
     let stderr = BufReader::new(child.stderr.take().unwrap());
     let mut carried = 0;
     for line in stderr.lines().map_while(Result::ok) {
-        let v: serde_json::Value =
-            serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
         let in_request = v["span"]["request_id"].as_str() == Some("req-json-1")
             || v["spans"]
                 .as_array()
@@ -1220,8 +1103,5 @@ fn json_logs_carry_the_request_id() {
         }
     }
     child.wait().unwrap();
-    assert!(
-        carried >= 1,
-        "a log line of the request carries its request id"
-    );
+    assert!(carried >= 1, "a log line of the request carries its request id");
 }

@@ -43,12 +43,7 @@ async fn put_item(http: &reqwest::Client, base: &str, item: &str, stock: i64, li
 
 /// Reserve one unit: `Ok(Some(order_id))` on 200, `Ok(None)` on a refusal, `Err` when the
 /// answer never came (connection cut).
-async fn reserve(
-    http: &reqwest::Client,
-    base: &str,
-    item: &str,
-    user: &str,
-) -> Result<Option<String>, String> {
+async fn reserve(http: &reqwest::Client, base: &str, item: &str, user: &str) -> Result<Option<String>, String> {
     let r = http
         .post(format!("{base}/api/v1/items/{item}/reserve"))
         .header("x-user-id", user)
@@ -175,9 +170,7 @@ impl Drop for Binary {
 }
 
 async fn redis_conn(redis: &RedisServer) -> redis::aio::ConnectionManager {
-    redis::aio::ConnectionManager::new(redis.client())
-        .await
-        .unwrap()
+    redis::aio::ConnectionManager::new(redis.client()).await.unwrap()
 }
 
 async fn hget_i64(conn: &mut redis::aio::ConnectionManager, key: &str, field: &str) -> i64 {
@@ -249,10 +242,7 @@ async fn sigkill_mid_burst_loses_no_acknowledged_order() {
             }
         }
     }
-    assert!(
-        !ok.is_empty(),
-        "some orders were acknowledged before the kill"
-    );
+    assert!(!ok.is_empty(), "some orders were acknowledged before the kill");
     assert!(!cut_off.is_empty(), "the kill cut some requests off");
 
     // Restart on the same port and consumer name: the worker drains its own pending first.
@@ -264,8 +254,7 @@ async fn sigkill_mid_burst_loses_no_acknowledged_order() {
     eventually(30, "every reservation Redis holds is a row", || {
         let (store, item, item_key, mut conn) = (&store, &item, item_key.clone(), conn.clone());
         async move {
-            let held = hget_i64(&mut conn, &item_key, "reserved").await
-                + hget_i64(&mut conn, &item_key, "paid").await;
+            let held = hget_i64(&mut conn, &item_key, "reserved").await + hget_i64(&mut conn, &item_key, "paid").await;
             rows(store, item).await.len() as i64 == held
         }
     })
@@ -274,11 +263,7 @@ async fn sigkill_mid_burst_loses_no_acknowledged_order() {
     let rows = rows(&store, &item).await;
     let ids: HashSet<&str> = rows.iter().map(|r| r.order_id.as_str()).collect();
     assert_eq!(ids.len(), rows.len(), "no duplicate rows");
-    assert!(
-        rows.len() as i64 <= stock,
-        "rows {} ≤ stock {stock}",
-        rows.len()
-    );
+    assert!(rows.len() as i64 <= stock, "rows {} ≤ stock {stock}", rows.len());
     for (order, user) in &ok {
         assert!(
             ids.contains(order.as_str()),
@@ -295,16 +280,11 @@ async fn sigkill_mid_burst_loses_no_acknowledged_order() {
         assert_eq!(r.status, OrderStatus::Reserved);
     }
     let stock_left = hget_i64(&mut conn, &item_key, "stock").await;
-    assert_eq!(
-        stock_left,
-        stock - rows.len() as i64,
-        "stock = total − rows"
-    );
+    assert_eq!(stock_left, stock - rows.len() as i64, "stock = total − rows");
 
-    let report =
-        seckill_gateway::orders::reconcile::reconcile(&mut conn, &store, Some(&item), false)
-            .await
-            .unwrap();
+    let report = seckill_gateway::orders::reconcile::reconcile(&mut conn, &store, Some(&item), false)
+        .await
+        .unwrap();
     assert!(
         report.differences.is_empty(),
         "reconcile clean: {:?}",
@@ -335,18 +315,13 @@ async fn database_outage_is_buffered_and_drained() {
 
     let mut acknowledged = HashSet::new();
     for i in 0..100 {
-        if let Some(o) = reserve(&http, &base, &item, &format!("a{i}"))
-            .await
-            .unwrap()
-        {
+        if let Some(o) = reserve(&http, &base, &item, &format!("a{i}")).await.unwrap() {
             acknowledged.insert(o);
         }
     }
     pg.stop();
     for i in 0..150 {
-        let o = reserve(&http, &base, &item, &format!("b{i}"))
-            .await
-            .unwrap();
+        let o = reserve(&http, &base, &item, &format!("b{i}")).await.unwrap();
         acknowledged.insert(o.expect("reservations are accepted while the database is down"));
     }
     let ready: Value = http
@@ -358,29 +333,19 @@ async fn database_outage_is_buffered_and_drained() {
         .await
         .unwrap();
     assert_eq!(ready["status"], "degraded", "{ready}");
-    assert!(
-        ready["store"].as_str().unwrap().starts_with("down"),
-        "{ready}"
-    );
+    assert!(ready["store"].as_str().unwrap().starts_with("down"), "{ready}");
     assert_eq!(acknowledged.len(), 250);
 
     pg.start_again();
     let store = store(&db).await;
-    eventually(
-        30,
-        "all 250 orders persisted after the database came back",
-        || {
-            let (store, item) = (&store, &item);
-            async move { rows(store, item).await.len() == 250 }
-        },
-    )
+    eventually(30, "all 250 orders persisted after the database came back", || {
+        let (store, item) = (&store, &item);
+        async move { rows(store, item).await.len() == 250 }
+    })
     .await;
     let rows = rows(&store, &item).await;
     let ids: HashSet<String> = rows.iter().map(|r| r.order_id.clone()).collect();
-    assert_eq!(
-        ids, acknowledged,
-        "exactly the acknowledged orders, none twice"
-    );
+    assert_eq!(ids, acknowledged, "exactly the acknowledged orders, none twice");
     let ready: Value = http
         .get(format!("{base}/readyz"))
         .send()
@@ -411,10 +376,7 @@ fn event(order: &str, item: &str, status: OrderStatus, at: i64) -> OrderEvent {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redelivered_and_reordered_events_are_idempotent() {
     let dir = tempfile::tempdir().unwrap();
-    for db in [
-        shared_pg(),
-        format!("sqlite://{}/r.db", dir.path().display()),
-    ] {
+    for db in [shared_pg(), format!("sqlite://{}/r.db", dir.path().display())] {
         let store = store(&db).await;
         let item = unique("redeliver");
         let (a, b, c) = (unique("a"), unique("b"), unique("c"));
@@ -492,12 +454,7 @@ async fn poison_event_dead_letters_and_reconcile_repairs() {
     put_item(&http, &base, &item, 10, 1).await;
     let mut acknowledged = HashSet::new();
     for i in 0..5 {
-        acknowledged.insert(
-            reserve(&http, &base, &item, &format!("p{i}"))
-                .await
-                .unwrap()
-                .unwrap(),
-        );
+        acknowledged.insert(reserve(&http, &base, &item, &format!("p{i}")).await.unwrap().unwrap());
     }
     let store = store(&db).await;
     eventually(20, "the good events are persisted", || {
@@ -506,21 +463,17 @@ async fn poison_event_dead_letters_and_reconcile_repairs() {
     })
     .await;
     let dead = keys::dead_letters(shard);
-    eventually(
-        20,
-        "the poison event reaches the dead-letter stream",
-        || {
-            let (mut conn, dead) = (conn.clone(), dead.clone());
-            async move {
-                redis::cmd("XLEN")
-                    .arg(&dead)
-                    .query_async::<i64>(&mut conn)
-                    .await
-                    .unwrap()
-                    == 1
-            }
-        },
-    )
+    eventually(20, "the poison event reaches the dead-letter stream", || {
+        let (mut conn, dead) = (conn.clone(), dead.clone());
+        async move {
+            redis::cmd("XLEN")
+                .arg(&dead)
+                .query_async::<i64>(&mut conn)
+                .await
+                .unwrap()
+                == 1
+        }
+    })
     .await;
     let letters: Vec<(String, HashMap<String, String>)> = redis::cmd("XRANGE")
         .arg(&dead)
@@ -543,10 +496,7 @@ async fn poison_event_dead_letters_and_reconcile_repairs() {
         .text()
         .await
         .unwrap();
-    assert!(
-        metrics.contains("seckill_dead_letters_total 1"),
-        "dead letter counted"
-    );
+    assert!(metrics.contains("seckill_dead_letters_total 1"), "dead letter counted");
 
     // Reconcile through the real CLI: clean, then a planted difference, repaired.
     let cli = |args: &[&str]| {
@@ -560,10 +510,7 @@ async fn poison_event_dead_letters_and_reconcile_repairs() {
             .args(args)
             .output()
             .unwrap();
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-        )
+        (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned())
     };
     let (code, out) = cli(&[]);
     assert_eq!(code, Some(0), "{out}");
@@ -573,10 +520,7 @@ async fn poison_event_dead_letters_and_reconcile_repairs() {
     assert_eq!(store.delete_order(&victim).await.unwrap(), 1);
     let (code, out) = cli(&[]);
     assert_eq!(code, Some(1), "a difference exits 1: {out}");
-    assert!(
-        out.contains(&victim) && out.contains("missing_in_database"),
-        "{out}"
-    );
+    assert!(out.contains(&victim) && out.contains("missing_in_database"), "{out}");
 
     let (code, out) = cli(&["--repair"]);
     assert_eq!(code, Some(0), "{out}");

@@ -13,8 +13,8 @@ use std::time::Duration;
 use futures_util::future::BoxFuture;
 
 use super::{
-    ExpireReply, Expired, ItemSpec, ItemState, Order, OrderStatus, PutReply, ReserveCmd,
-    ReserveReply, StockEngine, Transition, TransitionReply,
+    ExpireReply, Expired, ItemSpec, ItemState, Order, OrderStatus, PutReply, ReserveCmd, ReserveReply, StockEngine,
+    Transition, TransitionReply,
 };
 use crate::clock::{Clock, Millis};
 use crate::error::Error;
@@ -53,12 +53,7 @@ pub struct EmbeddedEngine {
 }
 
 impl EmbeddedEngine {
-    pub fn new(
-        clock: Clock,
-        payment_timeout: Duration,
-        idem_ttl: Duration,
-        journal: Option<Box<dyn Journal>>,
-    ) -> Self {
+    pub fn new(clock: Clock, payment_timeout: Duration, idem_ttl: Duration, journal: Option<Box<dyn Journal>>) -> Self {
         EmbeddedEngine {
             state: Mutex::new(State::default()),
             clock,
@@ -86,8 +81,7 @@ impl EmbeddedEngine {
             return 0;
         };
         let before = s.orders.len();
-        s.orders
-            .retain(|_, o| !o.status.is_final() || o.updated_ms + ttl > now);
+        s.orders.retain(|_, o| !o.status.is_final() || o.updated_ms + ttl > now);
         before - s.orders.len()
     }
 
@@ -135,9 +129,7 @@ impl EmbeddedEngine {
                 OrderStatus::Expired => item.expired += o.qty,
             }
             if !o.status.is_final() || o.status == OrderStatus::Paid {
-                *s.buyers
-                    .entry((o.item_id.clone(), o.user_id.clone()))
-                    .or_default() += o.qty;
+                *s.buyers.entry((o.item_id.clone(), o.user_id.clone())).or_default() += o.qty;
             }
             if o.status == OrderStatus::Reserved {
                 s.deadlines.insert((o.pay_before_ms, o.order_id.clone()));
@@ -191,8 +183,7 @@ fn release(s: &mut State, order_id: &str, to: OrderStatus, now: Millis) -> Optio
             s.buyers.remove(&key);
         }
     }
-    s.deadlines
-        .remove(&(prev.pay_before_ms, prev.order_id.clone()));
+    s.deadlines.remove(&(prev.pay_before_ms, prev.order_id.clone()));
     Some((prev, stock_after))
 }
 
@@ -209,8 +200,7 @@ fn unrelease(s: &mut State, prev: &Order, from: OrderStatus) {
     *s.buyers
         .entry((prev.item_id.clone(), prev.user_id.clone()))
         .or_default() += prev.qty;
-    s.deadlines
-        .insert((prev.pay_before_ms, prev.order_id.clone()));
+    s.deadlines.insert((prev.pay_before_ms, prev.order_id.clone()));
     s.orders.insert(prev.order_id.clone(), prev.clone());
 }
 
@@ -219,13 +209,11 @@ impl StockEngine for EmbeddedEngine {
         let previous = {
             let mut s = self.lock();
             let prev = s.items.get(&spec.item_id).cloned();
-            let (reserved, paid, cancelled, expired) = prev.as_ref().map_or((0, 0, 0, 0), |p| {
-                (p.reserved, p.paid, p.cancelled, p.expired)
-            });
+            let (reserved, paid, cancelled, expired) = prev
+                .as_ref()
+                .map_or((0, 0, 0, 0), |p| (p.reserved, p.paid, p.cancelled, p.expired));
             if spec.stock_total < reserved + paid {
-                return Ok(PutReply::BelowHeld {
-                    held: reserved + paid,
-                });
+                return Ok(PutReply::BelowHeld { held: reserved + paid });
             }
             let state = ItemState {
                 spec: spec.clone(),
@@ -333,10 +321,8 @@ impl StockEngine for EmbeddedEngine {
             };
             s.orders.insert(order.order_id.clone(), order.clone());
             if !idem_key.is_empty() {
-                s.idem.insert(
-                    idem.clone(),
-                    (order.order_id.clone(), now + self.idem_ttl_ms),
-                );
+                s.idem
+                    .insert(idem.clone(), (order.order_id.clone(), now + self.idem_ttl_ms));
             }
             s.deadlines.insert((pay_before_ms, order.order_id.clone()));
             let reply = ReserveReply::Reserved {
@@ -370,20 +356,14 @@ impl StockEngine for EmbeddedEngine {
                     }
                 }
                 s.idem.remove(&idem);
-                s.deadlines
-                    .remove(&(order.pay_before_ms, order.order_id.clone()));
+                s.deadlines.remove(&(order.pay_before_ms, order.order_id.clone()));
             }
             return Err(e);
         }
         Ok(reply)
     }
 
-    async fn transition(
-        &self,
-        t: Transition,
-        order_id: &str,
-        user_id: &str,
-    ) -> Result<TransitionReply, Error> {
+    async fn transition(&self, t: Transition, order_id: &str, user_id: &str) -> Result<TransitionReply, Error> {
         let now = self.clock.now_ms();
         let (prev, event, reply) = {
             let mut s = self.lock();
@@ -423,15 +403,11 @@ impl StockEngine for EmbeddedEngine {
                 let o = s.orders.get_mut(order_id).expect("present");
                 o.status = OrderStatus::Paid;
                 o.updated_ms = now;
-                let item = s
-                    .items
-                    .get_mut(&order.item_id)
-                    .expect("an order's item exists");
+                let item = s.items.get_mut(&order.item_id).expect("an order's item exists");
                 item.reserved -= order.qty;
                 item.paid += order.qty;
                 let stock_after = item.stock;
-                s.deadlines
-                    .remove(&(order.pay_before_ms, order.order_id.clone()));
+                s.deadlines.remove(&(order.pay_before_ms, order.order_id.clone()));
                 let ev = OrderEvent::of(&order, OrderStatus::Paid, now);
                 (
                     order,
@@ -442,8 +418,7 @@ impl StockEngine for EmbeddedEngine {
                     },
                 )
             } else {
-                let (_, stock_after) =
-                    release(&mut s, order_id, OrderStatus::Cancelled, now).expect("present");
+                let (_, stock_after) = release(&mut s, order_id, OrderStatus::Cancelled, now).expect("present");
                 let ev = OrderEvent::of(&order, OrderStatus::Cancelled, now);
                 (
                     order,
@@ -464,8 +439,7 @@ impl StockEngine for EmbeddedEngine {
                         item.reserved += prev.qty;
                         item.paid -= prev.qty;
                     }
-                    s.deadlines
-                        .insert((prev.pay_before_ms, prev.order_id.clone()));
+                    s.deadlines.insert((prev.pay_before_ms, prev.order_id.clone()));
                     s.orders.insert(prev.order_id.clone(), prev);
                 } else {
                     unrelease(&mut s, &prev, to);
@@ -484,9 +458,7 @@ impl StockEngine for EmbeddedEngine {
                 return Ok(ExpireReply::UnknownOrder);
             };
             if order.status != OrderStatus::Reserved {
-                return Ok(ExpireReply::NotReserved {
-                    status: order.status,
-                });
+                return Ok(ExpireReply::NotReserved { status: order.status });
             }
             if order.pay_before_ms > now {
                 return Ok(ExpireReply::NotDue {
@@ -500,10 +472,7 @@ impl StockEngine for EmbeddedEngine {
             .await
         {
             let mut s = self.lock();
-            if s.orders
-                .get(order_id)
-                .is_some_and(|o| o.status == OrderStatus::Expired)
-            {
+            if s.orders.get(order_id).is_some_and(|o| o.status == OrderStatus::Expired) {
                 unrelease(&mut s, &prev, OrderStatus::Expired);
             }
             return Err(e);
@@ -561,13 +530,8 @@ mod tests {
     #[tokio::test]
     async fn closed_orders_and_old_keys_are_pruned() {
         let clock = Clock::manual(1_000_000);
-        let e = EmbeddedEngine::new(
-            clock.clone(),
-            Duration::from_secs(60),
-            Duration::from_secs(10),
-            None,
-        )
-        .with_closed_ttl(Duration::from_secs(30));
+        let e = EmbeddedEngine::new(clock.clone(), Duration::from_secs(60), Duration::from_secs(10), None)
+            .with_closed_ttl(Duration::from_secs(30));
         let spec = ItemSpec {
             item_id: "i".into(),
             name: "n".into(),
@@ -591,25 +555,16 @@ mod tests {
             ids.push(cmd.order_id);
         }
         e.transition(Transition::Pay, &ids[0], "u").await.unwrap();
-        e.transition(Transition::Cancel, &ids[1], "u")
-            .await
-            .unwrap();
+        e.transition(Transition::Cancel, &ids[1], "u").await.unwrap();
         clock.advance(29_000);
         assert_eq!(e.prune(), 0, "closed less than the TTL ago");
         clock.advance(2_000);
-        assert_eq!(
-            e.prune(),
-            2,
-            "paid and cancelled orders dropped, the reserved one kept"
-        );
+        assert_eq!(e.prune(), 2, "paid and cancelled orders dropped, the reserved one kept");
         assert!(e.order(&ids[2]).await.unwrap().is_some());
         assert!(e.lock().idem.is_empty(), "keys older than 10 s dropped");
         // Counters and quotas are untouched by pruning.
         let item = e.item("i").await.unwrap().unwrap();
-        assert_eq!(
-            (item.stock, item.reserved, item.paid, item.cancelled),
-            (8, 1, 1, 1)
-        );
+        assert_eq!((item.stock, item.reserved, item.paid, item.cancelled), (8, 1, 1, 1));
         assert_eq!(e.held("i", "u"), 2);
     }
 }

@@ -158,10 +158,8 @@ impl Breaker {
 
     fn failure(&self) {
         let open = |why: &str| {
-            self.open_until.store(
-                self.now() + self.cooldown.as_millis() as i64,
-                Ordering::Release,
-            );
+            self.open_until
+                .store(self.now() + self.cooldown.as_millis() as i64, Ordering::Release);
             self.probing.store(false, Ordering::Release);
             metrics::gauge_circuit(true);
             tracing::warn!(
@@ -196,10 +194,7 @@ mod tests {
     async fn breaker_opens_then_probes() {
         let g = Guard::new(10, Duration::from_secs(1), 3, Duration::from_millis(50));
         for _ in 0..3 {
-            assert!(matches!(
-                g.call(async { fail() }).await,
-                Err(Error::RedisConnection(_))
-            ));
+            assert!(matches!(g.call(async { fail() }).await, Err(Error::RedisConnection(_))));
         }
         assert!(g.circuit_open());
         assert!(
@@ -207,10 +202,7 @@ mod tests {
             "open: not called"
         );
         tokio::time::sleep(Duration::from_millis(60)).await;
-        assert!(
-            g.call(async { Ok(()) }).await.is_ok(),
-            "the probe goes through"
-        );
+        assert!(g.call(async { Ok(()) }).await.is_ok(), "the probe goes through");
         assert!(!g.circuit_open());
     }
 
@@ -221,11 +213,7 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(15)).await;
         // The probe's caller goes away: the future is dropped before it finishes.
         let probe = g.call(std::future::pending::<redis::RedisResult<()>>());
-        assert!(
-            tokio::time::timeout(Duration::from_millis(5), probe)
-                .await
-                .is_err()
-        );
+        assert!(tokio::time::timeout(Duration::from_millis(5), probe).await.is_err());
         assert!(
             matches!(g.call(async { Ok(()) }).await, Err(Error::CircuitOpen)),
             "probe still out"

@@ -28,10 +28,7 @@ pub fn order(order_id: &str) -> Option<String> {
 }
 
 pub fn idem(item_id: &str, user_id: &str, key: &str) -> String {
-    format!(
-        "sk:{}:idem:{item_id}:{user_id}:{key}",
-        tag(shard_of(item_id))
-    )
+    format!("sk:{}:idem:{item_id}:{user_id}:{key}", tag(shard_of(item_id)))
 }
 
 pub fn deadlines(shard: u32) -> String {

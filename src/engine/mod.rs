@@ -207,8 +207,7 @@ pub trait StockEngine: Send + Sync {
     /// An item with its counters, or `None`.
     fn item(&self, item_id: &str) -> impl Future<Output = Result<Option<ItemState>, Error>> + Send;
     /// Take stock for a shopper (`reserve.lua`).
-    fn reserve(&self, cmd: &ReserveCmd)
-    -> impl Future<Output = Result<ReserveReply, Error>> + Send;
+    fn reserve(&self, cmd: &ReserveCmd) -> impl Future<Output = Result<ReserveReply, Error>> + Send;
     /// Pay or cancel an order of `user_id` (`pay.lua`, `cancel.lua`).
     fn transition(
         &self,
@@ -217,11 +216,7 @@ pub trait StockEngine: Send + Sync {
         user_id: &str,
     ) -> impl Future<Output = Result<TransitionReply, Error>> + Send;
     /// Expire one reservation if its deadline passed (`expire.lua`).
-    fn expire(
-        &self,
-        order_id: &str,
-        item_id: &str,
-    ) -> impl Future<Output = Result<ExpireReply, Error>> + Send;
+    fn expire(&self, order_id: &str, item_id: &str) -> impl Future<Output = Result<ExpireReply, Error>> + Send;
     /// Expire every reservation whose deadline passed, at most `max` per shard per call.
     fn expire_due(&self, max: usize) -> impl Future<Output = Result<Vec<Expired>, Error>> + Send;
     /// An order while the engine still holds it.
@@ -257,12 +252,7 @@ impl StockEngine for Engine {
     async fn reserve(&self, cmd: &ReserveCmd) -> Result<ReserveReply, Error> {
         delegate!(self, e => e.reserve(cmd))
     }
-    async fn transition(
-        &self,
-        t: Transition,
-        order_id: &str,
-        user_id: &str,
-    ) -> Result<TransitionReply, Error> {
+    async fn transition(&self, t: Transition, order_id: &str, user_id: &str) -> Result<TransitionReply, Error> {
         delegate!(self, e => e.transition(t, order_id, user_id))
     }
     async fn expire(&self, order_id: &str, item_id: &str) -> Result<ExpireReply, Error> {

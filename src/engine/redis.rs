@@ -18,8 +18,8 @@ use redis::{Script, Value};
 use super::guard::Guard;
 use super::keys;
 use super::{
-    ExpireReply, Expired, ItemSpec, ItemState, Order, OrderStatus, PutReply, ReserveCmd,
-    ReserveReply, StockEngine, Transition, TransitionReply,
+    ExpireReply, Expired, ItemSpec, ItemState, Order, OrderStatus, PutReply, ReserveCmd, ReserveReply, StockEngine,
+    Transition, TransitionReply,
 };
 use crate::clock::{Clock, system_now_ms};
 use crate::error::Error;
@@ -121,21 +121,14 @@ impl RedisEngine {
     }
 
     /// Run a prepared script invocation under the guard, timing it.
-    async fn run(
-        &self,
-        name: &'static str,
-        inv: redis::ScriptInvocation<'_>,
-    ) -> Result<Vec<Value>, Error> {
+    async fn run(&self, name: &'static str, inv: redis::ScriptInvocation<'_>) -> Result<Vec<Value>, Error> {
         let mut conn = self.conn.clone();
         let started = std::time::Instant::now();
         let reply: Value = self.guard.call(inv.invoke_async(&mut conn)).await?;
-        metrics::histogram!(metrics::SCRIPT_DURATION, "script" => name)
-            .record(started.elapsed().as_secs_f64());
+        metrics::script(name, started.elapsed().as_secs_f64());
         match reply {
             Value::Array(parts) if !parts.is_empty() => Ok(parts),
-            other => Err(Error::ScriptReply(format!(
-                "{name}: unexpected reply {other:?}"
-            ))),
+            other => Err(Error::ScriptReply(format!("{name}: unexpected reply {other:?}"))),
         }
     }
 
@@ -228,19 +221,14 @@ fn transition_reply(r: &Reply<'_>) -> Result<TransitionReply, Error> {
         "forbidden" => TransitionReply::Forbidden,
         "unknown_order" => TransitionReply::UnknownOrder,
         other => {
-            return Err(Error::ScriptReply(format!(
-                "{}: unknown reply {other}",
-                r.script
-            )));
+            return Err(Error::ScriptReply(format!("{}: unknown reply {other}", r.script)));
         }
     })
 }
 
 fn expire_reply(r: &Reply<'_>) -> Result<ExpireReply, Error> {
     Ok(match r.status()?.as_str() {
-        "expired" => ExpireReply::Expired {
-            stock_after: r.int(1)?,
-        },
+        "expired" => ExpireReply::Expired { stock_after: r.int(1)? },
         "not_due" => ExpireReply::NotDue {
             pay_before_ms: r.int(1)?,
         },
@@ -275,10 +263,7 @@ pub(crate) fn order_from_hash(h: &HashMap<String, String>) -> Result<Order, Erro
     })
 }
 
-pub(crate) fn item_from_hash(
-    item_id: &str,
-    h: &HashMap<String, String>,
-) -> Result<ItemState, Error> {
+pub(crate) fn item_from_hash(item_id: &str, h: &HashMap<String, String>) -> Result<ItemState, Error> {
     Ok(ItemState {
         spec: ItemSpec {
             item_id: item_id.to_owned(),
@@ -317,9 +302,7 @@ impl StockEngine for RedisEngine {
             "ok" => PutReply::Stored { stock: r.int(1)? },
             "below_held" => return Ok(PutReply::BelowHeld { held: r.int(1)? }),
             other => {
-                return Err(Error::ScriptReply(format!(
-                    "put_item: unknown reply {other}"
-                )));
+                return Err(Error::ScriptReply(format!("put_item: unknown reply {other}")));
             }
         };
         self.query::<i64>(redis::cmd("SADD").arg(keys::CATALOG).arg(&spec.item_id))
@@ -329,9 +312,7 @@ impl StockEngine for RedisEngine {
     }
 
     async fn item(&self, item_id: &str) -> Result<Option<ItemState>, Error> {
-        let h: HashMap<String, String> = self
-            .query(redis::cmd("HGETALL").arg(keys::item(item_id)))
-            .await?;
+        let h: HashMap<String, String> = self.query(redis::cmd("HGETALL").arg(keys::item(item_id))).await?;
         if h.is_empty() {
             return Ok(None);
         }
@@ -394,9 +375,7 @@ impl StockEngine for RedisEngine {
                 pay_before_ms: r.int(5)?,
             },
             "unknown_item" => ReserveReply::UnknownItem,
-            "not_started" => ReserveReply::NotStarted {
-                starts_ms: r.int(1)?,
-            },
+            "not_started" => ReserveReply::NotStarted { starts_ms: r.int(1)? },
             "ended" => ReserveReply::Ended { ends_ms: r.int(1)? },
             "bad_qty" => ReserveReply::BadQty { limit: r.int(1)? },
             "limit_reached" => ReserveReply::LimitReached {
@@ -405,27 +384,18 @@ impl StockEngine for RedisEngine {
             },
             "sold_out" => ReserveReply::SoldOut { stock: r.int(1)? },
             other => {
-                return Err(Error::ScriptReply(format!(
-                    "reserve: unknown reply {other}"
-                )));
+                return Err(Error::ScriptReply(format!("reserve: unknown reply {other}")));
             }
         })
     }
 
-    async fn transition(
-        &self,
-        t: Transition,
-        order_id: &str,
-        user_id: &str,
-    ) -> Result<TransitionReply, Error> {
+    async fn transition(&self, t: Transition, order_id: &str, user_id: &str) -> Result<TransitionReply, Error> {
         let Some(order_key) = keys::order(order_id) else {
             return Ok(TransitionReply::UnknownOrder);
         };
         // The order names its item, whose keys the script must declare (one slot: the
         // order id carries the item's shard).
-        let item_id: Option<String> = self
-            .query(redis::cmd("HGET").arg(&order_key).arg("item_id"))
-            .await?;
+        let item_id: Option<String> = self.query(redis::cmd("HGET").arg(&order_key).arg("item_id")).await?;
         let Some(item_id) = item_id else {
             return Ok(TransitionReply::UnknownOrder);
         };
@@ -509,9 +479,7 @@ impl StockEngine for RedisEngine {
             let calls = members
                 .iter()
                 .filter_map(|m| keys::split_deadline_member(m))
-                .map(|(order_id, item_id)| async move {
-                    (order_id, item_id, self.expire(order_id, item_id).await)
-                });
+                .map(|(order_id, item_id)| async move { (order_id, item_id, self.expire(order_id, item_id).await) });
             for (order_id, item_id, reply) in futures_util::future::join_all(calls).await {
                 if let ExpireReply::Expired { stock_after } = reply? {
                     expired.push(Expired {

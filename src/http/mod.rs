@@ -48,20 +48,7 @@ pub async fn serve(app: Arc<App>, listener: TcpListener, mut shutdown: watch::Re
         let app = app.clone();
         let svc = service_fn(move |req| {
             let app = app.clone();
-            // The handler runs as its own task: if the client goes away mid-request, hyper
-            // drops this future, but a decision already taken (stock reserved by the script)
-            // still completes and is counted, so the gateway's count of 200s always equals
-            // the orders it made.
-            let handler = tokio::spawn(async move { routes::handle(&app, req, peer).await });
-            async move {
-                Ok::<_, std::convert::Infallible>(match handler.await {
-                    Ok(response) => response,
-                    Err(e) => {
-                        tracing::error!(cause = %e, "request handler panicked");
-                        reply::reject(&crate::error::Reject::Internal)
-                    }
-                })
-            }
+            async move { Ok::<_, std::convert::Infallible>(routes::handle(&app, req, peer).await) }
         });
         let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), svc));
         tokio::spawn(async move {

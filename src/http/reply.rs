@@ -15,10 +15,7 @@ pub type Body = Full<Bytes>;
 pub const MAX_BODY: usize = 4096;
 
 /// Read a request body of at most [`MAX_BODY`] bytes within `deadline`.
-pub async fn read_body(
-    req: http::Request<Incoming>,
-    deadline: std::time::Duration,
-) -> Result<Bytes, Reject> {
+pub async fn read_body(req: http::Request<Incoming>, deadline: std::time::Duration) -> Result<Bytes, Reject> {
     let declared = req
         .headers()
         .get(CONTENT_LENGTH)
@@ -29,15 +26,8 @@ pub async fn read_body(
     }
     let limited = Limited::new(req.into_body(), MAX_BODY);
     match tokio::time::timeout(deadline, limited.collect()).await {
-        Err(_) => Err(Reject::BadRequest(
-            "request body not received in time".into(),
-        )),
-        Ok(Err(e))
-            if e.downcast_ref::<http_body_util::LengthLimitError>()
-                .is_some() =>
-        {
-            Err(Reject::PayloadTooLarge)
-        }
+        Err(_) => Err(Reject::BadRequest("request body not received in time".into())),
+        Ok(Err(e)) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => Err(Reject::PayloadTooLarge),
         Ok(Err(_)) => Err(Reject::BadRequest("could not read the request body".into())),
         Ok(Ok(collected)) => Ok(collected.to_bytes()),
     }
@@ -66,11 +56,7 @@ pub fn ok<T: Serialize>(value: &T) -> Response<Body> {
     json(StatusCode::OK, value)
 }
 
-pub fn text(
-    status: StatusCode,
-    content_type: &'static str,
-    body: impl Into<Bytes>,
-) -> Response<Body> {
+pub fn text(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response<Body> {
     let mut r = Response::new(Full::new(body.into()));
     *r.status_mut() = status;
     r.headers_mut()
@@ -84,18 +70,64 @@ struct ErrorBody<'a> {
     message: String,
 }
 
+/// Bodies of the refusals whose text never varies: the hot early answers are written from
+/// static bytes instead of being serialized per request.
+fn fixed_body(r: &Reject) -> Option<&'static str> {
+    Some(match r {
+        Reject::SoldOut => r#"{"error":"sold_out","message":"sold out"}"#,
+        Reject::Ended => r#"{"error":"ended","message":"the sale has ended"}"#,
+        Reject::UnknownItem => r#"{"error":"unknown_item","message":"no such item"}"#,
+        Reject::UnknownOrder => r#"{"error":"unknown_order","message":"no such order"}"#,
+        Reject::RateLimited { .. } => r#"{"error":"rate_limited","message":"too many requests; retry later"}"#,
+        Reject::PayloadTooLarge => r#"{"error":"payload_too_large","message":"request body over 4 KiB"}"#,
+        _ => return None,
+    })
+}
+
 /// A refusal as the contract's JSON, with `Retry-After` where it applies.
 pub fn reject(r: &Reject) -> Response<Body> {
-    let mut resp = json(
-        r.status(),
-        &ErrorBody {
-            error: r.code(),
-            message: r.message(),
-        },
-    );
+    let mut resp = match fixed_body(r) {
+        Some(body) => {
+            let mut resp = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+            *resp.status_mut() = r.status();
+            resp.headers_mut()
+                .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            resp
+        }
+        None => json(
+            r.status(),
+            &ErrorBody {
+                error: r.code(),
+                message: r.message(),
+            },
+        ),
+    };
     if let Some(secs) = r.retry_after() {
-        resp.headers_mut()
-            .insert(RETRY_AFTER, HeaderValue::from(secs));
+        resp.headers_mut().insert(RETRY_AFTER, HeaderValue::from(secs));
     }
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fixed_bodies_equal_the_serialized_ones() {
+        for r in [
+            Reject::SoldOut,
+            Reject::Ended,
+            Reject::UnknownItem,
+            Reject::UnknownOrder,
+            Reject::RateLimited { retry_after_s: 1 },
+            Reject::PayloadTooLarge,
+        ] {
+            let serialized = serde_json::to_string(&ErrorBody {
+                error: r.code(),
+                message: r.message(),
+            })
+            .unwrap();
+            assert_eq!(fixed_body(&r), Some(serialized.as_str()));
+        }
+    }
 }

@@ -15,8 +15,8 @@ use super::reply::{self, Body};
 use crate::app::App;
 use crate::clock::{parse_rfc3339, rfc3339};
 use crate::engine::{
-    ItemSpec, ItemState, Order, OrderStatus, PutReply, ReserveCmd, ReserveReply, StockEngine,
-    Transition, TransitionReply,
+    ItemSpec, ItemState, Order, OrderStatus, PutReply, ReserveCmd, ReserveReply, StockEngine, Transition,
+    TransitionReply,
 };
 use crate::error::{Error, Reject};
 use crate::identity::is_admin;
@@ -72,9 +72,7 @@ fn route(path: &str) -> (Route, Method, Option<&str>) {
         ["api", "v1", "orders", id, "cancel"] => (Route::Cancel, Method::POST, Some(id)),
         ["admin", "v1", "items", id] => (Route::AdminItemPut, Method::PUT, Some(id)),
         ["admin", "v1", "items", id, "stats"] => (Route::AdminStats, Method::GET, Some(id)),
-        ["admin", "v1", "items", id, "orders.csv"] => {
-            (Route::AdminOrdersCsv, Method::GET, Some(id))
-        }
+        ["admin", "v1", "items", id, "orders.csv"] => (Route::AdminOrdersCsv, Method::GET, Some(id)),
         ["metrics"] => (Route::Metrics, Method::GET, None),
         ["healthz"] => (Route::Healthz, Method::GET, None),
         ["readyz"] => (Route::Readyz, Method::GET, None),
@@ -84,9 +82,10 @@ fn route(path: &str) -> (Route, Method, Option<&str>) {
 
 /// Everything a handler needs besides the request.
 struct Ctx<'a> {
-    app: &'a App,
+    app: &'a Arc<App>,
     peer: SocketAddr,
     id: &'a str,
+    request_id: &'a str,
 }
 
 /// The one entry point: route, run the handler, turn a refusal into the contract's JSON,
@@ -106,18 +105,19 @@ pub async fn handle(app: &Arc<App>, req: Request<Incoming>, peer: SocketAddr) ->
         app,
         peer,
         id: id.as_deref().unwrap_or(""),
+        request_id: &request_id,
     };
-    // Every log line of this request carries its id and route (JSON logs: span fields).
-    let span = tracing::info_span!("request", request_id = %request_id, route = route.label());
+    // At debug level every log line of the request carries its id and route (span fields);
+    // the warnings and errors a request logs at the default level name its id themselves.
+    // (An info span would be formatted by the log layer on every request: measurable.)
+    let span = tracing::debug_span!("request", request_id = %request_id, route = route.label());
     let answer = async {
         if matches!(route, Route::NotFound) {
             Err(Reject::NotFound)
         } else if req.method() != method {
             Err(Reject::MethodNotAllowed)
         } else if id.as_deref().is_some_and(|id| !valid_id(id)) {
-            Err(Reject::BadRequest(
-                "ids are 1-64 characters of [A-Za-z0-9_.:-]".into(),
-            ))
+            Err(Reject::BadRequest("ids are 1-64 characters of [A-Za-z0-9_.:-]".into()))
         } else {
             match route {
                 Route::ItemGet => item_get(&ctx, req).await,
@@ -153,17 +153,14 @@ pub async fn handle(app: &Arc<App>, req: Request<Incoming>, peer: SocketAddr) ->
     if let Ok(v) = HeaderValue::from_str(&request_id) {
         response.headers_mut().insert("x-request-id", v);
     }
-    metrics::counter!(metrics::REQUESTS, "route" => route.label(), "outcome" => outcome)
-        .increment(1);
-    metrics::histogram!(metrics::REQUEST_DURATION, "route" => route.label())
-        .record(started.elapsed().as_secs_f64());
+    metrics::request(route.label(), outcome, started.elapsed().as_secs_f64());
     span.in_scope(|| tracing::debug!(outcome, status = response.status().as_u16(), "request"));
     response
 }
 
 /// A failure, logged with its cause, told to the client as 503 or 500.
 fn failed(ctx: &Ctx<'_>, what: &'static str, e: Error) -> Reject {
-    tracing::warn!(item_or_order = ctx.id, cause = %e, side = ?e.side(), "{what} failed");
+    tracing::warn!(request_id = ctx.request_id, item_or_order = ctx.id, cause = %e, side = ?e.side(), "{what} failed");
     if matches!(e, Error::Store(_)) {
         ctx.app.set_store_up(false);
     }
@@ -341,33 +338,36 @@ async fn reserve(ctx: &Ctx<'_>, req: Request<Incoming>) -> Answer {
         order_id: new_order_id(item_id),
         idem_key,
     };
-    let outcome = ctx
-        .app
-        .engine
-        .reserve(&cmd)
-        .await
-        .map_err(|e| failed(ctx, "reserve", e))?;
-    match outcome {
+    // The decision runs as its own task: if the client hangs up, hyper drops this future,
+    // but a reservation the script makes is still completed (counted, sold-out flag set),
+    // so `seckill_orders_total{event="reserved"}` always equals the orders made.
+    let app = ctx.app.clone();
+    let stock_total = spec.stock_total;
+    let decided = tokio::spawn(async move {
+        let outcome = app.engine.reserve(&cmd).await;
+        if let Ok(ReserveReply::Reserved { stock_after, .. }) = &outcome {
+            metrics::order_event("reserved");
+            metrics::stock(&cmd.item_id, *stock_after, stock_total);
+            if *stock_after == 0 {
+                app.cache.mark_sold_out(&cmd.item_id);
+            }
+        }
+        (outcome, cmd)
+    });
+    let (outcome, cmd) = decided.await.map_err(|_| Reject::Internal)?;
+    match outcome.map_err(|e| failed(ctx, "reserve", e))? {
         ReserveReply::Reserved {
             order_id,
             pay_before_ms,
-            stock_after,
             ..
-        } => {
-            metrics::order_event("reserved");
-            metrics::stock(item_id, stock_after, spec.stock_total);
-            if stock_after == 0 {
-                ctx.app.cache.mark_sold_out(item_id);
-            }
-            Ok(reply::ok(&Reservation {
-                order_id: &order_id,
-                item_id,
-                user_id: &user,
-                qty,
-                status: "reserved",
-                pay_before: rfc3339(pay_before_ms),
-            }))
-        }
+        } => Ok(reply::ok(&Reservation {
+            order_id: &order_id,
+            item_id,
+            user_id: &user,
+            qty,
+            status: "reserved",
+            pay_before: rfc3339(pay_before_ms),
+        })),
         ReserveReply::Duplicate {
             order_id,
             qty,
@@ -403,9 +403,7 @@ async fn reserve(ctx: &Ctx<'_>, req: Request<Incoming>) -> Answer {
             starts_at_ms: starts_ms,
         }),
         ReserveReply::Ended { .. } => Err(Reject::Ended),
-        ReserveReply::BadQty { limit } => {
-            Err(Reject::BadRequest(format!("qty must be 1..={limit}")))
-        }
+        ReserveReply::BadQty { limit } => Err(Reject::BadRequest(format!("qty must be 1..={limit}"))),
         ReserveReply::LimitReached { held, limit } => Err(Reject::LimitReached { held, limit }),
         ReserveReply::SoldOut { stock } => {
             if stock == 0 {
@@ -531,8 +529,7 @@ struct ItemBody {
 async fn admin_item_put(ctx: &Ctx<'_>, req: Request<Incoming>) -> Answer {
     is_admin(req.headers(), ctx.app.config.admin_token.as_deref())?;
     let body = reply::read_body(req, ctx.app.config.header_timeout).await?;
-    let b: ItemBody = reply::parse_json(&body)?
-        .ok_or_else(|| Reject::BadRequest("a JSON body is required".into()))?;
+    let b: ItemBody = reply::parse_json(&body)?.ok_or_else(|| Reject::BadRequest("a JSON body is required".into()))?;
     let bad = |why: &str| Err(Reject::BadRequest(why.to_owned()));
     if b.name.trim().is_empty() || b.name.chars().count() > 200 {
         return bad("name must be 1-200 characters");
@@ -549,8 +546,7 @@ async fn admin_item_put(ctx: &Ctx<'_>, req: Request<Incoming>) -> Answer {
     if !(1..=MAX_COUNT).contains(&b.per_user_limit) {
         return bad("per_user_limit must be 1..=1000000000000");
     }
-    let (Some(starts_ms), Some(ends_ms)) = (parse_rfc3339(&b.starts_at), parse_rfc3339(&b.ends_at))
-    else {
+    let (Some(starts_ms), Some(ends_ms)) = (parse_rfc3339(&b.starts_at), parse_rfc3339(&b.ends_at)) else {
         return bad("starts_at and ends_at must be RFC 3339 times");
     };
     if starts_ms >= ends_ms {
@@ -600,12 +596,7 @@ async fn admin_stats(ctx: &Ctx<'_>, req: Request<Incoming>) -> Answer {
         .await
         .map_err(|e| failed(ctx, "stats", e))?
         .ok_or(Reject::UnknownItem)?;
-    let persisted = ctx
-        .app
-        .store
-        .count(ctx.id)
-        .await
-        .map_err(|e| failed(ctx, "stats", e))?;
+    let persisted = ctx.app.store.count(ctx.id).await.map_err(|e| failed(ctx, "stats", e))?;
     metrics::stock(ctx.id, state.stock, state.spec.stock_total);
     Ok(reply::ok(&serde_json::json!({
         "item_id": ctx.id,
@@ -659,11 +650,7 @@ async fn admin_orders_csv(ctx: &Ctx<'_>, req: Request<Incoming>) -> Answer {
     };
     write().map_err(|_| Reject::Internal)?;
     let bytes = w.into_inner().map_err(|_| Reject::Internal)?;
-    Ok(reply::text(
-        StatusCode::OK,
-        "text/csv; charset=utf-8",
-        bytes,
-    ))
+    Ok(reply::text(StatusCode::OK, "text/csv; charset=utf-8", bytes))
 }
 
 /// `GET /readyz`: 200 while the engine answers. With Redis, a store outage is reported as

@@ -39,11 +39,7 @@ impl OrderEvent {
 
     /// Decode the fields of a stream entry; `Err` names what is wrong (a poison event).
     pub fn from_fields(f: &HashMap<String, String>) -> Result<Self, String> {
-        let text = |k: &str| {
-            f.get(k)
-                .cloned()
-                .ok_or_else(|| format!("missing field {k}"))
-        };
+        let text = |k: &str| f.get(k).cloned().ok_or_else(|| format!("missing field {k}"));
         let num = |k: &str| -> Result<i64, String> {
             f.get(k)
                 .ok_or_else(|| format!("missing field {k}"))?
@@ -51,8 +47,7 @@ impl OrderEvent {
                 .map_err(|_| format!("field {k} is not an integer"))
         };
         let kind = text("type")?;
-        let status =
-            OrderStatus::parse(&kind).ok_or_else(|| format!("unknown event type {kind:?}"))?;
+        let status = OrderStatus::parse(&kind).ok_or_else(|| format!("unknown event type {kind:?}"))?;
         let ev = OrderEvent {
             status,
             order_id: text("order_id")?,

@@ -76,8 +76,7 @@ impl SqliteJournal {
         jobs.send(job(tx))
             .await
             .map_err(|_| Error::Internal("journal stopped".into()))?;
-        rx.await
-            .map_err(|_| Error::Internal("journal stopped".into()))?
+        rx.await.map_err(|_| Error::Internal("journal stopped".into()))?
     }
 }
 

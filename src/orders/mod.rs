@@ -15,10 +15,7 @@ use tokio::sync::watch;
 use crate::app::App;
 
 /// Start the sweeper (both engines) and, with Redis, the persistence worker.
-pub fn spawn_workers(
-    app: &Arc<App>,
-    shutdown: watch::Receiver<bool>,
-) -> Vec<tokio::task::JoinHandle<()>> {
+pub fn spawn_workers(app: &Arc<App>, shutdown: watch::Receiver<bool>) -> Vec<tokio::task::JoinHandle<()>> {
     let mut tasks = Vec::new();
     if app.config.workers {
         tasks.push(tokio::spawn(sweeper::run(app.clone(), shutdown.clone())));

@@ -45,8 +45,7 @@ pub async fn main(config: Config, item: Option<String>, repair: bool) -> ExitCod
     };
     let run = async {
         let store = Store::connect(&config.database_url, config.store_timeout).await?;
-        let client =
-            redis::Client::open(url.as_str()).map_err(|e| Error::RedisConnection(e.to_string()))?;
+        let client = redis::Client::open(url.as_str()).map_err(|e| Error::RedisConnection(e.to_string()))?;
         let cfg = redis::aio::ConnectionManagerConfig::new()
             .set_connection_timeout(Some(config.redis_timeout))
             .set_response_timeout(Some(config.redis_timeout.max(Duration::from_secs(5))));
@@ -56,9 +55,7 @@ pub async fn main(config: Config, item: Option<String>, repair: bool) -> ExitCod
     match run.await {
         Ok(report) => {
             print_report(&report);
-            if report.differences.is_empty()
-                || (repair && report.repaired == report.differences.len())
-            {
+            if report.differences.is_empty() || (repair && report.repaired == report.differences.len()) {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::from(1)
@@ -112,8 +109,7 @@ async fn shard_orders(conn: &mut ConnectionManager, shard: u32) -> Result<Vec<Or
             .query_async(conn)
             .await?;
         for key in batch {
-            let h: HashMap<String, String> =
-                redis::cmd("HGETALL").arg(&key).query_async(conn).await?;
+            let h: HashMap<String, String> = redis::cmd("HGETALL").arg(&key).query_async(conn).await?;
             if !h.is_empty() {
                 out.push(order_from_hash(&h)?);
             }
@@ -135,10 +131,7 @@ pub async fn reconcile(
     let items: Vec<String> = match only {
         Some(i) => vec![i.to_owned()],
         None => {
-            let mut v: Vec<String> = redis::cmd("SMEMBERS")
-                .arg(keys::CATALOG)
-                .query_async(conn)
-                .await?;
+            let mut v: Vec<String> = redis::cmd("SMEMBERS").arg(keys::CATALOG).query_async(conn).await?;
             v.sort();
             v
         }
@@ -162,10 +155,7 @@ pub async fn reconcile(
                     redis::Value::Array(kv) => kv
                         .chunks(2)
                         .filter_map(|c| {
-                            Some((
-                                redis::from_redis_value::<String>(c[0].clone()).ok()?,
-                                c.get(1)?.clone(),
-                            ))
+                            Some((redis::from_redis_value::<String>(c[0].clone()).ok()?, c.get(1)?.clone()))
                         })
                         .collect(),
                     redis::Value::Map(kv) => kv
@@ -193,10 +183,7 @@ pub async fn reconcile(
         }
     }
     for item_id in &items {
-        let h: HashMap<String, String> = redis::cmd("HGETALL")
-            .arg(keys::item(item_id))
-            .query_async(conn)
-            .await?;
+        let h: HashMap<String, String> = redis::cmd("HGETALL").arg(keys::item(item_id)).query_async(conn).await?;
         let diff = |order_id: &str, kind, redis: String, database: String| Difference {
             item_id: item_id.clone(),
             order_id: order_id.to_owned(),
@@ -208,22 +195,13 @@ pub async fn reconcile(
         report.orders_checked += orders.len();
         if let Ok(state) = item_from_hash(item_id, &h) {
             // Counters agree with the order hashes, and stock = total − reserved − paid.
-            let units = |s: OrderStatus| {
-                orders
-                    .iter()
-                    .filter(|o| o.status == s)
-                    .map(|o| o.qty)
-                    .sum::<i64>()
-            };
+            let units = |s: OrderStatus| orders.iter().filter(|o| o.status == s).map(|o| o.qty).sum::<i64>();
             if state.stock != state.spec.stock_total - state.reserved - state.paid {
                 report.differences.push(diff(
                     "-",
                     "stock_arithmetic",
                     state.stock.to_string(),
-                    format!(
-                        "{}-{}-{}",
-                        state.spec.stock_total, state.reserved, state.paid
-                    ),
+                    format!("{}-{}-{}", state.spec.stock_total, state.reserved, state.paid),
                 ));
             }
             if units(OrderStatus::Reserved) != state.reserved {
@@ -274,16 +252,12 @@ pub async fn reconcile(
         }
         // A row whose order hash is gone is fine when final (closed orders expire from
         // Redis); a `reserved` row without its hash never got its closing event.
-        let in_redis: std::collections::HashSet<&str> =
-            orders.iter().map(|o| o.order_id.as_str()).collect();
+        let in_redis: std::collections::HashSet<&str> = orders.iter().map(|o| o.order_id.as_str()).collect();
         for (id, row) in &rows {
             if !in_redis.contains(id.as_str()) && row.status == OrderStatus::Reserved {
-                report.differences.push(diff(
-                    id,
-                    "missing_in_redis",
-                    "-".into(),
-                    "reserved".into(),
-                ));
+                report
+                    .differences
+                    .push(diff(id, "missing_in_redis", "-".into(), "reserved".into()));
             }
         }
         if repair {

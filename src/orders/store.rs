@@ -11,9 +11,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use sqlx::postgres::{PgPool, PgPoolOptions};
-use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
-};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{QueryBuilder, Row};
 
 use crate::engine::{ItemSpec, Order, OrderStatus};
@@ -59,8 +57,7 @@ pub fn dedupe(events: &[OrderEvent]) -> Vec<&OrderEvent> {
     out
 }
 
-const ORDER_COLUMNS: &str =
-    "order_id, item_id, user_id, qty, status, idem_key, created_ms, pay_before_ms, updated_ms";
+const ORDER_COLUMNS: &str = "order_id, item_id, user_id, qty, status, idem_key, created_ms, pay_before_ms, updated_ms";
 
 fn order_from_row<R: Row>(row: &R) -> Result<Order, Error>
 where
@@ -74,8 +71,7 @@ where
         item_id: row.try_get("item_id")?,
         user_id: row.try_get("user_id")?,
         qty: row.try_get("qty")?,
-        status: OrderStatus::parse(&status)
-            .ok_or_else(|| Error::Store(format!("bad status {status}")))?,
+        status: OrderStatus::parse(&status).ok_or_else(|| Error::Store(format!("bad status {status}")))?,
         idem_key: row.try_get("idem_key")?,
         created_ms: row.try_get("created_ms")?,
         pay_before_ms: row.try_get("pay_before_ms")?,
@@ -140,10 +136,7 @@ impl Store {
         matches!(self.pool, Pool::Sqlite(_))
     }
 
-    async fn bounded<T>(
-        &self,
-        f: impl std::future::Future<Output = Result<T, sqlx::Error>>,
-    ) -> Result<T, Error> {
+    async fn bounded<T>(&self, f: impl std::future::Future<Output = Result<T, sqlx::Error>>) -> Result<T, Error> {
         match tokio::time::timeout(self.timeout, f).await {
             Ok(r) => r.map_err(Error::from),
             Err(_) => Err(Error::Store("timed out".into())),
@@ -224,7 +217,8 @@ impl Store {
     }
 
     pub async fn items(&self) -> Result<Vec<ItemSpec>, Error> {
-        const SQL: &str = "SELECT item_id, name, price_cents, stock_total, per_user_limit, starts_ms, ends_ms FROM items";
+        const SQL: &str =
+            "SELECT item_id, name, price_cents, stock_total, per_user_limit, starts_ms, ends_ms FROM items";
         with_pool!(self, pool => {
             let rows = self.bounded(sqlx::query(SQL).fetch_all(pool)).await?;
             rows.iter().map(item_from_row).collect()

@@ -80,8 +80,7 @@ fn default_consumer(port: u16) -> String {
 }
 
 pub fn pool(url: &str, size: u32, timeout: Duration) -> Result<Pool, Error> {
-    let manager =
-        RedisConnectionManager::new(url).map_err(|e| Error::RedisConnection(e.to_string()))?;
+    let manager = RedisConnectionManager::new(url).map_err(|e| Error::RedisConnection(e.to_string()))?;
     // Checkouts are rare (one per shard task, again after an error), so the PING of
     // test-on-check-out costs nothing here and weeds out dead connections.
     Ok(bb8::Pool::builder()
@@ -165,9 +164,7 @@ impl ShardWorker {
             Ok(Err(e)) => return Err(Error::RedisConnection(e.to_string())),
             Err(_) => return Err(Error::RedisTimeout),
         };
-        match tokio::time::timeout(self.settings.timeout, cmd.query_async::<Value>(&mut *conn))
-            .await
-        {
+        match tokio::time::timeout(self.settings.timeout, cmd.query_async::<Value>(&mut *conn)).await {
             Ok(r) => r.map_err(Error::from),
             Err(_) => Err(Error::RedisTimeout),
         }
@@ -255,24 +252,15 @@ impl ShardWorker {
         if ids.is_empty() {
             return Ok(());
         }
-        self.cmd(
-            redis::cmd("XACK")
-                .arg(&self.stream)
-                .arg(keys::GROUP)
-                .arg(ids),
-        )
-        .await?;
+        self.cmd(redis::cmd("XACK").arg(&self.stream).arg(keys::GROUP).arg(ids))
+            .await?;
         Ok(())
     }
 
     /// Persist a batch: decode, write with retries, acknowledge. Undecodable entries stay
     /// pending until they have been delivered `max_deliveries` times, then go to the
     /// dead-letter stream.
-    async fn process(
-        &self,
-        batch: Vec<Entry>,
-        shutdown: &watch::Receiver<bool>,
-    ) -> Result<usize, Error> {
+    async fn process(&self, batch: Vec<Entry>, shutdown: &watch::Receiver<bool>) -> Result<usize, Error> {
         if batch.is_empty() {
             return Ok(0);
         }
@@ -327,11 +315,7 @@ impl ShardWorker {
     }
 
     /// Write until it works (the stream keeps buffering meanwhile), or shutdown.
-    async fn write(
-        &self,
-        events: &[OrderEvent],
-        shutdown: &watch::Receiver<bool>,
-    ) -> Result<(), Error> {
+    async fn write(&self, events: &[OrderEvent], shutdown: &watch::Receiver<bool>) -> Result<(), Error> {
         let mut delays = ExponentialBuilder::default()
             .with_min_delay(Duration::from_millis(50))
             .with_max_delay(Duration::from_secs(2))
@@ -408,12 +392,7 @@ impl ShardWorker {
             // A step is never cut off by shutdown: the batch in hand is finished and
             // acknowledged first (the store retry loop itself gives up on shutdown).
             match step.await {
-                Ok(()) => {
-                    delays = ExponentialBuilder::default()
-                        .with_jitter()
-                        .without_max_times()
-                        .build()
-                }
+                Ok(()) => delays = ExponentialBuilder::default().with_jitter().without_max_times().build(),
                 Err(e) => {
                     tracing::warn!(shard = self.shard, cause = %e, "persistence worker step failed; retrying");
                     tokio::select! {
@@ -431,11 +410,7 @@ async fn shard_backlog(
     conn: &mut redis::aio::ConnectionManager,
     stream: &str,
 ) -> Result<(u64, Option<String>, Option<String>), Error> {
-    let groups: Value = redis::cmd("XINFO")
-        .arg("GROUPS")
-        .arg(stream)
-        .query_async(conn)
-        .await?;
+    let groups: Value = redis::cmd("XINFO").arg("GROUPS").arg(stream).query_async(conn).await?;
     let Value::Array(groups) = groups else {
         return Ok((0, None, None));
     };
@@ -445,10 +420,7 @@ async fn shard_backlog(
                 .chunks(2)
                 .filter_map(|c| Some((text(&c[0])?, c.get(1)?.clone())))
                 .collect(),
-            Value::Map(kv) => kv
-                .into_iter()
-                .filter_map(|(k, v)| Some((text(&k)?, v)))
-                .collect(),
+            Value::Map(kv) => kv.into_iter().filter_map(|(k, v)| Some((text(&k)?, v))).collect(),
             _ => continue,
         };
         if fields.get("name").and_then(text).as_deref() != Some(keys::GROUP) {
@@ -499,11 +471,7 @@ async fn monitor(app: Arc<App>, mut shutdown: watch::Receiver<bool>) {
         let mut ok = true;
         for shard in keys::all_shards() {
             let stream = keys::events(shard);
-            let r = tokio::time::timeout(
-                app.config.redis_timeout * 2,
-                shard_backlog(&mut conn, &stream),
-            )
-            .await;
+            let r = tokio::time::timeout(app.config.redis_timeout * 2, shard_backlog(&mut conn, &stream)).await;
             let Ok(Ok((backlog, oldest_pending, last_delivered))) = r else {
                 ok = false;
                 continue;
@@ -526,10 +494,7 @@ async fn monitor(app: Arc<App>, mut shutdown: watch::Receiver<bool>) {
                         .arg(1)
                         .query_async(&mut conn)
                         .await;
-                    first
-                        .ok()
-                        .and_then(|v| entries(&v).into_iter().next())
-                        .map(|e| e.id)
+                    first.ok().and_then(|v| entries(&v).into_iter().next()).map(|e| e.id)
                 }
                 None => None,
             };
@@ -562,11 +527,7 @@ pub fn spawn(app: &Arc<App>, shutdown: watch::Receiver<bool>) -> Vec<tokio::task
         return Vec::new();
     };
     let settings = WorkerSettings::from_app(app);
-    let pool = match pool(
-        &url,
-        keys::all_shards().count() as u32 + 2,
-        settings.timeout,
-    ) {
+    let pool = match pool(&url, keys::all_shards().count() as u32 + 2, settings.timeout) {
         Ok(p) => p,
         Err(e) => {
             tracing::error!(cause = %e, "persistence worker not started");

@@ -174,9 +174,9 @@ fn spawn_redis(dir: &Path, port: u16) -> Result<Child, String> {
         .spawn();
     let mut child = match spawned {
         Ok(child) => child,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => panic!(
-            "redis-server not found: install it (apt-get install redis-server) or run ./scripts/test"
-        ),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            panic!("redis-server not found: install it (apt-get install redis-server) or run ./scripts/test")
+        }
         Err(e) => panic!("could not run redis-server: {e}"),
     };
     let deadline = Instant::now() + START_TIMEOUT;
@@ -360,11 +360,7 @@ impl PgServer {
         // Never dropped: the watchdog owns the cluster and its directory.
         let this = std::mem::ManuallyDrop::new(self);
         let pg_ctl = this.bin.dir.join("pg_ctl");
-        let runuser = if this.bin.as_root {
-            "runuser -u postgres --"
-        } else {
-            ""
-        };
+        let runuser = if this.bin.as_root { "runuser -u postgres --" } else { "" };
         // The watchdog runs in the background of a shell we wait for, so it
         // is never our child (no zombie) and outlives us.
         let script = format!(
@@ -450,11 +446,7 @@ impl PgBin {
     }
 
     fn find_dir() -> Option<PathBuf> {
-        let complete = |d: &Path| {
-            ["initdb", "pg_ctl", "postgres"]
-                .iter()
-                .all(|b| d.join(b).is_file())
-        };
+        let complete = |d: &Path| ["initdb", "pg_ctl", "postgres"].iter().all(|b| d.join(b).is_file());
         if let Some(dir) = which("pg_ctl")
             .and_then(|p| fs::canonicalize(p).ok())
             .and_then(|p| p.parent().map(Path::to_path_buf))

@@ -169,12 +169,7 @@ impl Reply {
 
     #[track_caller]
     pub fn assert_ok(&self) -> &Value {
-        assert_eq!(
-            self.status,
-            StatusCode::OK,
-            "expected 200, got {}",
-            self.text
-        );
+        assert_eq!(self.status, StatusCode::OK, "expected 200, got {}", self.text);
         &self.json
     }
 
@@ -273,11 +268,7 @@ impl Gateway {
 
     /// `PUT /admin/v1/items/{id}` with the admin token.
     pub async fn put_item_body(&self, item: &str, body: &Value) -> Reply {
-        send(
-            self.admin(self.put(&format!("/admin/v1/items/{item}")))
-                .json(body),
-        )
-        .await
+        send(self.admin(self.put(&format!("/admin/v1/items/{item}"))).json(body)).await
     }
 
     /// Create an item on sale now (for an hour, on the gateway's clock); asserts 200.
@@ -287,14 +278,7 @@ impl Gateway {
             .await
     }
 
-    pub async fn create_item_window(
-        &self,
-        item: &str,
-        stock: i64,
-        limit: i64,
-        starts_ms: i64,
-        ends_ms: i64,
-    ) -> Value {
+    pub async fn create_item_window(&self, item: &str, stock: i64, limit: i64, starts_ms: i64, ends_ms: i64) -> Value {
         let r = self
             .put_item_body(item, &item_body(stock, limit, starts_ms, ends_ms))
             .await;
@@ -341,11 +325,7 @@ impl Gateway {
     }
 
     pub async fn get_order(&self, order: &str, user: &str) -> Reply {
-        send(
-            self.get(&format!("/api/v1/orders/{order}"))
-                .header("x-user-id", user),
-        )
-        .await
+        send(self.get(&format!("/api/v1/orders/{order}")).header("x-user-id", user)).await
     }
 
     pub async fn stats(&self, item: &str) -> Reply {
@@ -465,11 +445,7 @@ pub fn parse_commandstats(info: &str) -> HashMap<String, u64> {
     info.lines()
         .filter_map(|line| {
             let (name, rest) = line.trim().strip_prefix("cmdstat_")?.split_once(':')?;
-            let calls = rest
-                .split(',')
-                .find_map(|kv| kv.strip_prefix("calls="))?
-                .parse()
-                .ok()?;
+            let calls = rest.split(',').find_map(|kv| kv.strip_prefix("calls="))?.parse().ok()?;
             Some((name.to_owned(), calls))
         })
         .collect()
