@@ -52,7 +52,18 @@ impl SqliteJournal {
                         }
                     }
                 }
+                // Every request of the group waits for this commit: a slow one (the file
+                // system stalling a growing file) is what the embedded p99 is made of.
+                let started = std::time::Instant::now();
                 let result = store.apply(&events).await;
+                let took = started.elapsed();
+                if took > std::time::Duration::from_millis(100) {
+                    tracing::warn!(
+                        events = events.len(),
+                        took_ms = took.as_millis() as u64,
+                        "slow journal commit"
+                    );
+                }
                 metrics::histogram!(crate::metrics::PERSIST_BATCH_SIZE).record(events.len() as f64);
                 if let Err(e) = &result {
                     tracing::warn!(cause = %e, events = events.len(), "journal commit failed");
