@@ -535,3 +535,60 @@ async fn poison_event_dead_letters_and_reconcile_repairs() {
     assert!(out.contains("clean"), "{out}");
     gw.stop().await;
 }
+
+/// The worker runs apart from the front door (`seckill-gateway worker` is
+/// `server::start(.., serve_http: false)`): a gateway without workers takes reservations, a
+/// worker-only instance persists them, and acknowledged entries are trimmed from the stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_separate_worker_persists_and_trims() {
+    let redis = RedisServer::start();
+    let db = shared_pg();
+    let mut front = gateway_args(&redis, &db);
+    front.extend(["--workers", "false"].map(str::to_owned));
+    let gw = seckill_gateway::server::start(Config::from_args(front).unwrap(), Clock::system(), true)
+        .await
+        .unwrap();
+    let http = reqwest::Client::new();
+    let item = unique("apart");
+    put_item(&http, &gw.url(), &item, 100, 1).await;
+    let mut acknowledged = HashSet::new();
+    for i in 0..40 {
+        acknowledged.insert(
+            reserve(&http, &gw.url(), &item, &format!("w{i}"))
+                .await
+                .unwrap()
+                .unwrap(),
+        );
+    }
+    let mut conn = redis_conn(&redis).await;
+    let stream = keys::events(shard_of(&item));
+    let queued: i64 = redis::cmd("XLEN").arg(&stream).query_async(&mut conn).await.unwrap();
+    assert_eq!(queued, 40, "nothing persisted or trimmed without a worker");
+
+    let worker_args = gateway_args(&redis, &db);
+    let worker = seckill_gateway::server::start(Config::from_args(worker_args).unwrap(), Clock::system(), false)
+        .await
+        .unwrap();
+    let store = store(&db).await;
+    eventually(20, "the worker-only instance persists every order", || {
+        let (store, item) = (&store, &item);
+        async move { rows(store, item).await.len() == 40 }
+    })
+    .await;
+    let ids: HashSet<String> = rows(&store, &item).await.into_iter().map(|o| o.order_id).collect();
+    assert_eq!(ids, acknowledged);
+    eventually(20, "acknowledged entries are trimmed", || {
+        let (mut conn, stream) = (conn.clone(), stream.clone());
+        async move {
+            redis::cmd("XLEN")
+                .arg(&stream)
+                .query_async::<i64>(&mut conn)
+                .await
+                .unwrap()
+                <= 1
+        }
+    })
+    .await;
+    worker.stop().await;
+    gw.stop().await;
+}
