@@ -168,8 +168,10 @@ const REDIS_ERROR_KINDS: &[&str] = &["timeout", "connection", "script", "circuit
 /// (allocating its label list) and looks it up in the registry on every call; a handle is
 /// one atomic add. Unknown label values fall back to the macros.
 struct Handles {
-    requests: HashMap<(&'static str, &'static str), Counter>,
-    durations: HashMap<&'static str, Histogram>,
+    /// Registered on first use, so /metrics lists only the pairs that happened (a
+    /// pre-registered `route="metrics",outcome="sold_out"` would be noise).
+    requests: HashMap<(&'static str, &'static str), OnceLock<Counter>>,
+    durations: HashMap<&'static str, OnceLock<Histogram>>,
     cache: HashMap<(&'static str, bool), Counter>,
     scripts: HashMap<&'static str, Histogram>,
     orders: HashMap<&'static str, Counter>,
@@ -186,12 +188,9 @@ impl Handles {
         let mut requests = HashMap::new();
         let mut durations = HashMap::new();
         for &route in ROUTES {
-            durations.insert(route, ::metrics::histogram!(REQUEST_DURATION, "route" => route));
+            durations.insert(route, OnceLock::new());
             for &outcome in OUTCOMES {
-                requests.insert(
-                    (route, outcome),
-                    ::metrics::counter!(REQUESTS, "route" => route, "outcome" => outcome),
-                );
+                requests.insert((route, outcome), OnceLock::new());
             }
         }
         let mut cache = HashMap::new();
@@ -231,11 +230,15 @@ pub fn request(route: &'static str, outcome: &'static str, seconds: f64) {
     match HANDLES.get() {
         Some(h) => {
             match h.requests.get(&(route, outcome)) {
-                Some(c) => c.increment(1),
+                Some(c) => c
+                    .get_or_init(|| ::metrics::counter!(REQUESTS, "route" => route, "outcome" => outcome))
+                    .increment(1),
                 None => ::metrics::counter!(REQUESTS, "route" => route, "outcome" => outcome).increment(1),
             }
             match h.durations.get(route) {
-                Some(d) => d.record(seconds),
+                Some(d) => d
+                    .get_or_init(|| ::metrics::histogram!(REQUEST_DURATION, "route" => route))
+                    .record(seconds),
                 None => ::metrics::histogram!(REQUEST_DURATION, "route" => route).record(seconds),
             }
         }
