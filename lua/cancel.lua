@@ -32,6 +32,12 @@
 --                                       returned, `expired` event, order TTL
 --                                       set) and answers {"closed", "expired"}
 
+-- Integers handed to redis.call go as strings (see reserve.lua: a Lua number is
+-- converted with slow float formatting).
+local function int(n)
+  return string.format("%d", n)
+end
+
 assert(#KEYS == 5, "cancel.lua: expected 5 KEYS, got " .. #KEYS)
 assert(#ARGV == 5, "cancel.lua: expected 5 ARGV, got " .. #ARGV)
 
@@ -57,6 +63,7 @@ if o[1] ~= user_id then
 end
 assert(o[2] == item_id, "cancel.lua: order " .. order_id .. " is not of item " .. item_id)
 local qty, status, pay_before = tonumber(o[3]), o[4], tonumber(o[6])
+local qty_s, neg_qty_s = o[3], int(-tonumber(o[3]))
 if status == "cancelled" then
   return {"already", "cancelled"}
 end
@@ -70,18 +77,18 @@ local final = "cancelled"
 if pay_before <= now then
   final = "expired"
 end
-local stock_after = redis.call("HINCRBY", KEYS[2], "stock", qty)
-redis.call("HINCRBY", KEYS[2], "reserved", -qty)
-redis.call("HINCRBY", KEYS[2], final, qty)
-if redis.call("HINCRBY", KEYS[3], user_id, -qty) <= 0 then
+local stock_after = redis.call("HINCRBY", KEYS[2], "stock", qty_s)
+redis.call("HINCRBY", KEYS[2], "reserved", neg_qty_s)
+redis.call("HINCRBY", KEYS[2], final, qty_s)
+if redis.call("HINCRBY", KEYS[3], user_id, neg_qty_s) <= 0 then
   redis.call("HDEL", KEYS[3], user_id)
 end
-redis.call("HSET", KEYS[1], "status", final, "updated_ms", now)
-redis.call("EXPIRE", KEYS[1], closed_ttl_s)
+redis.call("HSET", KEYS[1], "status", final, "updated_ms", int(now))
+redis.call("EXPIRE", KEYS[1], int(closed_ttl_s))
 redis.call("ZREM", KEYS[4], order_id .. "|" .. item_id)
 redis.call("XADD", KEYS[5], "*",
   "type", final, "order_id", order_id, "item_id", item_id, "user_id", user_id,
-  "qty", qty, "at_ms", now, "created_ms", o[5], "pay_before_ms", o[6],
+  "qty", qty_s, "at_ms", int(now), "created_ms", o[5], "pay_before_ms", o[6],
   "idem_key", o[7])
 if final == "expired" then
   return {"closed", "expired"}

@@ -28,6 +28,12 @@
 --  * {"unknown_order"}           no such order: only the deadline member is
 --                                removed
 
+-- Integers handed to redis.call go as strings (see reserve.lua: a Lua number is
+-- converted with slow float formatting).
+local function int(n)
+  return string.format("%d", n)
+end
+
 assert(#KEYS == 5, "expire.lua: expected 5 KEYS, got " .. #KEYS)
 assert(#ARGV == 4, "expire.lua: expected 4 ARGV, got " .. #ARGV)
 
@@ -52,6 +58,7 @@ if not o[4] then
 end
 assert(o[2] == item_id, "expire.lua: order " .. order_id .. " is not of item " .. item_id)
 local user_id, qty, status, pay_before = o[1], tonumber(o[3]), o[4], tonumber(o[6])
+local qty_s, neg_qty_s = o[3], int(-tonumber(o[3]))
 if status ~= "reserved" then
   redis.call("ZREM", KEYS[4], member)
   return {"not_reserved", status}
@@ -61,17 +68,17 @@ if pay_before > now then
 end
 
 -- Writes.
-local stock_after = redis.call("HINCRBY", KEYS[2], "stock", qty)
-redis.call("HINCRBY", KEYS[2], "reserved", -qty)
-redis.call("HINCRBY", KEYS[2], "expired", qty)
-if redis.call("HINCRBY", KEYS[3], user_id, -qty) <= 0 then
+local stock_after = redis.call("HINCRBY", KEYS[2], "stock", qty_s)
+redis.call("HINCRBY", KEYS[2], "reserved", neg_qty_s)
+redis.call("HINCRBY", KEYS[2], "expired", qty_s)
+if redis.call("HINCRBY", KEYS[3], user_id, neg_qty_s) <= 0 then
   redis.call("HDEL", KEYS[3], user_id)
 end
-redis.call("HSET", KEYS[1], "status", "expired", "updated_ms", now)
-redis.call("EXPIRE", KEYS[1], closed_ttl_s)
+redis.call("HSET", KEYS[1], "status", "expired", "updated_ms", int(now))
+redis.call("EXPIRE", KEYS[1], int(closed_ttl_s))
 redis.call("ZREM", KEYS[4], member)
 redis.call("XADD", KEYS[5], "*",
   "type", "expired", "order_id", order_id, "item_id", item_id, "user_id", user_id,
-  "qty", qty, "at_ms", now, "created_ms", o[5], "pay_before_ms", o[6],
+  "qty", qty_s, "at_ms", int(now), "created_ms", o[5], "pay_before_ms", o[6],
   "idem_key", o[7])
 return {"expired", stock_after}

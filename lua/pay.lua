@@ -29,6 +29,12 @@
 --                                   event, order TTL set) and answers
 --                                   {"closed", "expired"}
 
+-- Integers handed to redis.call go as strings (see reserve.lua: a Lua number is
+-- converted with slow float formatting).
+local function int(n)
+  return string.format("%d", n)
+end
+
 assert(#KEYS == 5, "pay.lua: expected 5 KEYS, got " .. #KEYS)
 assert(#ARGV == 5, "pay.lua: expected 5 ARGV, got " .. #ARGV)
 
@@ -54,6 +60,7 @@ if o[1] ~= user_id then
 end
 assert(o[2] == item_id, "pay.lua: order " .. order_id .. " is not of item " .. item_id)
 local qty, status, pay_before = tonumber(o[3]), o[4], tonumber(o[6])
+local qty_s, neg_qty_s = o[3], int(-tonumber(o[3]))
 if status == "paid" then
   return {"already", "paid"}
 end
@@ -64,25 +71,25 @@ end
 -- Writes: move the units, then close the order as `final` (expired when the
 -- deadline has passed, as expire.lua would have; else paid).
 local final, stock_after
-redis.call("HINCRBY", KEYS[2], "reserved", -qty)
+redis.call("HINCRBY", KEYS[2], "reserved", neg_qty_s)
 if pay_before <= now then
   final = "expired"
-  stock_after = redis.call("HINCRBY", KEYS[2], "stock", qty)
-  redis.call("HINCRBY", KEYS[2], "expired", qty)
-  if redis.call("HINCRBY", KEYS[3], user_id, -qty) <= 0 then
+  stock_after = redis.call("HINCRBY", KEYS[2], "stock", qty_s)
+  redis.call("HINCRBY", KEYS[2], "expired", qty_s)
+  if redis.call("HINCRBY", KEYS[3], user_id, neg_qty_s) <= 0 then
     redis.call("HDEL", KEYS[3], user_id)
   end
 else
   final = "paid"
   stock_after = tonumber(redis.call("HGET", KEYS[2], "stock"))
-  redis.call("HINCRBY", KEYS[2], "paid", qty)
+  redis.call("HINCRBY", KEYS[2], "paid", qty_s)
 end
-redis.call("HSET", KEYS[1], "status", final, "updated_ms", now)
-redis.call("EXPIRE", KEYS[1], closed_ttl_s)
+redis.call("HSET", KEYS[1], "status", final, "updated_ms", int(now))
+redis.call("EXPIRE", KEYS[1], int(closed_ttl_s))
 redis.call("ZREM", KEYS[4], order_id .. "|" .. item_id)
 redis.call("XADD", KEYS[5], "*",
   "type", final, "order_id", order_id, "item_id", item_id, "user_id", user_id,
-  "qty", qty, "at_ms", now, "created_ms", o[5], "pay_before_ms", o[6],
+  "qty", qty_s, "at_ms", int(now), "created_ms", o[5], "pay_before_ms", o[6],
   "idem_key", o[7])
 if final == "expired" then
   return {"closed", "expired"}
