@@ -163,7 +163,8 @@ impl RedisEngine {
 
 // ---- reply decoding -------------------------------------------------------------------
 
-fn text(v: &Value) -> Option<String> {
+/// A Redis reply value as text (bulk or simple string, integer, OK), or `None`.
+pub(crate) fn text(v: &Value) -> Option<String> {
     match v {
         Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
         Value::SimpleString(s) => Some(s.clone()),

@@ -17,6 +17,7 @@ use crate::error::Error;
 use crate::ids::{SHARDS, shard_of};
 use crate::orders::event::OrderEvent;
 use crate::orders::store::Store;
+use crate::orders::worker::group_info;
 
 /// One line of the report.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -143,36 +144,9 @@ pub async fn reconcile(
     // Backlog: events the worker has not acknowledged yet. Differences while it is non-zero
     // may just be in flight.
     for shard in 0..SHARDS {
-        let groups: redis::Value = redis::cmd("XINFO")
-            .arg("GROUPS")
-            .arg(keys::events(shard))
-            .query_async(conn)
-            .await
-            .unwrap_or(redis::Value::Nil);
-        if let redis::Value::Array(gs) = groups {
-            for g in gs {
-                let fields: HashMap<String, redis::Value> = match g {
-                    redis::Value::Array(kv) => kv
-                        .chunks(2)
-                        .filter_map(|c| {
-                            Some((redis::from_redis_value::<String>(c[0].clone()).ok()?, c.get(1)?.clone()))
-                        })
-                        .collect(),
-                    redis::Value::Map(kv) => kv
-                        .into_iter()
-                        .filter_map(|(k, v)| Some((redis::from_redis_value::<String>(k).ok()?, v)))
-                        .collect(),
-                    _ => continue,
-                };
-                for k in ["pending", "lag"] {
-                    if let Some(v) = fields
-                        .get(k)
-                        .and_then(|v| redis::from_redis_value::<u64>(v.clone()).ok())
-                    {
-                        report.pending_events += v;
-                    }
-                }
-            }
+        // A shard whose stream does not exist yet has no backlog.
+        if let Ok(Some(group)) = group_info(conn, &keys::events(shard)).await {
+            report.pending_events += group.pending + group.lag;
         }
     }
     let shards: std::collections::BTreeSet<u32> = items.iter().map(|i| shard_of(i)).collect();

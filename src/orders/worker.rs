@@ -31,6 +31,7 @@ use tokio::sync::watch;
 use crate::app::{App, stopped};
 use crate::clock::system_now_ms;
 use crate::engine::keys;
+use crate::engine::redis::text;
 use crate::error::Error;
 use crate::metrics;
 use crate::orders::event::OrderEvent;
@@ -93,15 +94,6 @@ pub fn pool(url: &str, size: u32, timeout: Duration) -> Result<Pool, Error> {
 struct Entry {
     id: String,
     fields: HashMap<String, String>,
-}
-
-fn text(v: &Value) -> Option<String> {
-    match v {
-        Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
-        Value::SimpleString(s) => Some(s.clone()),
-        Value::Int(i) => Some(i.to_string()),
-        _ => None,
-    }
 }
 
 /// Entries of a reply shaped `[[id, [k, v, …]], …]` (XRANGE, XAUTOCLAIM's second element).
@@ -405,14 +397,23 @@ impl ShardWorker {
     }
 }
 
-/// The backlog of one shard: entries not yet acknowledged, and the oldest one's id.
-async fn shard_backlog(
+/// The `persist` group of one stream, as `XINFO GROUPS` reports it.
+pub(crate) struct GroupInfo {
+    /// Entries delivered but not acknowledged.
+    pub pending: u64,
+    /// Entries not delivered yet.
+    pub lag: u64,
+    pub last_delivered: Option<String>,
+}
+
+/// `XINFO GROUPS` of a stream, for the `persist` group; `None` when there is no such group.
+pub(crate) async fn group_info(
     conn: &mut redis::aio::ConnectionManager,
     stream: &str,
-) -> Result<(u64, Option<String>, Option<String>), Error> {
+) -> Result<Option<GroupInfo>, Error> {
     let groups: Value = redis::cmd("XINFO").arg("GROUPS").arg(stream).query_async(conn).await?;
     let Value::Array(groups) = groups else {
-        return Ok((0, None, None));
+        return Ok(None);
     };
     for g in groups {
         let fields: HashMap<String, Value> = match g {
@@ -433,25 +434,37 @@ async fn shard_backlog(
                 .and_then(|v| v.parse::<u64>().ok())
                 .unwrap_or(0)
         };
-        let pending = num("pending");
-        let lag = num("lag");
-        let last = fields.get("last-delivered-id").and_then(text);
-        let oldest_pending = if pending > 0 {
-            let summary: Value = redis::cmd("XPENDING")
-                .arg(stream)
-                .arg(keys::GROUP)
-                .query_async(conn)
-                .await?;
-            match summary {
-                Value::Array(s) => s.get(1).and_then(text),
-                _ => None,
-            }
-        } else {
-            None
-        };
-        return Ok((pending + lag, oldest_pending, last));
+        return Ok(Some(GroupInfo {
+            pending: num("pending"),
+            lag: num("lag"),
+            last_delivered: fields.get("last-delivered-id").and_then(text),
+        }));
     }
-    Ok((0, None, None))
+    Ok(None)
+}
+
+/// The backlog of one shard: entries not yet acknowledged, and the oldest one's id.
+async fn shard_backlog(
+    conn: &mut redis::aio::ConnectionManager,
+    stream: &str,
+) -> Result<(u64, Option<String>, Option<String>), Error> {
+    let Some(group) = group_info(conn, stream).await? else {
+        return Ok((0, None, None));
+    };
+    let oldest_pending = if group.pending > 0 {
+        let summary: Value = redis::cmd("XPENDING")
+            .arg(stream)
+            .arg(keys::GROUP)
+            .query_async(conn)
+            .await?;
+        match summary {
+            Value::Array(s) => s.get(1).and_then(text),
+            _ => None,
+        }
+    } else {
+        None
+    };
+    Ok((group.pending + group.lag, oldest_pending, group.last_delivered))
 }
 
 /// Every couple of seconds: publish pending and lag, and trim what every reader has acknowledged.
