@@ -575,8 +575,9 @@ async fn admin_item_put(ctx: &Ctx<'_>, req: Request<Incoming>) -> Answer {
             )));
         }
     };
-    if !ctx.app.store.is_sqlite() || ctx.app.config.redis_url.is_some() {
+    if !ctx.app.config.embedded() {
         // With Redis the engine is the source of truth; the database keeps a copy for reports.
+        // (The embedded engine's journal stored the item before answering.)
         if let Err(e) = ctx.app.store.put_item(&spec, ctx.app.clock.now_ms()).await {
             tracing::warn!(item = %spec.item_id, cause = %e, "item stored in the engine but not in the database");
         }

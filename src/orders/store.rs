@@ -132,10 +132,6 @@ impl Store {
         Ok(Store { pool, timeout })
     }
 
-    pub fn is_sqlite(&self) -> bool {
-        matches!(self.pool, Pool::Sqlite(_))
-    }
-
     async fn bounded<T>(&self, f: impl std::future::Future<Output = Result<T, sqlx::Error>>) -> Result<T, Error> {
         match tokio::time::timeout(self.timeout, f).await {
             Ok(r) => r.map_err(Error::from),
