@@ -193,18 +193,20 @@ fn shopper(ctx: &Ctx<'_>, req: &Request<Incoming>) -> Result<String, Reject> {
 
 /// Stages 3–4: is the item known (Bloom filter, not-found cache), and its metadata (local
 /// cache, else the engine). No Redis command for an id the filter rules out.
-async fn item_meta(ctx: &Ctx<'_>, item_id: &str) -> Result<Arc<ItemSpec>, Reject> {
+/// On a cache miss it also returns the state it just read, so a caller that needs the
+/// counters does not read the item twice.
+async fn item_meta(ctx: &Ctx<'_>, item_id: &str) -> Result<(Arc<ItemSpec>, Option<ItemState>), Reject> {
     if !ctx.app.filter.may_contain(item_id) {
         return Err(Reject::UnknownItem);
     }
     if let Some(spec) = ctx.app.cache.item(item_id) {
-        return Ok(spec);
+        return Ok((spec, None));
     }
     match ctx.app.engine.item(item_id).await {
         Ok(Some(state)) => {
-            let spec = Arc::new(state.spec);
+            let spec = Arc::new(state.spec.clone());
             ctx.app.cache.put_item(spec.clone());
-            Ok(spec)
+            Ok((spec, Some(state)))
         }
         Ok(None) => {
             ctx.app.filter.remember_missing(item_id);
@@ -254,15 +256,18 @@ fn item_view(spec: &ItemSpec, remaining: i64, now: i64) -> ItemView<'_> {
 async fn item_get(ctx: &Ctx<'_>, req: Request<Incoming>) -> Answer {
     ctx.app.limiter.check_ip(client_ip(ctx, &req))?;
     let item_id = ctx.id;
-    let spec = item_meta(ctx, item_id).await?;
+    let (spec, fresh) = item_meta(ctx, item_id).await?;
     let now = ctx.app.clock.now_ms();
     if ctx.app.cache.is_sold_out(item_id) {
         return Ok(reply::ok(&item_view(&spec, 0, now)));
     }
-    let state: ItemState = match ctx.app.engine.item(item_id).await {
-        Ok(Some(s)) => s,
-        Ok(None) => return Err(Reject::UnknownItem),
-        Err(e) => return Err(failed(ctx, "item lookup", e)),
+    let state: ItemState = match fresh {
+        Some(s) => s,
+        None => match ctx.app.engine.item(item_id).await {
+            Ok(Some(s)) => s,
+            Ok(None) => return Err(Reject::UnknownItem),
+            Err(e) => return Err(failed(ctx, "item lookup", e)),
+        },
     };
     metrics::stock(item_id, state.stock, state.spec.stock_total);
     Ok(reply::ok(&item_view(&state.spec, state.stock, now)))
@@ -305,7 +310,7 @@ async fn reserve(ctx: &Ctx<'_>, req: Request<Incoming>) -> Answer {
     if qty < 1 {
         return Err(Reject::BadRequest("qty must be at least 1".into()));
     }
-    let spec = item_meta(ctx, item_id).await?;
+    let (spec, _) = item_meta(ctx, item_id).await?;
     if qty > spec.per_user_limit {
         return Err(Reject::BadRequest(format!(
             "qty above the per-user limit of {}",
