@@ -89,14 +89,6 @@ impl ItemFilter {
         self.bloom.store(Arc::new(build(&known, &self.seed)));
         self.not_found.invalidate_all();
     }
-
-    pub fn len(&self) -> usize {
-        self.known.lock().unwrap_or_else(|p| p.into_inner()).len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 #[cfg(test)]

@@ -105,10 +105,6 @@ impl EmbeddedEngine {
         dropped
     }
 
-    pub fn clock(&self) -> &Clock {
-        &self.clock
-    }
-
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }

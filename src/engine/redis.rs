@@ -101,10 +101,6 @@ impl RedisEngine {
         &self.client
     }
 
-    pub fn clock(&self) -> &Clock {
-        &self.clock
-    }
-
     pub fn circuit_open(&self) -> bool {
         self.guard.circuit_open()
     }
