@@ -15,10 +15,10 @@ use std::time::{Duration, Instant};
 use common::{PgServer, RedisServer, unique};
 use seckill_gateway::clock::{Clock, system_now_ms};
 use seckill_gateway::config::Config;
+use seckill_gateway::domain::OrderEvent;
 use seckill_gateway::engine::{Order, OrderStatus, keys};
 use seckill_gateway::ids::{new_order_id, shard_of};
-use seckill_gateway::orders::event::OrderEvent;
-use seckill_gateway::orders::store::Store;
+use seckill_gateway::store::Store;
 
 fn env_usize(name: &str, default: usize) -> usize {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
@@ -60,7 +60,7 @@ async fn feed(conn: &mut redis::aio::ConnectionManager, items: &[String], n: usi
 async fn total_rows(store: &Store, items: &[String]) -> usize {
     let mut n = 0;
     for i in items {
-        n += store.count(i).await.unwrap() as usize;
+        n += store.count(i).await.unwrap().0 as usize;
     }
     n
 }

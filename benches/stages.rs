@@ -16,7 +16,7 @@ use seckill_gateway::cache::LocalCache;
 use seckill_gateway::clock::Clock;
 use seckill_gateway::engine::embedded::EmbeddedEngine;
 use seckill_gateway::engine::redis::{RedisEngine, RedisSettings};
-use seckill_gateway::engine::{ItemSpec, ReserveCmd, StockEngine};
+use seckill_gateway::engine::{EngineSettings, ItemSpec, ReserveCmd, StockEngine};
 use seckill_gateway::filter::ItemFilter;
 use seckill_gateway::ids::new_order_id;
 use seckill_gateway::limiter::Limiter;
@@ -75,12 +75,12 @@ fn stages(c: &mut Criterion) {
         .enable_all()
         .build()
         .unwrap();
-    let engine = EmbeddedEngine::new(
-        Clock::system(),
-        Duration::from_secs(900),
-        Duration::from_secs(3600),
-        None,
-    );
+    let settings = EngineSettings {
+        payment_timeout: Duration::from_secs(900),
+        idempotency_ttl: Duration::from_secs(3600),
+        closed_order_ttl: Duration::from_secs(3600),
+    };
+    let engine = EmbeddedEngine::new(settings.clone(), Clock::system(), None);
     rt.block_on(engine.put_item(&spec("bench-item", 1_000_000_000)))
         .unwrap();
     let filter = ItemFilter::new(["bench-item".to_owned()]);
@@ -115,10 +115,8 @@ fn stages(c: &mut Criterion) {
             max_inflight: 1024,
             circuit_failures: 100,
             circuit_cooldown: Duration::from_secs(1),
-            payment_timeout: Duration::from_secs(900),
-            idempotency_ttl: Duration::from_secs(3600),
-            closed_order_ttl: Duration::from_secs(3600),
         },
+        settings,
         Clock::system(),
     )
     .unwrap();

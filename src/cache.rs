@@ -1,5 +1,6 @@
 //! Stage 4 — the local cache: item metadata (so `not_started` and `ended` are answered
-//! without Redis) and sold-out flags (so the sold-out path never reaches Redis).
+//! without Redis) and sold-out flags (so the sold-out path never reaches Redis). The stage's
+//! decision is [`LocalCache::early_answer`].
 //!
 //! moka's `sync` cache, not `future`: reads of the future cache go through a shared queue
 //! that slows down with many readers (moka #498); nothing here awaits. Flags are cleared on
@@ -9,7 +10,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::engine::ItemSpec;
+use crate::clock::Millis;
+use crate::domain::ItemSpec;
+use crate::engine::ReserveCmd;
+use crate::error::Reject;
 use crate::metrics;
 
 pub struct LocalCache {
@@ -39,6 +43,37 @@ impl LocalCache {
 
     pub fn put_item(&self, spec: Arc<ItemSpec>) {
         self.items.insert(spec.item_id.clone(), spec);
+    }
+
+    /// Answer a reservation locally when the answer is certain: a quantity over the
+    /// per-user limit (400), a sold-out flag (410), a sale that ended (410) or is clearly
+    /// yet to start (425). A retry carrying an idempotency key goes on to the engine, which
+    /// returns the order it already made even after the item sold out or the sale ended.
+    pub fn early_answer(&self, spec: &ItemSpec, now: Millis, cmd: &ReserveCmd) -> Result<(), Reject> {
+        if cmd.qty > spec.per_user_limit {
+            return Err(Reject::BadRequest(format!(
+                "qty above the per-user limit of {}",
+                spec.per_user_limit
+            )));
+        }
+        if cmd.idem_key.is_some() {
+            return Ok(());
+        }
+        if self.is_sold_out(&spec.item_id) {
+            return Err(Reject::SoldOut);
+        }
+        if now >= spec.ends_ms {
+            return Err(Reject::Ended);
+        }
+        // Only refuse early when clearly before the start; near the boundary the engine
+        // (Redis TIME) decides, so a fast local clock never starts a sale early and a slow
+        // one never refuses a started sale.
+        if now + 1000 < spec.starts_ms {
+            return Err(Reject::NotStarted {
+                starts_at_ms: spec.starts_ms,
+            });
+        }
+        Ok(())
     }
 
     pub fn is_sold_out(&self, item_id: &str) -> bool {

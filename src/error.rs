@@ -134,6 +134,10 @@ pub enum Error {
     RedisTimeout,
     #[error("redis connection: {0}")]
     RedisConnection(String),
+    /// Redis answered with an error reply (`code` is its first word: `BUSYGROUP`,
+    /// `NOSCRIPT`, `LOADING`, `ERR`, …).
+    #[error("redis answered {code}: {detail}")]
+    RedisRefused { code: String, detail: String },
     #[error("redis script reply not understood: {0}")]
     ScriptReply(String),
     #[error("circuit open: redis failing, not called")]
@@ -151,6 +155,7 @@ impl Error {
         match self {
             Error::RedisTimeout
             | Error::RedisConnection(_)
+            | Error::RedisRefused { .. }
             | Error::ScriptReply(_)
             | Error::CircuitOpen
             | Error::Shed => Side::Redis,
@@ -164,7 +169,9 @@ impl Error {
         match self {
             Error::RedisTimeout => Some("timeout"),
             Error::RedisConnection(_) => Some("connection"),
-            Error::ScriptReply(_) => Some("script"),
+            // An error reply and a reply we could not decode both come from the command
+            // itself, not the connection: one `script` series, as the dashboard reads it.
+            Error::RedisRefused { .. } | Error::ScriptReply(_) => Some("script"),
             Error::CircuitOpen => Some("circuit_open"),
             Error::Shed => Some("shed"),
             _ => None,
@@ -190,8 +197,21 @@ impl Error {
                 retry_after_s: 1,
                 reason: "order store unreachable",
             },
-            Error::ScriptReply(_) | Error::Internal(_) => Reject::Internal,
+            Error::RedisRefused { code, .. } if Self::is_transient(code) => Reject::Unavailable {
+                retry_after_s: 1,
+                reason: "stock engine busy",
+            },
+            Error::RedisRefused { .. } | Error::ScriptReply(_) | Error::Internal(_) => Reject::Internal,
         }
+    }
+
+    /// Error replies a Redis gives while it cannot serve for a while (loading its data, a
+    /// replica not yet promoted, a cluster reconfiguring, out of memory, a busy script).
+    fn is_transient(code: &str) -> bool {
+        matches!(
+            code,
+            "LOADING" | "READONLY" | "MASTERDOWN" | "CLUSTERDOWN" | "TRYAGAIN" | "OOM" | "BUSY" | "NOREPLICAS"
+        )
     }
 }
 
@@ -206,7 +226,10 @@ impl From<redis::RedisError> for Error {
         {
             Error::RedisConnection(e.to_string())
         } else {
-            Error::ScriptReply(e.to_string())
+            Error::RedisRefused {
+                code: e.code().unwrap_or("ERR").to_owned(),
+                detail: e.to_string(),
+            }
         }
     }
 }

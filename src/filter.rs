@@ -15,6 +15,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use bloomfilter::Bloom;
 
+use crate::error::Reject;
 use crate::metrics;
 
 const MIN_CAPACITY: usize = 1024;
@@ -53,6 +54,15 @@ impl ItemFilter {
                 .time_to_live(Duration::from_secs(5))
                 .build(),
             seed,
+        }
+    }
+
+    /// The stage's decision: `unknown_item` for an id that certainly does not exist.
+    pub fn check(&self, item_id: &str) -> Result<(), Reject> {
+        if self.may_contain(item_id) {
+            Ok(())
+        } else {
+            Err(Reject::UnknownItem)
         }
     }
 

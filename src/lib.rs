@@ -19,15 +19,19 @@
 //! | order event on the shard's Redis Stream, written by the same script | `lua/reserve.lua` | |
 //! | persistence worker → PostgreSQL, batched, forward-only upserts, then XACK | [`orders`] | |
 //!
-//! Supporting modules: [`config`] (flags and environment), [`error`] (refusals, failures,
-//! the one status mapping), [`metrics`] (every metric name), [`ids`] (ids, shards, order
-//! ids), [`clock`] (injectable time), [`app`] (shared state and background tasks).
+//! Supporting modules: [`domain`] (items, orders, order events: the types every stage
+//! speaks), [`config`] (flags and environment), [`error`] (refusals, failures, the one status
+//! mapping), [`metrics`] (every metric name), [`ids`] (ids, shards, order ids), [`clock`]
+//! (injectable time), [`store`] (PostgreSQL or SQLite), [`app`] (shared state, and the one
+//! place an engine's item news becomes local state), [`server`] (start and stop a gateway),
+//! [`shutdown`] and [`retry`] (the background tasks' stop signal and reconnect delays).
 //! The Redis key layout and script interfaces are in `docs/internals.md`.
 
 pub mod app;
 pub mod cache;
 pub mod clock;
 pub mod config;
+pub mod domain;
 pub mod engine;
 pub mod error;
 pub mod filter;
@@ -37,4 +41,7 @@ pub mod ids;
 pub mod limiter;
 pub mod metrics;
 pub mod orders;
+pub mod retry;
 pub mod server;
+pub mod shutdown;
+pub mod store;

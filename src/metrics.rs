@@ -286,21 +286,30 @@ pub fn order_event(event: &'static str) {
     }
 }
 
-/// Publish an item's stock gauges.
-pub fn stock(item: &str, remaining: i64, total: i64) {
+/// Publish an item's stock gauges: the units left, and the configured total when the
+/// caller knows it (an order's reply carries only what is left).
+pub fn stock(item: &str, remaining: i64, total: Option<i64>) {
     let Some(h) = HANDLES.get() else {
         ::metrics::gauge!(STOCK_REMAINING, "item" => item.to_owned()).set(remaining as f64);
-        ::metrics::gauge!(STOCK_TOTAL, "item" => item.to_owned()).set(total as f64);
+        if let Some(total) = total {
+            ::metrics::gauge!(STOCK_TOTAL, "item" => item.to_owned()).set(total as f64);
+        }
         return;
     };
     if let Some((r, t)) = h.stock.read().unwrap_or_else(|p| p.into_inner()).get(item) {
         r.set(remaining as f64);
-        t.set(total as f64);
+        if let Some(total) = total {
+            t.set(total as f64);
+        }
         return;
     }
     let r = ::metrics::gauge!(STOCK_REMAINING, "item" => item.to_owned());
-    let t = ::metrics::gauge!(STOCK_TOTAL, "item" => item.to_owned());
     r.set(remaining as f64);
+    // The pair is cached once the total is known, so no series reads a made-up total.
+    let Some(total) = total else {
+        return;
+    };
+    let t = ::metrics::gauge!(STOCK_TOTAL, "item" => item.to_owned());
     t.set(total as f64);
     h.stock
         .write()

@@ -10,7 +10,7 @@ use tokio::sync::watch;
 use crate::app::App;
 use crate::clock::Clock;
 use crate::config::Config;
-use crate::engine::{ItemSpec, StockEngine};
+use crate::domain::ItemSpec;
 
 pub struct Running {
     pub app: Arc<App>,
@@ -86,8 +86,7 @@ async fn preload_demo(app: &App) {
         starts_ms: now - 60_000,
         ends_ms: now + 24 * 3600 * 1000,
     };
-    match app.engine.put_item(&spec).await {
-        Ok(_) => app.item_changed(DEMO_ITEM),
-        Err(e) => tracing::warn!(cause = %e, "demo item not loaded"),
+    if let Err(e) = app.engine.put_item(&spec, now).await {
+        tracing::warn!(cause = %e, "demo item not loaded");
     }
 }

@@ -26,17 +26,25 @@ use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
 use seckill_gateway::clock::{Clock, Millis};
 use seckill_gateway::engine::embedded::EmbeddedEngine;
+use seckill_gateway::engine::journal::SqliteJournal;
 use seckill_gateway::engine::redis::{RedisEngine, RedisSettings};
-use seckill_gateway::engine::{ItemSpec, ReserveCmd, StockEngine, Transition, keys};
+use seckill_gateway::engine::{EngineSettings, ItemSpec, ReserveCmd, StockEngine, Transition, keys};
 use seckill_gateway::ids::new_order_id;
-use seckill_gateway::orders::journal::SqliteJournal;
-use seckill_gateway::orders::store::Store;
+use seckill_gateway::store::Store;
 
 const NOW: Millis = 1_700_000_000_000;
 const TIMEOUT_MS: Millis = 60_000;
 /// Long enough that neither engine forgets a key or an order during a case (the embedded
 /// engine counts on the injected clock, Redis on its wall clock).
 const DAY: Duration = Duration::from_secs(86_400);
+
+fn settings() -> EngineSettings {
+    EngineSettings {
+        payment_timeout: Duration::from_millis(TIMEOUT_MS as u64),
+        idempotency_ttl: DAY,
+        closed_order_ttl: DAY,
+    }
+}
 
 /// Item ids; the last one is never created.
 const ITEMS: [&str; 4] = ["i0", "i1", "i2", "missing"];
@@ -176,10 +184,8 @@ impl Engines {
                 max_inflight: 256,
                 circuit_failures: 1_000,
                 circuit_cooldown: Duration::from_millis(100),
-                payment_timeout: Duration::from_millis(TIMEOUT_MS as u64),
-                idempotency_ttl: DAY,
-                closed_order_ttl: DAY,
             },
+            settings(),
             clock.clone(),
         )
         .map_err(|e| e.to_string())?;
@@ -196,12 +202,7 @@ impl Engines {
                 .map_err(|e| e.to_string())?,
         );
         let journal = SqliteJournal::start(store.clone(), clock.clone());
-        let embedded = EmbeddedEngine::new(
-            clock.clone(),
-            Duration::from_millis(TIMEOUT_MS as u64),
-            DAY,
-            Some(Box::new(journal)),
-        );
+        let embedded = EmbeddedEngine::new(settings(), clock.clone(), Some(Box::new(journal)));
         Ok(Engines {
             clock,
             redis,
@@ -445,7 +446,7 @@ async fn run_case(server: &RedisServer, seen: &Seen, puts: Vec<Put>, ops: Vec<Op
     }
 
     // A restart: the embedded engine rebuilt from its journal holds the same state.
-    let restored = EmbeddedEngine::new(clock.clone(), Duration::from_millis(TIMEOUT_MS as u64), DAY, None);
+    let restored = EmbeddedEngine::new(settings(), clock.clone(), None);
     restored.restore(
         en.store.items().await.map_err(|e| e.to_string())?,
         en.store.orders(None).await.map_err(|e| e.to_string())?,

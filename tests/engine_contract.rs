@@ -15,14 +15,14 @@ use std::time::Duration;
 use common::RedisServer;
 use seckill_gateway::clock::{Clock, Millis};
 use seckill_gateway::engine::embedded::EmbeddedEngine;
+use seckill_gateway::engine::journal::SqliteJournal;
 use seckill_gateway::engine::redis::{RedisEngine, RedisSettings};
 use seckill_gateway::engine::{
-    ExpireReply, Expired, ItemSpec, ItemState, Order, OrderStatus, PutReply, ReserveCmd, ReserveReply, StockEngine,
-    Transition, TransitionReply, keys,
+    EngineSettings, ExpireReply, Expired, ItemSpec, ItemState, Order, OrderStatus, PutReply, ReserveCmd, ReserveReply,
+    StockEngine, Transition, TransitionReply, keys,
 };
 use seckill_gateway::ids::{new_order_id, shard_of};
-use seckill_gateway::orders::journal::SqliteJournal;
-use seckill_gateway::orders::store::Store;
+use seckill_gateway::store::Store;
 
 /// The injected clock's start: 2023-11-14T22:13:20Z.
 const NOW: Millis = 1_700_000_000_000;
@@ -34,6 +34,16 @@ const TIMEOUT_MS: Millis = 60_000;
 struct Ttls {
     idem: Duration,
     closed: Duration,
+}
+
+impl Ttls {
+    fn settings(self) -> EngineSettings {
+        EngineSettings {
+            payment_timeout: Duration::from_millis(TIMEOUT_MS as u64),
+            idempotency_ttl: self.idem,
+            closed_order_ttl: self.closed,
+        }
+    }
 }
 
 const LONG: Ttls = Ttls {
@@ -78,10 +88,8 @@ fn redis_engine(clock: &Clock, ttls: Ttls) -> (RedisEngine, RedisServer) {
             max_inflight: 256,
             circuit_failures: 1_000,
             circuit_cooldown: Duration::from_millis(100),
-            payment_timeout: Duration::from_millis(TIMEOUT_MS as u64),
-            idempotency_ttl: ttls.idem,
-            closed_order_ttl: ttls.closed,
         },
+        ttls.settings(),
         clock.clone(),
     )
     .expect("redis engine");
@@ -89,7 +97,7 @@ fn redis_engine(clock: &Clock, ttls: Ttls) -> (RedisEngine, RedisServer) {
 }
 
 fn embedded_engine(clock: &Clock, ttls: Ttls) -> EmbeddedEngine {
-    EmbeddedEngine::new(clock.clone(), Duration::from_millis(TIMEOUT_MS as u64), ttls.idem, None)
+    EmbeddedEngine::new(ttls.settings(), clock.clone(), None)
 }
 
 /// The embedded engine with its SQLite journal (every change committed before the reply).
@@ -102,12 +110,7 @@ async fn journaled_engine(clock: &Clock, ttls: Ttls) -> (EmbeddedEngine, tempfil
             .expect("sqlite store"),
     );
     let journal = SqliteJournal::start(store, clock.clone());
-    let engine = EmbeddedEngine::new(
-        clock.clone(),
-        Duration::from_millis(TIMEOUT_MS as u64),
-        ttls.idem,
-        Some(Box::new(journal)),
-    );
+    let engine = EmbeddedEngine::new(ttls.settings(), clock.clone(), Some(Box::new(journal)));
     (engine, dir)
 }
 

@@ -207,7 +207,7 @@ async fn payment_timeout_expires_once_on_a_manual_clock() {
 
     // Not due yet: nothing happens.
     gw.clock().advance(59_999);
-    assert_eq!(sweep(&app).await, 0);
+    assert_eq!(sweep(&app.engine).await, 0);
     assert_eq!(rd.order(&a_order).await["status"], "reserved");
 
     gw.clock().advance(2);
@@ -216,7 +216,7 @@ async fn payment_timeout_expires_once_on_a_manual_clock() {
     assert_eq!(rd.order(&c_order).await["status"], "expired");
     assert_eq!(rd.item_field(&item, "stock").await, 3);
 
-    assert_eq!(sweep(&app).await, 2, "alice's and bob's reservations expire");
+    assert_eq!(sweep(&app.engine).await, 2, "alice's and bob's reservations expire");
     for o in [&a_order, &b_order, &c_order] {
         assert_eq!(rd.order(o).await["status"], "expired", "{o}");
     }
@@ -229,7 +229,7 @@ async fn payment_timeout_expires_once_on_a_manual_clock() {
 
     // Exactly once: sweeping again changes nothing.
     gw.clock().advance(60_000);
-    assert_eq!(sweep(&app).await, 0);
+    assert_eq!(sweep(&app.engine).await, 0);
     assert_eq!(rd.item_field(&item, "stock").await, 5);
     assert_eq!(rd.item_field(&item, "expired").await, 3);
     let events = rd.events(&item).await;
@@ -301,7 +301,7 @@ async fn late_payments_race_the_sweeper() {
             let (app, paying, swept) = (app.clone(), paying.clone(), swept.clone());
             tokio::spawn(async move {
                 while paying.load(Ordering::Relaxed) {
-                    swept.fetch_add(sweep(&app).await, Ordering::Relaxed);
+                    swept.fetch_add(sweep(&app.engine).await, Ordering::Relaxed);
                     tokio::time::sleep(Duration::from_millis(2)).await;
                 }
             })
@@ -330,7 +330,7 @@ async fn late_payments_race_the_sweeper() {
     if wait > 0 {
         tokio::time::sleep(Duration::from_millis(wait as u64)).await;
     }
-    let late = sweep(&app).await;
+    let late = sweep(&app.engine).await;
     swept.fetch_add(late, Ordering::Relaxed);
 
     // Every order is paid xor expired, and its pay answer says which.

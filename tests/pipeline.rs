@@ -14,10 +14,10 @@ use std::time::{Duration, Instant};
 use common::{PgServer, RedisServer, free_port, shared_pg, unique};
 use seckill_gateway::clock::{Clock, rfc3339, system_now_ms};
 use seckill_gateway::config::Config;
+use seckill_gateway::domain::OrderEvent;
 use seckill_gateway::engine::{OrderStatus, keys};
 use seckill_gateway::ids::shard_of;
-use seckill_gateway::orders::event::OrderEvent;
-use seckill_gateway::orders::store::Store;
+use seckill_gateway::store::Store;
 use serde_json::{Value, json};
 
 const ADMIN: &str = "admin-token-123";

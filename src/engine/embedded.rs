@@ -7,18 +7,17 @@
 //! At start-up the engine is rebuilt from the store ([`EmbeddedEngine::restore`]).
 
 use std::collections::{BTreeSet, HashMap};
-use std::sync::Mutex;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
 
 use futures_util::future::BoxFuture;
 
 use super::{
-    ExpireReply, Expired, ItemSpec, ItemState, Order, OrderStatus, PutReply, ReserveCmd, ReserveReply, StockEngine,
-    Transition, TransitionReply,
+    Deaf, EngineSettings, ExpireReply, Expired, ItemNews, ItemSpec, ItemState, Listener, Order, OrderStatus, PutReply,
+    ReserveCmd, ReserveReply, StockEngine, Transition, TransitionReply,
 };
 use crate::clock::{Clock, Millis};
+use crate::domain::OrderEvent;
 use crate::error::Error;
-use crate::orders::event::OrderEvent;
 
 /// Where the embedded engine makes its changes durable.
 pub trait Journal: Send + Sync {
@@ -54,32 +53,36 @@ pub struct EmbeddedEngine {
     payment_timeout_ms: Millis,
     idem_ttl_ms: Millis,
     /// How long a closed order stays in memory (the store answers lookups after that), as
-    /// the Redis engine's `closed_order_ttl`. `None`: forever (tests of pure semantics).
-    closed_ttl_ms: Option<Millis>,
+    /// the Redis engine's order hashes live `closed_order_ttl` once final: memory stays
+    /// bounded during a long sale.
+    closed_ttl_ms: Millis,
+    listener: Arc<dyn Listener>,
 }
 
 impl EmbeddedEngine {
-    pub fn new(clock: Clock, payment_timeout: Duration, idem_ttl: Duration, journal: Option<Box<dyn Journal>>) -> Self {
+    /// `journal`: where changes are made durable before they are answered (`None`: tests of
+    /// pure semantics).
+    pub fn new(settings: EngineSettings, clock: Clock, journal: Option<Box<dyn Journal>>) -> Self {
         EmbeddedEngine {
             state: Mutex::new(State::default()),
             clock,
             journal,
-            payment_timeout_ms: payment_timeout.as_millis() as Millis,
-            idem_ttl_ms: idem_ttl.as_millis() as Millis,
-            closed_ttl_ms: None,
+            payment_timeout_ms: settings.payment_timeout.as_millis() as Millis,
+            idem_ttl_ms: settings.idempotency_ttl.as_millis() as Millis,
+            closed_ttl_ms: settings.closed_order_ttl.as_millis() as Millis,
+            listener: Arc::new(Deaf),
         }
     }
 
-    /// Forget closed orders this long after they closed, so memory stays bounded during a
-    /// long sale; the store keeps them (order lookups fall back to it).
-    pub fn with_closed_ttl(mut self, ttl: Duration) -> Self {
-        self.closed_ttl_ms = Some(ttl.as_millis() as Millis);
+    /// Tell `listener` what happens to items.
+    pub fn with_listener(mut self, listener: Arc<dyn Listener>) -> Self {
+        self.listener = listener;
         self
     }
 
     /// Drop closed orders past their TTL and idempotency keys past theirs. Returns how many
-    /// orders were dropped. The sweeper calls it.
-    pub fn prune(&self) -> usize {
+    /// orders were dropped.
+    fn forget_old(&self) -> usize {
         let now = self.clock.now_ms();
         let mut s = self.lock();
         while s.idem_expiry.first().is_some_and(|(at, _)| *at <= now) {
@@ -89,9 +92,7 @@ impl EmbeddedEngine {
                 s.idem.remove(&key);
             }
         }
-        let Some(ttl) = self.closed_ttl_ms else {
-            return 0;
-        };
+        let ttl = self.closed_ttl_ms;
         let mut dropped = 0;
         while s.closed.first().is_some_and(|(at, _)| at + ttl <= now) {
             let (_, id) = s.closed.pop_first().expect("checked");
@@ -257,6 +258,11 @@ impl StockEngine for EmbeddedEngine {
             return Err(e);
         }
         let stock = self.lock().items.get(&spec.item_id).map_or(0, |i| i.stock);
+        self.listener.news(ItemNews::Put {
+            item: &spec.item_id,
+            stock,
+            total: spec.stock_total,
+        });
         Ok(PutReply::Stored { stock })
     }
 
@@ -381,6 +387,9 @@ impl StockEngine for EmbeddedEngine {
             }
             return Err(e);
         }
+        if let Some(news) = reply.news(&cmd.item_id) {
+            self.listener.news(news);
+        }
         Ok(reply)
     }
 
@@ -469,6 +478,20 @@ impl StockEngine for EmbeddedEngine {
             }
             return Err(e);
         }
+        match reply {
+            TransitionReply::Done { status, stock_after } => self.listener.news(ItemNews::Order {
+                item: &prev.item_id,
+                event: status,
+                stock: Some(stock_after),
+            }),
+            // Found overdue: this call expired it.
+            TransitionReply::Closed { status } => self.listener.news(ItemNews::Order {
+                item: &prev.item_id,
+                event: status,
+                stock: None,
+            }),
+            _ => {}
+        }
         Ok(reply)
     }
 
@@ -499,6 +522,11 @@ impl StockEngine for EmbeddedEngine {
             }
             return Err(e);
         }
+        self.listener.news(ItemNews::Order {
+            item: &prev.item_id,
+            event: OrderStatus::Expired,
+            stock: Some(stock_after),
+        });
         Ok(ExpireReply::Expired { stock_after })
     }
 
@@ -543,17 +571,27 @@ impl StockEngine for EmbeddedEngine {
     async fn ping(&self) -> Result<(), Error> {
         Ok(())
     }
+
+    async fn prune(&self) -> Result<usize, Error> {
+        Ok(self.forget_old())
+    }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     #[tokio::test]
     async fn closed_orders_and_old_keys_are_pruned() {
         let clock = Clock::manual(1_000_000);
-        let e = EmbeddedEngine::new(clock.clone(), Duration::from_secs(60), Duration::from_secs(10), None)
-            .with_closed_ttl(Duration::from_secs(30));
+        let settings = EngineSettings {
+            payment_timeout: Duration::from_secs(60),
+            idempotency_ttl: Duration::from_secs(10),
+            closed_order_ttl: Duration::from_secs(30),
+        };
+        let e = EmbeddedEngine::new(settings, clock.clone(), None);
         let spec = ItemSpec {
             item_id: "i".into(),
             name: "n".into(),
@@ -579,9 +617,13 @@ mod tests {
         e.transition(Transition::Pay, &ids[0], "u").await.unwrap();
         e.transition(Transition::Cancel, &ids[1], "u").await.unwrap();
         clock.advance(29_000);
-        assert_eq!(e.prune(), 0, "closed less than the TTL ago");
+        assert_eq!(e.prune().await.unwrap(), 0, "closed less than the TTL ago");
         clock.advance(2_000);
-        assert_eq!(e.prune(), 2, "paid and cancelled orders dropped, the reserved one kept");
+        assert_eq!(
+            e.prune().await.unwrap(),
+            2,
+            "paid and cancelled orders dropped, the reserved one kept"
+        );
         assert!(e.order(&ids[2]).await.unwrap().is_some());
         assert!(e.lock().idem.is_empty(), "keys older than 10 s dropped");
         // Counters and quotas are untouched by pruning.

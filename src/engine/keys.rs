@@ -7,6 +7,8 @@ use crate::ids::{SHARDS, order_shard, shard_of};
 pub const CATALOG: &str = "sk:catalog";
 /// The pub/sub channel of cache invalidations.
 pub const BUS: &str = "sk:bus";
+/// The one message on [`BUS`]: `item_changed <item id>` (created, replaced, or stock back).
+pub const ITEM_CHANGED: &str = "item_changed ";
 /// The consumer group of the persistence worker.
 pub const GROUP: &str = "persist";
 

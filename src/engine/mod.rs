@@ -2,47 +2,101 @@
 //!
 //! [`StockEngine`] is the contract both engines keep: [`redis::RedisEngine`] runs the Lua
 //! scripts in `lua/` (one script call per step, all keys in one hash slot) and
-//! [`embedded::EmbeddedEngine`] runs the same semantics in one in-process critical section.
-//! The replies are the scripts' replies, decoded into enums; the front door turns them into
-//! statuses. Key layout and script interfaces: `docs/internals.md`.
+//! [`embedded::EmbeddedEngine`] runs the same semantics in one in-process critical section,
+//! made durable by its [`journal`]. The replies are the scripts' replies, decoded into enums;
+//! the front door turns them into statuses. Key layout and script interfaces:
+//! `docs/internals.md`.
+//!
+//! Each engine owns what follows from its own decisions, so no handler and no background
+//! task asks which engine it is talking to:
+//! - it tells the gateway what happened to an item through one [`Listener`] ([`ItemNews`]:
+//!   orders made and closed, stock left, items put, sold out, unknown; and, with Redis, what
+//!   other instances changed), which keeps the Bloom filter, the local cache and the stock
+//!   gauge;
+//! - [`Engine`], the one a gateway runs, adds what both need around the raw engines: a
+//!   decision that survives a client hanging up, the database as the memory of orders the
+//!   engine has forgotten, the sweeper's pass, and the engine's own background tasks
+//!   (pub/sub and clock sync with Redis).
 
 pub mod embedded;
 pub mod guard;
+pub mod journal;
 pub mod keys;
 pub mod redis;
 
 use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
 
-use crate::clock::Millis;
+use crate::clock::{Clock, Millis};
+use crate::config::Config;
+pub use crate::domain::{ItemSpec, ItemState, Order, OrderStatus};
 use crate::error::Error;
+use crate::store::Store;
 
-/// What an operator sells: the fields of `PUT /admin/v1/items/{id}`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ItemSpec {
-    pub item_id: String,
-    pub name: String,
-    pub price_cents: i64,
-    pub stock_total: i64,
-    pub per_user_limit: i64,
-    pub starts_ms: Millis,
-    pub ends_ms: Millis,
+/// What both engines are told by the configuration (one struct, not positional arguments).
+#[derive(Clone, Debug)]
+pub struct EngineSettings {
+    /// How long a reservation waits for payment before its stock returns.
+    pub payment_timeout: Duration,
+    /// How long an idempotency key is remembered.
+    pub idempotency_ttl: Duration,
+    /// How long a closed (paid, cancelled, expired) order stays in the engine for lookups;
+    /// the database answers after that.
+    pub closed_order_ttl: Duration,
 }
 
-/// An item with its live counters (units).
+impl EngineSettings {
+    pub fn from_config(c: &Config) -> Self {
+        EngineSettings {
+            payment_timeout: c.payment_timeout,
+            idempotency_ttl: c.idempotency_ttl,
+            closed_order_ttl: c.closed_order_ttl,
+        }
+    }
+}
+
+/// What an engine tells the gateway about an item. The [`Listener`] turns each into the
+/// local consequences (Bloom filter, cache, sold-out flag, stock gauge, order counters).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ItemState {
-    pub spec: ItemSpec,
-    /// Units left: `stock_total − reserved − paid`.
-    pub stock: i64,
-    /// Units held by reservations awaiting payment.
-    pub reserved: i64,
-    pub paid: i64,
-    /// Units returned by cancellations (cumulative).
-    pub cancelled: i64,
-    /// Units returned by expired reservations (cumulative).
-    pub expired: i64,
+pub enum ItemNews<'a> {
+    /// An order moved to `event` here (`reserved` made it; `paid`, `cancelled` and
+    /// `expired` closed it); `stock` is the item's remaining units after it, where the
+    /// engine's reply says (a pay or cancel that found the order overdue expires it and
+    /// answers without the count).
+    Order {
+        item: &'a str,
+        event: OrderStatus,
+        stock: Option<i64>,
+    },
+    /// The item was created or replaced here.
+    Put { item: &'a str, stock: i64, total: i64 },
+    /// The item's counters, as just read.
+    Read { item: &'a str, stock: i64, total: i64 },
+    /// A reserve found no stock left: answer `sold_out` locally from now on.
+    SoldOut { item: &'a str },
+    /// The engine does not know this id (the Bloom filter said maybe).
+    Missing { item: &'a str },
+    /// Another instance changed the item (created, replaced, stock back): forget what is
+    /// cached about it.
+    Remote { item: &'a str },
+    /// Every item id, after a reconnect to the change feed (messages may have been missed).
+    Catalog(Vec<String>),
+}
+
+/// Receives every [`ItemNews`]; called synchronously on the path that caused it, so a
+/// sold-out flag is set before the reply that sold the last unit leaves.
+pub trait Listener: Send + Sync {
+    fn news(&self, news: ItemNews<'_>);
+}
+
+/// A listener that ignores everything (engines built by tests and tools).
+pub struct Deaf;
+
+impl Listener for Deaf {
+    fn news(&self, _: ItemNews<'_>) {}
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -101,38 +155,19 @@ pub enum ReserveReply {
     },
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
-#[serde(rename_all = "lowercase")]
-pub enum OrderStatus {
-    Reserved,
-    Paid,
-    Cancelled,
-    Expired,
-}
-
-impl OrderStatus {
-    pub fn as_str(self) -> &'static str {
+impl ReserveReply {
+    /// What this reply tells the gateway about the item; both engines report it this way.
+    pub(crate) fn news<'a>(&self, item: &'a str) -> Option<ItemNews<'a>> {
         match self {
-            OrderStatus::Reserved => "reserved",
-            OrderStatus::Paid => "paid",
-            OrderStatus::Cancelled => "cancelled",
-            OrderStatus::Expired => "expired",
+            ReserveReply::Reserved { stock_after, .. } => Some(ItemNews::Order {
+                item,
+                event: OrderStatus::Reserved,
+                stock: Some(*stock_after),
+            }),
+            ReserveReply::SoldOut { stock: 0 } => Some(ItemNews::SoldOut { item }),
+            ReserveReply::UnknownItem => Some(ItemNews::Missing { item }),
+            _ => None,
         }
-    }
-
-    pub fn parse(s: &str) -> Option<Self> {
-        Some(match s {
-            "reserved" => OrderStatus::Reserved,
-            "paid" => OrderStatus::Paid,
-            "cancelled" => OrderStatus::Cancelled,
-            "expired" => OrderStatus::Expired,
-            _ => return None,
-        })
-    }
-
-    /// Final statuses never change again (invariant 4).
-    pub fn is_final(self) -> bool {
-        self != OrderStatus::Reserved
     }
 }
 
@@ -178,20 +213,6 @@ pub enum ExpireReply {
     UnknownOrder,
 }
 
-/// One order, as stored in the engine (and, later, in the database).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Order {
-    pub order_id: String,
-    pub item_id: String,
-    pub user_id: String,
-    pub qty: i64,
-    pub status: OrderStatus,
-    pub created_ms: Millis,
-    pub pay_before_ms: Millis,
-    pub updated_ms: Millis,
-    pub idem_key: String,
-}
-
 /// A reservation the sweeper expired.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Expired {
@@ -225,49 +246,225 @@ pub trait StockEngine: Send + Sync {
     fn catalog(&self) -> impl Future<Output = Result<Vec<String>, Error>> + Send;
     /// Reachability, for `/readyz`.
     fn ping(&self) -> impl Future<Output = Result<(), Error>> + Send;
+    /// Forget closed orders and idempotency keys past their TTLs; returns the orders
+    /// forgotten. (Redis forgets by key TTLs by itself: nothing to do there.)
+    fn prune(&self) -> impl Future<Output = Result<usize, Error>> + Send;
 }
 
-/// The engine a gateway runs: chosen at start-up by `REDIS_URL`.
-pub enum Engine {
+/// The engine a gateway runs, chosen at start-up by `REDIS_URL`, with what both engines
+/// need around them. Cheap to clone.
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    kind: Kind,
+    listener: Arc<dyn Listener>,
+    /// The database: every order an engine forgot (closed long ago) is still there.
+    store: Arc<Store>,
+}
+
+enum Kind {
     Redis(redis::RedisEngine),
     Embedded(embedded::EmbeddedEngine),
 }
 
 macro_rules! delegate {
     ($self:ident, $e:ident => $call:expr) => {
-        match $self {
-            Engine::Redis($e) => $call.await,
-            Engine::Embedded($e) => $call.await,
+        match &$self.inner.kind {
+            Kind::Redis($e) => $call.await,
+            Kind::Embedded($e) => $call.await,
         }
     };
 }
 
-impl StockEngine for Engine {
-    async fn put_item(&self, spec: &ItemSpec) -> Result<PutReply, Error> {
-        delegate!(self, e => e.put_item(spec))
+/// Orders expired per shard per sweeper call.
+const SWEEP_BATCH: usize = 500;
+
+impl Engine {
+    /// Build the engine the configuration names: Redis with `REDIS_URL`, else the embedded
+    /// engine journaling to `store` and rebuilt from it.
+    pub async fn from_config(
+        config: &Config,
+        store: Arc<Store>,
+        clock: Clock,
+        listener: Arc<dyn Listener>,
+    ) -> anyhow::Result<Engine> {
+        let settings = EngineSettings::from_config(config);
+        let kind = match &config.redis_url {
+            Some(url) => {
+                let engine =
+                    redis::RedisEngine::new(redis::RedisSettings::from_config(url, config), settings, clock.clone())?
+                        .with_listener(listener.clone());
+                if !clock.is_manual()
+                    && let Err(e) = engine.sync_clock().await
+                {
+                    tracing::warn!(cause = %e, "could not read Redis TIME; local window checks use this host's clock");
+                }
+                Kind::Redis(engine)
+            }
+            None => {
+                let journal = journal::SqliteJournal::start(store.clone(), clock.clone());
+                let engine = embedded::EmbeddedEngine::new(settings, clock, Some(Box::new(journal)))
+                    .with_listener(listener.clone());
+                engine.restore(store.items().await?, store.orders(None).await?);
+                Kind::Embedded(engine)
+            }
+        };
+        Ok(Engine {
+            inner: Arc::new(Inner { kind, listener, store }),
+        })
     }
-    async fn item(&self, item_id: &str) -> Result<Option<ItemState>, Error> {
-        delegate!(self, e => e.item(item_id))
+
+    /// `"redis"` or `"embedded"`, for the banner and `/readyz`.
+    pub fn mode(&self) -> &'static str {
+        match &self.inner.kind {
+            Kind::Redis(_) => "redis",
+            Kind::Embedded(_) => "embedded",
+        }
     }
-    async fn reserve(&self, cmd: &ReserveCmd) -> Result<ReserveReply, Error> {
-        delegate!(self, e => e.reserve(cmd))
+
+    /// Whether the store is this engine's durability (embedded: every change is committed
+    /// there before it is answered), so that a store outage makes the gateway unready. With
+    /// Redis the streams buffer events while the database is down.
+    pub fn needs_store(&self) -> bool {
+        matches!(self.inner.kind, Kind::Embedded(_))
     }
-    async fn transition(&self, t: Transition, order_id: &str, user_id: &str) -> Result<TransitionReply, Error> {
+
+    /// The Redis engine, for the start-up code that runs its persistence workers.
+    pub fn redis(&self) -> Option<&redis::RedisEngine> {
+        match &self.inner.kind {
+            Kind::Redis(r) => Some(r),
+            Kind::Embedded(_) => None,
+        }
+    }
+
+    pub fn store(&self) -> &Arc<Store> {
+        &self.inner.store
+    }
+
+    /// Create or replace an item. With Redis the database keeps a copy for reports (the
+    /// embedded journal stored it before answering).
+    pub async fn put_item(&self, spec: &ItemSpec, now_ms: Millis) -> Result<PutReply, Error> {
+        let reply = delegate!(self, e => e.put_item(spec))?;
+        if let (PutReply::Stored { .. }, Kind::Redis(_)) = (&reply, &self.inner.kind)
+            && let Err(e) = self.inner.store.put_item(spec, now_ms).await
+        {
+            tracing::warn!(item = %spec.item_id, cause = %e, "item stored in the engine but not in the database");
+        }
+        Ok(reply)
+    }
+
+    /// An item with its counters (the stock gauge follows what was read).
+    pub async fn item(&self, item_id: &str) -> Result<Option<ItemState>, Error> {
+        let state = delegate!(self, e => e.item(item_id))?;
+        if let Some(s) = &state {
+            self.inner.listener.news(ItemNews::Read {
+                item: item_id,
+                stock: s.stock,
+                total: s.spec.stock_total,
+            });
+        }
+        Ok(state)
+    }
+
+    /// Take stock for a shopper. The decision runs as its own task: if the client hangs up,
+    /// hyper drops the caller's future, but a reservation the engine makes is still
+    /// completed (counted, sold-out flag set), so `seckill_orders_total{event="reserved"}`
+    /// always equals the orders made. An idempotent retry whose order the engine has
+    /// forgotten is answered from the database.
+    pub async fn reserve(&self, cmd: ReserveCmd) -> Result<ReserveReply, Error> {
+        let engine = self.clone();
+        let decided = tokio::spawn(async move {
+            let reply = delegate!(engine, e => e.reserve(&cmd));
+            (reply, cmd)
+        });
+        let (reply, cmd) = decided
+            .await
+            .map_err(|e| Error::Internal(format!("reserve task ended: {e}")))?;
+        match reply? {
+            ReserveReply::Duplicate { order_id, qty: 0, .. } => {
+                let found = self.inner.store.order(&order_id).await?;
+                let o = found.unwrap_or_else(|| Order {
+                    order_id: order_id.clone(),
+                    item_id: cmd.item_id.clone(),
+                    user_id: cmd.user_id.clone(),
+                    qty: cmd.qty,
+                    status: OrderStatus::Reserved,
+                    created_ms: 0,
+                    pay_before_ms: 0,
+                    updated_ms: 0,
+                    idem_key: String::new(),
+                });
+                Ok(ReserveReply::Duplicate {
+                    order_id,
+                    qty: o.qty,
+                    status: o.status,
+                    created_ms: o.created_ms,
+                    pay_before_ms: o.pay_before_ms,
+                })
+            }
+            other => Ok(other),
+        }
+    }
+
+    /// Pay or cancel an order of `user_id`.
+    pub async fn transition(&self, t: Transition, order_id: &str, user_id: &str) -> Result<TransitionReply, Error> {
         delegate!(self, e => e.transition(t, order_id, user_id))
     }
-    async fn expire(&self, order_id: &str, item_id: &str) -> Result<ExpireReply, Error> {
-        delegate!(self, e => e.expire(order_id, item_id))
+
+    /// An order: from the engine while it holds it, else from the database.
+    pub async fn order(&self, order_id: &str) -> Result<Option<Order>, Error> {
+        match delegate!(self, e => e.order(order_id))? {
+            Some(o) => Ok(Some(o)),
+            None => self.inner.store.order(order_id).await,
+        }
     }
-    async fn expire_due(&self, max: usize) -> Result<Vec<Expired>, Error> {
-        delegate!(self, e => e.expire_due(max))
-    }
-    async fn order(&self, order_id: &str) -> Result<Option<Order>, Error> {
-        delegate!(self, e => e.order(order_id))
-    }
-    async fn catalog(&self) -> Result<Vec<String>, Error> {
+
+    pub async fn catalog(&self) -> Result<Vec<String>, Error> {
         delegate!(self, e => e.catalog())
     }
-    async fn ping(&self) -> Result<(), Error> {
+
+    pub async fn ping(&self) -> Result<(), Error> {
         delegate!(self, e => e.ping())
+    }
+
+    /// One sweeper pass: forget what is past its TTL, then expire every reservation whose
+    /// deadline passed, in batches. Returns the orders expired.
+    pub async fn sweep(&self) -> Result<usize, Error> {
+        delegate!(self, e => e.prune())?;
+        let mut total = 0;
+        loop {
+            let expired = delegate!(self, e => e.expire_due(SWEEP_BATCH))?;
+            total += expired.len();
+            if expired.len() < SWEEP_BATCH {
+                return Ok(total);
+            }
+        }
+    }
+
+    /// The engine's own background tasks (with Redis: the change feed and the clock sync);
+    /// they end when `shutdown` turns true.
+    pub fn spawn_background(&self, shutdown: watch::Receiver<bool>) -> Vec<tokio::task::JoinHandle<()>> {
+        match &self.inner.kind {
+            Kind::Redis(_) => {
+                let (a, b) = (self.clone(), self.clone());
+                let stop = shutdown.clone();
+                vec![
+                    tokio::spawn(async move {
+                        if let Some(r) = a.redis() {
+                            r.follow_changes(stop).await;
+                        }
+                    }),
+                    tokio::spawn(async move {
+                        if let Some(r) = b.redis() {
+                            r.keep_clock_in_sync(shutdown).await;
+                        }
+                    }),
+                ]
+            }
+            Kind::Embedded(_) => Vec::new(),
+        }
     }
 }

@@ -15,16 +15,21 @@ use std::time::Duration;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Script, Value};
 
+use futures_util::StreamExt;
+use tokio::sync::watch;
+
 use super::guard::Guard;
 use super::keys;
 use super::{
-    ExpireReply, Expired, ItemSpec, ItemState, Order, OrderStatus, PutReply, ReserveCmd, ReserveReply, StockEngine,
-    Transition, TransitionReply,
+    Deaf, EngineSettings, ExpireReply, Expired, ItemNews, ItemSpec, ItemState, Listener, Order, OrderStatus, PutReply,
+    ReserveCmd, ReserveReply, StockEngine, Transition, TransitionReply,
 };
 use crate::clock::{Clock, system_now_ms};
+use crate::config::Config;
 use crate::error::Error;
 use crate::ids::shard_of;
 use crate::metrics;
+use crate::shutdown::stopped;
 
 /// The Lua scripts, each loaded once.
 struct Scripts {
@@ -47,17 +52,31 @@ impl Scripts {
     }
 }
 
-/// Settings of the Redis engine (a struct, not positional arguments).
+/// How to reach Redis and how to protect the calls (the engine's own settings are
+/// [`EngineSettings`]).
 #[derive(Clone, Debug)]
 pub struct RedisSettings {
     pub url: String,
+    /// Timeout of every Redis command (connect and response).
     pub timeout: Duration,
+    /// Calls in flight before new ones are shed with 503.
     pub max_inflight: usize,
+    /// Consecutive failures that open the circuit.
     pub circuit_failures: u32,
+    /// How long an open circuit answers 503 before one probe is let through.
     pub circuit_cooldown: Duration,
-    pub payment_timeout: Duration,
-    pub idempotency_ttl: Duration,
-    pub closed_order_ttl: Duration,
+}
+
+impl RedisSettings {
+    pub fn from_config(url: &str, c: &Config) -> Self {
+        RedisSettings {
+            url: url.to_owned(),
+            timeout: c.redis_timeout,
+            max_inflight: c.max_inflight,
+            circuit_failures: c.circuit_failures,
+            circuit_cooldown: c.circuit_cooldown,
+        }
+    }
 }
 
 pub struct RedisEngine {
@@ -66,26 +85,28 @@ pub struct RedisEngine {
     scripts: Arc<Scripts>,
     guard: Guard,
     clock: Clock,
-    settings: RedisSettings,
+    redis: RedisSettings,
+    settings: EngineSettings,
+    listener: Arc<dyn Listener>,
 }
 
 impl RedisEngine {
     /// Connects lazily: the gateway starts (and answers 503) while Redis is still down.
-    pub fn new(settings: RedisSettings, clock: Clock) -> Result<Self, Error> {
-        let client = redis::Client::open(settings.url.as_str())
+    pub fn new(redis: RedisSettings, settings: EngineSettings, clock: Clock) -> Result<Self, Error> {
+        let client = redis::Client::open(redis.url.as_str())
             .map_err(|e| Error::RedisConnection(format!("bad REDIS_URL: {e}")))?;
         let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(settings.timeout))
-            .set_response_timeout(Some(settings.timeout))
+            .set_connection_timeout(Some(redis.timeout))
+            .set_response_timeout(Some(redis.timeout))
             .set_number_of_retries(2)
             .set_max_delay(Duration::from_millis(500));
         let conn = ConnectionManager::new_lazy_with_config(client.clone(), config)
             .map_err(|e| Error::RedisConnection(e.to_string()))?;
         let guard = Guard::new(
-            settings.max_inflight,
-            settings.timeout,
-            settings.circuit_failures,
-            settings.circuit_cooldown,
+            redis.max_inflight,
+            redis.timeout,
+            redis.circuit_failures,
+            redis.circuit_cooldown,
         );
         Ok(RedisEngine {
             client,
@@ -93,12 +114,26 @@ impl RedisEngine {
             scripts: Arc::new(Scripts::load()),
             guard,
             clock,
+            redis,
             settings,
+            listener: Arc::new(Deaf),
         })
+    }
+
+    /// Tell `listener` what happens to items, here and (through [`Self::follow_changes`])
+    /// on other instances.
+    pub fn with_listener(mut self, listener: Arc<dyn Listener>) -> Self {
+        self.listener = listener;
+        self
     }
 
     pub fn client(&self) -> &redis::Client {
         &self.client
+    }
+
+    /// The Redis URL (the persistence worker opens its own pool of blocking connections).
+    pub fn url(&self) -> &str {
+        &self.redis.url
     }
 
     pub fn circuit_open(&self) -> bool {
@@ -141,15 +176,97 @@ impl RedisEngine {
         Ok(offset)
     }
 
+    /// Every 10 s, learn Redis' clock offset again (not with a test's manual clock).
+    pub async fn keep_clock_in_sync(&self, mut shutdown: watch::Receiver<bool>) {
+        if self.clock.is_manual() {
+            return;
+        }
+        let mut tick = tokio::time::interval(Duration::from_secs(10));
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {
+                    if let Err(e) = self.sync_clock().await {
+                        tracing::debug!(cause = %e, "Redis TIME not read");
+                    }
+                }
+                _ = stopped(&mut shutdown) => return,
+            }
+        }
+    }
+
     /// Tell every instance that an item changed (added, replaced, stock back).
-    pub async fn publish_changed(&self, item_id: &str) -> Result<(), Error> {
+    async fn publish_changed(&self, item_id: &str) -> Result<(), Error> {
         self.query::<i64>(
             redis::cmd("PUBLISH")
                 .arg(keys::BUS)
-                .arg(format!("item_changed {item_id}")),
+                .arg(format!("{}{item_id}", keys::ITEM_CHANGED)),
         )
         .await?;
         Ok(())
+    }
+
+    /// Follow the change feed (`sk:bus`), reconnecting with backoff, until shutdown. After
+    /// every (re)connect the listener gets the whole catalogue: messages may have been
+    /// missed while disconnected.
+    pub async fn follow_changes(&self, mut shutdown: watch::Receiver<bool>) {
+        let mut delays = crate::retry::backoff();
+        loop {
+            let connected = std::sync::atomic::AtomicBool::new(false);
+            let attempt = async {
+                let timeout = self.redis.timeout;
+                let mut pubsub = tokio::time::timeout(timeout, self.client.get_async_pubsub())
+                    .await
+                    .map_err(|_| Error::RedisTimeout)??;
+                tokio::time::timeout(timeout, pubsub.subscribe(keys::BUS))
+                    .await
+                    .map_err(|_| Error::RedisTimeout)??;
+                self.listener.news(ItemNews::Catalog(self.catalog().await?));
+                connected.store(true, std::sync::atomic::Ordering::Relaxed);
+                tracing::debug!(channel = keys::BUS, "subscribed");
+                let mut messages = pubsub.on_message();
+                while let Some(msg) = messages.next().await {
+                    let Ok(payload) = msg.get_payload::<String>() else {
+                        continue;
+                    };
+                    if let Some(item) = payload.strip_prefix(keys::ITEM_CHANGED) {
+                        self.listener.news(ItemNews::Remote { item });
+                    }
+                }
+                Ok::<(), Error>(())
+            };
+            tokio::select! {
+                r = attempt => match r {
+                    Ok(()) => tracing::warn!("pub/sub connection closed; reconnecting"),
+                    Err(e) => tracing::warn!(cause = %e, "pub/sub unavailable; retrying"),
+                },
+                _ = stopped(&mut shutdown) => return,
+            }
+            if connected.load(std::sync::atomic::Ordering::Relaxed) {
+                delays = crate::retry::backoff();
+            }
+            let delay = delays.next().unwrap_or(crate::retry::MAX_DELAY);
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = stopped(&mut shutdown) => return,
+            }
+        }
+    }
+
+    /// An order moved here: tell the listener, and, when its units came back, every
+    /// instance (their sold-out flags no longer hold).
+    /// A failed publish is logged, not returned: the change is made, and the other
+    /// instances' flags expire by their TTL.
+    async fn moved(&self, item_id: &str, event: OrderStatus, stock: Option<i64>) {
+        self.listener.news(ItemNews::Order {
+            item: item_id,
+            event,
+            stock,
+        });
+        if matches!(event, OrderStatus::Cancelled | OrderStatus::Expired)
+            && let Err(e) = self.publish_changed(item_id).await
+        {
+            tracing::warn!(item = %item_id, cause = %e, "stock came back but other instances were not told");
+        }
     }
 
     fn now_arg(&self) -> String {
@@ -304,6 +421,13 @@ impl StockEngine for RedisEngine {
         };
         self.query::<i64>(redis::cmd("SADD").arg(keys::CATALOG).arg(&spec.item_id))
             .await?;
+        if let PutReply::Stored { stock } = reply {
+            self.listener.news(ItemNews::Put {
+                item: &spec.item_id,
+                stock,
+                total: spec.stock_total,
+            });
+        }
         self.publish_changed(&spec.item_id).await?;
         Ok(reply)
     }
@@ -347,7 +471,7 @@ impl StockEngine for RedisEngine {
             script: "reserve",
             parts: &parts,
         };
-        Ok(match r.status()?.as_str() {
+        let reply = match r.status()?.as_str() {
             "ok" => ReserveReply::Reserved {
                 order_id: r.text(1)?,
                 created_ms: r.int(2)?,
@@ -383,7 +507,11 @@ impl StockEngine for RedisEngine {
             other => {
                 return Err(Error::ScriptReply(format!("reserve: unknown reply {other}")));
             }
-        })
+        };
+        if let Some(news) = reply.news(&cmd.item_id) {
+            self.listener.news(news);
+        }
+        Ok(reply)
     }
 
     async fn transition(&self, t: Transition, order_id: &str, user_id: &str) -> Result<TransitionReply, Error> {
@@ -417,20 +545,13 @@ impl StockEngine for RedisEngine {
             script: name,
             parts: &parts,
         })?;
-        if matches!(
-            reply,
-            TransitionReply::Done {
-                status: OrderStatus::Cancelled,
-                ..
-            }
-        ) || matches!(
-            reply,
+        match reply {
+            TransitionReply::Done { status, stock_after } => self.moved(&item_id, status, Some(stock_after)).await,
+            // Found overdue: this call expired it.
             TransitionReply::Closed {
-                status: OrderStatus::Expired
-            }
-        ) {
-            // Stock came back: every instance clears its sold-out flag.
-            self.publish_changed(&item_id).await?;
+                status: OrderStatus::Expired,
+            } => self.moved(&item_id, OrderStatus::Expired, None).await,
+            _ => {}
         }
         Ok(reply)
     }
@@ -451,10 +572,19 @@ impl StockEngine for RedisEngine {
             .arg(self.settings.closed_order_ttl.as_secs().max(1))
             .arg(self.now_arg());
         let parts = self.run("expire", inv).await?;
-        expire_reply(&Reply {
+        let reply = expire_reply(&Reply {
             script: "expire",
             parts: &parts,
-        })
+        })?;
+        if let ExpireReply::Expired { stock_after } = reply {
+            // Other instances hear it once per item per sweep ([`Self::expire_due`]).
+            self.listener.news(ItemNews::Order {
+                item: item_id,
+                event: OrderStatus::Expired,
+                stock: Some(stock_after),
+            });
+        }
+        Ok(reply)
     }
 
     async fn expire_due(&self, max: usize) -> Result<Vec<Expired>, Error> {
@@ -491,7 +621,9 @@ impl StockEngine for RedisEngine {
         changed.sort_unstable();
         changed.dedup();
         for item_id in changed {
-            self.publish_changed(item_id).await?;
+            if let Err(e) = self.publish_changed(item_id).await {
+                tracing::warn!(item = %item_id, cause = %e, "stock came back but other instances were not told");
+            }
         }
         Ok(expired)
     }
@@ -514,5 +646,9 @@ impl StockEngine for RedisEngine {
     async fn ping(&self) -> Result<(), Error> {
         let _: String = self.query(&redis::cmd("PING")).await?;
         Ok(())
+    }
+
+    async fn prune(&self) -> Result<usize, Error> {
+        Ok(0)
     }
 }

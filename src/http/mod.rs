@@ -1,9 +1,15 @@
 //! Stage 0 — the hyper front door: accept loop with a connection cap, header-read timeout,
-//! body limit (in [`routes`]), and graceful shutdown (stop accepting, let in-flight
-//! requests finish, then return).
+//! body limit (in [`reply`]), and graceful shutdown (stop accepting, let in-flight
+//! requests finish, then return). [`router`] routes a request to its handler: one module per
+//! resource ([`items`], [`orders`], [`admin`], [`health`]), each handler a list of stages.
 
+mod admin;
+mod health;
+mod items;
+mod orders;
 pub mod reply;
-pub mod routes;
+pub mod router;
+mod views;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -37,7 +43,7 @@ pub async fn serve(app: Arc<App>, listener: TcpListener, mut shutdown: watch::Re
                     continue;
                 }
             },
-            _ = crate::app::stopped(&mut shutdown) => break,
+            _ = crate::shutdown::stopped(&mut shutdown) => break,
         };
         let Ok(permit) = connections.clone().try_acquire_owned() else {
             // Over the cap: close at once rather than queue.
@@ -48,7 +54,7 @@ pub async fn serve(app: Arc<App>, listener: TcpListener, mut shutdown: watch::Re
         let app = app.clone();
         let svc = service_fn(move |req| {
             let app = app.clone();
-            async move { Ok::<_, std::convert::Infallible>(routes::handle(&app, req, peer).await) }
+            async move { Ok::<_, std::convert::Infallible>(router::handle(&app, req, peer).await) }
         });
         let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), svc));
         tokio::spawn(async move {

@@ -11,13 +11,13 @@ use std::time::Duration;
 use redis::aio::ConnectionManager;
 
 use crate::config::Config;
+use crate::domain::{Order, OrderEvent, OrderStatus};
+use crate::engine::keys;
 use crate::engine::redis::{item_from_hash, order_from_hash};
-use crate::engine::{Order, OrderStatus, keys};
 use crate::error::Error;
 use crate::ids::{SHARDS, shard_of};
-use crate::orders::event::OrderEvent;
-use crate::orders::store::Store;
 use crate::orders::worker::group_info;
+use crate::store::Store;
 
 /// One line of the report.
 #[derive(Debug, Clone, PartialEq, Eq)]

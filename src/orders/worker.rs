@@ -23,18 +23,20 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use backon::{BackoffBuilder, ExponentialBuilder};
 use bb8_redis::RedisConnectionManager;
 use redis::Value;
 use tokio::sync::watch;
 
-use crate::app::{App, stopped};
 use crate::clock::system_now_ms;
+use crate::config::Config;
+use crate::domain::OrderEvent;
 use crate::engine::keys;
-use crate::engine::redis::text;
+use crate::engine::redis::{RedisEngine, text};
 use crate::error::Error;
 use crate::metrics;
-use crate::orders::event::OrderEvent;
+use crate::retry::backoff;
+use crate::shutdown::stopped;
+use crate::store::Store;
 
 /// Longest `BLOCK`: below the pooled connections' 500 ms response timeout.
 const MAX_BLOCK: Duration = Duration::from_millis(400);
@@ -53,8 +55,7 @@ pub struct WorkerSettings {
 }
 
 impl WorkerSettings {
-    pub fn from_app(app: &App) -> Self {
-        let c = &app.config;
+    pub fn from_config(c: &Config) -> Self {
         WorkerSettings {
             consumer: c
                 .consumer_name
@@ -142,7 +143,7 @@ pub fn id_ms(id: &str) -> Option<i64> {
 }
 
 struct ShardWorker {
-    app: Arc<App>,
+    store: Arc<Store>,
     pool: Pool,
     shard: u32,
     stream: String,
@@ -175,7 +176,7 @@ impl ShardWorker {
             .await;
         match r {
             Ok(_) => Ok(()),
-            Err(Error::ScriptReply(e)) if e.contains("BUSYGROUP") => Ok(()),
+            Err(Error::RedisRefused { code, .. }) if code == "BUSYGROUP" => Ok(()),
             Err(e) => Err(e),
         }
     }
@@ -308,27 +309,18 @@ impl ShardWorker {
 
     /// Write until it works (the stream keeps buffering meanwhile), or shutdown.
     async fn write(&self, events: &[OrderEvent], shutdown: &watch::Receiver<bool>) -> Result<(), Error> {
-        let mut delays = ExponentialBuilder::default()
-            .with_min_delay(Duration::from_millis(50))
-            .with_max_delay(Duration::from_secs(2))
-            .with_jitter()
-            .without_max_times()
-            .build();
+        let mut delays = backoff();
         loop {
-            match self.app.store.apply(events).await {
-                Ok(_) => {
-                    self.app.set_store_up(true);
-                    return Ok(());
-                }
+            match self.store.apply(events).await {
+                Ok(_) => return Ok(()),
                 Err(e) => {
-                    self.app.set_store_up(false);
                     tracing::warn!(shard = self.shard, events = events.len(), cause = %e, "persisting a batch failed; retrying");
                     if *shutdown.borrow() {
                         return Err(e);
                     }
                     let mut stop = shutdown.clone();
                     tokio::select! {
-                        _ = tokio::time::sleep(delays.next().unwrap_or(Duration::from_secs(2))) => {}
+                        _ = tokio::time::sleep(delays.next().unwrap_or(crate::retry::MAX_DELAY)) => {}
                         _ = stopped(&mut stop) => return Err(e),
                     }
                 }
@@ -337,12 +329,7 @@ impl ShardWorker {
     }
 
     async fn run(self, mut shutdown: watch::Receiver<bool>) {
-        let mut delays = ExponentialBuilder::default()
-            .with_min_delay(Duration::from_millis(100))
-            .with_max_delay(Duration::from_secs(5))
-            .with_jitter()
-            .without_max_times()
-            .build();
+        let mut delays = backoff();
         let mut started = false;
         let mut last_claim = std::time::Instant::now();
         loop {
@@ -384,11 +371,11 @@ impl ShardWorker {
             // A step is never cut off by shutdown: the batch in hand is finished and
             // acknowledged first (the store retry loop itself gives up on shutdown).
             match step.await {
-                Ok(()) => delays = ExponentialBuilder::default().with_jitter().without_max_times().build(),
+                Ok(()) => delays = backoff(),
                 Err(e) => {
                     tracing::warn!(shard = self.shard, cause = %e, "persistence worker step failed; retrying");
                     tokio::select! {
-                        _ = tokio::time::sleep(delays.next().unwrap_or(Duration::from_secs(5))) => {}
+                        _ = tokio::time::sleep(delays.next().unwrap_or(crate::retry::MAX_DELAY)) => {}
                         _ = stopped(&mut shutdown) => return,
                     }
                 }
@@ -468,11 +455,7 @@ async fn shard_backlog(
 }
 
 /// Every couple of seconds: publish pending and lag, and trim what every reader has acknowledged.
-async fn monitor(app: Arc<App>, mut shutdown: watch::Receiver<bool>) {
-    let crate::engine::Engine::Redis(engine) = &app.engine else {
-        return;
-    };
-    let mut conn = engine.connection();
+async fn monitor(mut conn: redis::aio::ConnectionManager, timeout: Duration, mut shutdown: watch::Receiver<bool>) {
     let mut tick = tokio::time::interval(Duration::from_secs(2));
     loop {
         tokio::select! {
@@ -484,7 +467,7 @@ async fn monitor(app: Arc<App>, mut shutdown: watch::Receiver<bool>) {
         let mut ok = true;
         for shard in keys::all_shards() {
             let stream = keys::events(shard);
-            let r = tokio::time::timeout(app.config.redis_timeout * 2, shard_backlog(&mut conn, &stream)).await;
+            let r = tokio::time::timeout(timeout * 2, shard_backlog(&mut conn, &stream)).await;
             let Ok(Ok((backlog, oldest_pending, last_delivered))) = r else {
                 ok = false;
                 continue;
@@ -535,12 +518,13 @@ async fn monitor(app: Arc<App>, mut shutdown: watch::Receiver<bool>) {
 }
 
 /// Start one worker per shard plus the monitor.
-pub fn spawn(app: &Arc<App>, shutdown: watch::Receiver<bool>) -> Vec<tokio::task::JoinHandle<()>> {
-    let Some(url) = app.config.redis_url.clone() else {
-        return Vec::new();
-    };
-    let settings = WorkerSettings::from_app(app);
-    let pool = match pool(&url, keys::all_shards().count() as u32 + 2, settings.timeout) {
+pub fn spawn(
+    engine: &RedisEngine,
+    store: Arc<Store>,
+    settings: WorkerSettings,
+    shutdown: watch::Receiver<bool>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let pool = match pool(engine.url(), keys::all_shards().count() as u32 + 2, settings.timeout) {
         Ok(p) => p,
         Err(e) => {
             tracing::error!(cause = %e, "persistence worker not started");
@@ -551,7 +535,7 @@ pub fn spawn(app: &Arc<App>, shutdown: watch::Receiver<bool>) -> Vec<tokio::task
     let mut tasks: Vec<_> = keys::all_shards()
         .map(|shard| {
             let w = ShardWorker {
-                app: app.clone(),
+                store: store.clone(),
                 pool: pool.clone(),
                 shard,
                 stream: keys::events(shard),
@@ -560,6 +544,6 @@ pub fn spawn(app: &Arc<App>, shutdown: watch::Receiver<bool>) -> Vec<tokio::task
             tokio::spawn(w.run(shutdown.clone()))
         })
         .collect();
-    tasks.push(tokio::spawn(monitor(app.clone(), shutdown)));
+    tasks.push(tokio::spawn(monitor(engine.connection(), settings.timeout, shutdown)));
     tasks
 }

@@ -1,12 +1,94 @@
-//! Order events: what the scripts XADD to a shard stream (and what the embedded engine
-//! journals), and their stream-field encoding. Every event carries the whole order, so a
-//! row can be created from any of them, whatever order they arrive in.
+//! The domain's vocabulary, in one home: what an operator sells ([`ItemSpec`]), its live
+//! counters ([`ItemState`]), an [`Order`] and its [`OrderStatus`], and the [`OrderEvent`]s
+//! that carry every change to the database (and their stream-field encoding). The engines,
+//! the persistence worker, the store and the front door all speak these types; none of them
+//! owns them.
 
 use std::collections::HashMap;
 
-use crate::clock::Millis;
-use crate::engine::{Order, OrderStatus};
+use serde::{Deserialize, Serialize};
 
+use crate::clock::Millis;
+
+/// What an operator sells: the fields of `PUT /admin/v1/items/{id}`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ItemSpec {
+    pub item_id: String,
+    pub name: String,
+    pub price_cents: i64,
+    pub stock_total: i64,
+    pub per_user_limit: i64,
+    pub starts_ms: Millis,
+    pub ends_ms: Millis,
+}
+
+/// An item with its live counters (units).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ItemState {
+    pub spec: ItemSpec,
+    /// Units left: `stock_total − reserved − paid`.
+    pub stock: i64,
+    /// Units held by reservations awaiting payment.
+    pub reserved: i64,
+    pub paid: i64,
+    /// Units returned by cancellations (cumulative).
+    pub cancelled: i64,
+    /// Units returned by expired reservations (cumulative).
+    pub expired: i64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
+#[serde(rename_all = "lowercase")]
+pub enum OrderStatus {
+    Reserved,
+    Paid,
+    Cancelled,
+    Expired,
+}
+
+impl OrderStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OrderStatus::Reserved => "reserved",
+            OrderStatus::Paid => "paid",
+            OrderStatus::Cancelled => "cancelled",
+            OrderStatus::Expired => "expired",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "reserved" => OrderStatus::Reserved,
+            "paid" => OrderStatus::Paid,
+            "cancelled" => OrderStatus::Cancelled,
+            "expired" => OrderStatus::Expired,
+            _ => return None,
+        })
+    }
+
+    /// Final statuses never change again (invariant 4).
+    pub fn is_final(self) -> bool {
+        self != OrderStatus::Reserved
+    }
+}
+
+/// One order, as stored in the engine (and, later, in the database).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Order {
+    pub order_id: String,
+    pub item_id: String,
+    pub user_id: String,
+    pub qty: i64,
+    pub status: OrderStatus,
+    pub created_ms: Millis,
+    pub pay_before_ms: Millis,
+    pub updated_ms: Millis,
+    pub idem_key: String,
+}
+
+/// An order event: what the scripts XADD to a shard stream (and what the embedded engine
+/// journals). Every event carries the whole order, so a row can be created from any of them,
+/// whatever order they arrive in.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct OrderEvent {
     /// The status this event moves the order to (`reserved` creates it).

@@ -8,15 +8,16 @@
 //! placeholders, which PostgreSQL rejects).
 
 use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{QueryBuilder, Row};
 
-use crate::engine::{ItemSpec, Order, OrderStatus};
+use crate::domain::{ItemSpec, Order, OrderEvent, OrderStatus};
 use crate::error::Error;
-use crate::orders::event::OrderEvent;
+use crate::metrics;
 
 enum Pool {
     Postgres(PgPool),
@@ -27,6 +28,9 @@ pub struct Store {
     pool: Pool,
     /// Every call is bounded by this (the pool's acquire timeout covers only the checkout).
     timeout: Duration,
+    /// Whether the last call reached the database. Every call reports here, so `/readyz`,
+    /// the `seckill_store_up` gauge and the log tell the same story whoever called.
+    up: AtomicBool,
 }
 
 /// Expand one body for whichever pool the store has.
@@ -129,14 +133,52 @@ impl Store {
                 .map_err(|e| Error::Store(e.to_string()))?;
             Pool::Postgres(pool)
         };
-        Ok(Store { pool, timeout })
+        metrics::gauge!(metrics::STORE_UP).set(1.0);
+        Ok(Store {
+            pool,
+            timeout,
+            up: AtomicBool::new(true),
+        })
+    }
+
+    /// Whether the database answered the last call.
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Relaxed)
+    }
+
+    /// Record whether the database was reached; log and publish only the changes.
+    fn report(&self, up: bool) {
+        if self.up.swap(up, Ordering::Relaxed) != up {
+            metrics::gauge!(metrics::STORE_UP).set(if up { 1.0 } else { 0.0 });
+            if up {
+                tracing::info!("order store reachable again");
+            } else {
+                tracing::warn!("order store unreachable");
+            }
+        }
     }
 
     async fn bounded<T>(&self, f: impl std::future::Future<Output = Result<T, sqlx::Error>>) -> Result<T, Error> {
-        match tokio::time::timeout(self.timeout, f).await {
-            Ok(r) => r.map_err(Error::from),
-            Err(_) => Err(Error::Store("timed out".into())),
-        }
+        let result = match tokio::time::timeout(self.timeout, f).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => {
+                // A refused statement is an answer; only an unreachable database is an outage.
+                if !matches!(
+                    e,
+                    sqlx::Error::Database(_) | sqlx::Error::RowNotFound | sqlx::Error::ColumnDecode { .. }
+                ) {
+                    self.report(false);
+                    return Err(Error::from(e));
+                }
+                Err(Error::from(e))
+            }
+            Err(_) => {
+                self.report(false);
+                return Err(Error::Store("timed out".into()));
+            }
+        };
+        self.report(true);
+        result
     }
 
     /// Apply a batch of events in one transaction. Returns the rows inserted or moved forward.
@@ -247,13 +289,14 @@ impl Store {
         })
     }
 
-    /// Rows of an item: the `persisted` of the stats route.
-    pub async fn count(&self, item_id: &str) -> Result<i64, Error> {
+    /// What the database holds of an item: `(orders, units)` — rows, and the sum of their
+    /// quantities (the stats route's `persisted_orders` and `persisted`).
+    pub async fn count(&self, item_id: &str) -> Result<(i64, i64), Error> {
+        const SQL: &str =
+            "SELECT COUNT(*) AS n, CAST(COALESCE(SUM(qty), 0) AS BIGINT) AS units FROM orders WHERE item_id = $1";
         with_pool!(self, pool => {
-            let row = self
-                .bounded(sqlx::query("SELECT COUNT(*) AS n FROM orders WHERE item_id = $1").bind(item_id).fetch_one(pool))
-                .await?;
-            Ok(row.try_get::<i64, _>("n")?)
+            let row = self.bounded(sqlx::query(SQL).bind(item_id).fetch_one(pool)).await?;
+            Ok((row.try_get::<i64, _>("n")?, row.try_get::<i64, _>("units")?))
         })
     }
 

@@ -8,12 +8,12 @@ use std::sync::Arc;
 use futures_util::future::BoxFuture;
 use tokio::sync::{mpsc, oneshot};
 
+use super::embedded::Journal;
 use crate::clock::Clock;
-use crate::engine::ItemSpec;
-use crate::engine::embedded::Journal;
+use crate::domain::ItemSpec;
+use crate::domain::OrderEvent;
 use crate::error::Error;
-use crate::orders::event::OrderEvent;
-use crate::orders::store::Store;
+use crate::store::Store;
 
 enum Job {
     Events(Vec<OrderEvent>, oneshot::Sender<Result<(), Error>>),

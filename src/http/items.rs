@@ -1,0 +1,120 @@
+//! `GET /api/v1/items/{id}` and `POST /api/v1/items/{id}/reserve`: each handler reads as
+//! its stages, in the order a request meets them.
+
+use http::Request;
+use hyper::body::Incoming;
+use serde::Deserialize;
+
+use super::reply;
+use super::router::{Answer, Ctx};
+use super::views::{ItemView, ReservationView};
+use crate::clock::rfc3339;
+use crate::engine::{ReserveCmd, ReserveReply};
+use crate::error::Reject;
+use crate::ids::{new_order_id, valid_id};
+
+/// `GET /api/v1/items/{id}`: browsing needs no identity; it is limited per IP.
+pub async fn get(ctx: &Ctx<'_>, req: Request<Incoming>) -> Answer {
+    ctx.app.limiter.check_ip(ctx.client_ip(&req))?; // limiter (ip)
+    let item = ctx.item(ctx.id).await?; // Bloom filter → cache → engine
+    if ctx.app.cache.is_sold_out(ctx.id) {
+        return Ok(reply::ok(&ItemView::new(&item.spec, 0, ctx.now()))); // sold-out flag: no engine read
+    }
+    let state = match item.fresh {
+        Some(state) => state,
+        None => ctx
+            .engine()
+            .item(ctx.id)
+            .await
+            .map_err(|e| ctx.failed("item lookup", e))?
+            .ok_or(Reject::UnknownItem)?,
+    };
+    Ok(reply::ok(&ItemView::new(&state.spec, state.stock, ctx.now())))
+}
+
+/// `POST /api/v1/items/{id}/reserve`: the hot path.
+pub async fn reserve(ctx: &Ctx<'_>, req: Request<Incoming>) -> Answer {
+    let user = ctx.shopper(&req)?; // limiter (ip) → identity → limiter (user)
+    let cmd = read_reserve(ctx, req, user).await?; // idempotency key, body, qty ≥ 1
+    let item = ctx.item(&cmd.item_id).await?; // Bloom filter → cache → engine
+    ctx.app.cache.early_answer(&item.spec, ctx.now(), &cmd)?; // qty ≤ limit, sold-out flag, sale window
+    let user_id = cmd.user_id.clone();
+    let qty = cmd.qty;
+    let reply = ctx.engine().reserve(cmd).await.map_err(|e| ctx.failed("reserve", e))?; // one script
+    answer(ctx.id, &user_id, qty, reply)
+}
+
+#[derive(Deserialize)]
+struct ReserveBody {
+    qty: Option<i64>,
+}
+
+/// The reserve command from the request: the `Idempotency-Key` header, the body's `qty`
+/// (default 1), and a fresh order id.
+async fn read_reserve(ctx: &Ctx<'_>, req: Request<Incoming>, user_id: String) -> Result<ReserveCmd, Reject> {
+    let idem_key = match req.headers().get("idempotency-key") {
+        None => None,
+        Some(v) => match v.to_str() {
+            Ok(k) if valid_id(k) => Some(k.to_owned()),
+            _ => {
+                return Err(Reject::BadRequest(
+                    "Idempotency-Key must be 1-64 characters of [A-Za-z0-9_.:-]".into(),
+                ));
+            }
+        },
+    };
+    let body = reply::read_body(req, ctx.app.config.header_timeout).await?;
+    let qty = reply::parse_json::<ReserveBody>(&body)?
+        .and_then(|b| b.qty)
+        .unwrap_or(1);
+    if qty < 1 {
+        return Err(Reject::BadRequest("qty must be at least 1".into()));
+    }
+    Ok(ReserveCmd {
+        item_id: ctx.id.to_owned(),
+        user_id,
+        qty,
+        order_id: new_order_id(ctx.id),
+        idem_key,
+    })
+}
+
+/// The engine's decision as the contract's answer.
+fn answer(item_id: &str, user_id: &str, asked_qty: i64, reply: ReserveReply) -> Answer {
+    match reply {
+        ReserveReply::Reserved {
+            order_id,
+            pay_before_ms,
+            ..
+        } => Ok(reply::ok(&ReservationView {
+            order_id: &order_id,
+            item_id,
+            user_id,
+            qty: asked_qty,
+            status: "reserved",
+            pay_before: rfc3339(pay_before_ms),
+        })),
+        ReserveReply::Duplicate {
+            order_id,
+            qty,
+            status,
+            pay_before_ms,
+            ..
+        } => Ok(reply::ok(&ReservationView {
+            order_id: &order_id,
+            item_id,
+            user_id,
+            qty,
+            status: status.as_str(),
+            pay_before: rfc3339(pay_before_ms),
+        })),
+        ReserveReply::UnknownItem => Err(Reject::UnknownItem),
+        ReserveReply::NotStarted { starts_ms } => Err(Reject::NotStarted {
+            starts_at_ms: starts_ms,
+        }),
+        ReserveReply::Ended { .. } => Err(Reject::Ended),
+        ReserveReply::BadQty { limit } => Err(Reject::BadRequest(format!("qty must be 1..={limit}"))),
+        ReserveReply::LimitReached { held, limit } => Err(Reject::LimitReached { held, limit }),
+        ReserveReply::SoldOut { .. } => Err(Reject::SoldOut),
+    }
+}

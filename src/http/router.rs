@@ -1,0 +1,230 @@
+//! The router: the route table, the per-request context, and the one place that turns a
+//! refusal into the contract's JSON, tags the response with a request id, counts it and
+//! times it (pingora's final logging phase). Handlers live one module per resource:
+//! [`super::items`], [`super::orders`], [`super::admin`], [`super::health`].
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Instant;
+
+use http::{HeaderValue, Method, Request, Response};
+use hyper::body::Incoming;
+use tracing::Instrument;
+
+use super::reply::{self, Body};
+use super::{admin, health, items, orders};
+use crate::app::App;
+use crate::clock::Millis;
+use crate::domain::ItemSpec;
+use crate::engine::{Engine, ItemState, Transition};
+use crate::error::{Error, Reject};
+use crate::ids::valid_id;
+use crate::metrics;
+
+/// What a handler answers: a response, or a refusal the router renders.
+pub type Answer = Result<Response<Body>, Reject>;
+
+/// Route templates: the `route` label, never a raw path.
+#[derive(Clone, Copy)]
+enum Route {
+    ItemGet,
+    Reserve,
+    Pay,
+    Cancel,
+    OrderGet,
+    AdminItemPut,
+    AdminStats,
+    AdminOrdersCsv,
+    Metrics,
+    Healthz,
+    Readyz,
+    NotFound,
+}
+
+impl Route {
+    fn label(self) -> &'static str {
+        match self {
+            Route::ItemGet => "item_get",
+            Route::Reserve => "reserve",
+            Route::Pay => "pay",
+            Route::Cancel => "cancel",
+            Route::OrderGet => "order_get",
+            Route::AdminItemPut => "admin_item_put",
+            Route::AdminStats => "admin_stats",
+            Route::AdminOrdersCsv => "admin_orders_csv",
+            Route::Metrics => "metrics",
+            Route::Healthz => "healthz",
+            Route::Readyz => "readyz",
+            Route::NotFound => "not_found",
+        }
+    }
+}
+
+/// The route table: a path's route, its method, and its id segment.
+fn route(path: &str) -> (Route, Method, Option<&str>) {
+    let segs: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    match segs.as_slice() {
+        ["api", "v1", "items", id] => (Route::ItemGet, Method::GET, Some(id)),
+        ["api", "v1", "items", id, "reserve"] => (Route::Reserve, Method::POST, Some(id)),
+        ["api", "v1", "orders", id] => (Route::OrderGet, Method::GET, Some(id)),
+        ["api", "v1", "orders", id, "pay"] => (Route::Pay, Method::POST, Some(id)),
+        ["api", "v1", "orders", id, "cancel"] => (Route::Cancel, Method::POST, Some(id)),
+        ["admin", "v1", "items", id] => (Route::AdminItemPut, Method::PUT, Some(id)),
+        ["admin", "v1", "items", id, "stats"] => (Route::AdminStats, Method::GET, Some(id)),
+        ["admin", "v1", "items", id, "orders.csv"] => (Route::AdminOrdersCsv, Method::GET, Some(id)),
+        ["metrics"] => (Route::Metrics, Method::GET, None),
+        ["healthz"] => (Route::Healthz, Method::GET, None),
+        ["readyz"] => (Route::Readyz, Method::GET, None),
+        _ => (Route::NotFound, Method::GET, None),
+    }
+}
+
+/// Everything a handler needs besides the request, and the stages every handler shares.
+pub struct Ctx<'a> {
+    pub app: &'a Arc<App>,
+    peer: SocketAddr,
+    /// The id segment of the path (item or order), already validated.
+    pub id: &'a str,
+    request_id: &'a str,
+}
+
+/// An item the filter and cache stages let through: its definition, and its counters when
+/// they were just read from the engine (a cache miss), so a caller needing them does not
+/// read the item twice.
+pub struct Item {
+    pub spec: Arc<ItemSpec>,
+    pub fresh: Option<ItemState>,
+}
+
+impl Ctx<'_> {
+    pub fn engine(&self) -> &Engine {
+        &self.app.engine
+    }
+
+    pub fn now(&self) -> Millis {
+        self.app.clock.now_ms()
+    }
+
+    /// A failure, logged with its cause, told to the client as 503 (or 500).
+    pub fn failed(&self, what: &'static str, e: Error) -> Reject {
+        tracing::warn!(request_id = self.request_id, item_or_order = self.id, cause = %e, side = ?e.side(), "{what} failed");
+        e.to_reject()
+    }
+
+    /// The client's IP: the socket peer, or the last `X-Forwarded-For` hop when a trusted
+    /// proxy sets it (the last hop is the one the proxy saw; earlier ones are
+    /// client-supplied).
+    pub fn client_ip(&self, req: &Request<Incoming>) -> IpAddr {
+        if self.app.config.trust_forwarded
+            && let Some(ip) = req
+                .headers()
+                .get("x-forwarded-for")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.rsplit(',').next())
+                .and_then(|v| v.trim().parse().ok())
+        {
+            return ip;
+        }
+        self.peer.ip()
+    }
+
+    /// Stages 1–2 of shopper routes: the IP and instance buckets, identity, the user's
+    /// bucket.
+    pub fn shopper(&self, req: &Request<Incoming>) -> Result<String, Reject> {
+        self.app.limiter.check_ip(self.client_ip(req))?;
+        let user = self.app.identity.user(req.headers())?;
+        self.app.limiter.check_user(&user)?;
+        Ok(user)
+    }
+
+    /// Stages 3–4 before the engine: is the item known (Bloom filter, not-found cache), and
+    /// its definition (local cache, else the engine). No Redis command for an id the filter
+    /// rules out.
+    pub async fn item(&self, item_id: &str) -> Result<Item, Reject> {
+        self.app.filter.check(item_id)?;
+        if let Some(spec) = self.app.cache.item(item_id) {
+            return Ok(Item { spec, fresh: None });
+        }
+        match self.engine().item(item_id).await {
+            Ok(Some(state)) => {
+                let spec = Arc::new(state.spec.clone());
+                self.app.cache.put_item(spec.clone());
+                Ok(Item {
+                    spec,
+                    fresh: Some(state),
+                })
+            }
+            Ok(None) => {
+                self.app.filter.remember_missing(item_id);
+                Err(Reject::UnknownItem)
+            }
+            Err(e) => Err(self.failed("item lookup", e)),
+        }
+    }
+}
+
+/// The one entry point: route, run the handler, turn a refusal into the contract's JSON,
+/// count and time it, and tag it with a request id.
+pub async fn handle(app: &Arc<App>, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+    let started = Instant::now();
+    let request_id = req
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| valid_id(v))
+        .map(str::to_owned)
+        .unwrap_or_else(|| app.next_request_id());
+    let (route, method, id) = route(req.uri().path());
+    let id = id.map(str::to_owned);
+    let ctx = Ctx {
+        app,
+        peer,
+        id: id.as_deref().unwrap_or(""),
+        request_id: &request_id,
+    };
+    // At debug level every log line of the request carries its id and route (span fields);
+    // the warnings and errors a request logs at the default level name its id themselves.
+    // (An info span would be formatted by the log layer on every request: measurable.)
+    let span = tracing::debug_span!("request", request_id = %request_id, route = route.label());
+    let answer = async {
+        if matches!(route, Route::NotFound) {
+            Err(Reject::NotFound)
+        } else if req.method() != method {
+            Err(Reject::MethodNotAllowed)
+        } else if id.as_deref().is_some_and(|id| !valid_id(id)) {
+            Err(Reject::BadRequest("ids are 1-64 characters of [A-Za-z0-9_.:-]".into()))
+        } else {
+            match route {
+                Route::ItemGet => items::get(&ctx, req).await,
+                Route::Reserve => items::reserve(&ctx, req).await,
+                Route::Pay => orders::transition(&ctx, req, Transition::Pay).await,
+                Route::Cancel => orders::transition(&ctx, req, Transition::Cancel).await,
+                Route::OrderGet => orders::get(&ctx, req).await,
+                Route::AdminItemPut => admin::put_item(&ctx, req).await,
+                Route::AdminStats => admin::stats(&ctx, req).await,
+                Route::AdminOrdersCsv => admin::orders_csv(&ctx, req).await,
+                Route::Metrics => health::metrics(&ctx),
+                Route::Healthz => health::healthz(),
+                Route::Readyz => health::readyz(&ctx).await,
+                Route::NotFound => Err(Reject::NotFound),
+            }
+        }
+    }
+    .instrument(span.clone())
+    .await;
+    let (mut response, outcome) = match answer {
+        Ok(r) => (r, "ok"),
+        Err(reject) => {
+            if matches!(reject, Reject::Internal) {
+                tracing::error!(request_id = %request_id, route = route.label(), "internal error");
+            }
+            (reply::reject(&reject), reject.code())
+        }
+    };
+    if let Ok(v) = HeaderValue::from_str(&request_id) {
+        response.headers_mut().insert("x-request-id", v);
+    }
+    metrics::request(route.label(), outcome, started.elapsed().as_secs_f64());
+    span.in_scope(|| tracing::debug!(outcome, status = response.status().as_u16(), "request"));
+    response
+}
