@@ -10,6 +10,7 @@ pub mod embedded;
 pub mod guard;
 pub mod keys;
 pub mod redis;
+pub mod scripts;
 
 use std::future::Future;
 

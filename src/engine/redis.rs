@@ -37,12 +37,13 @@ struct Scripts {
 
 impl Scripts {
     fn load() -> Self {
+        use super::scripts::{CANCEL, EXPIRE, PAY, PUT_ITEM, RESERVE};
         Scripts {
-            reserve: Script::new(include_str!("../../lua/reserve.lua")),
-            pay: Script::new(include_str!("../../lua/pay.lua")),
-            cancel: Script::new(include_str!("../../lua/cancel.lua")),
-            expire: Script::new(include_str!("../../lua/expire.lua")),
-            put_item: Script::new(include_str!("../../lua/put_item.lua")),
+            reserve: Script::new(RESERVE),
+            pay: Script::new(PAY),
+            cancel: Script::new(CANCEL),
+            expire: Script::new(EXPIRE),
+            put_item: Script::new(PUT_ITEM),
         }
     }
 }
