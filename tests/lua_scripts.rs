@@ -1,5 +1,6 @@
-//! The Lua scripts in `lua/`, as the engine runs them ([`engine::scripts`]),
-//! called directly against a real `redis-server` (one per test, on a free port),
+//! The Lua scripts in `lua/`, as the engine runs them ([`engine::scripts`]: pay,
+//! cancel and expire joined after their prelude `lua/lib/order.lua`), called
+//! directly against a real `redis-server` (one per test, on a free port),
 //! asserting every reply of every script and its side effects: stock and
 //! counters, buyers, the order hash, stream entries, the idempotency key, the
 //! deadline set and TTLs. Interfaces: `docs/internals.md`.
