@@ -87,6 +87,7 @@ impl RedisEngine {
             settings.timeout,
             settings.circuit_failures,
             settings.circuit_cooldown,
+            Clock::system(),
         );
         Ok(RedisEngine {
             client,
