@@ -27,58 +27,30 @@
 --                                deadline member is removed
 --  * {"unknown_order"}           no such order: only the deadline member is
 --                                removed
-
--- Integers handed to redis.call go as strings (see reserve.lua: a Lua number is
--- converted with slow float formatting).
-local function int(n)
-  return string.format("%d", n)
-end
+--
+-- Runs after the prelude lua/lib/order.lua (joined by src/engine/scripts.rs),
+-- which defines int(), order_call(), the order loading and checks, and the
+-- writes that close an order and give its stock back.
 
 assert(#KEYS == 5, "expire.lua: expected 5 KEYS, got " .. #KEYS)
 assert(#ARGV == 4, "expire.lua: expected 4 ARGV, got " .. #ARGV)
 
-local order_id, item_id = ARGV[1], ARGV[2]
-local closed_ttl_s = assert(tonumber(ARGV[3]), "expire.lua: closed_ttl_s is not a number")
-local member = order_id .. "|" .. item_id
-
-local now
-if ARGV[4] == "" then
-  local t = redis.call("TIME")
-  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-else
-  now = math.floor(assert(tonumber(ARGV[4]), "expire.lua: now_ms is not a number"))
-end
+local c = order_call("expire.lua", ARGV[1], ARGV[2], ARGV[3], ARGV[4])
 
 -- Checks.
-local o = redis.call("HMGET", KEYS[1], "user_id", "item_id", "qty", "status",
-  "created_ms", "pay_before_ms", "idem_key")
-if not o[4] then
-  redis.call("ZREM", KEYS[4], member)
+local o = load_order()
+if not o then
+  redis.call("ZREM", KEYS[4], c.member)
   return {"unknown_order"}
 end
-assert(o[2] == item_id, "expire.lua: order " .. order_id .. " is not of item " .. item_id)
-local user_id, qty, status, pay_before = o[1], tonumber(o[3]), o[4], tonumber(o[6])
-local qty_s, neg_qty_s = o[3], int(-tonumber(o[3]))
-if status ~= "reserved" then
-  redis.call("ZREM", KEYS[4], member)
-  return {"not_reserved", status}
+check_item(c, o)
+if o.status ~= "reserved" then
+  redis.call("ZREM", KEYS[4], c.member)
+  return {"not_reserved", o.status}
 end
-if pay_before > now then
-  return {"not_due", pay_before}
+if o.pay_before > c.now then
+  return {"not_due", o.pay_before}
 end
 
 -- Writes.
-local stock_after = redis.call("HINCRBY", KEYS[2], "stock", qty_s)
-redis.call("HINCRBY", KEYS[2], "reserved", neg_qty_s)
-redis.call("HINCRBY", KEYS[2], "expired", qty_s)
-if redis.call("HINCRBY", KEYS[3], user_id, neg_qty_s) <= 0 then
-  redis.call("HDEL", KEYS[3], user_id)
-end
-redis.call("HSET", KEYS[1], "status", "expired", "updated_ms", int(now))
-redis.call("EXPIRE", KEYS[1], int(closed_ttl_s))
-redis.call("ZREM", KEYS[4], member)
-redis.call("XADD", KEYS[5], "*",
-  "type", "expired", "order_id", order_id, "item_id", item_id, "user_id", user_id,
-  "qty", qty_s, "at_ms", int(now), "created_ms", o[5], "pay_before_ms", o[6],
-  "idem_key", o[7])
-return {"expired", stock_after}
+return {"expired", expire_order(c, o)}

@@ -1,11 +1,14 @@
-//! The Lua scripts in `lua/`, called directly against a real `redis-server`
-//! (one per test, on a free port), asserting every reply of every script and
-//! its side effects: stock and counters, buyers, the order hash, stream
-//! entries, the idempotency key, the deadline set and TTLs. Interfaces:
-//! `docs/internals.md`.
+//! The Lua scripts in `lua/`, as the engine runs them ([`engine::scripts`]: pay,
+//! cancel and expire joined after their prelude `lua/lib/order.lua`), called
+//! directly against a real `redis-server` (one per test, on a free port),
+//! asserting every reply of every script and its side effects: stock and
+//! counters, buyers, the order hash, stream entries, the idempotency key, the
+//! deadline set and TTLs. Interfaces: `docs/internals.md`.
 //!
 //! "Changes nothing" is checked by snapshotting every key of the server
 //! (DUMP, plus whether it has a TTL) before and after a refused call.
+//!
+//! [`engine::scripts`]: seckill_gateway::engine::scripts
 
 mod common;
 
@@ -16,11 +19,13 @@ use common::{RedisServer, unique};
 use redis::aio::MultiplexedConnection;
 use redis::{Script, Value};
 
-static RESERVE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("../lua/reserve.lua")));
-static PAY: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("../lua/pay.lua")));
-static CANCEL: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("../lua/cancel.lua")));
-static EXPIRE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("../lua/expire.lua")));
-static PUT_ITEM: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("../lua/put_item.lua")));
+use seckill_gateway::engine::scripts;
+
+static RESERVE: LazyLock<Script> = LazyLock::new(|| Script::new(scripts::RESERVE));
+static PAY: LazyLock<Script> = LazyLock::new(|| Script::new(scripts::PAY));
+static CANCEL: LazyLock<Script> = LazyLock::new(|| Script::new(scripts::CANCEL));
+static EXPIRE: LazyLock<Script> = LazyLock::new(|| Script::new(scripts::EXPIRE));
+static PUT_ITEM: LazyLock<Script> = LazyLock::new(|| Script::new(scripts::PUT_ITEM));
 
 /// The injected clock of these tests: 2023-11-14T22:13:20Z.
 const NOW: i64 = 1_700_000_000_000;

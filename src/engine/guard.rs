@@ -1,13 +1,15 @@
 //! Protection around every Redis call: a timeout, a cap on calls in flight (shed with 503
 //! rather than queue without bound), and a circuit breaker (after repeated failures answer
-//! 503 at once for a cool-down, then let one probe through).
+//! 503 at once for a cool-down, then let one probe through). The breaker reads an injected
+//! [`Clock`]: production passes `Clock::system()`, tests a manual clock they advance.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::sync::Semaphore;
 
+use crate::clock::{Clock, Millis};
 use crate::error::Error;
 use crate::metrics;
 
@@ -20,11 +22,14 @@ pub struct Guard {
 }
 
 impl Guard {
-    pub fn new(max_inflight: usize, timeout: Duration, failures: u32, cooldown: Duration) -> Self {
+    /// `clock` times the breaker's cool-down and its probes (the call timeout is tokio's).
+    /// The Redis engine passes `Clock::system()`, not its own clock: that one is the sale's
+    /// clock (manual in tests, offset to Redis `TIME`), while an outage lasts in real time.
+    pub fn new(max_inflight: usize, timeout: Duration, failures: u32, cooldown: Duration, clock: Clock) -> Self {
         Guard {
             inflight: Semaphore::new(max_inflight),
             // A real probe ends within `timeout`; one silent for longer was abandoned.
-            breaker: Breaker::new(failures, cooldown, timeout + Duration::from_millis(100)),
+            breaker: Breaker::new(failures, cooldown, timeout + Duration::from_millis(100), clock),
             timeout,
         }
     }
@@ -76,25 +81,29 @@ impl Guard {
     }
 }
 
-/// A consecutive-failure circuit breaker on a monotonic clock.
+/// A consecutive-failure circuit breaker on an injected clock.
+///
+/// The system clock can be stepped (NTP). So that a step back cannot keep the circuit open
+/// longer than a monotonic clock would, it ends a running cool-down and makes an out probe
+/// count as abandoned.
 struct Breaker {
     failures: AtomicU32,
-    /// Milliseconds since `epoch` until which the circuit is open; 0 = closed.
+    /// Clock time (ms) until which the circuit is open; 0 = closed.
     open_until: AtomicI64,
     /// A probe is out while the cool-down is over but no call has succeeded yet.
     probing: AtomicBool,
-    /// When the probe went out (ms since `epoch`). A probe whose caller went away (the
-    /// client hung up and hyper dropped the handler) never reports back; after
-    /// `probe_timeout` another caller may probe instead, so the circuit cannot stay stuck.
+    /// When the probe went out (clock ms). A probe whose caller went away (the client hung
+    /// up and hyper dropped the handler) never reports back; after `probe_timeout` another
+    /// caller may probe instead, so the circuit cannot stay stuck.
     probe_started: AtomicI64,
     probe_timeout: Duration,
     threshold: u32,
     cooldown: Duration,
-    epoch: Instant,
+    clock: Clock,
 }
 
 impl Breaker {
-    fn new(threshold: u32, cooldown: Duration, probe_timeout: Duration) -> Self {
+    fn new(threshold: u32, cooldown: Duration, probe_timeout: Duration, clock: Clock) -> Self {
         metrics::gauge_circuit(false);
         Breaker {
             failures: AtomicU32::new(0),
@@ -104,12 +113,12 @@ impl Breaker {
             probe_timeout,
             threshold,
             cooldown,
-            epoch: Instant::now(),
+            clock,
         }
     }
 
-    fn now(&self) -> i64 {
-        self.epoch.elapsed().as_millis() as i64
+    fn now(&self) -> Millis {
+        self.clock.now_ms()
     }
 
     fn is_open(&self) -> bool {
@@ -121,11 +130,13 @@ impl Breaker {
         if until == 0 {
             return Ok(());
         }
-        if self.now() < until {
+        let now = self.now();
+        // Open while the cool-down runs: `until - now` in 1..=cooldown (more: the clock
+        // stepped back, and the cool-down is not stretched).
+        if (1..=self.cooldown.as_millis() as i64).contains(&(until - now)) {
             return Err(Error::CircuitOpen);
         }
         // Cool-down over: exactly one caller probes at a time.
-        let now = self.now();
         if self
             .probing
             .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
@@ -135,7 +146,7 @@ impl Breaker {
             return Ok(());
         }
         let started = self.probe_started.load(Ordering::Acquire);
-        let abandoned = now - started > self.probe_timeout.as_millis() as i64;
+        let abandoned = !(0..=self.probe_timeout.as_millis() as i64).contains(&(now - started));
         if abandoned
             && self
                 .probe_started
@@ -181,6 +192,8 @@ impl Breaker {
 
 #[cfg(test)]
 mod tests {
+    use futures_util::FutureExt;
+
     use super::*;
 
     fn fail() -> redis::RedisResult<()> {
@@ -190,45 +203,82 @@ mod tests {
         )))
     }
 
+    /// A guard whose breaker reads a manual clock, and that clock.
+    fn guard(max_inflight: usize, timeout: Duration, failures: u32, cooldown: Duration) -> (Guard, Clock) {
+        let clock = Clock::manual(1_000_000);
+        (
+            Guard::new(max_inflight, timeout, failures, cooldown, clock.clone()),
+            clock,
+        )
+    }
+
+    /// The circuit refuses calls without making them for `ms` more milliseconds, then lets
+    /// a probe through, which closes it.
+    async fn refuses_for_then_closes(g: &Guard, clock: &Clock, ms: i64) {
+        let refused = || async { matches!(g.call(async { Ok(()) }).await, Err(Error::CircuitOpen)) };
+        assert!(g.circuit_open());
+        assert!(refused().await, "open: not called");
+        clock.advance(ms - 1);
+        assert!(refused().await, "still open {} ms later", ms - 1);
+        clock.advance(1);
+        assert!(
+            g.call(async { Ok(()) }).await.is_ok(),
+            "the probe goes through {ms} ms later"
+        );
+        assert!(!g.circuit_open());
+    }
+
     #[tokio::test]
     async fn breaker_opens_then_probes() {
-        let g = Guard::new(10, Duration::from_secs(1), 3, Duration::from_millis(50));
+        let (g, clock) = guard(10, Duration::from_secs(1), 3, Duration::from_millis(50));
         for _ in 0..3 {
             assert!(matches!(g.call(async { fail() }).await, Err(Error::RedisConnection(_))));
         }
-        assert!(g.circuit_open());
-        assert!(
-            matches!(g.call(async { Ok(()) }).await, Err(Error::CircuitOpen)),
-            "open: not called"
-        );
-        tokio::time::sleep(Duration::from_millis(60)).await;
-        assert!(g.call(async { Ok(()) }).await.is_ok(), "the probe goes through");
-        assert!(!g.circuit_open());
+        refuses_for_then_closes(&g, &clock, 50).await;
     }
 
     #[tokio::test]
     async fn an_abandoned_probe_does_not_keep_the_circuit_open() {
-        let g = Guard::new(10, Duration::from_millis(20), 1, Duration::from_millis(10));
+        // Cool-down 10 ms; probe timeout 20 ms + 100 ms.
+        let (g, clock) = guard(10, Duration::from_millis(20), 1, Duration::from_millis(10));
         assert!(g.call(async { fail() }).await.is_err());
-        tokio::time::sleep(Duration::from_millis(15)).await;
+        clock.advance(15);
         // The probe's caller goes away: the future is dropped before it finishes.
         let probe = g.call(std::future::pending::<redis::RedisResult<()>>());
-        assert!(tokio::time::timeout(Duration::from_millis(5), probe).await.is_err());
+        assert!(probe.now_or_never().is_none());
+        // Another probe only once the first one has been out longer than the probe timeout.
+        refuses_for_then_closes(&g, &clock, 121).await;
+    }
+
+    #[tokio::test]
+    async fn a_failed_probe_opens_the_circuit_again() {
+        let (g, clock) = guard(10, Duration::from_secs(1), 2, Duration::from_millis(50));
+        for _ in 0..2 {
+            assert!(g.call(async { fail() }).await.is_err());
+        }
+        clock.advance(50);
         assert!(
-            matches!(g.call(async { Ok(()) }).await, Err(Error::CircuitOpen)),
-            "probe still out"
+            matches!(g.call(async { fail() }).await, Err(Error::RedisConnection(_))),
+            "the probe is called"
         );
-        tokio::time::sleep(Duration::from_millis(150)).await;
-        assert!(
-            g.call(async { Ok(()) }).await.is_ok(),
-            "a new probe after the old one was abandoned"
-        );
-        assert!(!g.circuit_open());
+        refuses_for_then_closes(&g, &clock, 50).await;
+    }
+
+    #[test]
+    fn a_clock_stepped_back_does_not_stretch_the_cool_down() {
+        let clock = Clock::manual(1_000_000);
+        let b = Breaker::new(1, Duration::from_millis(50), Duration::from_millis(100), clock.clone());
+        b.failure();
+        assert!(matches!(b.allow(), Err(Error::CircuitOpen)));
+        clock.advance(-60_000);
+        assert!(b.allow().is_ok(), "the cool-down ends: a probe goes out");
+        clock.advance(-60_000);
+        assert!(b.allow().is_ok(), "a probe started in the future counts as abandoned");
     }
 
     #[tokio::test]
     async fn timeouts_and_shedding() {
-        let g = Guard::new(1, Duration::from_millis(20), 100, Duration::from_secs(1));
+        let (g, _clock) = guard(1, Duration::from_millis(20), 100, Duration::from_secs(1));
         let slow = g.call(async {
             tokio::time::sleep(Duration::from_secs(5)).await;
             Ok(())

@@ -23,6 +23,7 @@ pub mod guard;
 pub mod journal;
 pub mod keys;
 pub mod redis;
+pub mod scripts;
 
 use std::future::Future;
 use std::sync::Arc;

@@ -4,7 +4,7 @@
 //! persistence worker's blocking stream reads use their own pooled connections
 //! ([`crate::orders::worker`]), never this one (redis-rs #453, #643).
 //!
-//! Scripts are loaded once with `include_str!` and run through `Script::invoke_async`,
+//! Scripts are loaded once from [`super::scripts`] and run through `Script::invoke_async`,
 //! which reloads them after `NOSCRIPT` (a restarted or failed-over Redis has an empty script
 //! cache; `invoke_script` would not reload, redis-rs #1394).
 
@@ -42,12 +42,13 @@ struct Scripts {
 
 impl Scripts {
     fn load() -> Self {
+        use super::scripts::{CANCEL, EXPIRE, PAY, PUT_ITEM, RESERVE};
         Scripts {
-            reserve: Script::new(include_str!("../../lua/reserve.lua")),
-            pay: Script::new(include_str!("../../lua/pay.lua")),
-            cancel: Script::new(include_str!("../../lua/cancel.lua")),
-            expire: Script::new(include_str!("../../lua/expire.lua")),
-            put_item: Script::new(include_str!("../../lua/put_item.lua")),
+            reserve: Script::new(RESERVE),
+            pay: Script::new(PAY),
+            cancel: Script::new(CANCEL),
+            expire: Script::new(EXPIRE),
+            put_item: Script::new(PUT_ITEM),
         }
     }
 }
@@ -107,6 +108,7 @@ impl RedisEngine {
             redis.timeout,
             redis.circuit_failures,
             redis.circuit_cooldown,
+            Clock::system(),
         );
         Ok(RedisEngine {
             client,

@@ -1,0 +1,109 @@
+-- Prelude of pay.lua, cancel.lua and expire.lua: src/engine/scripts.rs joins it
+-- in front of each of them at build time (a script run with EVALSHA cannot load
+-- another one). It only defines functions: nothing runs and no key is read
+-- before the script's own argument-count asserts. Interfaces: docs/internals.md.
+--
+-- The three scripts share their KEYS (all in the item's slot `{s<N>}`):
+--  1. [hash]   sk:T:order:<order_id>
+--  2. [hash]   sk:T:item:<item>
+--  3. [hash]   sk:T:buyers:<item>
+--  4. [zset]   sk:T:deadlines
+--  5. [stream] sk:T:events
+-- A failed check changes nothing; the writes below run only after every check.
+
+-- Integers handed to redis.call go as strings (see reserve.lua: a Lua number is
+-- converted with slow float formatting).
+local function int(n)
+  return string.format("%d", n)
+end
+
+-- The call: the script's name (for its errors), the order and item ids, the
+-- TTL of a closed order and `now` in ms (`now_ms` "" = Redis TIME).
+local function order_call(script, order_id, item_id, closed_ttl_s, now_ms)
+  local c = {script = script, order_id = order_id, item_id = item_id,
+    member = order_id .. "|" .. item_id}
+  c.closed_ttl_s = assert(tonumber(closed_ttl_s), script .. ": closed_ttl_s is not a number")
+  if now_ms ~= "" then
+    c.now = math.floor(assert(tonumber(now_ms), script .. ": now_ms is not a number"))
+  else
+    local t = redis.call("TIME")
+    c.now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  end
+  return c
+end
+
+-- The order hash KEYS[1] (fields as stored, `qty_s` is `qty`), or nil.
+local function load_order()
+  local o = redis.call("HMGET", KEYS[1], "user_id", "item_id", "qty", "status",
+    "created_ms", "pay_before_ms", "idem_key")
+  if not o[4] then
+    return nil
+  end
+  return {user_id = o[1], item_id = o[2], qty_s = o[3], status = o[4],
+    created_ms = o[5], pay_before_ms = o[6], idem_key = o[7]}
+end
+
+-- Asserts the order is of the call's item (KEYS 2-3 are built from it), then
+-- reads the numbers the checks and writes use.
+local function check_item(c, o)
+  assert(o.item_id == c.item_id, c.script .. ": order " .. c.order_id .. " is not of item " .. c.item_id)
+  o.pay_before, o.neg_qty_s = tonumber(o.pay_before_ms), int(-tonumber(o.qty_s))
+end
+
+-- Returns the order's units: stock += qty, reserved -= qty, `counter` += qty,
+-- buyers[user] -= qty (deleted at 0). Answers the stock after.
+local function give_back(o, counter)
+  local stock_after = redis.call("HINCRBY", KEYS[2], "stock", o.qty_s)
+  redis.call("HINCRBY", KEYS[2], "reserved", o.neg_qty_s)
+  redis.call("HINCRBY", KEYS[2], counter, o.qty_s)
+  if redis.call("HINCRBY", KEYS[3], o.user_id, o.neg_qty_s) <= 0 then
+    redis.call("HDEL", KEYS[3], o.user_id)
+  end
+  return stock_after
+end
+
+-- Makes the order `final`: status and updated_ms set, order TTL set, deadline
+-- member removed, `final` event XADDed (the whole order, as every event).
+local function close_order(c, o, final)
+  redis.call("HSET", KEYS[1], "status", final, "updated_ms", int(c.now))
+  redis.call("EXPIRE", KEYS[1], int(c.closed_ttl_s))
+  redis.call("ZREM", KEYS[4], c.member)
+  redis.call("XADD", KEYS[5], "*",
+    "type", final, "order_id", c.order_id, "item_id", c.item_id, "user_id", o.user_id,
+    "qty", o.qty_s, "at_ms", int(c.now), "created_ms", o.created_ms,
+    "pay_before_ms", o.pay_before_ms, "idem_key", o.idem_key)
+end
+
+-- Expires a reserved order: its stock and quota come back, exactly once.
+-- Answers the stock after.
+local function expire_order(c, o)
+  local stock_after = give_back(o, "expired")
+  close_order(c, o, "expired")
+  return stock_after
+end
+
+-- The checks of pay.lua and cancel.lua, in their order, for `user_id` moving the
+-- order to `target`: returns the reserved order, or nil and the reply. A reserved
+-- order whose deadline has passed is expired here instead, as expire.lua would,
+-- and answered {"closed", "expired"}.
+local function open_order_of(c, user_id, target)
+  local o = load_order()
+  if not o then
+    return nil, {"unknown_order"}
+  end
+  if o.user_id ~= user_id then
+    return nil, {"forbidden"}
+  end
+  check_item(c, o)
+  if o.status == target then
+    return nil, {"already", target}
+  end
+  if o.status ~= "reserved" then
+    return nil, {"closed", o.status}
+  end
+  if o.pay_before <= c.now then
+    expire_order(c, o)
+    return nil, {"closed", "expired"}
+  end
+  return o
+end
