@@ -13,6 +13,9 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
     about = "Flash-sale gateway: sells exactly the stock, loses no order."
 )]
 pub struct Cli {
+    /// Every setting is a global flag: it may come before or after the subcommand
+    /// (`seckill-gateway --listen … serve` and `seckill-gateway serve --listen …`), and the
+    /// subcommands' `--help` lists them.
     #[command(flatten)]
     pub config: Config,
     #[command(subcommand)]
@@ -45,127 +48,127 @@ pub enum LogFormat {
 #[derive(Debug, Clone, Args)]
 pub struct Config {
     /// Address the HTTP front door listens on.
-    #[arg(long, env = "SECKILL_LISTEN", default_value = "127.0.0.1:8080")]
+    #[arg(long, global = true, env = "SECKILL_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
 
     /// Redis URL. Unset: the embedded in-process stock engine.
-    #[arg(long, env = "REDIS_URL")]
+    #[arg(long, global = true, env = "REDIS_URL")]
     pub redis_url: Option<String>,
 
     /// Order store: `postgres://…` or `sqlite://…`.
-    #[arg(long, env = "DATABASE_URL", default_value = "sqlite://seckill.db")]
+    #[arg(long, global = true, env = "DATABASE_URL", default_value = "sqlite://seckill.db")]
     pub database_url: String,
 
     /// Bearer token of the operator routes; unset: the admin API answers 403.
-    #[arg(long, env = "SECKILL_ADMIN_TOKEN", hide_env_values = true)]
+    #[arg(long, global = true, env = "SECKILL_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
 
     /// HS256 secret of shopper JWTs (`sub` = user id). Unset: trust `X-User-Id`.
-    #[arg(long, env = "SECKILL_JWT_SECRET", hide_env_values = true)]
+    #[arg(long, global = true, env = "SECKILL_JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: Option<String>,
 
     /// Requests per second for the whole instance (0: no global limit).
-    #[arg(long, env = "SECKILL_RATE_GLOBAL", default_value_t = 0)]
+    #[arg(long, global = true, env = "SECKILL_RATE_GLOBAL", default_value_t = 0)]
     pub rate_global: u32,
 
     /// Requests per second per user; the burst is the same number (0: off).
-    #[arg(long, env = "SECKILL_RATE_PER_USER", default_value_t = 10)]
+    #[arg(long, global = true, env = "SECKILL_RATE_PER_USER", default_value_t = 10)]
     pub rate_per_user: u32,
 
     /// Requests per second per client IP (0: off).
-    #[arg(long, env = "SECKILL_RATE_PER_IP", default_value_t = 1000)]
+    #[arg(long, global = true, env = "SECKILL_RATE_PER_IP", default_value_t = 1000)]
     pub rate_per_ip: u32,
 
     /// Take the client IP from `X-Forwarded-For` (only behind a trusted proxy).
-    #[arg(long, env = "SECKILL_TRUST_FORWARDED", default_value_t = false, action = clap::ArgAction::Set)]
+    #[arg(long, global = true, env = "SECKILL_TRUST_FORWARDED", default_value_t = false, action = clap::ArgAction::Set)]
     pub trust_forwarded: bool,
 
     /// How long a reservation waits for payment before its stock returns.
-    #[arg(long, env = "SECKILL_PAYMENT_TIMEOUT", default_value = "15m", value_parser = humantime::parse_duration)]
+    #[arg(long, global = true, env = "SECKILL_PAYMENT_TIMEOUT", default_value = "15m", value_parser = humantime::parse_duration)]
     pub payment_timeout: Duration,
 
     /// Preload a demo item (default: on in embedded mode, off with Redis).
-    #[arg(long, env = "SECKILL_DEMO", action = clap::ArgAction::Set)]
+    #[arg(long, global = true, env = "SECKILL_DEMO", action = clap::ArgAction::Set)]
     pub demo: Option<bool>,
 
     /// Log format.
-    #[arg(long, env = "SECKILL_LOG_FORMAT", value_enum, default_value = "text")]
+    #[arg(long, global = true, env = "SECKILL_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
 
     /// Timeout of every Redis command (connect and response).
-    #[arg(long, env = "SECKILL_REDIS_TIMEOUT", default_value = "1s", value_parser = humantime::parse_duration)]
+    #[arg(long, global = true, env = "SECKILL_REDIS_TIMEOUT", default_value = "1s", value_parser = humantime::parse_duration)]
     pub redis_timeout: Duration,
 
     /// Timeout of every store (database) call.
-    #[arg(long, env = "SECKILL_STORE_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    #[arg(long, global = true, env = "SECKILL_STORE_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
     pub store_timeout: Duration,
 
     /// Redis calls in flight before new ones are shed with 503.
-    #[arg(long, env = "SECKILL_MAX_INFLIGHT", default_value_t = 2048)]
+    #[arg(long, global = true, env = "SECKILL_MAX_INFLIGHT", default_value_t = 2048)]
     pub max_inflight: usize,
 
     /// Consecutive Redis failures that open the circuit.
-    #[arg(long, env = "SECKILL_CIRCUIT_FAILURES", default_value_t = 20)]
+    #[arg(long, global = true, env = "SECKILL_CIRCUIT_FAILURES", default_value_t = 20)]
     pub circuit_failures: u32,
 
     /// How long an open circuit answers 503 before one probe is let through.
-    #[arg(long, env = "SECKILL_CIRCUIT_COOLDOWN", default_value = "2s", value_parser = humantime::parse_duration)]
+    #[arg(long, global = true, env = "SECKILL_CIRCUIT_COOLDOWN", default_value = "2s", value_parser = humantime::parse_duration)]
     pub circuit_cooldown: Duration,
 
     /// Concurrent client connections; more are closed at accept.
-    #[arg(long, env = "SECKILL_MAX_CONNECTIONS", default_value_t = 20_000)]
+    #[arg(long, global = true, env = "SECKILL_MAX_CONNECTIONS", default_value_t = 20_000)]
     pub max_connections: usize,
 
     /// Time a client has to send its request headers.
-    #[arg(long, env = "SECKILL_HEADER_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    #[arg(long, global = true, env = "SECKILL_HEADER_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
     pub header_timeout: Duration,
 
     /// How long an idempotency key is remembered.
-    #[arg(long, env = "SECKILL_IDEMPOTENCY_TTL", default_value = "24h", value_parser = humantime::parse_duration)]
+    #[arg(long, global = true, env = "SECKILL_IDEMPOTENCY_TTL", default_value = "24h", value_parser = humantime::parse_duration)]
     pub idempotency_ttl: Duration,
 
     /// How long a closed (paid, cancelled, expired) order stays in Redis for lookups.
-    #[arg(long, env = "SECKILL_CLOSED_ORDER_TTL", default_value = "24h", value_parser = humantime::parse_duration)]
+    #[arg(long, global = true, env = "SECKILL_CLOSED_ORDER_TTL", default_value = "24h", value_parser = humantime::parse_duration)]
     pub closed_order_ttl: Duration,
 
     /// Safety-net lifetime of a local sold-out flag (pub/sub clears it at once normally).
-    #[arg(long, env = "SECKILL_SOLD_OUT_TTL", default_value = "5s", value_parser = humantime::parse_duration)]
+    #[arg(long, global = true, env = "SECKILL_SOLD_OUT_TTL", default_value = "5s", value_parser = humantime::parse_duration)]
     pub sold_out_ttl: Duration,
 
     /// Lifetime of cached item metadata (changes are also pushed by pub/sub).
-    #[arg(long, env = "SECKILL_ITEM_CACHE_TTL", default_value = "30s", value_parser = humantime::parse_duration)]
+    #[arg(long, global = true, env = "SECKILL_ITEM_CACHE_TTL", default_value = "30s", value_parser = humantime::parse_duration)]
     pub item_cache_ttl: Duration,
 
     /// Run the persistence worker and deadline sweeper inside `serve`.
-    #[arg(long, env = "SECKILL_WORKERS", default_value_t = true, action = clap::ArgAction::Set)]
+    #[arg(long, global = true, env = "SECKILL_WORKERS", default_value_t = true, action = clap::ArgAction::Set)]
     pub workers: bool,
 
     /// Events per persistence batch.
-    #[arg(long, env = "SECKILL_PERSIST_BATCH", default_value_t = 1000)]
+    #[arg(long, global = true, env = "SECKILL_PERSIST_BATCH", default_value_t = 1000)]
     pub persist_batch: usize,
 
     /// Longest wait for a batch to fill.
-    #[arg(long, env = "SECKILL_PERSIST_WAIT", default_value = "20ms", value_parser = humantime::parse_duration)]
+    #[arg(long, global = true, env = "SECKILL_PERSIST_WAIT", default_value = "20ms", value_parser = humantime::parse_duration)]
     pub persist_wait: Duration,
 
     /// Pending entries idle longer than this are claimed from dead consumers.
-    #[arg(long, env = "SECKILL_CLAIM_IDLE", default_value = "30s", value_parser = humantime::parse_duration)]
+    #[arg(long, global = true, env = "SECKILL_CLAIM_IDLE", default_value = "30s", value_parser = humantime::parse_duration)]
     pub claim_idle: Duration,
 
     /// Deliveries before an event goes to the dead-letter stream.
-    #[arg(long, env = "SECKILL_MAX_DELIVERIES", default_value_t = 5)]
+    #[arg(long, global = true, env = "SECKILL_MAX_DELIVERIES", default_value_t = 5)]
     pub max_deliveries: u64,
 
     /// How often the deadline sweeper looks for expired reservations.
-    #[arg(long, env = "SECKILL_SWEEP_INTERVAL", default_value = "500ms", value_parser = humantime::parse_duration)]
+    #[arg(long, global = true, env = "SECKILL_SWEEP_INTERVAL", default_value = "500ms", value_parser = humantime::parse_duration)]
     pub sweep_interval: Duration,
 
-    /// Name of this instance's stream consumer (default: host name and PID).
-    #[arg(long, env = "SECKILL_CONSUMER_NAME")]
+    /// Name of this instance's stream consumer (default: host name and listen port).
+    #[arg(long, global = true, env = "SECKILL_CONSUMER_NAME")]
     pub consumer_name: Option<String>,
 
     /// How long shutdown waits for in-flight requests and the batch in hand.
-    #[arg(long, env = "SECKILL_SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
+    #[arg(long, global = true, env = "SECKILL_SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
 }
 
@@ -264,6 +267,31 @@ mod tests {
         assert!(c.embedded());
         assert!(c.demo_enabled());
         c.validate().unwrap();
+    }
+
+    #[test]
+    fn flags_go_before_or_after_the_subcommand() {
+        let listen = |args: &[&str]| Cli::try_parse_from(args).unwrap().config.listen.to_string();
+        assert_eq!(listen(&["x", "--listen", "127.0.0.1:0"]), "127.0.0.1:0");
+        assert_eq!(listen(&["x", "--listen", "127.0.0.1:0", "serve"]), "127.0.0.1:0");
+        assert_eq!(listen(&["x", "serve", "--listen", "127.0.0.1:0"]), "127.0.0.1:0");
+        assert_eq!(listen(&["x", "worker", "--listen", "127.0.0.1:0"]), "127.0.0.1:0");
+        // A flag not given after the subcommand keeps its default.
+        assert_eq!(listen(&["x", "serve"]), "127.0.0.1:8080");
+        let cli = Cli::try_parse_from([
+            "x",
+            "reconcile",
+            "--item",
+            "a",
+            "--redis-url",
+            "redis://h/",
+            "--payment-timeout",
+            "2m",
+        ])
+        .unwrap();
+        assert!(matches!(cli.command, Some(Command::Reconcile { item: Some(ref i), repair: false }) if i == "a"));
+        assert_eq!(cli.config.redis_url.as_deref(), Some("redis://h/"));
+        assert_eq!(cli.config.payment_timeout, Duration::from_secs(120));
     }
 
     #[test]

@@ -1,5 +1,7 @@
 //! Parse the configuration, start tracing, run the gateway until SIGTERM or ctrl-c.
 
+use std::io::IsTerminal;
+
 use clap::Parser;
 
 /// mimalloc, not glibc's malloc: under load the gateway allocates from both cores at once,
@@ -13,29 +15,39 @@ use tracing_subscriber::EnvFilter;
 
 fn init_tracing(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    // Logs go to stderr; stdout carries only the start-up banner.
+    // Logs go to stderr; stdout carries only the start-up banner. Colour codes only on a
+    // terminal: in a file, a pipe or a log collector they are noise.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     match format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),
     }
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("install SIGTERM handler");
+/// Resolves on SIGTERM or Ctrl-C. The handlers are installed when this is called, not when
+/// the future is first polled: called before start-up, so a SIGTERM that arrives right
+/// after the banner drains and exits 0 instead of killing the process.
+#[cfg(unix)]
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
+    let mut interrupt = signal(SignalKind::interrupt()).expect("install SIGINT handler");
+    async move {
         tokio::select! {
-            _ = ctrl_c => {}
             _ = term.recv() => {}
+            _ = interrupt.recv() => {}
         }
     }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
+}
+
+#[cfg(not(unix))]
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
+    async {
+        let _ = tokio::signal::ctrl_c().await;
+    }
 }
 
 #[tokio::main]
@@ -48,6 +60,13 @@ async fn main() -> std::process::ExitCode {
     }
     let result = match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => run(cli.config, true).await,
+        Command::Worker if cli.config.embedded() => {
+            // The worker carries events from the Redis streams to the database; embedded
+            // mode has neither stream nor worker. Refuse before anything (./seckill.db) is
+            // created, as `reconcile` does.
+            eprintln!("worker carries order events from Redis to the database: set REDIS_URL");
+            return std::process::ExitCode::from(2);
+        }
         Command::Worker => run(cli.config, false).await,
         Command::Reconcile { item, repair } => {
             return seckill_gateway::orders::reconcile::main(cli.config, item, repair).await;
@@ -63,6 +82,7 @@ async fn main() -> std::process::ExitCode {
 }
 
 async fn run(config: seckill_gateway::config::Config, http: bool) -> anyhow::Result<()> {
+    let stop = shutdown_signal();
     let embedded = config.embedded();
     let running = seckill_gateway::server::start(config, Clock::system(), http).await?;
     if http {
@@ -80,7 +100,7 @@ async fn run(config: seckill_gateway::config::Config, http: bool) -> anyhow::Res
     } else {
         println!("seckill-gateway worker running");
     }
-    shutdown_signal().await;
+    stop.await;
     tracing::info!("shutting down: draining in-flight requests and the batch in hand");
     running.stop().await;
     Ok(())

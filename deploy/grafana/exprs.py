@@ -17,7 +17,7 @@ for the integration test that scrapes a live gateway (every dashboard query retu
 Importable too: `queries(kinds, values)` returns a list of Query.
 
 Also holds CONTRACT_METRICS, the metric names and label values of the contract
-(../shared/design.md, "Metrics"), which the dashboard lint checks every expression against.
+(docs/contract.md, "Metrics"), which the dashboard lint checks every expression against.
 """
 
 import argparse
@@ -36,7 +36,7 @@ ROUTES = {"item_get", "reserve", "pay", "cancel", "order_get", "admin_item_put",
 OUTCOMES = {"ok", "bad_request", "unauthenticated", "forbidden", "unknown_item", "unknown_order",
             "limit_reached", "order_closed", "sold_out", "not_started", "ended",
             "payload_too_large", "rate_limited", "unavailable", "internal",
-            # route-level refusals outside the contract table (README: deviations)
+            # route-level refusals outside the design's table (docs/contract.md: deviations)
             "not_found", "method_not_allowed"}
 SCRIPTS = {"reserve", "pay", "cancel", "expire", "put_item"}
 REDIS_ERROR_KINDS = {"timeout", "connection", "script", "circuit_open", "shed"}

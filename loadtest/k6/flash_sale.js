@@ -4,7 +4,7 @@
 //
 // SCENARIO=burst (default): one hot item; the arrival rate ramps from 0 to PEAK_RATE
 //   iterations/s in RAMP, then holds for DURATION. One iteration = one shopper trying to
-//   reserve one unit, retrying up to RETRIES times on 429/503 (small sleep, honouring a short
+//   reserve QTY units, retrying up to RETRIES times on 429/503 (small sleep, honouring a short
 //   Retry-After). Each attempt carries the same Idempotency-Key, so a retry can never buy twice.
 // SCENARIO=steady: constant arrival RATE iterations/s for DURATION; each iteration browses the
 //   item (GET), reserves, and pays the order it got (PAY_PCT percent of the time).
@@ -13,9 +13,11 @@
 //   random among u1..uUSERS; 0 = every iteration is a new user; default 50000), PEAK_RATE (5000),
 //   RAMP (3s), DURATION (20s), RATE (steady, 500), PAY_PCT (steady, 50), RETRIES (3),
 //   RETRY_SLEEP_MS (50), VUS (pre-allocated, 200), MAX_VUS (2000), P95_MS (50), P99_MS (100),
-//   FAILED_RATE (0.01), STOCK (if set: threshold ok count <= STOCK), TOKEN (admin token: only
-//   used for the admin stats call in setup/teardown, sent as Authorization: Bearer),
-//   SUMMARY (JSON summary path, default loadtest/out/k6-summary.json), TIMEOUT (request timeout, 10s).
+//   FAILED_RATE (0.01), QTY (units per reservation, body {"qty":QTY}; 1), STOCK (if set:
+//   threshold ok count <= floor(STOCK / QTY), the most reservations the stock allows),
+//   TOKEN (admin token: only used for the admin stats call in setup/teardown, sent as
+//   Authorization: Bearer), SUMMARY (JSON summary path, default loadtest/out/k6-summary.json),
+//   TIMEOUT (request timeout, 10s).
 // Shoppers identify with the X-User-Id header (the gateway's trusted-proxy mode).
 //
 // No remote jslib import: this machine has no internet; the text summary is written here.
@@ -45,6 +47,11 @@ const SCENARIO = E.SCENARIO || 'burst';
 const SUMMARY = E.SUMMARY || 'loadtest/out/k6-summary.json';
 const TOKEN = E.TOKEN || '';
 const TIMEOUT = E.TIMEOUT || '10s';
+const QTY = parseInt(E.QTY || '1', 10);
+if (!(QTY >= 1)) {
+  throw new Error(`QTY must be a whole number >= 1, got ${E.QTY}`);
+}
+const RESERVE_BODY = JSON.stringify({ qty: QTY });
 
 // 409 (limit_reached) and 410 (sold_out) are the expected "no"; 429 is expected under load
 // and retried. 503 and anything else count in http_req_failed.
@@ -99,7 +106,8 @@ const thresholds = {
   other: ['count==0'],
 };
 if (E.STOCK !== undefined && E.STOCK !== '') {
-  thresholds.ok = [`count<=${parseInt(E.STOCK, 10)}`];
+  // Each 200 is one reservation of QTY units.
+  thresholds.ok = [`count<=${Math.floor(parseInt(E.STOCK, 10) / QTY)}`];
 }
 
 export const options = {
@@ -169,7 +177,7 @@ function reserve(uid, idemKey) {
   const url = `${BASE_URL}/api/v1/items/${ITEM}/reserve`;
   let res;
   for (let attempt = 0; attempt <= RETRIES; attempt++) {
-    res = http.post(url, '{"qty":1}', params);
+    res = http.post(url, RESERVE_BODY, params);
     const code = res.status === 200 ? '' : errorCode(res);
     if (res.status === 200) { ok.add(1); return res; }
     if (res.status === 410 && code === 'sold_out') { soldOut.add(1); return res; }
@@ -233,7 +241,7 @@ function fmtMetric(name, m) {
 
 function textSummary(data) {
   const lines = [];
-  lines.push(`scenario ${SCENARIO} against ${BASE_URL}, item ${ITEM}`);
+  lines.push(`scenario ${SCENARIO} against ${BASE_URL}, item ${ITEM}, qty ${QTY}`);
   const names = Object.keys(data.metrics).sort();
   const width = names.reduce((w, n) => Math.max(w, n.length), 0);
   for (const name of names) {

@@ -3,12 +3,15 @@
 
   loadtest/run burst --gateway-cmd "python3 loadtest/lib/fake_gateway.py"
 
-It speaks the parts of the contract the load tests use (same env vars as the gateway:
-SECKILL_LISTEN, DATABASE_URL=postgres://..., SECKILL_ADMIN_TOKEN), keeps stock in memory,
-and writes order rows to PostgreSQL through psql every 200 ms. It is NOT a benchmark target:
-its figures mean nothing. Its purpose is to show that the harness catches broken gateways:
+It speaks the parts of the contract (docs/contract.md) the load tests use, with the same
+env vars as the gateway (SECKILL_LISTEN, DATABASE_URL=postgres://..., SECKILL_ADMIN_TOKEN):
+reserve with {"qty":N} (1 by default), pay, item, and the admin item PUT and stats, whose
+counters are units and whose `persisted` is the units in the database rows and
+`persisted_orders` the rows. It keeps stock in memory and writes order rows to PostgreSQL
+through psql every 200 ms. It is NOT a benchmark target: its figures mean nothing. Its
+purpose is to show that the harness catches broken gateways:
 
-  FAKE_BUG=oversell  sells one unit more than the stock
+  FAKE_BUG=oversell  sells one reservation more than the stock allows
   FAKE_BUG=lose      answers 200 to one reservation but never writes its row
   FAKE_BUG=limit     lets one user buy past the per-user limit
 """
@@ -28,7 +31,7 @@ ITEMS = {}        # id -> dict
 BUYERS = {}       # (item, user) -> units
 ORDERS = {}       # order id -> dict
 PENDING = []      # order dicts to write
-PERSISTED = {}    # item -> rows written
+PERSISTED = {}    # item -> [units, rows] written
 BUG = os.environ.get("FAKE_BUG", "")
 TOKEN = os.environ.get("SECKILL_ADMIN_TOKEN", "")
 DB = urllib.parse.urlparse(os.environ.get("DATABASE_URL", ""))
@@ -73,7 +76,14 @@ def write_loop():
         with LOCK:
             for o in batch:
                 if o.pop("_new", False):
-                    PERSISTED[o["item_id"]] = PERSISTED.get(o["item_id"], 0) + 1
+                    persisted(o)
+
+
+def persisted(o):
+    """Count a new row of order `o` as written (LOCK held)."""
+    p = PERSISTED.setdefault(o["item_id"], [0, 0])
+    p[0] += o["qty"]
+    p[1] += 1
 
 
 class H(BaseHTTPRequestHandler):
@@ -97,6 +107,14 @@ class H(BaseHTTPRequestHandler):
         n = int(self.headers.get("Content-Length") or 0)
         return self.rfile.read(n) if n else b""
 
+    def qty(self, raw):
+        """The reserve body's qty (1 when absent), or None when it is not a whole number."""
+        try:
+            q = (json.loads(raw) if raw.strip() else {}).get("qty", 1)
+        except (ValueError, AttributeError):
+            return None
+        return q if isinstance(q, int) and not isinstance(q, bool) else None
+
     def admin(self):
         return TOKEN and self.headers.get("Authorization") == f"Bearer {TOKEN}"
 
@@ -107,6 +125,8 @@ class H(BaseHTTPRequestHandler):
         if p == "/metrics":
             with LOCK:
                 text = "".join(f'seckill_requests_total{{route="{r}",outcome="ok"}} {n}\n' for r, n in OK.items())
+                # Reservations made, as the gateway counts them (lt.py metric-ok reads this).
+                text += f'seckill_orders_total{{event="reserved"}} {OK["reserve"]}\n'
             body = text.encode()
             self.send_response(200)
             self.send_header("Content-Type", "text/plain; version=0.0.4")
@@ -122,10 +142,11 @@ class H(BaseHTTPRequestHandler):
                 it = ITEMS.get(m[1])
                 if not it:
                     return self.err(404, "unknown_item")
+                units, rows = PERSISTED.get(m[1], [0, 0])
                 return self.reply(200, {"item_id": m[1], "stock_total": it["stock_total"],
                                         "stock_remaining": it["stock"], "reserved": it["reserved"],
                                         "paid": it["paid"], "cancelled": 0, "expired": 0,
-                                        "persisted": PERSISTED.get(m[1], 0)})
+                                        "persisted": units, "persisted_orders": rows})
         m = re.fullmatch(r"/api/v1/items/([^/]+)", p)
         if m:
             with LOCK:
@@ -150,40 +171,43 @@ class H(BaseHTTPRequestHandler):
 
     def do_POST(self):
         global bug_done
-        self.body()
+        raw = self.body()
         user = self.headers.get("X-User-Id")
         if not user:
             return self.err(401, "unauthenticated")
         m = re.fullmatch(r"/api/v1/items/([^/]+)/reserve", self.path)
         if m:
             item = m[1]
+            qty = self.qty(raw)
             with LOCK:
                 it = ITEMS.get(item)
                 if not it:
                     return self.err(404, "unknown_item")
+                if qty is None or qty < 1 or qty > it["limit"]:
+                    return self.err(400, "bad_request")
                 held = BUYERS.get((item, user), 0)
-                over = BUG == "limit" and not bug_done and held >= it["limit"]
-                if held + 1 > it["limit"] and not over:
+                over = BUG == "limit" and not bug_done and held + qty > it["limit"]
+                if held + qty > it["limit"] and not over:
                     return self.err(409, "limit_reached")
-                extra = BUG == "oversell" and not bug_done and it["stock"] == 0
-                if it["stock"] < 1 and not extra:
+                extra = BUG == "oversell" and not bug_done and it["stock"] < qty
+                if it["stock"] < qty and not extra:
                     return self.err(410, "sold_out")
                 if over or extra:
                     bug_done = True
-                it["stock"] -= 1
-                it["reserved"] += 1
-                BUYERS[(item, user)] = held + 1
-                o = {"order_id": str(uuid.uuid4()), "item_id": item, "user_id": user, "qty": 1,
+                it["stock"] -= qty
+                it["reserved"] += qty
+                BUYERS[(item, user)] = held + qty
+                o = {"order_id": str(uuid.uuid4()), "item_id": item, "user_id": user, "qty": qty,
                      "status": "reserved", "_new": True}
                 ORDERS[o["order_id"]] = o
                 if BUG == "lose" and not bug_done:
                     bug_done = True
-                    PERSISTED[item] = PERSISTED.get(item, 0) + 1  # claims it, never writes it
+                    persisted(o)  # claims it, never writes it
                 else:
                     PENDING.append(o)
                 OK["reserve"] += 1
             return self.reply(200, {"order_id": o["order_id"], "item_id": item, "user_id": user,
-                                    "qty": 1, "status": "reserved", "pay_before": "later"})
+                                    "qty": qty, "status": "reserved", "pay_before": "later"})
         m = re.fullmatch(r"/api/v1/orders/([^/]+)/pay", self.path)
         if m:
             with LOCK:
@@ -194,8 +218,8 @@ class H(BaseHTTPRequestHandler):
                     return self.err(403, "forbidden")
                 if o["status"] == "reserved":
                     o["status"] = "paid"
-                    ITEMS[o["item_id"]]["reserved"] -= 1
-                    ITEMS[o["item_id"]]["paid"] += 1
+                    ITEMS[o["item_id"]]["reserved"] -= o["qty"]
+                    ITEMS[o["item_id"]]["paid"] += o["qty"]
                     PENDING.append({k: v for k, v in o.items() if k != "_new"})
                 OK["pay"] += 1
             return self.reply(200, {"order_id": m[1], "status": "paid"})

@@ -12,7 +12,7 @@ Standard library only.
   lt.py sum-200 OUT.jsonl NAME [OUTCOME]      200s (or one outcome) counted by NAME's runs
   lt.py slack OUT.jsonl NAME CONNECTIONS      answers wrk may have missed (in flight at stop)
   lt.py check --base-url .. --token .. --item .. --stock .. --limit .. --answered-200 N
-              --slack K --sold-out-seen M --scenario .. --out checks.jsonl
+              --slack K --sold-out-seen M --scenario .. --out checks.jsonl [--qty Q]
               --psql 'psql -h .. -p .. -U postgres -d postgres' [--paid-200 P] [--quiet-timeout S]
               [--gateway-200 N] [--gateway-paid-200 N] [--seeded-200 N]
   lt.py metric-ok METRICS_URL                 {"reserve": n, "pay": n} 200s the gateway counted
@@ -243,6 +243,7 @@ def cmd_check(args):
         opts[k[2:]] = args.pop(0)
     base, token, item = opts["base-url"], opts["token"], opts["item"]
     stock, limit = int(opts["stock"]), int(opts["limit"])
+    qty = int(opts.get("qty", "1"))  # units per reservation of the run
     answered, slack = int(opts["answered-200"]), int(opts.get("slack", "0"))
     sold_out_seen = int(opts.get("sold-out-seen", "0"))
     scenario, out = opts["scenario"], opts["out"]
@@ -258,8 +259,18 @@ def cmd_check(args):
         print(f"  [{'PASS' if ok else 'FAIL'}] {item}: {check}: {detail}", flush=True)
 
     url = f"{base}/admin/v1/items/{item}/stats"
-    # 1. Wait for the pipeline to go quiet: every order the engine holds is a database row,
-    #    and two polls in a row agree.
+
+    def persisted_units(st):
+        """The database's units for the item, from the stats, or None if they do not say.
+        reserved/paid/cancelled/expired are units. `persisted` is units too when the stats
+        also carry `persisted_orders` (rows); a gateway without that field counts rows in
+        `persisted`, which equal units only when every reservation is of 1 unit."""
+        if "persisted_orders" in st or qty == 1:
+            return int(st.get("persisted", -1))
+        return None
+
+    # 1. Wait for the pipeline to go quiet: every unit the engine accounts for is in a
+    #    database row, and two polls in a row agree.
     t0, prev, stats, quiet = time.monotonic(), None, None, False
     while time.monotonic() - t0 < quiet_timeout:
         try:
@@ -271,8 +282,10 @@ def cmd_check(args):
         except (urllib.error.URLError, OSError, ValueError) as e:
             stats = {"error": str(e)}
         if "error" not in stats:
-            orders = sum(int(stats.get(k, 0)) for k in ("reserved", "paid", "cancelled", "expired"))
-            if int(stats.get("persisted", -1)) == orders and stats == prev:
+            if persisted_units(stats) is None:
+                break  # cannot tell: reported below
+            units = sum(int(stats.get(k, 0)) for k in ("reserved", "paid", "cancelled", "expired"))
+            if persisted_units(stats) == units and stats == prev:
                 quiet = True
                 break
         prev = stats
@@ -281,9 +294,16 @@ def cmd_check(args):
     if not stats or "error" in stats:
         record("admin stats readable", False, f"GET {url}: {stats}")
         return
-    orders = sum(int(stats.get(k, 0)) for k in ("reserved", "paid", "cancelled", "expired"))
-    record("pipeline quiet (persisted == reserved+paid+cancelled+expired)", quiet,
-           f"persisted {stats.get('persisted')} vs {orders} after {waited:.1f}s; stats {json.dumps(stats, sort_keys=True)}")
+    units = sum(int(stats.get(k, 0)) for k in ("reserved", "paid", "cancelled", "expired"))
+    if persisted_units(stats) is None:
+        record("pipeline quiet (persisted units == reserved+paid+cancelled+expired)", False,
+               f"the stats have no persisted_orders, so this gateway's persisted counts rows, not "
+               f"units; with --qty {qty} they cannot be compared (run with --qty 1); "
+               f"stats {json.dumps(stats, sort_keys=True)}")
+    else:
+        record("pipeline quiet (persisted units == reserved+paid+cancelled+expired)", quiet,
+               f"persisted {stats.get('persisted')} units vs {units} after {waited:.1f}s; "
+               f"stats {json.dumps(stats, sort_keys=True)}")
 
     total = int(stats["stock_total"])
     reserved, paid = int(stats["reserved"]), int(stats["paid"])
@@ -292,8 +312,12 @@ def cmd_check(args):
     record("no oversell (reserved+paid <= stock)", sold <= total,
            f"reserved {reserved} + paid {paid} = {sold}, stock {total}")
     if sold_out_seen > 0:
-        record("sold exactly the stock (sold_out was answered)", sold == total,
-               f"sold {sold}, stock {total}, sold_out answers {sold_out_seen}")
+        # sold_out means fewer than qty units were left for that reservation: with qty 1 the
+        # stock is sold exactly; with qty Q up to Q-1 units may stay unsold.
+        record("sold the stock (sold_out was answered: fewer than qty units left)",
+               sold <= total and total - sold < qty,
+               f"sold {sold}, stock {total}, left {total - sold} (< qty {qty}), "
+               f"sold_out answers {sold_out_seen}")
     record("stock_remaining == stock - reserved - paid",
            int(stats["stock_remaining"]) == total - reserved - paid,
            f"stock_remaining {stats['stock_remaining']}, expected {total - reserved - paid}")
@@ -307,9 +331,20 @@ def cmd_check(args):
                f"{len(over)} users over {limit}" + (f", e.g. {over[:3]}" if over else ""))
         rows = psql(opts["psql"],
                     "SELECT count(*), coalesce(sum(qty),0), "
-                    "count(*) FILTER (WHERE status='paid') FROM orders "
+                    "count(*) FILTER (WHERE status='paid'), "
+                    "coalesce(sum(qty) FILTER (WHERE status='paid'),0) FROM orders "
                     "WHERE item_id = :'p1' AND status IN ('reserved','paid');", item)
-        n_rows, units, n_paid = (int(x) for x in rows[0])
+        n_rows, units, n_paid, paid_units = (int(x) for x in rows[0])
+        all_rows = psql(opts["psql"],
+                        "SELECT count(*), coalesce(sum(qty),0) FROM orders WHERE item_id = :'p1';",
+                        item)
+        n_all, units_all = (int(x) for x in all_rows[0])
+        bad_qty = psql(opts["psql"],
+                       "SELECT count(*) FROM orders WHERE item_id = :'p1' AND qty <> :p2;",
+                       item, qty)
+        n_bad_qty = int(bad_qty[0][0])
+        record("every row is of the run's qty", n_bad_qty == 0,
+               f"{n_bad_qty} rows with qty other than {qty}")
         if slack:
             ok = answered <= n_rows <= answered + slack
             detail = (f"{n_rows} rows reserved/paid; {answered} 200s counted by the load tool "
@@ -333,9 +368,16 @@ def cmd_check(args):
                       f"(client gone: in flight when the load tool stopped)" if gap > 0 else "")
                    + (f"; {-gap} counted 200s have no row: LOST" if gap < 0 else ""))
         record("database units == engine reserved+paid", units == sold,
-               f"database {units}, engine {sold}")
-        record("database paid rows == engine paid", n_paid == paid,
-               f"database {n_paid}, engine {paid}")
+               f"database {units} units, engine {sold}")
+        record("database paid units == engine paid", paid_units == paid,
+               f"database {paid_units} units in {n_paid} paid rows, engine {paid}")
+        if persisted_units(stats) is not None:
+            record("database units (every status) == stats persisted", units_all == persisted_units(stats),
+                   f"database {units_all} units in {n_all} rows, persisted {stats.get('persisted')}")
+        if "persisted_orders" in stats:
+            record("database rows (every status) == stats persisted_orders",
+                   n_all == int(stats["persisted_orders"]),
+                   f"database {n_all} rows, persisted_orders {stats['persisted_orders']}")
         if paid_200 is not None:
             p = int(paid_200)
             ok = p <= n_paid <= p + slack if slack else n_paid == p

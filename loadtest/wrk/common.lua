@@ -9,6 +9,8 @@
 --
 -- Script arguments (after `--`): ITEM USERS [more]. USERS = N draws user ids u1..uN at
 -- random; USERS = 0 gives every request a user never seen before (per run).
+-- Environment: QTY (default 1), the units every reservation asks for: {"qty":QTY}
+-- (loadtest/run --qty N sets it).
 
 local M = {}
 
@@ -31,6 +33,15 @@ function M.args(args, default_item)
   statuses = {}
   outcomes = {}
   return item, users
+end
+
+-- The reserve request's body: {"qty":N} with N from the QTY environment variable (1).
+function M.reserve_body()
+  local qty = tonumber(os.getenv("QTY") or "1")
+  if not qty or qty < 1 or qty ~= math.floor(qty) then
+    error("QTY must be a whole number >= 1, got " .. tostring(os.getenv("QTY")))
+  end
+  return string.format('{"qty":%d}', qty)
 end
 
 local counter = 0

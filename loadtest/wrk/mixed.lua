@@ -23,7 +23,7 @@ function init(args)
   pay_pct = tonumber(args[4] or os.getenv("PAY_PCT") or "30")
   local get_tmpl = common.template("GET", "/api/v1/items/" .. item, nil)
   get_item = get_tmpl
-  make_reserve = common.template("POST", "/api/v1/items/" .. item .. "/reserve", '{"qty":1}')
+  make_reserve = common.template("POST", "/api/v1/items/" .. item .. "/reserve", common.reserve_body())
 end
 
 local function pay_request(order)

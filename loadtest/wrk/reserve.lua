@@ -1,4 +1,5 @@
--- wrk: POST /api/v1/items/ITEM/reserve {"qty":1} with X-User-Id drawn among USERS.
+-- wrk: POST /api/v1/items/ITEM/reserve {"qty":QTY} (QTY from the environment, default 1)
+-- with X-User-Id drawn among USERS.
 --   wrk -t1 -c256 -d10s --latency -s loadtest/wrk/reserve.lua http://127.0.0.1:PORT -- ITEM USERS
 -- USERS = 0: every request is a new user (the pure reserve path on a big-stock item).
 -- Prints a status histogram and a WRK_JSON line (see common.lua).
@@ -14,7 +15,7 @@ local users, make
 function init(args)
   local item
   item, users = common.args(args, "demo")
-  make = common.template("POST", "/api/v1/items/" .. item .. "/reserve", '{"qty":1}')
+  make = common.template("POST", "/api/v1/items/" .. item .. "/reserve", common.reserve_body())
 end
 
 function request()

@@ -15,7 +15,7 @@ local users, make
 function init(args)
   local item
   item, users = common.args(args, "sold-out")
-  make = common.template("POST", "/api/v1/items/" .. item .. "/reserve", '{"qty":1}')
+  make = common.template("POST", "/api/v1/items/" .. item .. "/reserve", common.reserve_body())
 end
 
 function request()
