@@ -1156,6 +1156,14 @@ async fn retry_after_closed_order_forgotten_contract<E: Probe>(e: &E, clock: &Cl
     ));
     clock.advance(1_100);
     tokio::time::sleep(Duration::from_millis(1_500)).await;
+    // Past the closed-order TTL the engine forgets the order (Redis: the hash's TTL; the
+    // embedded engine: its pruning, which the sweeper runs).
+    e.prune().await.expect("prune");
+    assert_eq!(
+        e.order(&first).await.expect("order lookup"),
+        None,
+        "a closed order is forgotten after its TTL"
+    );
     let retry = ReserveCmd {
         order_id: new_order_id("sku"),
         ..c
