@@ -128,7 +128,7 @@ pub enum Side {
 }
 
 /// A failure: something did not work, as opposed to an expected refusal.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Error {
     #[error("redis call timed out")]
     RedisTimeout,

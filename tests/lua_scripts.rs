@@ -19,6 +19,7 @@ use common::{RedisServer, unique};
 use redis::aio::MultiplexedConnection;
 use redis::{Script, Value};
 
+use seckill_gateway::domain::OrderEvent;
 use seckill_gateway::engine::scripts;
 
 static RESERVE: LazyLock<Script> = LazyLock::new(|| Script::new(scripts::RESERVE));
@@ -179,24 +180,38 @@ impl Sale {
         idem: &str,
         now: &str,
     ) -> redis::RedisResult<Value> {
-        let idem_key = self.idem_key(user, if idem.is_empty() { "-" } else { idem });
-        RESERVE
-            .key(self.item_key())
-            .key(self.buyers_key())
-            .key(self.order_key(order))
-            .key(idem_key)
-            .key(self.deadlines_key())
+        let reply = self.try_reserve_batch(&[(user, qty, order, idem)], now).await?;
+        let Value::Array(mut replies) = reply else {
+            panic!("reserve.lua answers an array of replies: {reply:?}")
+        };
+        assert_eq!(replies.len(), 1, "one reply per request");
+        Ok(replies.remove(0))
+    }
+
+    /// reserve.lua with a batch of `(user, qty, order, idem)` requests, decided in order.
+    async fn try_reserve_batch(
+        &mut self,
+        requests: &[(&str, &str, &str, &str)],
+        now: &str,
+    ) -> redis::RedisResult<Value> {
+        let mut inv = RESERVE.prepare_invoke();
+        inv.key(self.deadlines_key())
             .key(self.events_key())
-            .arg(&self.item)
-            .arg(user)
-            .arg(qty)
-            .arg(order)
             .arg(TIMEOUT_MS)
             .arg(IDEM_TTL_S)
-            .arg(idem)
-            .arg(now)
-            .invoke_async(&mut self.con)
-            .await
+            .arg(now);
+        for (user, qty, order, idem) in requests {
+            inv.key(self.item_key())
+                .key(self.buyers_key())
+                .key(self.order_key(order))
+                .key(self.idem_key(user, if idem.is_empty() { "-" } else { idem }))
+                .arg(&self.item)
+                .arg(*user)
+                .arg(*qty)
+                .arg(*order)
+                .arg(*idem);
+        }
+        inv.invoke_async(&mut self.con).await
     }
 
     /// reserve.lua with a new order id and no idempotency key, at [`NOW`].
@@ -300,10 +315,19 @@ impl Sale {
         self.cmd::<Option<i64>>(&["HGET", &key, user]).await
     }
 
+    /// The stream's events, each decoded (the scripts write one packed field) and shown as
+    /// its named fields.
     async fn events(&mut self) -> Vec<HashMap<String, String>> {
         let key = self.events_key();
         let entries: Vec<(String, HashMap<String, String>)> = self.cmd(&["XRANGE", &key, "-", "+"]).await;
-        entries.into_iter().map(|(_, fields)| fields).collect()
+        entries
+            .into_iter()
+            .map(|(id, fields)| {
+                assert_eq!(fields.len(), 1, "one packed field per entry: {fields:?}");
+                let ev = OrderEvent::from_fields(&fields).unwrap_or_else(|e| panic!("event {id}: {e}"));
+                ev.named_fields().into_iter().map(|(k, v)| (k.to_owned(), v)).collect()
+            })
+            .collect()
     }
 
     async fn deadline(&mut self, order: &str) -> Option<i64> {
@@ -433,23 +457,28 @@ async fn reserve_takes_stock_and_records_everything() {
     let order_key = sale.order_key(&order);
     let (item, pay_before) = (sale.item.clone(), (NOW + TIMEOUT_MS).to_string());
     let whole_order = [
-        ("order_id", order.as_str()),
         ("item_id", item.as_str()),
         ("user_id", "alice"),
         ("qty", "2"),
         ("created_ms", now.as_str()),
         ("pay_before_ms", pay_before.as_str()),
-        ("idem_key", ""),
     ];
+    // The hash is lean: its key names the order, `updated_ms` comes when it closes, and
+    // `idem_key` only when there is one.
     let mut want = whole_order.to_vec();
-    want.extend([("status", "reserved"), ("updated_ms", now.as_str())]);
+    want.push(("status", "reserved"));
     assert_fields(&sale.hash(&order_key).await, &want);
     assert_eq!(sale.ttl(&order_key).await, -1, "no TTL while reserved");
 
     assert_eq!(sale.deadline(&order).await, Some(NOW + TIMEOUT_MS));
 
     let mut want = whole_order.to_vec();
-    want.extend([("type", "reserved"), ("at_ms", now.as_str())]);
+    want.extend([
+        ("type", "reserved"),
+        ("order_id", order.as_str()),
+        ("at_ms", now.as_str()),
+        ("idem_key", ""),
+    ]);
     let events = sale.events().await;
     assert_eq!(events.len(), 1);
     assert_fields(&events[0], &want);
@@ -676,20 +705,23 @@ async fn concurrent_reserves_sell_exactly_the_stock() {
     for n in 0..40 {
         let (mut con, order) = (sale.con.clone(), sale.new_order_id());
         let keys = [
+            sale.deadlines_key(),
+            sale.events_key(),
             sale.item_key(),
             sale.buyers_key(),
             sale.order_key(&order),
             sale.idem_key("-", "-"),
-            sale.deadlines_key(),
-            sale.events_key(),
         ];
         let item = sale.item.clone();
         calls.push(tokio::spawn(async move {
             let mut inv = RESERVE.prepare_invoke();
             inv.key(&keys[..]);
-            inv.arg(&item).arg(format!("u{n}")).arg(1).arg(&order);
-            inv.arg(TIMEOUT_MS).arg(IDEM_TTL_S).arg("").arg(NOW);
-            decode(inv.invoke_async(&mut con).await.expect("reserve.lua"))
+            inv.arg(TIMEOUT_MS).arg(IDEM_TTL_S).arg(NOW);
+            inv.arg(&item).arg(format!("u{n}")).arg(1).arg(&order).arg("");
+            let Value::Array(mut replies) = inv.invoke_async(&mut con).await.expect("reserve.lua") else {
+                panic!("an array of replies")
+            };
+            decode(replies.remove(0))
         }));
     }
     let mut ok = 0;
@@ -704,6 +736,86 @@ async fn concurrent_reserves_sell_exactly_the_stock() {
     assert_eq!(ok, 10);
     assert_eq!(sale.counters().await, [0, 10, 0, 0, 0]);
     assert_eq!(sale.events().await.len(), 10);
+    sale.assert_invariants().await;
+}
+
+/// A batch is decided request by request in its order: each sees the writes before it,
+/// and one request's failed check changes nothing for the others.
+#[tokio::test]
+async fn a_batch_decides_each_request_in_order_and_failed_checks_change_nothing() {
+    let mut sale = Sale::with_item(3, 1).await;
+    let ids: Vec<String> = (0..7).map(|_| sale.new_order_id()).collect();
+    let o = |i: usize| ids[i].as_str();
+    let batch = [
+        ("alice", "1", o(0), ""), // ok: stock 2
+        ("alice", "1", o(1), ""), // limit_reached: alice holds 1 of 1
+        ("bob", "1", o(2), "k"),  // ok: stock 1
+        ("bob", "1", o(3), "k"),  // duplicate: the key names bob's first order
+        ("carol", "2", o(4), ""), // bad_qty: 2 > the limit of 1
+        ("dave", "1", o(5), ""),  // ok: the last unit
+        ("erin", "1", o(6), ""),  // sold_out
+    ];
+    let reply = sale
+        .try_reserve_batch(&batch, &NOW.to_string())
+        .await
+        .expect("reserve.lua");
+    let Value::Array(replies) = reply else {
+        panic!("{reply:?}")
+    };
+    let replies: Vec<Vec<R>> = replies.into_iter().map(decode).collect();
+    let pay_before = NOW + TIMEOUT_MS;
+    assert_eq!(
+        replies,
+        vec![
+            reply!["ok", o(0), NOW, pay_before, 2],
+            reply!["limit_reached", 1, 1],
+            reply!["ok", o(2), NOW, pay_before, 1],
+            reply!["duplicate", o(2), 1, "reserved", NOW, pay_before],
+            reply!["bad_qty", 1],
+            reply!["ok", o(5), NOW, pay_before, 0],
+            reply!["sold_out", 0],
+        ]
+    );
+
+    assert_eq!(sale.counters().await, [0, 3, 0, 0, 0]);
+    for (user, held) in [
+        ("alice", Some(1)),
+        ("bob", Some(1)),
+        ("dave", Some(1)),
+        ("carol", None),
+        ("erin", None),
+    ] {
+        assert_eq!(sale.held(user).await, held, "{user}");
+    }
+    for (i, made) in [
+        (0, true),
+        (1, false),
+        (2, true),
+        (3, false),
+        (4, false),
+        (5, true),
+        (6, false),
+    ] {
+        let key = sale.order_key(o(i));
+        let exists: bool = sale.cmd(&["EXISTS", &key]).await;
+        assert_eq!(exists, made, "order hash of request {i}");
+        let deadline = sale.deadline(o(i)).await;
+        assert_eq!(deadline.is_some(), made, "deadline of request {i}");
+    }
+    let idem = sale.idem_key("bob", "k");
+    let named: Option<String> = sale.cmd(&["GET", &idem]).await;
+    assert_eq!(named.as_deref(), Some(o(2)));
+    let events: Vec<(String, String)> = sale
+        .events()
+        .await
+        .into_iter()
+        .map(|e| (e["type"].clone(), e["order_id"].clone()))
+        .collect();
+    let want: Vec<(String, String)> = [0, 2, 5]
+        .iter()
+        .map(|&i| ("reserved".to_owned(), o(i).to_owned()))
+        .collect();
+    assert_eq!(events, want, "one event per order made, in batch order");
     sale.assert_invariants().await;
 }
 

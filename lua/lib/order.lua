@@ -39,8 +39,9 @@ local function load_order()
   if not o[4] then
     return nil
   end
+  -- reserve.lua writes `idem_key` only when there is one.
   return {user_id = o[1], item_id = o[2], qty_s = o[3], status = o[4],
-    created_ms = o[5], pay_before_ms = o[6], idem_key = o[7]}
+    created_ms = o[5], pay_before_ms = o[6], idem_key = o[7] or ""}
 end
 
 -- Asserts the order is of the call's item (KEYS 2-3 are built from it), then
@@ -63,15 +64,15 @@ local function give_back(o, counter)
 end
 
 -- Makes the order `final`: status and updated_ms set, order TTL set, deadline
--- member removed, `final` event XADDed (the whole order, as every event).
+-- member removed, `final` event XADDed (the whole order, as every event, packed
+-- into one field `o` as reserve.lua writes it).
 local function close_order(c, o, final)
-  redis.call("HSET", KEYS[1], "status", final, "updated_ms", int(c.now))
+  local now_s = int(c.now)
+  redis.call("HSET", KEYS[1], "status", final, "updated_ms", now_s)
   redis.call("EXPIRE", KEYS[1], int(c.closed_ttl_s))
   redis.call("ZREM", KEYS[4], c.member)
-  redis.call("XADD", KEYS[5], "*",
-    "type", final, "order_id", c.order_id, "item_id", c.item_id, "user_id", o.user_id,
-    "qty", o.qty_s, "at_ms", int(c.now), "created_ms", o.created_ms,
-    "pay_before_ms", o.pay_before_ms, "idem_key", o.idem_key)
+  redis.call("XADD", KEYS[5], "*", "o", table.concat({final, c.order_id, c.item_id, o.user_id, o.qty_s,
+    now_s, o.created_ms, o.pay_before_ms, o.idem_key}, "|"))
 end
 
 -- Expires a reserved order: its stock and quota come back, exactly once.

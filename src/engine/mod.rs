@@ -18,6 +18,7 @@
 //!   engine has forgotten, the sweeper's pass, and the engine's own background tasks
 //!   (pub/sub and clock sync with Redis).
 
+pub mod batch;
 pub mod embedded;
 pub mod guard;
 pub mod journal;

@@ -18,6 +18,7 @@ use redis::{Script, Value};
 use futures_util::StreamExt;
 use tokio::sync::watch;
 
+use super::batch::{BatchCall, Batches};
 use super::guard::Guard;
 use super::keys;
 use super::{
@@ -53,6 +54,81 @@ impl Scripts {
     }
 }
 
+/// Run a prepared script invocation under the guard, timing it; its reply must be a
+/// non-empty array.
+async fn run_script(
+    conn: &ConnectionManager,
+    guard: &Guard,
+    name: &'static str,
+    inv: redis::ScriptInvocation<'_>,
+) -> Result<Vec<Value>, Error> {
+    let mut conn = conn.clone();
+    let started = std::time::Instant::now();
+    let reply: Value = guard.call(inv.invoke_async(&mut conn)).await?;
+    metrics::script(name, started.elapsed().as_secs_f64());
+    match reply {
+        Value::Array(parts) if !parts.is_empty() => Ok(parts),
+        other => Err(Error::ScriptReply(format!("{name}: unexpected reply {other:?}"))),
+    }
+}
+
+/// What a shard's batch driver needs to call `reserve.lua`: cheap clones of the engine's
+/// connection, scripts, guard and clock.
+#[derive(Clone)]
+struct ReserveCaller {
+    conn: ConnectionManager,
+    scripts: Arc<Scripts>,
+    guard: Arc<Guard>,
+    clock: Clock,
+    payment_timeout_ms: u64,
+    idem_ttl_s: u64,
+}
+
+impl BatchCall for ReserveCaller {
+    /// One `reserve.lua` call for a batch of one shard: the shard's deadlines and events,
+    /// then four keys and five arguments per request (docs/internals.md).
+    async fn call(&self, cmds: &[ReserveCmd]) -> Result<Vec<ReserveReply>, Error> {
+        let Some(first) = cmds.first() else {
+            return Ok(Vec::new());
+        };
+        let shard = shard_of(&first.item_id);
+        let mut inv = self.scripts.reserve.prepare_invoke();
+        inv.key(keys::deadlines(shard))
+            .key(keys::events(shard))
+            .arg(self.payment_timeout_ms)
+            .arg(self.idem_ttl_s)
+            .arg(self.clock.script_arg());
+        for cmd in cmds {
+            let idem_key = cmd.idem_key.as_deref().unwrap_or("");
+            let order_key = keys::order(&cmd.order_id)
+                .ok_or_else(|| Error::Internal(format!("order id {} is not ours", cmd.order_id)))?;
+            // Without a key the idempotency key is never touched; it still names a key of
+            // the same slot.
+            inv.key(keys::item(&cmd.item_id))
+                .key(keys::buyers(&cmd.item_id))
+                .key(order_key)
+                .key(keys::idem(
+                    &cmd.item_id,
+                    &cmd.user_id,
+                    if idem_key.is_empty() { "-" } else { idem_key },
+                ))
+                .arg(&cmd.item_id)
+                .arg(&cmd.user_id)
+                .arg(cmd.qty)
+                .arg(&cmd.order_id)
+                .arg(idem_key);
+        }
+        let replies = run_script(&self.conn, &self.guard, "reserve", inv).await?;
+        replies
+            .iter()
+            .map(|v| match v {
+                Value::Array(parts) => reserve_reply(parts),
+                other => Err(Error::ScriptReply(format!("reserve: unexpected reply {other:?}"))),
+            })
+            .collect()
+    }
+}
+
 /// How to reach Redis and how to protect the calls (the engine's own settings are
 /// [`EngineSettings`]).
 #[derive(Clone, Debug)]
@@ -84,7 +160,9 @@ pub struct RedisEngine {
     client: redis::Client,
     conn: ConnectionManager,
     scripts: Arc<Scripts>,
-    guard: Guard,
+    guard: Arc<Guard>,
+    /// Reservations, batched per shard ([`super::batch`]).
+    batches: Batches<ReserveCaller>,
     clock: Clock,
     redis: RedisSettings,
     settings: EngineSettings,
@@ -103,18 +181,28 @@ impl RedisEngine {
             .set_max_delay(Duration::from_millis(500));
         let conn = ConnectionManager::new_lazy_with_config(client.clone(), config)
             .map_err(|e| Error::RedisConnection(e.to_string()))?;
-        let guard = Guard::new(
+        let guard = Arc::new(Guard::new(
             redis.max_inflight,
             redis.timeout,
             redis.circuit_failures,
             redis.circuit_cooldown,
             Clock::system(),
-        );
+        ));
+        let scripts = Arc::new(Scripts::load());
+        let caller = ReserveCaller {
+            conn: conn.clone(),
+            scripts: scripts.clone(),
+            guard: guard.clone(),
+            clock: clock.clone(),
+            payment_timeout_ms: settings.payment_timeout.as_millis() as u64,
+            idem_ttl_s: settings.idempotency_ttl.as_secs().max(1),
+        };
         Ok(RedisEngine {
             client,
             conn,
-            scripts: Arc::new(Scripts::load()),
+            scripts,
             guard,
+            batches: Batches::new(caller, redis.max_inflight),
             clock,
             redis,
             settings,
@@ -155,14 +243,7 @@ impl RedisEngine {
 
     /// Run a prepared script invocation under the guard, timing it.
     async fn run(&self, name: &'static str, inv: redis::ScriptInvocation<'_>) -> Result<Vec<Value>, Error> {
-        let mut conn = self.conn.clone();
-        let started = std::time::Instant::now();
-        let reply: Value = self.guard.call(inv.invoke_async(&mut conn)).await?;
-        metrics::script(name, started.elapsed().as_secs_f64());
-        match reply {
-            Value::Array(parts) if !parts.is_empty() => Ok(parts),
-            other => Err(Error::ScriptReply(format!("{name}: unexpected reply {other:?}"))),
-        }
+        run_script(&self.conn, &self.guard, name, inv).await
     }
 
     /// Learn the offset between this host's clock and Redis `TIME`, so that the local early
@@ -356,15 +437,64 @@ fn expire_reply(r: &Reply<'_>) -> Result<ExpireReply, Error> {
     })
 }
 
+/// One request's reply of `reserve.lua`.
+fn reserve_reply(parts: &[Value]) -> Result<ReserveReply, Error> {
+    let r = Reply {
+        script: "reserve",
+        parts,
+    };
+    Ok(match r.status()?.as_str() {
+        "ok" => ReserveReply::Reserved {
+            order_id: r.text(1)?,
+            created_ms: r.int(2)?,
+            pay_before_ms: r.int(3)?,
+            stock_after: r.int(4)?,
+        },
+        // The key outlived its order's hash (closed and expired from Redis): the same
+        // reply the embedded engine gives for a missing order; the front door then asks
+        // the database.
+        "duplicate" if r.text(3)?.is_empty() => ReserveReply::Duplicate {
+            order_id: r.text(1)?,
+            qty: 0,
+            status: OrderStatus::Reserved,
+            created_ms: 0,
+            pay_before_ms: 0,
+        },
+        "duplicate" => ReserveReply::Duplicate {
+            order_id: r.text(1)?,
+            qty: r.int(2)?,
+            status: r.order_status(3)?,
+            created_ms: r.int(4)?,
+            pay_before_ms: r.int(5)?,
+        },
+        "unknown_item" => ReserveReply::UnknownItem,
+        "not_started" => ReserveReply::NotStarted { starts_ms: r.int(1)? },
+        "ended" => ReserveReply::Ended { ends_ms: r.int(1)? },
+        "bad_qty" => ReserveReply::BadQty { limit: r.int(1)? },
+        "limit_reached" => ReserveReply::LimitReached {
+            held: r.int(1)?,
+            limit: r.int(2)?,
+        },
+        "sold_out" => ReserveReply::SoldOut { stock: r.int(1)? },
+        other => {
+            return Err(Error::ScriptReply(format!("reserve: unknown reply {other}")));
+        }
+    })
+}
+
 fn field<T: std::str::FromStr>(h: &HashMap<String, String>, k: &str) -> Result<T, Error> {
     h.get(k)
         .and_then(|v| v.parse().ok())
         .ok_or_else(|| Error::ScriptReply(format!("hash field {k} missing or malformed")))
 }
 
-pub(crate) fn order_from_hash(h: &HashMap<String, String>) -> Result<Order, Error> {
+/// An order from its hash. `order_id` is the key's (the hash does not repeat it);
+/// `updated_ms` is written once the order closes (until then: `created_ms`), `idem_key`
+/// only when there is one.
+pub(crate) fn order_from_hash(order_id: &str, h: &HashMap<String, String>) -> Result<Order, Error> {
+    let created_ms = field(h, "created_ms")?;
     Ok(Order {
-        order_id: field(h, "order_id")?,
+        order_id: order_id.to_owned(),
         item_id: field(h, "item_id")?,
         user_id: field(h, "user_id")?,
         qty: field(h, "qty")?,
@@ -372,9 +502,9 @@ pub(crate) fn order_from_hash(h: &HashMap<String, String>) -> Result<Order, Erro
             .get("status")
             .and_then(|s| OrderStatus::parse(s))
             .ok_or_else(|| Error::ScriptReply("order status".into()))?,
-        created_ms: field(h, "created_ms")?,
+        created_ms,
         pay_before_ms: field(h, "pay_before_ms")?,
-        updated_ms: field(h, "updated_ms")?,
+        updated_ms: h.get("updated_ms").and_then(|v| v.parse().ok()).unwrap_or(created_ms),
         idem_key: h.get("idem_key").cloned().unwrap_or_default(),
     })
 }
@@ -443,73 +573,7 @@ impl StockEngine for RedisEngine {
     }
 
     async fn reserve(&self, cmd: &ReserveCmd) -> Result<ReserveReply, Error> {
-        let idem_key = cmd.idem_key.as_deref().unwrap_or("");
-        // Without a key, KEYS[4] is never touched; it still names a key of the same slot.
-        let idem = keys::idem(
-            &cmd.item_id,
-            &cmd.user_id,
-            if idem_key.is_empty() { "-" } else { idem_key },
-        );
-        let shard = shard_of(&cmd.item_id);
-        let order_key = keys::order(&cmd.order_id)
-            .ok_or_else(|| Error::Internal(format!("order id {} is not ours", cmd.order_id)))?;
-        let mut inv = self.scripts.reserve.prepare_invoke();
-        inv.key(keys::item(&cmd.item_id))
-            .key(keys::buyers(&cmd.item_id))
-            .key(order_key)
-            .key(idem)
-            .key(keys::deadlines(shard))
-            .key(keys::events(shard))
-            .arg(&cmd.item_id)
-            .arg(&cmd.user_id)
-            .arg(cmd.qty)
-            .arg(&cmd.order_id)
-            .arg(self.settings.payment_timeout.as_millis() as u64)
-            .arg(self.settings.idempotency_ttl.as_secs().max(1))
-            .arg(idem_key)
-            .arg(self.now_arg());
-        let parts = self.run("reserve", inv).await?;
-        let r = Reply {
-            script: "reserve",
-            parts: &parts,
-        };
-        let reply = match r.status()?.as_str() {
-            "ok" => ReserveReply::Reserved {
-                order_id: r.text(1)?,
-                created_ms: r.int(2)?,
-                pay_before_ms: r.int(3)?,
-                stock_after: r.int(4)?,
-            },
-            // The key outlived its order's hash (closed and expired from Redis): the same
-            // reply the embedded engine gives for a missing order; the front door then asks
-            // the database.
-            "duplicate" if r.text(3)?.is_empty() => ReserveReply::Duplicate {
-                order_id: r.text(1)?,
-                qty: 0,
-                status: OrderStatus::Reserved,
-                created_ms: 0,
-                pay_before_ms: 0,
-            },
-            "duplicate" => ReserveReply::Duplicate {
-                order_id: r.text(1)?,
-                qty: r.int(2)?,
-                status: r.order_status(3)?,
-                created_ms: r.int(4)?,
-                pay_before_ms: r.int(5)?,
-            },
-            "unknown_item" => ReserveReply::UnknownItem,
-            "not_started" => ReserveReply::NotStarted { starts_ms: r.int(1)? },
-            "ended" => ReserveReply::Ended { ends_ms: r.int(1)? },
-            "bad_qty" => ReserveReply::BadQty { limit: r.int(1)? },
-            "limit_reached" => ReserveReply::LimitReached {
-                held: r.int(1)?,
-                limit: r.int(2)?,
-            },
-            "sold_out" => ReserveReply::SoldOut { stock: r.int(1)? },
-            other => {
-                return Err(Error::ScriptReply(format!("reserve: unknown reply {other}")));
-            }
-        };
+        let reply = self.batches.reserve(cmd.clone()).await?;
         if let Some(news) = reply.news(&cmd.item_id) {
             self.listener.news(news);
         }
@@ -638,7 +702,7 @@ impl StockEngine for RedisEngine {
         if h.is_empty() {
             return Ok(None);
         }
-        order_from_hash(&h).map(Some)
+        order_from_hash(order_id, &h).map(Some)
     }
 
     async fn catalog(&self) -> Result<Vec<String>, Error> {

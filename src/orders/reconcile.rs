@@ -111,8 +111,10 @@ async fn shard_orders(conn: &mut ConnectionManager, shard: u32) -> Result<Vec<Or
             .await?;
         for key in batch {
             let h: HashMap<String, String> = redis::cmd("HGETALL").arg(&key).query_async(conn).await?;
-            if !h.is_empty() {
-                out.push(order_from_hash(&h)?);
+            if !h.is_empty()
+                && let Some((_, order_id)) = key.split_once(":order:")
+            {
+                out.push(order_from_hash(order_id, &h)?);
             }
         }
         if next == 0 {

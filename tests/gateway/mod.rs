@@ -409,9 +409,17 @@ impl Redis {
             .query_async(&mut self.conn)
             .await
             .expect("XRANGE events");
+        // Each entry decoded (the scripts write one packed field), shown as named fields.
         entries
             .into_iter()
-            .map(|(_, fields)| fields)
+            .map(|(id, fields)| {
+                let ev = seckill_gateway::domain::OrderEvent::from_fields(&fields)
+                    .unwrap_or_else(|e| panic!("stream entry {id}: {e}"));
+                ev.named_fields()
+                    .into_iter()
+                    .map(|(k, v)| (k.to_owned(), v))
+                    .collect::<HashMap<String, String>>()
+            })
             .filter(|f| f.get("item_id").map(String::as_str) == Some(item))
             .collect()
     }

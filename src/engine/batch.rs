@@ -1,0 +1,200 @@
+//! Natural batching of reservations, per shard. While one reserve call of a shard is in
+//! flight, the next reservations of that shard queue up; when it returns, everything queued
+//! (up to [`MAX_BATCH`]) goes as one script call. There is no timer: at low load a batch is
+//! one request and nothing waits; at high load the batch grows by itself, and Redis pays its
+//! per-call cost once per batch instead of once per reservation.
+//!
+//! Each request still gets its own reply, decided in queue order (the script decides the
+//! requests of a batch one after the other, and one request's failed check changes nothing
+//! for the others). A batch call that fails fails every request in it, as a single call
+//! would have.
+//!
+//! One task per shard drives its queue; it is started on the shard's first reservation and
+//! ends when the engine (the queue's sender) is dropped. The queue is bounded: a full queue
+//! sheds the request with 503 rather than let it wait without bound.
+
+use std::future::Future;
+use std::sync::OnceLock;
+
+use tokio::sync::{mpsc, oneshot};
+
+use super::{ReserveCmd, ReserveReply};
+use crate::error::Error;
+use crate::ids::{SHARDS, shard_of};
+
+/// Most reservations one script call decides.
+pub const MAX_BATCH: usize = 64;
+
+/// Makes the call for one batch: all of its commands are of one shard.
+pub trait BatchCall: Clone + Send + Sync + 'static {
+    /// One reply per command, in order; `Err` fails the whole batch.
+    fn call(&self, cmds: &[ReserveCmd]) -> impl Future<Output = Result<Vec<ReserveReply>, Error>> + Send;
+}
+
+struct Job {
+    cmd: ReserveCmd,
+    reply: oneshot::Sender<Result<ReserveReply, Error>>,
+}
+
+pub struct Batches<C: BatchCall> {
+    shards: Vec<OnceLock<mpsc::Sender<Job>>>,
+    call: C,
+    /// Requests that may wait per shard.
+    queue_cap: usize,
+}
+
+impl<C: BatchCall> Batches<C> {
+    pub fn new(call: C, queue_cap: usize) -> Self {
+        Batches {
+            shards: (0..SHARDS).map(|_| OnceLock::new()).collect(),
+            call,
+            queue_cap: queue_cap.max(1),
+        }
+    }
+
+    /// Queue a reservation behind the shard's call in flight and wait for its reply.
+    pub async fn reserve(&self, cmd: ReserveCmd) -> Result<ReserveReply, Error> {
+        let shard = shard_of(&cmd.item_id) as usize;
+        let queue = self.shards[shard].get_or_init(|| {
+            let (tx, rx) = mpsc::channel(self.queue_cap);
+            tokio::spawn(drive(self.call.clone(), rx));
+            tx
+        });
+        let (reply, answer) = oneshot::channel();
+        queue.try_send(Job { cmd, reply }).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => Error::Shed,
+            mpsc::error::TrySendError::Closed(_) => Error::Internal("reserve queue closed".into()),
+        })?;
+        answer
+            .await
+            .map_err(|_| Error::Internal("reserve batch dropped".into()))?
+    }
+}
+
+/// A shard's driver: take what queued up, make one call, hand out the replies, repeat.
+async fn drive<C: BatchCall>(call: C, mut queue: mpsc::Receiver<Job>) {
+    let mut jobs = Vec::with_capacity(MAX_BATCH);
+    while queue.recv_many(&mut jobs, MAX_BATCH).await > 0 {
+        let cmds: Vec<ReserveCmd> = jobs.iter().map(|j| j.cmd.clone()).collect();
+        match call.call(&cmds).await {
+            Ok(replies) if replies.len() == jobs.len() => {
+                for (job, reply) in jobs.drain(..).zip(replies) {
+                    let _ = job.reply.send(Ok(reply));
+                }
+            }
+            Ok(replies) => {
+                let why = format!("reserve batch of {} got {} replies", jobs.len(), replies.len());
+                for job in jobs.drain(..) {
+                    let _ = job.reply.send(Err(Error::ScriptReply(why.clone())));
+                }
+            }
+            Err(e) => {
+                for job in jobs.drain(..) {
+                    let _ = job.reply.send(Err(e.clone()));
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    use super::*;
+
+    /// Records each batch it is given and answers after a pause, so callers pile up.
+    #[derive(Clone, Default)]
+    struct Recorder {
+        batches: Arc<Mutex<Vec<Vec<String>>>>,
+        fail: bool,
+    }
+
+    impl BatchCall for Recorder {
+        async fn call(&self, cmds: &[ReserveCmd]) -> Result<Vec<ReserveReply>, Error> {
+            self.batches
+                .lock()
+                .unwrap()
+                .push(cmds.iter().map(|c| c.user_id.clone()).collect());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            if self.fail {
+                return Err(Error::RedisTimeout);
+            }
+            Ok(cmds
+                .iter()
+                .map(|c| ReserveReply::SoldOut {
+                    stock: c.user_id.trim_start_matches('u').parse().unwrap(),
+                })
+                .collect())
+        }
+    }
+
+    fn cmd(user: usize) -> ReserveCmd {
+        ReserveCmd {
+            item_id: "phone".into(),
+            user_id: format!("u{user}"),
+            qty: 1,
+            order_id: format!("o{user}"),
+            idem_key: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn requests_queued_behind_a_call_go_as_one_batch_in_order_each_with_its_reply() {
+        let rec = Recorder::default();
+        let batches = Arc::new(Batches::new(rec.clone(), 1024));
+        let first = {
+            let b = batches.clone();
+            tokio::spawn(async move { b.reserve(cmd(0)).await })
+        };
+        tokio::time::sleep(Duration::from_millis(5)).await; // the first call is in flight
+        let rest: Vec<_> = (1..=100)
+            .map(|u| {
+                let b = batches.clone();
+                tokio::spawn(async move { b.reserve(cmd(u)).await })
+            })
+            .collect();
+        assert_eq!(first.await.unwrap().unwrap(), ReserveReply::SoldOut { stock: 0 });
+        for (u, h) in rest.into_iter().enumerate() {
+            assert_eq!(
+                h.await.unwrap().unwrap(),
+                ReserveReply::SoldOut { stock: u as i64 + 1 },
+                "each request gets its own reply"
+            );
+        }
+        let seen = rec.batches.lock().unwrap().clone();
+        let sizes: Vec<usize> = seen.iter().map(Vec::len).collect();
+        assert_eq!(sizes, vec![1, MAX_BATCH, 100 - MAX_BATCH], "{sizes:?}");
+        let order: Vec<String> = seen.concat();
+        let want: Vec<String> = (0..=100).map(|u| format!("u{u}")).collect();
+        assert_eq!(order, want, "decided in queue order");
+    }
+
+    #[tokio::test]
+    async fn a_failed_call_fails_every_request_of_its_batch_and_a_full_queue_sheds() {
+        let rec = Recorder {
+            fail: true,
+            ..Recorder::default()
+        };
+        let batches = Arc::new(Batches::new(rec, 2));
+        let spawn = |u: usize| {
+            let b = batches.clone();
+            tokio::spawn(async move { b.reserve(cmd(u)).await })
+        };
+        let first = spawn(0);
+        tokio::time::sleep(Duration::from_millis(5)).await; // its call is in flight
+        let queued: Vec<_> = (1..=3).map(spawn).collect();
+        assert_eq!(first.await.unwrap(), Err(Error::RedisTimeout));
+        let answers: Vec<_> = futures_util::future::join_all(queued)
+            .await
+            .into_iter()
+            .map(Result::unwrap)
+            .collect();
+        assert_eq!(
+            answers,
+            vec![Err(Error::RedisTimeout), Err(Error::RedisTimeout), Err(Error::Shed)],
+            "two wait (the queue holds 2) and fail with their batch; the third is shed"
+        );
+    }
+}
