@@ -17,6 +17,13 @@
 // Each test binary includes this module and uses only part of it.
 #![allow(dead_code, unused_imports)]
 
+pub mod binary;
+pub mod engines;
+pub mod gateway;
+pub mod http;
+pub mod inspect;
+pub mod poll;
 pub mod servers;
 
+pub use poll::poll;
 pub use servers::{PgServer, RedisServer, SHARED_PG_ENV, free_port, shared_pg, unique};

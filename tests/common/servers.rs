@@ -125,6 +125,19 @@ impl RedisServer {
         }
     }
 
+    /// Kills the server and puts a listener that accepts connections and never
+    /// answers on its port: a hung Redis. Drop the listener before
+    /// [`Self::restart`]. Call it inside a Tokio runtime.
+    pub fn hang(&mut self) -> tokio::net::TcpListener {
+        self.kill();
+        let socket = tokio::net::TcpSocket::new_v4().expect("a TCP socket");
+        socket.set_reuseaddr(true).expect("SO_REUSEADDR");
+        socket
+            .bind((Ipv4Addr::LOCALHOST, self.port).into())
+            .expect("bind the stalled port");
+        socket.listen(64).expect("listen on the stalled port")
+    }
+
     /// Kills the server if it runs, then starts a new, empty one on the same
     /// port and waits until it answers `PING` (a failover as the gateway sees
     /// it: same address, no data, empty script cache).
