@@ -15,10 +15,10 @@ use seckill_gateway::orders::store::Store;
 
 use super::RedisServer;
 
-/// What a test or bench sets on an engine. [`Default`]: the engine contract's
-/// values (a 60 s payment timeout, keys kept 10 min, closed orders 1 h, a
-/// generous Redis guard); a test changes what it needs with
-/// `EngineSettings { idempotency_ttl: …, ..Default::default() }`.
+/// What a test or bench sets on an engine. [`EngineSettings::TEST`] (also the
+/// [`Default`]): a 60 s payment timeout, keys kept 10 min, closed orders 1 h, a
+/// generous Redis guard; a test changes what it needs with
+/// `EngineSettings { idempotency_ttl: …, ..EngineSettings::TEST }`.
 #[derive(Clone, Copy, Debug)]
 pub struct EngineSettings {
     pub payment_timeout: Duration,
@@ -37,17 +37,21 @@ pub struct EngineSettings {
     pub circuit_cooldown: Duration,
 }
 
+impl EngineSettings {
+    pub const TEST: EngineSettings = EngineSettings {
+        payment_timeout: Duration::from_secs(60),
+        idempotency_ttl: Duration::from_secs(600),
+        closed_order_ttl: Duration::from_secs(3_600),
+        redis_timeout: Duration::from_secs(5),
+        max_inflight: 256,
+        circuit_failures: 1_000,
+        circuit_cooldown: Duration::from_millis(100),
+    };
+}
+
 impl Default for EngineSettings {
     fn default() -> Self {
-        EngineSettings {
-            payment_timeout: Duration::from_secs(60),
-            idempotency_ttl: Duration::from_secs(600),
-            closed_order_ttl: Duration::from_secs(3_600),
-            redis_timeout: Duration::from_secs(5),
-            max_inflight: 256,
-            circuit_failures: 1_000,
-            circuit_cooldown: Duration::from_millis(100),
-        }
+        EngineSettings::TEST
     }
 }
 
