@@ -76,13 +76,18 @@ struct DbOrder {
     status: String,
 }
 
-async fn read_db(dir: &Path) -> HashMap<String, DbOrder> {
+/// `./seckill.db` of the gateway in `dir`, read-only.
+async fn open_db(dir: &Path) -> sqlx::SqlitePool {
     let url = format!("sqlite://{}?mode=ro", dir.join("seckill.db").display());
-    let pool = sqlx::sqlite::SqlitePoolOptions::new()
+    sqlx::sqlite::SqlitePoolOptions::new()
         .max_connections(1)
         .connect(&url)
         .await
-        .expect("open seckill.db");
+        .expect("open seckill.db")
+}
+
+async fn read_db(dir: &Path) -> HashMap<String, DbOrder> {
+    let pool = open_db(dir).await;
     let rows = sqlx::query("SELECT order_id, item_id, user_id, qty, status FROM orders")
         .fetch_all(&pool)
         .await
@@ -106,12 +111,7 @@ async fn read_db(dir: &Path) -> HashMap<String, DbOrder> {
 }
 
 async fn held_units(dir: &Path, item: &str) -> i64 {
-    let url = format!("sqlite://{}?mode=ro", dir.join("seckill.db").display());
-    let pool = sqlx::sqlite::SqlitePoolOptions::new()
-        .max_connections(1)
-        .connect(&url)
-        .await
-        .expect("open seckill.db");
+    let pool = open_db(dir).await;
     let sum: Option<i64> =
         sqlx::query_scalar("SELECT sum(qty) FROM orders WHERE item_id = ? AND status IN ('reserved', 'paid')")
             .bind(item)

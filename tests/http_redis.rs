@@ -12,7 +12,7 @@ use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use common::gateway::{GAUGE_LOCK, Gateway, on_redis};
-use common::http::{ADMIN_TOKEN, HOUR_MS, Reply, item_body, send};
+use common::http::{ADMIN_TOKEN, HOUR_MS, Reply, item_body, send, send_until};
 use common::inspect::{Event, Redis};
 use common::{poll, unique};
 use futures_util::StreamExt;
@@ -805,9 +805,8 @@ async fn redis_down_gives_503_within_the_timeout_and_recovers() {
     let restarted = Instant::now();
     let put = gw.put_item_within(Duration::from_secs(10), &item, 100, 1).await;
     assert!(put.is_some(), "admin PUT works again within 10 s of the restart");
-    let order = poll(Duration::from_secs(5), || async {
-        let r = gw.reserve(&item, "after").await;
-        (r.status.as_u16() == 200).then_some(r)
+    let order = send_until(Duration::from_secs(5), gw.reserve_req(&item, "after"), |r| {
+        r.status.as_u16() == 200
     })
     .await
     .expect("reserve answers 200 again without restarting the gateway");
@@ -959,9 +958,8 @@ async fn item_changes_reach_every_instance() {
     let item = unique("item");
     let now = a.now_ms();
     a.create_item(&item, 5, 1).await;
-    let seen = poll(Duration::from_secs(1), || async {
-        let r = b.get_item(&item).await;
-        (r.status.as_u16() == 200).then_some(r)
+    let seen = send_until(Duration::from_secs(1), b.get(&format!("/api/v1/items/{item}")), |r| {
+        r.status.as_u16() == 200
     })
     .await
     .expect("B knows an item created on A within 1 s");
@@ -970,9 +968,8 @@ async fn item_changes_reach_every_instance() {
     b.reserve_ok(&item, "alice").await;
     a.create_item_window(&item, 5, 1, now - 2 * HOUR_MS, now - HOUR_MS)
         .await;
-    let ended = poll(Duration::from_secs(1), || async {
-        let r = b.reserve(&item, "bob").await;
-        (r.status.as_u16() != 200).then_some(r)
+    let ended = send_until(Duration::from_secs(1), b.reserve_req(&item, "bob"), |r| {
+        r.status.as_u16() != 200
     })
     .await
     .expect("B stops selling within 1 s");

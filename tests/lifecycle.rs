@@ -12,9 +12,9 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use common::gateway::{Gateway, on_redis};
-use common::http::{Reply, send};
+use common::http::{Reply, send, send_until};
 use common::inspect::Redis;
-use common::{poll, unique};
+use common::unique;
 use futures_util::StreamExt;
 use seckill_gateway::clock::{Clock, parse_rfc3339, system_now_ms};
 use seckill_gateway::orders::sweeper::sweep;
@@ -159,9 +159,8 @@ async fn cancel_returns_stock_and_quota_once() {
     assert_eq!(mine, ["reserved", "cancelled"], "one cancelled event");
 
     // The same user may buy again (the sold-out flag clears within a second).
-    let second = poll(Duration::from_secs(1), || async {
-        let r = gw.reserve(&item, "alice").await;
-        (r.status.as_u16() == 200).then_some(r)
+    let second = send_until(Duration::from_secs(1), gw.reserve_req(&item, "alice"), |r| {
+        r.status.as_u16() == 200
     })
     .await
     .expect("alice can reserve again within 1 s of cancelling");
@@ -402,9 +401,8 @@ async fn two_gateways_share_the_sold_out_flag_and_its_clearing() {
     let order = a.reserve_ok(&item, "alice").await;
     a.reserve(&item, "bob").await.assert_refused(410, "sold_out");
     // B learns it from one script call, then answers locally.
-    let known = poll(Duration::from_secs(2), || async {
-        let r = b.reserve(&item, "carol").await;
-        (r.status.as_u16() != 404).then_some(r)
+    let known = send_until(Duration::from_secs(2), b.reserve_req(&item, "carol"), |r| {
+        r.status.as_u16() != 404
     })
     .await
     .expect("B knows the item (catalogue or pub/sub)");
@@ -429,11 +427,10 @@ async fn two_gateways_share_the_sold_out_flag_and_its_clearing() {
     // Cancel on A: within a second B sells the unit to another user.
     a.cancel(&order, "alice").await.assert_ok();
     let t = Instant::now();
-    let bought = poll(Duration::from_secs(1), || async {
-        let r = b.reserve(&item, "grace").await;
+    let bought = send_until(Duration::from_secs(1), b.reserve_req(&item, "grace"), |r| {
         match (r.status.as_u16(), r.error()) {
-            (200, _) => Some(r),
-            (410, "sold_out") => None,
+            (200, _) => true,
+            (410, "sold_out") => false,
             _ => panic!("B answered {} {}", r.status, r.text),
         }
     })

@@ -123,6 +123,16 @@ pub async fn send(req: RequestBuilder) -> Reply {
     try_send(req).await.unwrap_or_else(|e| panic!("HTTP request: {e}"))
 }
 
+/// Sends `req` again and again (see [`super::poll`]) until the answer satisfies `done`,
+/// for at most `within`; that answer, or `None`.
+pub async fn send_until(within: Duration, req: RequestBuilder, done: impl Fn(&Reply) -> bool) -> Option<Reply> {
+    super::poll(within, async || {
+        let r = send(req.try_clone().expect("a request with a plain body")).await;
+        done(&r).then_some(r)
+    })
+    .await
+}
+
 /// A request the gateway must answer, sent again after a 429 (the bucket
 /// refills) for at most 30 s; panics when no answer came.
 pub async fn send_past_rate_limit(req: RequestBuilder) -> Reply {
@@ -227,11 +237,10 @@ impl Api {
     /// [`Self::put_item`] again and again until it is stored (200), for at
     /// most `within`: the engine may be coming back, or busy.
     pub async fn put_item_within(&self, within: Duration, item: &str, stock: i64, limit: i64) -> Option<Reply> {
-        super::poll(within, async || {
-            let r = self.put_item(item, stock, limit).await;
-            (r.status == StatusCode::OK).then_some(r)
-        })
-        .await
+        let now = self.now_ms();
+        let body = item_body(stock, limit, now - MINUTE_MS, now + HOUR_MS);
+        let req = self.admin(self.put(&format!("/admin/v1/items/{item}"))).json(&body);
+        send_until(within, req, |r| r.status == StatusCode::OK).await
     }
 
     /// Create an item on sale now (for an hour); asserts 200.

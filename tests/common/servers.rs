@@ -60,6 +60,19 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// `start` on a free port, tried on three ports (a server may lose the race
+/// for one); panics naming `what` with the last error when none worked.
+fn on_a_free_port<T>(what: &str, mut start: impl FnMut(u16) -> Result<T, String>) -> T {
+    let mut last_err = String::new();
+    for _ in 0..3 {
+        match start(free_port()) {
+            Ok(started) => return started,
+            Err(e) => last_err = e,
+        }
+    }
+    panic!("{what} did not start: {last_err}");
+}
+
 // ---------------------------------------------------------------------------
 // Redis
 
@@ -83,21 +96,14 @@ impl RedisServer {
             .prefix("seckill-redis-")
             .tempdir()
             .expect("create a temporary directory for redis-server");
-        let mut last_err = String::new();
-        for _ in 0..3 {
-            let port = free_port();
-            match spawn_redis(dir.path(), port) {
-                Ok(child) => {
-                    return Self {
-                        child: Some(child),
-                        port,
-                        dir,
-                    };
-                }
-                Err(e) => last_err = e,
-            }
+        let (port, child) = on_a_free_port("redis-server", |port| {
+            spawn_redis(dir.path(), port).map(|child| (port, child))
+        });
+        Self {
+            child: Some(child),
+            port,
+            dir,
         }
-        panic!("redis-server did not start: {last_err}");
     }
 
     /// The port it listens on (127.0.0.1 only).
@@ -271,15 +277,11 @@ impl PgServer {
             bin,
             running: false,
         };
-        let mut last_err = String::new();
-        for _ in 0..3 {
-            server.port = free_port();
-            match server.pg_ctl_start() {
-                Ok(()) => return server,
-                Err(e) => last_err = e,
-            }
-        }
-        panic!("PostgreSQL did not start: {last_err}");
+        on_a_free_port("PostgreSQL", |port| {
+            server.port = port;
+            server.pg_ctl_start()
+        });
+        server
     }
 
     /// The port it listens on (127.0.0.1 only).
