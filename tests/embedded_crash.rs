@@ -13,11 +13,10 @@
 mod common;
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, mpsc};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::binary::{Binary, BinaryBuilder, READY_TIMEOUT};
@@ -536,20 +535,7 @@ async fn quickstart_curl_lines_work_as_printed() {
         .prefix("seckill-quickstart-")
         .tempdir()
         .expect("tempdir");
-    let mut gw = embedded(dir.path()).piped().spawn();
-    let stdout = gw.take_stdout();
-    let stderr = gw.take_stderr();
-    // Read (and keep draining) both streams on threads.
-    let (tx, rx) = mpsc::channel::<String>();
-    for stream in [Box::new(stdout) as Box<dyn std::io::Read + Send>, Box::new(stderr)] {
-        let tx = tx.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stream).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-    }
-    drop(tx);
+    let mut gw = embedded(dir.path()).captured().spawn();
 
     // The banner: the URL, the mode, then the curl lines (the last one reserves).
     let deadline = Instant::now() + READY_TIMEOUT;
@@ -557,14 +543,14 @@ async fn quickstart_curl_lines_work_as_printed() {
     let mut curls: Vec<String> = Vec::new();
     while !curls.last().is_some_and(|c| c.contains("/reserve")) {
         let left = deadline.saturating_duration_since(Instant::now());
-        match rx.recv_timeout(left) {
-            Ok(line) => {
+        match gw.next_line(left) {
+            Some(line) => {
                 if let Some(at) = line.find("curl ") {
                     curls.push(line[at..].trim_end().to_owned());
                 }
                 output.push(line);
             }
-            Err(_) => panic!(
+            None => panic!(
                 "no banner with curl lines within {READY_TIMEOUT:?}; output:\n{}",
                 output.join("\n")
             ),

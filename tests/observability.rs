@@ -829,14 +829,11 @@ async fn prometheus_scrapes_and_every_dashboard_query_returns_data() {
 /// request carry its request id (the one the client sent, echoed in `X-Request-Id`).
 #[test]
 fn json_logs_carry_the_request_id() {
-    use std::io::{BufRead, BufReader};
-
     let mut gw = Binary::builder()
         .env("SECKILL_LOG_FORMAT", "json")
         .env("RUST_LOG", "seckill_gateway=debug")
-        .piped()
+        .captured()
         .spawn();
-    let stderr = BufReader::new(gw.take_stderr());
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -849,8 +846,8 @@ fn json_logs_carry_the_request_id() {
     assert_eq!(echoed, "req-json-1");
     gw.kill();
     let mut carried = 0;
-    for line in stderr.lines().map_while(Result::ok) {
-        let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+    for line in gw.stderr_text().lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
         let in_request = v["span"]["request_id"].as_str() == Some("req-json-1")
             || v["spans"]
                 .as_array()
