@@ -12,9 +12,9 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{PgServer, RedisServer, unique};
-use seckill_gateway::clock::{Clock, system_now_ms};
-use seckill_gateway::config::Config;
+use common::gateway::Gateway;
+use common::{PgServer, RedisServer, poll, unique};
+use seckill_gateway::clock::system_now_ms;
 use seckill_gateway::domain::OrderEvent;
 use seckill_gateway::engine::{Order, OrderStatus, keys};
 use seckill_gateway::ids::{new_order_id, shard_of};
@@ -92,20 +92,19 @@ fn main() {
         feed(&mut conn, &items, events).await;
         println!("persist_drain: {events} reserved events queued in 16 shard streams");
 
-        let args = [
-            "x", "--listen", "127.0.0.1:0", "--redis-url", &redis.url(), "--database-url", &db,
-            "--demo", "false", "--persist-batch", "1000", "--persist-wait", "20ms",
-        ];
-        let config = Config::from_args(args).unwrap();
         let started = Instant::now();
-        let gw = seckill_gateway::server::start(config, Clock::system(), true).await.unwrap();
+        let mut gw = Gateway::builder(&redis.url())
+            .database(&db)
+            .flag("--persist-batch", "1000")
+            .flag("--persist-wait", "20ms")
+            .start()
+            .await;
         let store = Store::connect(&db, Duration::from_secs(5)).await.unwrap();
-        loop {
-            if total_rows(&store, &items).await >= events {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        poll(Duration::from_secs(3_600), async || {
+            (total_rows(&store, &items).await >= events).then_some(())
+        })
+        .await
+        .expect("the backlog drains within an hour");
         let secs = started.elapsed().as_secs_f64();
         println!(
             "persist_drain: backlog of {events} drained in {secs:.2} s = {:.0} rows/s (worker start included)",

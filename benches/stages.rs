@@ -11,15 +11,25 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use common::engines::{EngineSettings, embedded_engine, redis_engine};
 use criterion::{Criterion, criterion_group, criterion_main};
 use seckill_gateway::cache::LocalCache;
 use seckill_gateway::clock::Clock;
-use seckill_gateway::engine::embedded::EmbeddedEngine;
-use seckill_gateway::engine::redis::{RedisEngine, RedisSettings};
-use seckill_gateway::engine::{EngineSettings, ItemSpec, ReserveCmd, StockEngine};
+use seckill_gateway::engine::{ItemSpec, ReserveCmd, StockEngine};
 use seckill_gateway::filter::ItemFilter;
 use seckill_gateway::ids::new_order_id;
 use seckill_gateway::limiter::Limiter;
+
+/// Both engines: the gateway's default timeouts and TTLs, a guard that never sheds here.
+const SETTINGS: EngineSettings = EngineSettings {
+    payment_timeout: Duration::from_secs(900),
+    idempotency_ttl: Duration::from_secs(3600),
+    closed_order_ttl: Duration::from_secs(3600),
+    redis_timeout: Duration::from_secs(1),
+    max_inflight: 1024,
+    circuit_failures: 100,
+    circuit_cooldown: Duration::from_secs(1),
+};
 
 fn spec(id: &str, stock: i64) -> ItemSpec {
     ItemSpec {
@@ -75,12 +85,7 @@ fn stages(c: &mut Criterion) {
         .enable_all()
         .build()
         .unwrap();
-    let settings = EngineSettings {
-        payment_timeout: Duration::from_secs(900),
-        idempotency_ttl: Duration::from_secs(3600),
-        closed_order_ttl: Duration::from_secs(3600),
-    };
-    let engine = EmbeddedEngine::new(settings.clone(), Clock::system(), None);
+    let engine = embedded_engine(&Clock::system(), &SETTINGS, None);
     rt.block_on(engine.put_item(&spec("bench-item", 1_000_000_000)))
         .unwrap();
     let filter = ItemFilter::new(["bench-item".to_owned()]);
@@ -108,18 +113,7 @@ fn stages(c: &mut Criterion) {
     // The reserve script round trip on a real redis-server.
     let redis = common::RedisServer::start();
     let _runtime = rt.enter(); // the connection manager spawns its task on it
-    let engine = RedisEngine::new(
-        RedisSettings {
-            url: redis.url(),
-            timeout: Duration::from_secs(1),
-            max_inflight: 1024,
-            circuit_failures: 100,
-            circuit_cooldown: Duration::from_secs(1),
-        },
-        settings,
-        Clock::system(),
-    )
-    .unwrap();
+    let engine = redis_engine(&redis.url(), &Clock::system(), &SETTINGS);
     rt.block_on(engine.put_item(&spec("bench-item", 1_000_000_000)))
         .unwrap();
     let seq = AtomicU64::new(0);

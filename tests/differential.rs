@@ -22,13 +22,14 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::RedisServer;
+use common::engines::{EngineSettings, Journaled, embedded_engine, journaled_engine, redis_engine};
+use common::inspect::Redis;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
 use seckill_gateway::clock::{Clock, Millis};
 use seckill_gateway::engine::embedded::EmbeddedEngine;
-use seckill_gateway::engine::journal::SqliteJournal;
-use seckill_gateway::engine::redis::{RedisEngine, RedisSettings};
-use seckill_gateway::engine::{EngineSettings, ItemSpec, ReserveCmd, StockEngine, Transition, keys};
+use seckill_gateway::engine::redis::RedisEngine;
+use seckill_gateway::engine::{ItemSpec, ReserveCmd, StockEngine, Transition};
 use seckill_gateway::ids::new_order_id;
 use seckill_gateway::store::Store;
 
@@ -37,14 +38,13 @@ const TIMEOUT_MS: Millis = 60_000;
 /// Long enough that neither engine forgets a key or an order during a case (the embedded
 /// engine counts on the injected clock, Redis on its wall clock).
 const DAY: Duration = Duration::from_secs(86_400);
-
-fn settings() -> EngineSettings {
-    EngineSettings {
-        payment_timeout: Duration::from_millis(TIMEOUT_MS as u64),
-        idempotency_ttl: DAY,
-        closed_order_ttl: DAY,
-    }
-}
+/// Both engines: the payment timeout above, keys and closed orders kept a [`DAY`].
+const SETTINGS: EngineSettings = EngineSettings {
+    payment_timeout: Duration::from_millis(TIMEOUT_MS as u64),
+    idempotency_ttl: DAY,
+    closed_order_ttl: DAY,
+    ..EngineSettings::TEST
+};
 
 /// Item ids; the last one is never created.
 const ITEMS: [&str; 4] = ["i0", "i1", "i2", "missing"];
@@ -177,32 +177,17 @@ struct Engines {
 impl Engines {
     async fn new(server: &RedisServer) -> Result<Self, String> {
         let clock = Clock::manual(NOW);
-        let redis = RedisEngine::new(
-            RedisSettings {
-                url: server.url(),
-                timeout: Duration::from_secs(5),
-                max_inflight: 256,
-                circuit_failures: 1_000,
-                circuit_cooldown: Duration::from_millis(100),
-            },
-            settings(),
-            clock.clone(),
-        )
-        .map_err(|e| e.to_string())?;
+        let redis = redis_engine(&server.url(), &clock, &SETTINGS);
         let mut conn = redis.connection();
         redis::cmd("FLUSHALL")
             .query_async::<()>(&mut conn)
             .await
             .map_err(|e| e.to_string())?;
-        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
-        let url = format!("sqlite://{}", dir.path().join("journal.db").display());
-        let store = Arc::new(
-            Store::connect(&url, Duration::from_secs(5))
-                .await
-                .map_err(|e| e.to_string())?,
-        );
-        let journal = SqliteJournal::start(store.clone(), clock.clone());
-        let embedded = EmbeddedEngine::new(settings(), clock.clone(), Some(Box::new(journal)));
+        let Journaled {
+            engine: embedded,
+            store,
+            dir,
+        } = journaled_engine(&clock, &SETTINGS).await;
         Ok(Engines {
             clock,
             redis,
@@ -213,14 +198,7 @@ impl Engines {
     }
 
     async fn redis_held(&self, item: &str, user: &str) -> Result<i64, String> {
-        let mut conn = self.redis.connection();
-        let held: Option<i64> = redis::cmd("HGET")
-            .arg(keys::buyers(item))
-            .arg(user)
-            .query_async(&mut conn)
-            .await
-            .map_err(|e| e.to_string())?;
-        Ok(held.unwrap_or(0))
+        Ok(Redis::on(self.redis.connection()).held(item, user).await)
     }
 }
 
@@ -446,7 +424,7 @@ async fn run_case(server: &RedisServer, seen: &Seen, puts: Vec<Put>, ops: Vec<Op
     }
 
     // A restart: the embedded engine rebuilt from its journal holds the same state.
-    let restored = EmbeddedEngine::new(settings(), clock.clone(), None);
+    let restored = embedded_engine(clock, &SETTINGS, None);
     restored.restore(
         en.store.items().await.map_err(|e| e.to_string())?,
         en.store.orders(None).await.map_err(|e| e.to_string())?,

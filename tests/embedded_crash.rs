@@ -1,7 +1,7 @@
 //! The real binary in embedded mode (issue 5, acceptances 3 and 4): started the way a new
 //! user starts it — in an empty directory, no Redis, no database server, only a listen
-//! address and an admin token in the environment — so it sells the preloaded demo item
-//! and keeps its orders in `./seckill.db`.
+//! address and an admin token (flags; the environment is otherwise empty) — so it sells
+//! the preloaded demo item and keeps its orders in `./seckill.db`.
 //!
 //! - [`sigkill_loses_no_acknowledged_order`]: reserve, pay and cancel under concurrency,
 //!   SIGKILL the gateway while requests are in flight, restart it in the same directory,
@@ -13,178 +13,27 @@
 mod common;
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, mpsc};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::free_port;
-use reqwest::{Method, StatusCode};
+use common::binary::{Binary, BinaryBuilder, READY_TIMEOUT};
+use common::http::{ADMIN_TOKEN, Api, send_past_rate_limit, try_send};
+use reqwest::{RequestBuilder, StatusCode};
 use serde_json::{Value, json};
 use sqlx::Row;
 
-const BIN: &str = env!("CARGO_BIN_EXE_seckill-gateway");
-const ADMIN_TOKEN: &str = "crash-test-admin-token";
-const START_TIMEOUT: Duration = Duration::from_secs(60);
-
-// ---- the gateway process ------------------------------------------------------------------
-
-/// A gateway process; killed (SIGKILL) when dropped.
-struct Gateway {
-    child: Option<Child>,
-    port: u16,
-    log: PathBuf,
+/// The binary as a new user starts it: in `dir`, no Redis, no database server, an admin token.
+fn embedded(dir: &Path) -> BinaryBuilder {
+    Binary::builder().dir(dir).flag("--admin-token", ADMIN_TOKEN)
 }
 
-impl Gateway {
-    /// The binary in `dir` with a clean environment: only `PATH`, `HOME`, the listen
-    /// address and the admin token. Output goes to `log` (outside `dir`), or is piped.
-    fn spawn(dir: &Path, log: &Path, piped: bool) -> Self {
-        let port = free_port();
-        let mut cmd = Command::new(BIN);
-        cmd.current_dir(dir).env_clear();
-        for var in ["PATH", "HOME"] {
-            if let Some(v) = std::env::var_os(var) {
-                cmd.env(var, v);
-            }
-        }
-        cmd.env("SECKILL_LISTEN", format!("127.0.0.1:{port}"))
-            .env("SECKILL_ADMIN_TOKEN", ADMIN_TOKEN)
-            .stdin(Stdio::null());
-        if piped {
-            cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
-        } else {
-            let out = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(log)
-                .expect("log file");
-            cmd.stdout(out.try_clone().expect("log file")).stderr(out);
-        }
-        let child = cmd.spawn().unwrap_or_else(|e| panic!("could not run {BIN}: {e}"));
-        Gateway {
-            child: Some(child),
-            port,
-            log: log.to_owned(),
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
-    }
-
-    /// Wait until `/readyz` answers 200; panic with the log if the process exits first.
-    async fn ready(&mut self, client: &reqwest::Client) {
-        let deadline = Instant::now() + START_TIMEOUT;
-        loop {
-            if let Ok(r) = client.get(format!("{}/readyz", self.url())).send().await
-                && r.status() == StatusCode::OK
-            {
-                return;
-            }
-            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                panic!("the gateway exited with {status}; log:\n{}", self.log_text());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the gateway was not ready within {START_TIMEOUT:?}; log:\n{}",
-                self.log_text()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// SIGKILL, and reap.
-    fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-// ---- HTTP ----------------------------------------------------------------------------------
-
-/// One request; `Err` when no answer came (connection refused or cut).
-async fn call(
-    client: &reqwest::Client,
-    method: Method,
-    url: String,
-    user: Option<&str>,
-    body: Option<Value>,
-) -> Result<(StatusCode, Value), reqwest::Error> {
-    let mut req = client.request(method, url);
-    if let Some(u) = user {
-        req = req.header("X-User-Id", u);
-    }
-    if let Some(b) = body {
-        req = req.json(&b);
-    }
-    let resp = req.send().await?;
-    let status = resp.status();
-    let text = resp.text().await?;
-    Ok((status, serde_json::from_str(&text).unwrap_or(Value::String(text))))
-}
-
-/// A request the gateway must answer: retried after a 429 (the per-IP bucket refills).
-async fn answered(
-    client: &reqwest::Client,
-    method: Method,
-    url: String,
-    user: Option<&str>,
-    body: Option<Value>,
-) -> (StatusCode, Value) {
-    for _ in 0..30 {
-        let (status, v) = call(client, method.clone(), url.clone(), user, body.clone())
-            .await
-            .unwrap_or_else(|e| panic!("{method} {url}: no answer: {e}"));
-        if status != StatusCode::TOO_MANY_REQUESTS {
-            return (status, v);
-        }
-        tokio::time::sleep(Duration::from_millis(1_100)).await;
-    }
-    panic!("{method} {url}: still rate limited after 30 s");
-}
-
-fn client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .timeout(Duration::from_secs(20))
-        .pool_max_idle_per_host(64)
-        .build()
-        .expect("http client")
-}
-
-fn rfc3339(ms: i64) -> String {
-    seckill_gateway::clock::rfc3339(ms)
-}
-
-/// `PUT /admin/v1/items/{item}`: on sale from a minute ago for an hour.
-async fn admin_put(client: &reqwest::Client, base: &str, item: &str, stock: i64, limit: i64) -> (StatusCode, Value) {
-    let now = seckill_gateway::clock::system_now_ms();
-    let body = json!({
-        "name": format!("Item {item}"), "price_cents": 4_999, "stock": stock, "per_user_limit": limit,
-        "starts_at": rfc3339(now - 60_000), "ends_at": rfc3339(now + 3_600_000),
-    });
-    let resp = client
-        .put(format!("{base}/admin/v1/items/{item}"))
-        .bearer_auth(ADMIN_TOKEN)
-        .json(&body)
-        .send()
-        .await
-        .expect("admin PUT");
-    (resp.status(), resp.json::<Value>().await.expect("JSON"))
+/// A request the gateway must answer (sent again after a 429): its status and JSON body.
+async fn answered(req: RequestBuilder) -> (StatusCode, Value) {
+    let r = send_past_rate_limit(req).await;
+    (r.status, r.json)
 }
 
 // ---- acceptance 3: SIGKILL ----------------------------------------------------------------------
@@ -226,13 +75,18 @@ struct DbOrder {
     status: String,
 }
 
-async fn read_db(dir: &Path) -> HashMap<String, DbOrder> {
+/// `./seckill.db` of the gateway in `dir`, read-only.
+async fn open_db(dir: &Path) -> sqlx::SqlitePool {
     let url = format!("sqlite://{}?mode=ro", dir.join("seckill.db").display());
-    let pool = sqlx::sqlite::SqlitePoolOptions::new()
+    sqlx::sqlite::SqlitePoolOptions::new()
         .max_connections(1)
         .connect(&url)
         .await
-        .expect("open seckill.db");
+        .expect("open seckill.db")
+}
+
+async fn read_db(dir: &Path) -> HashMap<String, DbOrder> {
+    let pool = open_db(dir).await;
     let rows = sqlx::query("SELECT order_id, item_id, user_id, qty, status FROM orders")
         .fetch_all(&pool)
         .await
@@ -256,12 +110,7 @@ async fn read_db(dir: &Path) -> HashMap<String, DbOrder> {
 }
 
 async fn held_units(dir: &Path, item: &str) -> i64 {
-    let url = format!("sqlite://{}?mode=ro", dir.join("seckill.db").display());
-    let pool = sqlx::sqlite::SqlitePoolOptions::new()
-        .max_connections(1)
-        .connect(&url)
-        .await
-        .expect("open seckill.db");
+    let pool = open_db(dir).await;
     let sum: Option<i64> =
         sqlx::query_scalar("SELECT sum(qty) FROM orders WHERE item_id = ? AND status IN ('reserved', 'paid')")
             .bind(item)
@@ -273,12 +122,11 @@ async fn held_units(dir: &Path, item: &str) -> i64 {
 }
 
 /// Reserve concurrently, acknowledging what got 200.
-async fn reserve_all(client: &reqwest::Client, base: &str, reqs: Vec<(String, String, i64)>) -> Vec<Ack> {
+async fn reserve_all(api: &Api, reqs: Vec<(String, String, i64)>) -> Vec<Ack> {
     let calls = reqs.into_iter().map(|(item, user, qty)| {
-        let client = client.clone();
-        let url = format!("{base}/api/v1/items/{item}/reserve");
+        let req = api.reserve_req(&item, &user).json(&json!({"qty": qty}));
         async move {
-            let (status, v) = answered(&client, Method::POST, url, Some(&user), Some(json!({"qty": qty}))).await;
+            let (status, v) = answered(req).await;
             match status {
                 StatusCode::OK => {
                     assert_eq!(v["status"], "reserved", "{v}");
@@ -316,13 +164,11 @@ async fn sigkill_loses_no_acknowledged_order() {
         .expect("tempdir");
     let logs = tempfile::tempdir().expect("log dir");
     let log = logs.path().join("gateway.log");
-    let http = client();
-    let mut gw = Gateway::spawn(dir.path(), &log, false);
-    gw.ready(&http).await;
-    let base = gw.url();
+    let mut gw = embedded(dir.path()).log(&log).spawn();
+    gw.ready().await;
 
     // The demo item, as preloaded.
-    let (status, demo) = answered(&http, Method::GET, format!("{base}/api/v1/items/demo"), None, None).await;
+    let (status, demo) = answered(gw.get("/api/v1/items/demo")).await;
     assert_eq!(status, StatusCode::OK, "{demo}");
     assert_eq!(
         (
@@ -336,7 +182,8 @@ async fn sigkill_loses_no_acknowledged_order() {
     // Two items created by the operator: `second` sells out in phase 1; `third` has stock
     // to spare for the phase cut by the kill.
     for (item, stock, limit) in [("second", 40, 1), ("third", 500, 2)] {
-        let (status, v) = admin_put(&http, &base, item, stock, limit).await;
+        let r = gw.put_item(item, stock, limit).await;
+        let (status, v) = (r.status, r.json);
         assert_eq!(status, StatusCode::OK, "{v}");
         assert_eq!(v["stock_remaining"], stock, "{v}");
     }
@@ -349,7 +196,7 @@ async fn sigkill_loses_no_acknowledged_order() {
         .map(|i| ("demo".to_owned(), format!("u{i}"), 1 + i % 2))
         .collect();
     reqs.extend((0..60).map(|i| ("second".to_owned(), format!("s{i}"), 1)));
-    let acks = reserve_all(&http, &base, reqs).await;
+    let acks = reserve_all(&gw, reqs).await;
     let units = |item: &str| acks.iter().filter(|a| a.item == item).map(|a| a.qty).sum::<i64>();
     assert!(
         units("demo") <= 100 && units("second") <= 40,
@@ -368,11 +215,15 @@ async fn sigkill_loses_no_acknowledged_order() {
     let mut fate: HashMap<String, Fate> = acks.iter().map(|a| (a.order_id.clone(), Fate::Reserved)).collect();
     tokio::time::sleep(Duration::from_millis(1_100)).await;
     let transitions = acks.iter().enumerate().filter(|(i, _)| i % 3 != 2).map(|(i, a)| {
-        let (http, a) = (http.clone(), a.clone());
+        let a = a.clone();
         let verb = if i % 3 == 0 { "pay" } else { "cancel" };
-        let url = format!("{base}/api/v1/orders/{}/{verb}", a.order_id);
+        let req = if i % 3 == 0 {
+            gw.pay_req(&a.order_id, &a.user)
+        } else {
+            gw.cancel_req(&a.order_id, &a.user)
+        };
         async move {
-            let (status, v) = answered(&http, Method::POST, url, Some(&a.user), None).await;
+            let (status, v) = answered(req).await;
             assert_eq!(status, StatusCode::OK, "{verb} {a:?}: {v}");
             let want = if verb == "pay" { "paid" } else { "cancelled" };
             assert_eq!(v["status"], want);
@@ -428,39 +279,19 @@ async fn sigkill_loses_no_acknowledged_order() {
     type Outcome = (Task, Option<(StatusCode, Value)>);
     let workers: Vec<tokio::task::JoinHandle<Vec<Outcome>>> = (0..32)
         .map(|_| {
-            let (http, base, queue, answers, killed) = (
-                http.clone(),
-                base.clone(),
-                queue.clone(),
-                answers.clone(),
-                killed.clone(),
-            );
+            let (api, queue, answers, killed) = (gw.api.clone(), queue.clone(), answers.clone(), killed.clone());
             tokio::spawn(async move {
                 let mut out = Vec::new();
                 while !killed.load(Ordering::SeqCst) {
                     let Some(task) = queue.lock().unwrap().pop_front() else {
                         break;
                     };
-                    let reply = match &task {
-                        Task::Reserve { item, user, qty } => {
-                            let url = format!("{base}/api/v1/items/{item}/reserve");
-                            call(&http, Method::POST, url, Some(user), Some(json!({"qty": qty}))).await
-                        }
-                        Task::Pay(a) => {
-                            call(
-                                &http,
-                                Method::POST,
-                                format!("{base}/api/v1/orders/{}/pay", a.order_id),
-                                Some(&a.user),
-                                None,
-                            )
-                            .await
-                        }
-                        Task::Cancel(a) => {
-                            let url = format!("{base}/api/v1/orders/{}/cancel", a.order_id);
-                            call(&http, Method::POST, url, Some(&a.user), None).await
-                        }
+                    let req = match &task {
+                        Task::Reserve { item, user, qty } => api.reserve_req(item, user).json(&json!({"qty": qty})),
+                        Task::Pay(a) => api.pay_req(&a.order_id, &a.user),
+                        Task::Cancel(a) => api.cancel_req(&a.order_id, &a.user),
                     };
+                    let reply = try_send(req).await.map(|r| (r.status, r.json));
                     if reply.is_ok() {
                         answers.fetch_add(1, Ordering::SeqCst);
                     }
@@ -556,17 +387,15 @@ async fn sigkill_loses_no_acknowledged_order() {
     );
 
     // Restart in the same directory.
-    let mut gw = Gateway::spawn(dir.path(), &log, false);
-    gw.ready(&http).await;
-    let base = gw.url();
+    let mut gw = embedded(dir.path()).log(&log).spawn();
+    gw.ready().await;
     let db = read_db(dir.path()).await;
 
     // Every acknowledged order is in the database with its status, and the gateway
     // answers it with the same status.
     let lookups = acks.iter().map(|a| {
-        let http = http.clone();
-        let url = format!("{base}/api/v1/orders/{}", a.order_id);
-        async move { (a, answered(&http, Method::GET, url, Some(&a.user), None).await) }
+        let req = gw.order_req(&a.order_id, &a.user);
+        async move { (a, answered(req).await) }
     });
     for (a, (status, v)) in futures_util::future::join_all(lookups).await {
         let row = db
@@ -619,7 +448,7 @@ async fn sigkill_loses_no_acknowledged_order() {
     // The stock is what the orders hold; no item is oversold, no user above the limit.
     for (item, total) in &totals {
         let held = held_units(dir.path(), item).await;
-        let (status, v) = answered(&http, Method::GET, format!("{base}/api/v1/items/{item}"), None, None).await;
+        let (status, v) = answered(gw.get(&format!("/api/v1/items/{item}"))).await;
         assert_eq!(status, StatusCode::OK, "{v}");
         assert_eq!(v["stock_total"].as_i64(), Some(*total), "{v}");
         assert_eq!(
@@ -642,37 +471,14 @@ async fn sigkill_loses_no_acknowledged_order() {
         .iter()
         .find(|a| db[&a.order_id].status == "reserved")
         .expect("an open reservation");
-    let before = answered(
-        &http,
-        Method::GET,
-        format!("{base}/api/v1/items/{}", open.item),
-        None,
-        None,
-    )
-    .await
-    .1;
-    let (status, v) = answered(
-        &http,
-        Method::POST,
-        format!("{base}/api/v1/orders/{}/cancel", open.order_id),
-        Some(&open.user),
-        None,
-    )
-    .await;
+    let before = answered(gw.get(&format!("/api/v1/items/{}", open.item))).await.1;
+    let (status, v) = answered(gw.cancel_req(&open.order_id, &open.user)).await;
     assert_eq!(
         (status, v["status"].as_str()),
         (StatusCode::OK, Some("cancelled")),
         "{v}"
     );
-    let after = answered(
-        &http,
-        Method::GET,
-        format!("{base}/api/v1/items/{}", open.item),
-        None,
-        None,
-    )
-    .await
-    .1;
+    let after = answered(gw.get(&format!("/api/v1/items/{}", open.item))).await.1;
     assert_eq!(
         after["stock_remaining"].as_i64(),
         before["stock_remaining"].as_i64().map(|s| s + open.qty),
@@ -690,16 +496,10 @@ async fn cancelled_stock_sells_again_at_once() {
         .prefix("seckill-embedded-")
         .tempdir()
         .expect("tempdir");
-    let logs = tempfile::tempdir().expect("log dir");
-    let http = client();
-    let mut gw = Gateway::spawn(dir.path(), &logs.path().join("gateway.log"), false);
-    gw.ready(&http).await;
-    let base = gw.url();
-    assert_eq!(admin_put(&http, &base, "single", 1, 1).await.0, StatusCode::OK);
-    let reserve = |user: &'static str| {
-        let (http, url) = (http.clone(), format!("{base}/api/v1/items/single/reserve"));
-        async move { answered(&http, Method::POST, url, Some(user), Some(json!({"qty": 1}))).await }
-    };
+    let mut gw = embedded(dir.path()).spawn();
+    gw.ready().await;
+    assert_eq!(gw.put_item("single", 1, 1).await.status, StatusCode::OK);
+    let reserve = |user: &'static str| answered(gw.reserve_req("single", user).json(&json!({"qty": 1})));
     let (status, order) = reserve("alice").await;
     assert_eq!(status, StatusCode::OK, "{order}");
     let (status, v) = reserve("bob").await;
@@ -709,15 +509,14 @@ async fn cancelled_stock_sells_again_at_once() {
         "{v}"
     );
 
-    let url = format!("{base}/api/v1/orders/{}/cancel", order["order_id"].as_str().unwrap());
-    let (status, v) = answered(&http, Method::POST, url, Some("alice"), None).await;
+    let (status, v) = answered(gw.cancel_req(order["order_id"].as_str().unwrap(), "alice")).await;
     assert_eq!(
         (status, v["status"].as_str()),
         (StatusCode::OK, Some("cancelled")),
         "{v}"
     );
 
-    let (status, v) = answered(&http, Method::GET, format!("{base}/api/v1/items/single"), None, None).await;
+    let (status, v) = answered(gw.get("/api/v1/items/single")).await;
     assert_eq!(
         (status, v["stock_remaining"].as_i64(), v["state"].as_str()),
         (StatusCode::OK, Some(1), Some("active")),
@@ -736,44 +535,30 @@ async fn quickstart_curl_lines_work_as_printed() {
         .prefix("seckill-quickstart-")
         .tempdir()
         .expect("tempdir");
-    let logs = tempfile::tempdir().expect("log dir");
-    let mut gw = Gateway::spawn(dir.path(), &logs.path().join("unused.log"), true);
-    let stdout = gw.child.as_mut().and_then(|c| c.stdout.take()).expect("stdout");
-    let stderr = gw.child.as_mut().and_then(|c| c.stderr.take()).expect("stderr");
-    // Read (and keep draining) both streams on threads.
-    let (tx, rx) = mpsc::channel::<String>();
-    for stream in [Box::new(stdout) as Box<dyn std::io::Read + Send>, Box::new(stderr)] {
-        let tx = tx.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stream).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-    }
-    drop(tx);
+    let mut gw = embedded(dir.path()).captured().spawn();
 
     // The banner: the URL, the mode, then the curl lines (the last one reserves).
-    let deadline = Instant::now() + START_TIMEOUT;
+    let deadline = Instant::now() + READY_TIMEOUT;
     let mut output = Vec::new();
     let mut curls: Vec<String> = Vec::new();
     while !curls.last().is_some_and(|c| c.contains("/reserve")) {
         let left = deadline.saturating_duration_since(Instant::now());
-        match rx.recv_timeout(left) {
-            Ok(line) => {
+        match gw.next_line(left) {
+            Some(line) => {
                 if let Some(at) = line.find("curl ") {
                     curls.push(line[at..].trim_end().to_owned());
                 }
                 output.push(line);
             }
-            Err(_) => panic!(
-                "no banner with curl lines within {START_TIMEOUT:?}; output:\n{}",
+            None => panic!(
+                "no banner with curl lines within {READY_TIMEOUT:?}; output:\n{}",
                 output.join("\n")
             ),
         }
     }
     let banner = output.join("\n");
     assert!(
-        banner.contains(&format!("listening on {}", gw.url())),
+        banner.contains(&format!("listening on {}", gw.url)),
         "banner:\n{banner}"
     );
     assert!(banner.contains("embedded"), "banner:\n{banner}");

@@ -9,46 +9,31 @@
 
 mod common;
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use common::RedisServer;
+use common::engines::{EngineSettings, embedded_engine, journaled_engine, redis_engine_on_own_server};
+use common::inspect::Redis;
 use seckill_gateway::clock::{Clock, Millis};
 use seckill_gateway::engine::embedded::EmbeddedEngine;
-use seckill_gateway::engine::journal::SqliteJournal;
-use seckill_gateway::engine::redis::{RedisEngine, RedisSettings};
+use seckill_gateway::engine::redis::RedisEngine;
 use seckill_gateway::engine::{
-    EngineSettings, ExpireReply, Expired, ItemSpec, ItemState, Order, OrderStatus, PutReply, ReserveCmd, ReserveReply,
-    StockEngine, Transition, TransitionReply, keys,
+    ExpireReply, Expired, ItemSpec, ItemState, Order, OrderStatus, PutReply, ReserveCmd, ReserveReply, StockEngine,
+    Transition, TransitionReply,
 };
 use seckill_gateway::ids::{new_order_id, shard_of};
-use seckill_gateway::store::Store;
 
 /// The injected clock's start: 2023-11-14T22:13:20Z.
 const NOW: Millis = 1_700_000_000_000;
 /// The payment timeout of every engine here.
 const TIMEOUT_MS: Millis = 60_000;
 
-/// How long the engines remember idempotency keys and closed orders.
-#[derive(Clone, Copy)]
-struct Ttls {
-    idem: Duration,
-    closed: Duration,
-}
-
-impl Ttls {
-    fn settings(self) -> EngineSettings {
-        EngineSettings {
-            payment_timeout: Duration::from_millis(TIMEOUT_MS as u64),
-            idempotency_ttl: self.idem,
-            closed_order_ttl: self.closed,
-        }
-    }
-}
-
-const LONG: Ttls = Ttls {
-    idem: Duration::from_secs(600),
-    closed: Duration::from_secs(3_600),
+/// The engines here: the payment timeout above; idempotency keys and closed orders
+/// remembered long.
+const LONG: EngineSettings = EngineSettings {
+    payment_timeout: Duration::from_millis(TIMEOUT_MS as u64),
+    idempotency_ttl: Duration::from_secs(600),
+    closed_order_ttl: Duration::from_secs(3_600),
+    ..EngineSettings::TEST
 };
 
 // ---- the engines under test ---------------------------------------------------------
@@ -61,14 +46,7 @@ trait Probe: StockEngine {
 
 impl Probe for RedisEngine {
     async fn held(&self, item_id: &str, user_id: &str) -> i64 {
-        let mut conn = self.connection();
-        let held: Option<i64> = redis::cmd("HGET")
-            .arg(keys::buyers(item_id))
-            .arg(user_id)
-            .query_async(&mut conn)
-            .await
-            .expect("HGET buyers");
-        held.unwrap_or(0)
+        Redis::on(self.connection()).held(item_id, user_id).await
     }
 }
 
@@ -78,52 +56,18 @@ impl Probe for EmbeddedEngine {
     }
 }
 
-/// A Redis engine on its own throwaway server (dropped with the test).
-fn redis_engine(clock: &Clock, ttls: Ttls) -> (RedisEngine, RedisServer) {
-    let server = RedisServer::start();
-    let engine = RedisEngine::new(
-        RedisSettings {
-            url: server.url(),
-            timeout: Duration::from_secs(5),
-            max_inflight: 256,
-            circuit_failures: 1_000,
-            circuit_cooldown: Duration::from_millis(100),
-        },
-        ttls.settings(),
-        clock.clone(),
-    )
-    .expect("redis engine");
-    (engine, server)
-}
-
-fn embedded_engine(clock: &Clock, ttls: Ttls) -> EmbeddedEngine {
-    EmbeddedEngine::new(ttls.settings(), clock.clone(), None)
-}
-
-/// The embedded engine with its SQLite journal (every change committed before the reply).
-async fn journaled_engine(clock: &Clock, ttls: Ttls) -> (EmbeddedEngine, tempfile::TempDir) {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let url = format!("sqlite://{}", dir.path().join("orders.db").display());
-    let store = Arc::new(
-        Store::connect(&url, Duration::from_secs(5))
-            .await
-            .expect("sqlite store"),
-    );
-    let journal = SqliteJournal::start(store, clock.clone());
-    let engine = EmbeddedEngine::new(ttls.settings(), clock.clone(), Some(Box::new(journal)));
-    (engine, dir)
-}
-
-/// `contract!(f, g, …)` runs each `async fn f<E: Probe>(e: &E, clock: &Clock)` against
-/// every engine: `on_redis::f`, `on_embedded::f`, `on_journaled::f`.
+/// `contract!(SETTINGS => f, g, …)` runs each `async fn f<E: Probe>(e: &E, clock: &Clock)`
+/// against every engine, built with `SETTINGS`: `on_redis::f` (on a throwaway server of its
+/// own), `on_embedded::f`, `on_journaled::f` (with its SQLite journal: every change
+/// committed before the reply).
 macro_rules! contract {
-    ($ttls:ident => $($name:ident),* $(,)?) => {
+    ($settings:ident => $($name:ident),* $(,)?) => {
         mod on_redis {
             $(
                 #[tokio::test]
                 async fn $name() {
                     let clock = super::Clock::manual(super::NOW);
-                    let (engine, _server) = super::redis_engine(&clock, super::$ttls);
+                    let (engine, _server) = super::redis_engine_on_own_server(&clock, &super::$settings);
                     super::$name(&engine, &clock).await;
                 }
             )*
@@ -133,7 +77,7 @@ macro_rules! contract {
                 #[tokio::test]
                 async fn $name() {
                     let clock = super::Clock::manual(super::NOW);
-                    let engine = super::embedded_engine(&clock, super::$ttls);
+                    let engine = super::embedded_engine(&clock, &super::$settings, None);
                     super::$name(&engine, &clock).await;
                 }
             )*
@@ -143,8 +87,8 @@ macro_rules! contract {
                 #[tokio::test]
                 async fn $name() {
                     let clock = super::Clock::manual(super::NOW);
-                    let (engine, _dir) = super::journaled_engine(&clock, super::$ttls).await;
-                    super::$name(&engine, &clock).await;
+                    let journaled = super::journaled_engine(&clock, &super::$settings).await;
+                    super::$name(&journaled.engine, &clock).await;
                 }
             )*
         }
@@ -167,14 +111,16 @@ contract!(LONG =>
 );
 
 /// Idempotency keys forgotten after one second.
-const IDEM_1S: Ttls = Ttls {
-    idem: Duration::from_secs(1),
-    closed: Duration::from_secs(3_600),
+const IDEM_1S: EngineSettings = EngineSettings {
+    idempotency_ttl: Duration::from_secs(1),
+    closed_order_ttl: Duration::from_secs(3_600),
+    ..LONG
 };
 /// Closed orders forgotten after one second, idempotency keys after ten minutes.
-const CLOSED_1S: Ttls = Ttls {
-    idem: Duration::from_secs(600),
-    closed: Duration::from_secs(1),
+const CLOSED_1S: EngineSettings = EngineSettings {
+    idempotency_ttl: Duration::from_secs(600),
+    closed_order_ttl: Duration::from_secs(1),
+    ..LONG
 };
 
 mod idem_1s {

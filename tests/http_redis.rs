@@ -1,34 +1,24 @@
 //! The gateway over HTTP against a real `redis-server` (one per test, on a free
 //! port), black-box: every route and every status the contract
-//! (`../shared/design.md`) lists for it, the concurrency and idempotency
+//! (`docs/contract.md`) lists for it, the concurrency and idempotency
 //! guarantees, the Redis commands the early answers save, a Redis outage and
 //! recovery, and graceful shutdown. Issue 2, acceptance 1–5.
 //!
 //! Side effects are read from Redis directly (key layout: `docs/internals.md`).
 
 mod common;
-mod gateway;
 
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
-use common::{RedisServer, unique};
+use common::gateway::{GAUGE_LOCK, Gateway, on_redis};
+use common::http::{ADMIN_TOKEN, HOUR_MS, Reply, item_body, send, send_until};
+use common::inspect::{Event, Redis};
+use common::{poll, unique};
 use futures_util::StreamExt;
-use gateway::{ADMIN_TOKEN, Gateway, HOUR_MS, Redis, Reply, item_body, poll, send};
 use seckill_gateway::clock::{parse_rfc3339, system_now_ms};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-/// `seckill_circuit_open` is one gauge for the whole process while every
-/// gateway's breaker sets it (a new gateway sets it to 0). The test that reads
-/// it holds this lock, and every gateway start in this file takes it, so no
-/// other gateway starts in between.
-static GAUGE_LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-async fn start(builder: gateway::Builder) -> Gateway {
-    let _gauge = GAUGE_LOCK.lock().await;
-    builder.start().await
-}
 
 /// Commands the gateway sends on its own, whatever the requests: the clock
 /// sync (`TIME`), the pub/sub subscription, and what the test itself sends.
@@ -60,8 +50,7 @@ fn metric(text: &str, name: &str) -> Option<f64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn item_get_answers_each_state_and_refusal() {
-    let redis = RedisServer::start();
-    let gw = start(Gateway::builder(&redis.url())).await;
+    let (_redis, _, gw) = on_redis(|b| b).await;
     let now = gw.now_ms();
     let active = unique("active");
     let upcoming = unique("upcoming");
@@ -111,11 +100,8 @@ async fn item_get_answers_each_state_and_refusal() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reserve_answers_every_contract_status() {
-    let redis = RedisServer::start();
-    let mut r = Redis::connect(&redis.client()).await;
-    let gw = start(Gateway::builder(&redis.url())).await;
-    let item = unique("item");
-    gw.create_item(&item, 10, 2).await;
+    let (_redis, mut r, gw) = on_redis(|b| b).await;
+    let item = gw.new_item(10, 2).await;
     let path = format!("/api/v1/items/{item}/reserve");
 
     // 200 with every field.
@@ -263,10 +249,8 @@ async fn raw_request(addr: std::net::SocketAddr, request: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rate_limited_users_get_429_with_retry_after() {
-    let redis = RedisServer::start();
-    let gw = start(Gateway::builder(&redis.url()).flag("--rate-per-user", "1")).await;
-    let item = unique("item");
-    gw.create_item(&item, 10, 5).await;
+    let (_redis, _, gw) = on_redis(|b| b.flag("--rate-per-user", "1")).await;
+    let item = gw.new_item(10, 5).await;
     gw.reserve_ok(&item, "alice").await;
     let r = gw.reserve(&item, "alice").await;
     r.assert_refused(429, "rate_limited");
@@ -283,10 +267,8 @@ async fn rate_limited_users_get_429_with_retry_after() {
 async fn jwt_mode_takes_the_user_from_sub() {
     use jsonwebtoken::{EncodingKey, Header, encode};
     let secret = "0123456789abcdef-jwt";
-    let redis = RedisServer::start();
-    let gw = start(Gateway::builder(&redis.url()).flag("--jwt-secret", secret)).await;
-    let item = unique("item");
-    gw.create_item(&item, 10, 1).await;
+    let (_redis, _, gw) = on_redis(|b| b.flag("--jwt-secret", secret)).await;
+    let item = gw.new_item(10, 1).await;
     let token = |sub: &str, exp: i64, key: &str| {
         encode(
             &Header::default(),
@@ -328,9 +310,7 @@ async fn jwt_mode_takes_the_user_from_sub() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_put_validates_and_needs_the_token() {
-    let redis = RedisServer::start();
-    let mut rd = Redis::connect(&redis.client()).await;
-    let gw = start(Gateway::builder(&redis.url())).await;
+    let (redis, mut rd, gw) = on_redis(|b| b).await;
     let item = unique("item");
     let now = gw.now_ms();
     let body = item_body(7, 2, now - 1000, now + HOUR_MS);
@@ -423,7 +403,7 @@ async fn admin_put_validates_and_needs_the_token() {
         std::env::var_os("SECKILL_ADMIN_TOKEN").is_none(),
         "unset SECKILL_ADMIN_TOKEN to run this test"
     );
-    let closed = start(Gateway::builder(&redis.url()).without("--admin-token")).await;
+    let closed = Gateway::builder(&redis.url()).without("--admin-token").start().await;
     let r = send(
         closed
             .admin(closed.put(&format!("/admin/v1/items/{other}")))
@@ -439,10 +419,8 @@ async fn admin_put_validates_and_needs_the_token() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stats_and_orders_csv() {
-    let redis = RedisServer::start();
-    let gw = start(Gateway::builder(&redis.url())).await;
-    let item = unique("item");
-    gw.create_item(&item, 10, 2).await;
+    let (_redis, _, gw) = on_redis(|b| b).await;
+    let item = gw.new_item(10, 2).await;
     let o1 = gw.reserve_ok(&item, "alice").await;
     let o2 = gw.reserve_ok(&item, "bob").await;
     let o3 = gw.reserve_ok(&item, "carol").await;
@@ -501,8 +479,7 @@ async fn stats_and_orders_csv() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plain_routes_and_unknown_routes() {
-    let redis = RedisServer::start();
-    let gw = start(Gateway::builder(&redis.url())).await;
+    let (_redis, _, gw) = on_redis(|b| b).await;
 
     let r = send(gw.get("/healthz")).await;
     assert_eq!(r.assert_ok()["status"], json!("ok"));
@@ -512,8 +489,7 @@ async fn plain_routes_and_unknown_routes() {
     assert_eq!(v["mode"], json!("redis"));
     assert_eq!(v["status"], json!("ready"));
 
-    let item = unique("item");
-    gw.create_item(&item, 3, 1).await;
+    let item = gw.new_item(3, 1).await;
     gw.reserve_ok(&item, "alice").await;
     let r = send(gw.get("/metrics")).await;
     assert_eq!(r.status.as_u16(), 200);
@@ -564,9 +540,7 @@ async fn plain_routes_and_unknown_routes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_reservations_sell_exactly_the_stock() {
-    let redis = RedisServer::start();
-    let mut rd = Redis::connect(&redis.client()).await;
-    let gw = start(Gateway::builder(&redis.url())).await;
+    let (_redis, mut rd, gw) = on_redis(|b| b).await;
     let item = unique("hot");
     gw.create_item(&item, 100, 1).await;
 
@@ -617,7 +591,7 @@ async fn concurrent_reservations_sell_exactly_the_stock() {
     assert_eq!(buyers.keys().cloned().collect::<HashSet<_>>(), winners);
     assert!(buyers.values().all(|&n| n == 1));
     let events = rd.events(&item).await;
-    let reserved: Vec<&gateway::Event> = events.iter().filter(|e| e["type"] == "reserved").collect();
+    let reserved: Vec<&Event> = events.iter().filter(|e| e["type"] == "reserved").collect();
     assert_eq!(reserved.len(), 100);
     assert_eq!(
         reserved.iter().map(|e| e["order_id"].clone()).collect::<HashSet<_>>(),
@@ -635,11 +609,8 @@ async fn concurrent_reservations_sell_exactly_the_stock() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idempotent_retry_returns_the_same_order() {
-    let redis = RedisServer::start();
-    let mut rd = Redis::connect(&redis.client()).await;
-    let gw = start(Gateway::builder(&redis.url())).await;
-    let item = unique("item");
-    gw.create_item(&item, 3, 2).await;
+    let (_redis, mut rd, gw) = on_redis(|b| b).await;
+    let item = gw.new_item(3, 2).await;
     let keyed = || gw.reserve_req(&item, "alice").header("idempotency-key", "checkout-1");
 
     let first = send(keyed()).await.assert_ok().clone();
@@ -670,12 +641,9 @@ async fn idempotent_retry_returns_the_same_order() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn not_started_per_redis_even_when_the_local_clock_is_ahead() {
-    let redis = RedisServer::start();
-    let mut rd = Redis::connect(&redis.client()).await;
-    let gw = start(Gateway::builder(&redis.url())).await;
+    let (_redis, mut rd, gw) = on_redis(|b| b).await;
     let item = unique("item");
-    let (secs, micros): (i64, i64) = redis::cmd("TIME").query_async(&mut rd.conn).await.unwrap();
-    let redis_now = secs * 1000 + micros / 1000;
+    let redis_now = rd.time_ms().await;
     gw.create_item_window(&item, 5, 1, redis_now + HOUR_MS, redis_now + 24 * HOUR_MS)
         .await;
     // Let the start-up clock sync run first, then make this instance's clock 2 h fast.
@@ -717,10 +685,8 @@ async fn not_started_per_redis_even_when_the_local_clock_is_ahead() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_item_ids_cost_no_redis_command() {
-    let redis = RedisServer::start();
-    let mut rd = Redis::connect(&redis.client()).await;
     // No workers: the sweeper's and persistence worker's polling are not requests.
-    let gw = start(Gateway::builder(&redis.url()).flag("--workers", "false")).await;
+    let (_redis, mut rd, gw) = on_redis(|b| b.flag("--workers", "false")).await;
     gw.create_item(&unique("real"), 5, 1).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     rd.reset_stats().await;
@@ -759,11 +725,8 @@ async fn unknown_item_ids_cost_no_redis_command() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sold_out_answers_after_the_first_cost_no_redis_command() {
-    let redis = RedisServer::start();
-    let mut rd = Redis::connect(&redis.client()).await;
-    let gw = start(Gateway::builder(&redis.url()).flag("--sold-out-ttl", "60s")).await;
-    let item = unique("item");
-    gw.create_item(&item, 1, 1).await;
+    let (_redis, mut rd, gw) = on_redis(|b| b.flag("--sold-out-ttl", "60s")).await;
+    let item = gw.new_item(1, 1).await;
     // The item's own pub/sub notice must not clear the flag we are about to set.
     tokio::time::sleep(Duration::from_millis(300)).await;
     gw.reserve_ok(&item, "winner").await;
@@ -796,16 +759,13 @@ async fn sold_out_answers_after_the_first_cost_no_redis_command() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_down_gives_503_within_the_timeout_and_recovers() {
-    let mut redis = RedisServer::start();
-    let gw = start(
-        Gateway::builder(&redis.url())
-            .flag("--redis-timeout", "300ms")
+    let (mut redis, _, gw) = on_redis(|b| {
+        b.flag("--redis-timeout", "300ms")
             .flag("--circuit-failures", "3")
-            .flag("--circuit-cooldown", "1s"),
-    )
+            .flag("--circuit-cooldown", "1s")
+    })
     .await;
-    let item = unique("item");
-    gw.create_item(&item, 100, 1).await;
+    let item = gw.new_item(100, 1).await;
     gw.reserve_ok(&item, "before").await;
     let breaker_open = || gw.running().app.engine.redis().expect("a Redis gateway").circuit_open();
 
@@ -840,17 +800,10 @@ async fn redis_down_gives_503_within_the_timeout_and_recovers() {
     // Same port, no data, empty script cache: re-create the item, then sell again.
     redis.restart();
     let restarted = Instant::now();
-    let now = gw.now_ms();
-    let body = item_body(100, 1, now - 60_000, now + HOUR_MS);
-    let put = poll(Duration::from_secs(10), || async {
-        let r = gw.put_item_body(&item, &body).await;
-        (r.status.as_u16() == 200).then_some(r)
-    })
-    .await;
+    let put = gw.put_item_within(Duration::from_secs(10), &item, 100, 1).await;
     assert!(put.is_some(), "admin PUT works again within 10 s of the restart");
-    let order = poll(Duration::from_secs(5), || async {
-        let r = gw.reserve(&item, "after").await;
-        (r.status.as_u16() == 200).then_some(r)
+    let order = send_until(Duration::from_secs(5), gw.reserve_req(&item, "after"), |r| {
+        r.status.as_u16() == 200
     })
     .await
     .expect("reserve answers 200 again without restarting the gateway");
@@ -859,7 +812,7 @@ async fn redis_down_gives_503_within_the_timeout_and_recovers() {
     assert!(!breaker_open(), "the circuit closed again");
     let r = send(gw.get("/readyz")).await;
     assert_eq!(r.status.as_u16(), 200, "{}", r.text);
-    let mut rd = Redis::connect(&redis.client()).await;
+    let mut rd = Redis::connect(&redis).await;
     assert_eq!(rd.item_field(&item, "stock").await, 99);
 }
 
@@ -868,11 +821,8 @@ async fn redis_down_gives_503_within_the_timeout_and_recovers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn graceful_shutdown_answers_in_flight_requests() {
-    let redis = RedisServer::start();
-    let mut rd = Redis::connect(&redis.client()).await;
-    let mut gw = start(Gateway::builder(&redis.url())).await;
-    let item = unique("item");
-    gw.create_item(&item, 10, 1).await;
+    let (_redis, mut rd, mut gw) = on_redis(|b| b).await;
+    let item = gw.new_item(10, 1).await;
     let addr = gw.running().addr;
 
     // A request whose headers are in but whose body is still coming.
@@ -892,7 +842,7 @@ async fn graceful_shutdown_answers_in_flight_requests() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(!stopping.is_finished(), "stop waits for the request in flight");
     // No new connections once stopping.
-    let refused = gateway::client().get(format!("{}/healthz", gw.url)).send().await;
+    let refused = common::http::client().get(format!("{}/healthz", gw.url)).send().await;
     assert!(
         refused.is_err(),
         "new connections are refused while stopping: {refused:?}"
@@ -920,28 +870,19 @@ async fn graceful_shutdown_answers_in_flight_requests() {
 /// must not leave the circuit open for good.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn circuit_recovers_after_an_abandoned_probe() {
-    let mut redis = RedisServer::start();
-    let gw = start(
-        Gateway::builder(&redis.url())
-            .flag("--redis-timeout", "500ms")
+    let (mut redis, _, gw) = on_redis(|b| {
+        b.flag("--redis-timeout", "500ms")
             .flag("--circuit-failures", "2")
             .flag("--circuit-cooldown", "300ms")
             // The sweeper would otherwise take the probe.
-            .flag("--workers", "false"),
-    )
+            .flag("--workers", "false")
+    })
     .await;
-    let item = unique("item");
-    gw.create_item(&item, 10, 1).await;
+    let item = gw.new_item(10, 1).await;
     gw.reserve_ok(&item, "before").await;
 
     // Redis hangs: something accepts connections on its port and never answers.
-    redis.kill();
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.set_reuseaddr(true).unwrap();
-    socket
-        .bind(([127, 0, 0, 1], redis.port()).into())
-        .expect("bind the stalled port");
-    let black_hole = socket.listen(64).unwrap();
+    let black_hole = redis.hang();
     for i in 0..4 {
         gw.reserve(&item, &format!("down-{i}"))
             .await
@@ -964,13 +905,7 @@ async fn circuit_recovers_after_an_abandoned_probe() {
 
     drop(black_hole);
     redis.restart();
-    let now = gw.now_ms();
-    let body = item_body(10, 1, now - 60_000, now + HOUR_MS);
-    let put = poll(Duration::from_secs(10), || async {
-        let r = gw.put_item_body(&item, &body).await;
-        (r.status.as_u16() == 200).then_some(r)
-    })
-    .await;
+    let put = gw.put_item_within(Duration::from_secs(10), &item, 10, 1).await;
     let last = gw.reserve(&item, "after").await;
     assert!(
         put.is_some() && last.status.as_u16() == 200,
@@ -986,27 +921,14 @@ async fn circuit_recovers_after_an_abandoned_probe() {
 /// `{"duplicate", order_id, 0, "", 0, 0}` (docs/internals.md).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idempotent_retry_after_the_order_hash_expired() {
-    let redis = RedisServer::start();
-    let mut rd = Redis::connect(&redis.client()).await;
-    let gw = start(
-        Gateway::builder(&redis.url())
-            .flag("--closed-order-ttl", "1s")
-            .flag("--idempotency-ttl", "1h"),
-    )
-    .await;
-    let item = unique("item");
-    gw.create_item(&item, 5, 1).await;
+    let (_redis, mut rd, gw) = on_redis(|b| b.flag("--closed-order-ttl", "1s").flag("--idempotency-ttl", "1h")).await;
+    let item = gw.new_item(5, 1).await;
     let keyed = || gw.reserve_req(&item, "alice").header("idempotency-key", "k-1");
     let first = send(keyed()).await.assert_ok().clone();
     let order = first["order_id"].as_str().unwrap().to_owned();
     gw.cancel(&order, "alice").await.assert_ok();
-    let gone = poll(Duration::from_secs(5), || {
-        let mut conn = rd.conn.clone();
-        let key = seckill_gateway::engine::keys::order(&order).unwrap();
-        async move {
-            let exists: bool = redis::cmd("EXISTS").arg(key).query_async(&mut conn).await.unwrap();
-            (!exists).then_some(())
-        }
+    let gone = poll(Duration::from_secs(5), async || {
+        (!rd.order_exists(&order).await).then_some(())
     })
     .await;
     assert!(gone.is_some(), "the closed order's hash expires");
@@ -1028,15 +950,13 @@ async fn idempotent_retry_after_the_order_hash_expired() {
 /// filter learns the id, its cached metadata is dropped (pub/sub).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn item_changes_reach_every_instance() {
-    let redis = RedisServer::start();
-    let a = start(Gateway::builder(&redis.url())).await;
-    let b = start(Gateway::builder(&redis.url())).await;
+    let (redis, _, a) = on_redis(|b| b).await;
+    let b = Gateway::start(&redis.url()).await;
     let item = unique("item");
     let now = a.now_ms();
     a.create_item(&item, 5, 1).await;
-    let seen = poll(Duration::from_secs(1), || async {
-        let r = b.get_item(&item).await;
-        (r.status.as_u16() == 200).then_some(r)
+    let seen = send_until(Duration::from_secs(1), b.get(&format!("/api/v1/items/{item}")), |r| {
+        r.status.as_u16() == 200
     })
     .await
     .expect("B knows an item created on A within 1 s");
@@ -1045,9 +965,8 @@ async fn item_changes_reach_every_instance() {
     b.reserve_ok(&item, "alice").await;
     a.create_item_window(&item, 5, 1, now - 2 * HOUR_MS, now - HOUR_MS)
         .await;
-    let ended = poll(Duration::from_secs(1), || async {
-        let r = b.reserve(&item, "bob").await;
-        (r.status.as_u16() != 200).then_some(r)
+    let ended = send_until(Duration::from_secs(1), b.reserve_req(&item, "bob"), |r| {
+        r.status.as_u16() != 200
     })
     .await
     .expect("B stops selling within 1 s");
@@ -1056,16 +975,9 @@ async fn item_changes_reach_every_instance() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forwarded_for_is_trusted_only_when_configured() {
-    let redis = RedisServer::start();
-    let trusting = start(
-        Gateway::builder(&redis.url())
-            .flag("--rate-per-ip", "1")
-            .flag("--trust-forwarded", "true"),
-    )
-    .await;
-    let direct = start(Gateway::builder(&redis.url()).flag("--rate-per-ip", "1")).await;
-    let item = unique("item");
-    trusting.create_item(&item, 5, 1).await;
+    let (redis, _, trusting) = on_redis(|b| b.flag("--rate-per-ip", "1").flag("--trust-forwarded", "true")).await;
+    let direct = Gateway::builder(&redis.url()).flag("--rate-per-ip", "1").start().await;
+    let item = trusting.new_item(5, 1).await;
     let get = |gw: &Gateway, ip: &str| send(gw.get(&format!("/api/v1/items/{item}")).header("x-forwarded-for", ip));
     // Behind a trusted proxy every shopper has a bucket of their own …
     get(&trusting, "10.0.0.1").await.assert_ok();
@@ -1082,7 +994,7 @@ async fn forwarded_for_is_trusted_only_when_configured() {
     get(&direct, "10.0.0.1").await.assert_ok();
     get(&direct, "10.0.0.2").await.assert_refused(429, "rate_limited");
 
-    let global = start(Gateway::builder(&redis.url()).flag("--rate-global", "1")).await;
+    let global = Gateway::builder(&redis.url()).flag("--rate-global", "1").start().await;
     global.reserve_ok(&item, "alice").await;
     let r = global.reserve(&item, "bob").await;
     r.assert_refused(429, "rate_limited");
@@ -1091,13 +1003,7 @@ async fn forwarded_for_is_trusted_only_when_configured() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_headers_and_the_connection_cap() {
-    let redis = RedisServer::start();
-    let gw = start(
-        Gateway::builder(&redis.url())
-            .flag("--header-timeout", "500ms")
-            .flag("--max-connections", "2"),
-    )
-    .await;
+    let (_redis, _, gw) = on_redis(|b| b.flag("--header-timeout", "500ms").flag("--max-connections", "2")).await;
     let addr = gw.running().addr;
 
     // A client that never finishes its headers is cut off.
@@ -1142,38 +1048,20 @@ async fn slow_headers_and_the_connection_cap() {
 /// configured timeout, and calls beyond --max-inflight are shed at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hung_redis_times_out_and_sheds_load() {
-    let mut redis = RedisServer::start();
-    let gw = start(
-        Gateway::builder(&redis.url())
-            .flag("--redis-timeout", "2s")
+    let (mut redis, _, gw) = on_redis(|b| {
+        b.flag("--redis-timeout", "2s")
             .flag("--max-inflight", "1")
             .flag("--circuit-failures", "100")
-            .flag("--workers", "false"),
-    )
+            .flag("--workers", "false")
+    })
     .await;
     let item = unique("item");
     // With one permit, the gateway's own start-up reads (catalogue, clock) may hold it for a
     // moment and shed this call: retry until it lands.
-    let now = system_now_ms();
-    let created = poll(Duration::from_secs(5), || {
-        let (gw, item) = (&gw, &item);
-        async move {
-            let r = gw
-                .put_item_body(item, &item_body(5, 1, now - 60_000, now + HOUR_MS))
-                .await;
-            (r.status.as_u16() == 200).then_some(())
-        }
-    })
-    .await;
+    let created = gw.put_item_within(Duration::from_secs(5), &item, 5, 1).await;
     assert!(created.is_some(), "item created");
     gw.reserve_ok(&item, "before").await;
-    redis.kill();
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.set_reuseaddr(true).unwrap();
-    socket
-        .bind(([127, 0, 0, 1], redis.port()).into())
-        .expect("bind the stalled port");
-    let _black_hole = socket.listen(64).unwrap();
+    let _black_hole = redis.hang();
     // The first call finds the old connection dead; later ones wait on the new one.
     gw.reserve(&item, "zero").await.assert_refused(503, "unavailable");
 
@@ -1204,13 +1092,8 @@ async fn hung_redis_times_out_and_sheds_load() {
 /// half-done by the dropped connection. Without that, the request is abandoned mid-way.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_hangs_up_does_not_abandon_its_request() {
-    let redis = RedisServer::start();
-    let gw = Gateway::builder(&redis.url())
-        .flag("--redis-timeout", "3s")
-        .start()
-        .await;
-    let item = unique("hangup");
-    gw.create_item(&item, 10, 1).await;
+    let (redis, mut rd, gw) = on_redis(|b| b.flag("--redis-timeout", "3s")).await;
+    let item = gw.new_item(10, 1).await;
     // Warm the item cache so the only Redis call of the request is the script.
     gw.get_item(&item).await.assert_ok();
     // Redis stalls every client for 800 ms; the client gives up after 200 ms.
@@ -1235,11 +1118,8 @@ async fn a_client_that_hangs_up_does_not_abandon_its_request() {
         .await;
     assert!(r.is_err(), "the client gave up before the answer");
     stall.await.unwrap();
-    let mut rd = Redis::connect(&redis.client()).await;
-    let made = poll(Duration::from_secs(3), || {
-        let mut rd = Redis { conn: rd.conn.clone() };
-        let item = item.clone();
-        async move { (rd.item_field(&item, "reserved").await == 1).then_some(()) }
+    let made = poll(Duration::from_secs(3), async || {
+        (rd.item_field(&item, "reserved").await == 1).then_some(())
     })
     .await;
     assert!(made.is_some(), "the script ran after the client left: the order exists");

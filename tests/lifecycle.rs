@@ -5,16 +5,17 @@
 //! (the Lua scripts themselves are tested directly in `tests/lua_scripts.rs`).
 
 mod common;
-mod gateway;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{RedisServer, unique};
+use common::gateway::{Gateway, on_redis};
+use common::http::{Reply, send, send_until};
+use common::inspect::Redis;
+use common::unique;
 use futures_util::StreamExt;
-use gateway::{Gateway, Redis, Reply, poll};
 use seckill_gateway::clock::{Clock, parse_rfc3339, system_now_ms};
 use seckill_gateway::orders::sweeper::sweep;
 use serde_json::json;
@@ -26,9 +27,8 @@ fn random_v7() -> String {
 
 /// Issue 4, acceptance 4: once the pipeline is quiet, the database agrees with Redis
 /// (statuses equal), as `seckill-gateway reconcile` checks it.
-async fn assert_reconcile_clean(gw: &Gateway, redis_url: &str, item: &str) {
-    let client = redis::Client::open(redis_url).unwrap();
-    let mut conn = redis::aio::ConnectionManager::new(client).await.unwrap();
+async fn assert_reconcile_clean(gw: &Gateway, rd: &Redis, item: &str) {
+    let mut conn = rd.conn.clone();
     let store = gw.running().app.store.clone();
     let mut last = None;
     for _ in 0..100 {
@@ -47,11 +47,8 @@ async fn assert_reconcile_clean(gw: &Gateway, redis_url: &str, item: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pay_and_order_lookup() {
-    let redis = RedisServer::start();
-    let mut rd = Redis::connect(&redis.client()).await;
-    let gw = Gateway::start(&redis.url()).await;
-    let item = unique("item");
-    gw.create_item(&item, 10, 2).await;
+    let (_redis, mut rd, gw) = on_redis(|b| b).await;
+    let item = gw.new_item(10, 2).await;
     let order = gw.reserve_ok(&item, "alice").await;
 
     // Lookup while reserved.
@@ -109,10 +106,10 @@ async fn pay_and_order_lookup() {
     let long = "o".repeat(65);
     gw.pay(&long, "alice").await.assert_refused(400, "bad_request");
     gw.get_order(&long, "alice").await.assert_refused(400, "bad_request");
-    gateway::send(gw.post(&format!("/api/v1/orders/{order}/pay")))
+    send(gw.post(&format!("/api/v1/orders/{order}/pay")))
         .await
         .assert_refused(401, "unauthenticated");
-    gateway::send(gw.get(&format!("/api/v1/orders/{order}")))
+    send(gw.get(&format!("/api/v1/orders/{order}")))
         .await
         .assert_refused(401, "unauthenticated");
 
@@ -125,11 +122,8 @@ async fn pay_and_order_lookup() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_returns_stock_and_quota_once() {
-    let redis = RedisServer::start();
-    let mut rd = Redis::connect(&redis.client()).await;
-    let gw = Gateway::start(&redis.url()).await;
-    let item = unique("item");
-    gw.create_item(&item, 2, 1).await;
+    let (_redis, mut rd, gw) = on_redis(|b| b).await;
+    let item = gw.new_item(2, 1).await;
     let order = gw.reserve_ok(&item, "alice").await;
     gw.reserve(&item, "alice").await.assert_refused(409, "limit_reached");
     let bob_order = gw.reserve_ok(&item, "bob").await;
@@ -165,9 +159,8 @@ async fn cancel_returns_stock_and_quota_once() {
     assert_eq!(mine, ["reserved", "cancelled"], "one cancelled event");
 
     // The same user may buy again (the sold-out flag clears within a second).
-    let second = poll(Duration::from_secs(1), || async {
-        let r = gw.reserve(&item, "alice").await;
-        (r.status.as_u16() == 200).then_some(r)
+    let second = send_until(Duration::from_secs(1), gw.reserve_req(&item, "alice"), |r| {
+        r.status.as_u16() == 200
     })
     .await
     .expect("alice can reserve again within 1 s of cancelling");
@@ -176,23 +169,20 @@ async fn cancel_returns_stock_and_quota_once() {
     let v = gw.stats(&item).await.assert_ok().clone();
     assert_eq!((v["reserved"].clone(), v["cancelled"].clone()), (json!(2), json!(1)));
     assert_eq!(v["stock_remaining"], json!(0));
-    assert_reconcile_clean(&gw, &redis.url(), &item).await;
+    assert_reconcile_clean(&gw, &rd, &item).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn payment_timeout_expires_once_on_a_manual_clock() {
-    let redis = RedisServer::start();
-    let mut rd = Redis::connect(&redis.client()).await;
     // No background sweeper: this test decides when sweeps run.
-    let gw = Gateway::builder(&redis.url())
-        .clock(Clock::manual(system_now_ms()))
-        .flag("--payment-timeout", "60s")
-        .flag("--workers", "false")
-        .start()
-        .await;
+    let (_redis, mut rd, gw) = on_redis(|b| {
+        b.clock(Clock::manual(system_now_ms()))
+            .flag("--payment-timeout", "60s")
+            .flag("--workers", "false")
+    })
+    .await;
     let app = gw.running().app.clone();
-    let item = unique("item");
-    gw.create_item(&item, 5, 1).await;
+    let item = gw.new_item(5, 1).await;
     let created = gw.now_ms();
     let a = gw.reserve(&item, "alice").await;
     let a_order = a.assert_ok()["order_id"].as_str().unwrap().to_owned();
@@ -253,16 +243,10 @@ async fn payment_timeout_expires_once_on_a_manual_clock() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn late_payments_race_the_sweeper() {
     const N: usize = 1000;
-    let redis = RedisServer::start();
-    let mut rd = Redis::connect(&redis.client()).await;
     // The test runs the sweeps itself (two loops, as two instances would). Its gateway
     // persists nothing, so every event stays in the stream for the checks below; a second
     // instance persists them afterwards.
-    let gw = Gateway::builder(&redis.url())
-        .flag("--payment-timeout", "2s")
-        .flag("--workers", "false")
-        .start()
-        .await;
+    let (redis, mut rd, gw) = on_redis(|b| b.flag("--payment-timeout", "2s").flag("--workers", "false")).await;
     let app = gw.running().app.clone();
     let item = unique("race");
     gw.create_item(&item, N as i64, 1).await;
@@ -399,33 +383,26 @@ async fn late_payments_race_the_sweeper() {
         .flag("--payment-timeout", "2s")
         .start()
         .await;
-    assert_reconcile_clean(&persister, &redis.url(), &item).await;
+    assert_reconcile_clean(&persister, &rd, &item).await;
 }
 
 /// Acceptance 3: two gateways on one Redis; the sold-out flag of the second
 /// clears when a unit comes back, and the unit is bought by another user.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_gateways_share_the_sold_out_flag_and_its_clearing() {
-    let redis = RedisServer::start();
-    let mut rd = Redis::connect(&redis.client()).await;
     // Long flag TTLs: only pub/sub can clear them within this test.
-    let a = Gateway::builder(&redis.url())
-        .flag("--sold-out-ttl", "60s")
-        .start()
-        .await;
+    let (redis, mut rd, a) = on_redis(|b| b.flag("--sold-out-ttl", "60s")).await;
     let b = Gateway::builder(&redis.url())
         .flag("--sold-out-ttl", "60s")
         .start()
         .await;
-    let item = unique("item");
-    a.create_item(&item, 1, 1).await;
+    let item = a.new_item(1, 1).await;
 
     let order = a.reserve_ok(&item, "alice").await;
     a.reserve(&item, "bob").await.assert_refused(410, "sold_out");
     // B learns it from one script call, then answers locally.
-    let known = poll(Duration::from_secs(2), || async {
-        let r = b.reserve(&item, "carol").await;
-        (r.status.as_u16() != 404).then_some(r)
+    let known = send_until(Duration::from_secs(2), b.reserve_req(&item, "carol"), |r| {
+        r.status.as_u16() != 404
     })
     .await
     .expect("B knows the item (catalogue or pub/sub)");
@@ -450,11 +427,10 @@ async fn two_gateways_share_the_sold_out_flag_and_its_clearing() {
     // Cancel on A: within a second B sells the unit to another user.
     a.cancel(&order, "alice").await.assert_ok();
     let t = Instant::now();
-    let bought = poll(Duration::from_secs(1), || async {
-        let r = b.reserve(&item, "grace").await;
+    let bought = send_until(Duration::from_secs(1), b.reserve_req(&item, "grace"), |r| {
         match (r.status.as_u16(), r.error()) {
-            (200, _) => Some(r),
-            (410, "sold_out") => None,
+            (200, _) => true,
+            (410, "sold_out") => false,
             _ => panic!("B answered {} {}", r.status, r.text),
         }
     })

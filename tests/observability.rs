@@ -2,7 +2,7 @@
 //!
 //! 1. [`metrics_pass_promtool_lint`]: after traffic of every outcome, `GET /metrics` passes
 //!    `promtool check metrics` without a single complaint; every contract metric
-//!    (`../shared/design.md`, "Metrics") is there with `# HELP` and `# TYPE`; the histograms
+//!    (`docs/contract.md`, "Metrics") is there with `# HELP` and `# TYPE`; the histograms
 //!    are real histograms; and no label carries a user id, an order id or a raw path.
 //! 2. [`prometheus_scrapes_and_every_dashboard_query_returns_data`]: a real `prometheus`
 //!    (Debian package) scrapes a gateway under a short load and loads
@@ -27,19 +27,16 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::{RedisServer, free_port, shared_pg, unique};
-use reqwest::{Method, StatusCode};
-use seckill_gateway::clock::{Clock, rfc3339, system_now_ms};
-use seckill_gateway::config::Config;
-use seckill_gateway::server::Running;
+use common::binary::Binary;
+use common::gateway::{Builder, Gateway};
+use common::http::{ADMIN_TOKEN, HOUR_MS, MINUTE_MS, Reply, RequestExt, client, item_body, send};
+use common::{RedisServer, free_port, poll, shared_pg, unique};
+use reqwest::{RequestBuilder, StatusCode};
+use seckill_gateway::clock::system_now_ms;
 use serde_json::{Value, json};
 use tokio::io::AsyncWriteExt;
 
-const ADMIN_TOKEN: &str = "admin-token-123";
-const MINUTE_MS: i64 = 60_000;
-const HOUR_MS: i64 = 3_600_000;
-
-/// Every metric of the contract (`../shared/design.md`, "Metrics") and the three the
+/// Every metric of the contract (`docs/contract.md`, "Metrics") and the three the
 /// alerts and dashboard also use, with their Prometheus type.
 const CONTRACT: &[(&str, &str)] = &[
     ("seckill_requests_total", "counter"),
@@ -110,188 +107,32 @@ fn repo_root() -> PathBuf {
 // ---------------------------------------------------------------------------
 // The gateway and HTTP
 
-/// Flags of a test gateway; every flag with an environment fallback that matters here is
-/// given, so a `SECKILL_*` variable of the machine does not leak in.
-fn gateway_config(redis_url: &str, db_url: &str, extra: &[(&str, &str)]) -> Config {
-    let mut flags: Vec<(String, String)> = [
-        ("--listen", "127.0.0.1:0"),
-        ("--redis-url", redis_url),
-        ("--database-url", db_url),
-        ("--admin-token", ADMIN_TOKEN),
-        ("--rate-per-user", "1"),
-        ("--rate-per-ip", "0"),
-        ("--rate-global", "0"),
-        ("--demo", "false"),
-        ("--trust-forwarded", "false"),
-        ("--payment-timeout", "15m"),
-        ("--redis-timeout", "1s"),
-        ("--circuit-failures", "20"),
-        ("--circuit-cooldown", "2s"),
-        ("--max-inflight", "2048"),
-        ("--workers", "true"),
-        ("--persist-wait", "20ms"),
-        ("--sweep-interval", "500ms"),
-        ("--shutdown-grace", "2s"),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_owned(), v.to_owned()))
-    .collect();
-    for (k, v) in extra {
-        flags.retain(|(f, _)| f != k);
-        flags.push(((*k).to_owned(), (*v).to_owned()));
-    }
-    let consumer = unique("consumer");
-    let mut args = vec!["x".to_owned()];
-    for (k, v) in flags {
-        args.push(k);
-        args.push(v);
-    }
-    args.push("--consumer-name".into());
-    args.push(consumer);
-    Config::from_args(&args).expect("test gateway flags parse")
-}
-
-async fn start_gateway(config: Config) -> Running {
-    seckill_gateway::server::start(config, Clock::system(), true)
-        .await
-        .expect("gateway starts")
+/// A gateway on the test's servers that stops within 2 s (the default flags of the
+/// fixture otherwise: every flag with an environment fallback is given, so a `SECKILL_*`
+/// variable of the machine does not leak in).
+fn gateway(redis: &RedisServer, db: &str) -> Builder {
+    Gateway::builder(&redis.url())
+        .database(db)
+        .flag("--shutdown-grace", "2s")
 }
 
 /// Stop the gateway, but never wait long: with Redis killed its workers retry until told
 /// to stop, and the test is over anyway.
-async fn stop_gateway(running: Running) {
-    let _ = tokio::time::timeout(Duration::from_secs(5), running.stop()).await;
-}
-
-fn http_client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .no_proxy()
-        .timeout(Duration::from_secs(10))
-        .build()
-        .expect("reqwest client")
-}
-
-/// One request to the gateway.
-struct Req<'a> {
-    method: Method,
-    path: String,
-    user: Option<&'a str>,
-    admin: Option<&'a str>,
-    body: Option<Vec<u8>>,
-}
-
-impl<'a> Req<'a> {
-    fn new(method: Method, path: impl Into<String>) -> Self {
-        Req {
-            method,
-            path: path.into(),
-            user: None,
-            admin: None,
-            body: None,
-        }
-    }
-    fn get(path: impl Into<String>) -> Self {
-        Self::new(Method::GET, path)
-    }
-    fn post(path: impl Into<String>) -> Self {
-        Self::new(Method::POST, path)
-    }
-    fn put(path: impl Into<String>) -> Self {
-        Self::new(Method::PUT, path)
-    }
-    fn user(mut self, user: &'a str) -> Self {
-        self.user = Some(user);
-        self
-    }
-    fn admin(mut self, token: &'a str) -> Self {
-        self.admin = Some(token);
-        self
-    }
-    fn json(mut self, v: &Value) -> Self {
-        self.body = Some(serde_json::to_vec(v).unwrap());
-        self
-    }
-    fn raw(mut self, bytes: impl Into<Vec<u8>>) -> Self {
-        self.body = Some(bytes.into());
-        self
-    }
-}
-
-/// The answer: status, the `error` code ("ok" for a 2xx) and the JSON body (Null if none).
-struct Answer {
-    status: StatusCode,
-    code: String,
-    json: Value,
-    text: String,
-}
-
-async fn send(http: &reqwest::Client, base: &str, req: Req<'_>) -> Answer {
-    let mut b = http.request(req.method.clone(), format!("{base}{}", req.path));
-    if let Some(u) = req.user {
-        b = b.header("x-user-id", u);
-    }
-    if let Some(t) = req.admin {
-        b = b.header("authorization", format!("Bearer {t}"));
-    }
-    if let Some(body) = req.body {
-        b = b.header("content-type", "application/json").body(body);
-    }
-    let r = b
-        .send()
-        .await
-        .unwrap_or_else(|e| panic!("{} {}: {e}", req.method, req.path));
-    let status = r.status();
-    let text = r.text().await.unwrap_or_default();
-    let json: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
-    let code = if status.is_success() {
-        "ok".to_owned()
-    } else {
-        json["error"].as_str().unwrap_or("").to_owned()
-    };
-    Answer {
-        status,
-        code,
-        json,
-        text,
-    }
-}
-
-/// The JSON body of `PUT /admin/v1/items/{id}`.
-fn item_body(stock: i64, per_user_limit: i64, starts_ms: i64, ends_ms: i64) -> Value {
-    json!({
-        "name": "Observability test item",
-        "price_cents": 1999,
-        "stock": stock,
-        "per_user_limit": per_user_limit,
-        "starts_at": rfc3339(starts_ms),
-        "ends_at": rfc3339(ends_ms),
-    })
-}
-
-async fn put_item(http: &reqwest::Client, base: &str, id: &str, body: &Value) {
-    let a = send(
-        http,
-        base,
-        Req::put(format!("/admin/v1/items/{id}")).admin(ADMIN_TOKEN).json(body),
-    )
-    .await;
-    assert_eq!(a.status, StatusCode::OK, "PUT item {id}: {}", a.text);
+async fn stop_gateway(mut gw: Gateway) {
+    gw.stop_within(Duration::from_secs(5)).await;
 }
 
 /// Sends requests and checks each answer's code, remembering the outcomes seen.
-struct Driver<'a> {
-    http: &'a reqwest::Client,
-    base: String,
+struct Driver {
     outcomes: BTreeMap<String, usize>,
 }
 
-impl Driver<'_> {
+impl Driver {
     /// Send `req` and require the `error` code `expect` ("ok" for a 2xx).
-    async fn expect(&mut self, expect: &str, req: Req<'_>) -> Value {
-        let what = format!("{} {} (user {:?})", req.method, req.path, req.user);
-        let a = send(self.http, &self.base, req).await;
-        assert_eq!(a.code, expect, "{what}: {} {}", a.status, a.text);
-        *self.outcomes.entry(a.code).or_default() += 1;
+    async fn expect(&mut self, expect: &str, req: RequestBuilder) -> Value {
+        let a = send(req).await;
+        assert_eq!(a.code(), expect, "{}: {} {}", a.request, a.status, a.text);
+        *self.outcomes.entry(a.code().to_owned()).or_default() += 1;
         a.json
     }
 }
@@ -367,12 +208,8 @@ async fn metrics_pass_promtool_lint() {
 
     let mut redis = RedisServer::start();
     let db = shared_pg();
-    let gw = start_gateway(gateway_config(&redis.url(), &db, &[("--rate-per-user", "1")])).await;
-    let http = http_client();
-    let base = gw.url();
+    let gw = gateway(&redis, &db).flag("--rate-per-user", "1").start().await;
     let mut d = Driver {
-        http: &http,
-        base: base.clone(),
         outcomes: BTreeMap::new(),
     };
     eprintln!("[lint] gateway up after {:?}", t0.elapsed());
@@ -384,16 +221,14 @@ async fn metrics_pass_promtool_lint() {
     let upcoming = unique("item");
     let over = unique("item");
     let items = [&open, &single, &upcoming, &over];
-    put_item(&http, &base, &open, &item_body(100, 1, now - MINUTE_MS, now + HOUR_MS)).await;
-    put_item(&http, &base, &single, &item_body(1, 1, now - MINUTE_MS, now + HOUR_MS)).await;
-    put_item(
-        &http,
-        &base,
-        &upcoming,
-        &item_body(10, 1, now + HOUR_MS, now + 2 * HOUR_MS),
-    )
-    .await;
-    put_item(&http, &base, &over, &item_body(10, 1, now - 2 * HOUR_MS, now - HOUR_MS)).await;
+    for (item, body) in [
+        (&open, item_body(100, 1, now - MINUTE_MS, now + HOUR_MS)),
+        (&single, item_body(1, 1, now - MINUTE_MS, now + HOUR_MS)),
+        (&upcoming, item_body(10, 1, now + HOUR_MS, now + 2 * HOUR_MS)),
+        (&over, item_body(10, 1, now - 2 * HOUR_MS, now - HOUR_MS)),
+    ] {
+        gw.put_item_body(item, &body).await.assert_ok();
+    }
 
     // Shoppers. The per-user bucket allows 1 request/s, so a user's second request waits
     // for the next phase (1.1 s later), except where the test wants a 429.
@@ -421,36 +256,37 @@ async fn metrics_pass_promtool_lint() {
         user(),
         user(),
     );
-    let reserve = |item: &str| Req::post(format!("/api/v1/items/{item}/reserve"));
-    let pay = |order: &str| Req::post(format!("/api/v1/orders/{order}/pay"));
-    let cancel = |order: &str| Req::post(format!("/api/v1/orders/{order}/cancel"));
+    let reserve = |item: &str| gw.post(&format!("/api/v1/items/{item}/reserve"));
+    let pay = |order: &str| gw.post(&format!("/api/v1/orders/{order}/pay"));
+    let cancel = |order: &str| gw.post(&format!("/api/v1/orders/{order}/cancel"));
     let order_id = |v: &Value| v["order_id"].as_str().expect("order_id").to_owned();
 
     // Phase A: one request per user.
     d.expect(
         "forbidden",
-        Req::put(format!("/admin/v1/items/{open}")).json(&item_body(1, 1, now, now + HOUR_MS)),
+        gw.put(&format!("/admin/v1/items/{open}"))
+            .json(&item_body(1, 1, now, now + HOUR_MS)),
     )
     .await;
     d.expect(
         "forbidden",
-        Req::put(format!("/admin/v1/items/{open}"))
-            .admin("wrong-token-123")
+        gw.put(&format!("/admin/v1/items/{open}"))
+            .bearer_auth("wrong-token-123")
             .json(&item_body(1, 1, now, now + HOUR_MS)),
     )
     .await;
     d.expect(
         "bad_request",
-        Req::put(format!("/admin/v1/items/{open}"))
-            .admin(ADMIN_TOKEN)
-            .raw("{not json"),
+        gw.put(&format!("/admin/v1/items/{open}"))
+            .bearer_auth(ADMIN_TOKEN)
+            .raw_json("{not json"),
     )
     .await;
     d.expect(
         "payload_too_large",
-        Req::put(format!("/admin/v1/items/{open}"))
-            .admin(ADMIN_TOKEN)
-            .raw(vec![b' '; 5000]),
+        gw.put(&format!("/admin/v1/items/{open}"))
+            .bearer_auth(ADMIN_TOKEN)
+            .raw_json(vec![b' '; 5000]),
     )
     .await;
     let oa = order_id(&d.expect("ok", reserve(&open).user(&ua)).await);
@@ -464,26 +300,27 @@ async fn metrics_pass_promtool_lint() {
     d.expect("unauthenticated", reserve(&open)).await;
     d.expect("bad_request", reserve(&open).user(&ui).json(&json!({"qty": 0})))
         .await;
-    d.expect("payload_too_large", reserve(&open).user(&uo).raw(vec![b' '; 5000]))
+    d.expect("payload_too_large", reserve(&open).user(&uo).raw_json(vec![b' '; 5000]))
         .await;
     d.expect("ended", reserve(&over).user(&uj)).await;
     d.expect("rate_limited", reserve(&over).user(&uj)).await;
     let missing_order = seckill_gateway::ids::new_order_id(&open);
     d.expect("unknown_order", pay(&missing_order).user(&uk)).await;
     d.expect("forbidden", pay(&oa).user(&ul)).await;
-    d.expect("forbidden", Req::get(format!("/api/v1/orders/{ob}")).user(&um))
+    d.expect("forbidden", gw.get(&format!("/api/v1/orders/{ob}")).user(&um))
         .await;
-    d.expect("ok", Req::get(format!("/api/v1/items/{open}"))).await;
-    d.expect("unknown_item", Req::get(format!("/api/v1/items/{}", unique("item"))))
+    d.expect("ok", gw.get(&format!("/api/v1/items/{open}"))).await;
+    d.expect("unknown_item", gw.get(&format!("/api/v1/items/{}", unique("item"))))
         .await;
-    d.expect("ok", Req::get("/healthz")).await;
-    d.expect("ok", Req::get("/readyz")).await;
+    d.expect("ok", gw.get("/healthz")).await;
+    d.expect("ok", gw.get("/readyz")).await;
     d.expect(
         "ok",
-        Req::get(format!("/admin/v1/items/{open}/stats")).admin(ADMIN_TOKEN),
+        gw.get(&format!("/admin/v1/items/{open}/stats"))
+            .bearer_auth(ADMIN_TOKEN),
     )
     .await;
-    d.expect("forbidden", Req::get(format!("/admin/v1/items/{open}/stats")))
+    d.expect("forbidden", gw.get(&format!("/admin/v1/items/{open}/stats")))
         .await;
 
     // Phase B: each user's second request.
@@ -497,24 +334,18 @@ async fn metrics_pass_promtool_lint() {
     tokio::time::sleep(Duration::from_millis(1100)).await;
     d.expect("order_closed", pay(&ob).user(&ub)).await;
     d.expect("order_closed", pay(&od).user(&ud)).await;
-    d.expect("ok", Req::get(format!("/api/v1/orders/{oa}")).user(&ua)).await;
+    d.expect("ok", gw.get(&format!("/api/v1/orders/{oa}")).user(&ua)).await;
     d.expect("ok", pay(&oc).user(&uc)).await;
     eprintln!("[lint] traffic driven after {:?}", t0.elapsed());
 
     // The persistence worker has written a batch (seckill_persist_batch_size exists).
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let m = send(&http, &base, Req::get("/metrics")).await;
+    poll(Duration::from_secs(10), async || {
+        let m = send(gw.get("/metrics")).await;
         *d.outcomes.entry("ok".into()).or_default() += 1;
-        if m.text.contains("seckill_persist_batch_size_count") {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no seckill_persist_batch_size after 10 s: the persistence worker wrote no batch"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        m.text.contains("seckill_persist_batch_size_count").then_some(())
+    })
+    .await
+    .expect("no seckill_persist_batch_size after 10 s: the persistence worker wrote no batch");
 
     // Redis gone: 503 unavailable.
     redis.kill();
@@ -522,7 +353,7 @@ async fn metrics_pass_promtool_lint() {
     d.expect("unavailable", pay(&oc).user(&up)).await;
     eprintln!("[lint] unavailable driven after {:?}", t0.elapsed());
 
-    let metrics = send(&http, &base, Req::get("/metrics")).await;
+    let metrics = send(gw.get("/metrics")).await;
     assert_eq!(metrics.status, StatusCode::OK);
     let text = metrics.text;
 
@@ -731,7 +562,7 @@ impl Prometheus {
         );
         let config_path = dir.path().join("prometheus.yml");
         std::fs::write(&config_path, config).unwrap();
-        let http = http_client();
+        let http = client();
         let mut last_log = String::new();
         for _ in 0..3 {
             let port = free_port();
@@ -757,17 +588,18 @@ impl Prometheus {
                      prometheus; or a release from prometheus.io on PATH), or run ./scripts/test"
                 ),
             };
-            let deadline = Instant::now() + Duration::from_secs(20);
-            loop {
+            // Ready, or exited (then `Some(false)`), within 20 s.
+            let ready = poll(Duration::from_secs(20), async || {
                 if let Ok(r) = http.get(format!("{url}/-/ready")).send().await
                     && r.status().is_success()
                 {
-                    return Prometheus { child, url, dir };
+                    return Some(true);
                 }
-                if child.try_wait().ok().flatten().is_some() || Instant::now() > deadline {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                child.try_wait().ok().flatten().map(|_| false)
+            })
+            .await;
+            if ready == Some(true) {
+                return Prometheus { child, url, dir };
             }
             // Lost the port race or never ready: stop this one (by PID) and try another port.
             let _ = child.kill();
@@ -819,15 +651,13 @@ async fn prometheus_scrapes_and_every_dashboard_query_returns_data() {
 
     let redis = RedisServer::start();
     let db = shared_pg();
-    let gw = start_gateway(gateway_config(
-        &redis.url(),
-        &db,
-        &[("--rate-per-user", "5"), ("--persist-wait", "10ms")],
-    ))
-    .await;
-    let http = http_client();
-    let base = gw.url();
-    let prom = Prometheus::start(&gw.addr.to_string(), &alerts).await;
+    let gw = gateway(&redis, &db)
+        .flag("--rate-per-user", "5")
+        .flag("--persist-wait", "10ms")
+        .start()
+        .await;
+    let http = client();
+    let prom = Prometheus::start(&gw.running().addr.to_string(), &alerts).await;
     eprintln!(
         "[prom] gateway and prometheus ({}) up after {:?}",
         prom.url,
@@ -839,26 +669,27 @@ async fn prometheus_scrapes_and_every_dashboard_query_returns_data() {
     let hot = unique("item");
     let calm = unique("item");
     let over = unique("item");
-    put_item(&http, &base, &hot, &item_body(25, 1, now - MINUTE_MS, now + HOUR_MS)).await;
-    put_item(&http, &base, &calm, &item_body(1000, 2, now - MINUTE_MS, now + HOUR_MS)).await;
-    put_item(&http, &base, &over, &item_body(10, 1, now - 2 * HOUR_MS, now - HOUR_MS)).await;
+    for (item, body) in [
+        (&hot, item_body(25, 1, now - MINUTE_MS, now + HOUR_MS)),
+        (&calm, item_body(1000, 2, now - MINUTE_MS, now + HOUR_MS)),
+        (&over, item_body(10, 1, now - 2 * HOUR_MS, now - HOUR_MS)),
+    ] {
+        gw.put_item_body(item, &body).await.assert_ok();
+    }
 
     // Prometheus sees the gateway before the load starts.
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while prom.value(&http, r#"up{job="seckill"}"#).await != Some(1.0) {
-        assert!(
-            Instant::now() < deadline,
-            "prometheus never scraped the gateway (up != 1)"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    poll(Duration::from_secs(15), async || {
+        (prom.value(&http, r#"up{job="seckill"}"#).await == Some(1.0)).then_some(())
+    })
+    .await
+    .expect("prometheus never scraped the gateway (up != 1)");
 
     // The load: ~9 s (so rate() over the 1m $__rate_interval the script substitutes has
     // many samples of every series), rounds of mixed outcomes every 200 ms.
     let load_for = Duration::from_secs(9);
     let started = Instant::now();
     let mut outcomes: BTreeMap<String, usize> = BTreeMap::new();
-    let mut count = |a: &Answer| *outcomes.entry(a.code.clone()).or_default() += 1;
+    let mut count = |a: &Reply| *outcomes.entry(a.code().to_owned()).or_default() += 1;
     let mut previous: Vec<(String, String)> = Vec::new(); // (user, order) of the last round
     let mut round = 0u32;
     while started.elapsed() < load_for {
@@ -866,55 +697,33 @@ async fn prometheus_scrapes_and_every_dashboard_query_returns_data() {
         // Last round's orders: pay one, cancel the other, look one up.
         for (i, (user, order)) in previous.drain(..).enumerate() {
             let path = if i % 2 == 0 { "pay" } else { "cancel" };
-            count(
-                &send(
-                    &http,
-                    &base,
-                    Req::post(format!("/api/v1/orders/{order}/{path}")).user(&user),
-                )
-                .await,
-            );
-            count(&send(&http, &base, Req::get(format!("/api/v1/orders/{order}")).user(&user)).await);
+            count(&send(gw.post(&format!("/api/v1/orders/{order}/{path}")).user(&user)).await);
+            count(&send(gw.get(&format!("/api/v1/orders/{order}")).user(&user)).await);
         }
         // New shoppers on both items (hot sells out after a while: sold_out).
         for item in [&hot, &hot, &calm] {
             let user = unique("user");
-            let a = send(
-                &http,
-                &base,
-                Req::post(format!("/api/v1/items/{item}/reserve")).user(&user),
-            )
-            .await;
+            let a = send(gw.post(&format!("/api/v1/items/{item}/reserve")).user(&user)).await;
             count(&a);
             if let Some(order) = a.json["order_id"].as_str() {
                 previous.push((user, order.to_owned()));
             }
         }
         let user = unique("user");
-        count(&send(&http, &base, Req::get(format!("/api/v1/items/{hot}"))).await);
-        count(&send(&http, &base, Req::get(format!("/api/v1/items/{calm}"))).await);
+        count(&send(gw.get(&format!("/api/v1/items/{hot}"))).await);
+        count(&send(gw.get(&format!("/api/v1/items/{calm}"))).await);
+        count(&send(gw.post(&format!("/api/v1/items/{over}/reserve")).user(&user)).await);
         count(
             &send(
-                &http,
-                &base,
-                Req::post(format!("/api/v1/items/{over}/reserve")).user(&user),
+                gw.post(&format!("/api/v1/items/{}/reserve", unique("item")))
+                    .user(&user),
             )
             .await,
         );
+        count(&send(gw.post(&format!("/api/v1/items/{calm}/reserve"))).await);
         count(
             &send(
-                &http,
-                &base,
-                Req::post(format!("/api/v1/items/{}/reserve", unique("item"))).user(&user),
-            )
-            .await,
-        );
-        count(&send(&http, &base, Req::post(format!("/api/v1/items/{calm}/reserve"))).await);
-        count(
-            &send(
-                &http,
-                &base,
-                Req::post(format!("/api/v1/items/{calm}/reserve"))
+                gw.post(&format!("/api/v1/items/{calm}/reserve"))
                     .user(&user)
                     .json(&json!({"qty": 5})),
             )
@@ -924,23 +733,9 @@ async fn prometheus_scrapes_and_every_dashboard_query_returns_data() {
             // One shopper hammering: past the burst of 5, 429.
             let eager = unique("user");
             for _ in 0..8 {
-                count(
-                    &send(
-                        &http,
-                        &base,
-                        Req::post(format!("/api/v1/items/{over}/reserve")).user(&eager),
-                    )
-                    .await,
-                );
+                count(&send(gw.post(&format!("/api/v1/items/{over}/reserve")).user(&eager)).await);
             }
-            count(
-                &send(
-                    &http,
-                    &base,
-                    Req::get(format!("/admin/v1/items/{hot}/stats")).admin(ADMIN_TOKEN),
-                )
-                .await,
-            );
+            count(&send(gw.get(&format!("/admin/v1/items/{hot}/stats")).bearer_auth(ADMIN_TOKEN)).await);
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -970,22 +765,20 @@ async fn prometheus_scrapes_and_every_dashboard_query_returns_data() {
     // Wait for two scrapes after the load (the last counts and gauges are in Prometheus)
     // and for the persistence histogram to have been scraped.
     let load_end = system_now_ms() as f64 / 1000.0;
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let scraped = prom.value(&http, r#"timestamp(up{job="seckill"})"#).await;
-        let batches = prom
+    let (mut scraped, mut batches) = (None, None);
+    let after_load = poll(Duration::from_secs(15), async || {
+        scraped = prom.value(&http, r#"timestamp(up{job="seckill"})"#).await;
+        batches = prom
             .value(&http, r#"sum(seckill_persist_batch_size_count{job="seckill"})"#)
             .await;
-        if scraped.is_some_and(|t| t > load_end + 1.0) && batches.is_some_and(|n| n > 0.0) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "prometheus did not scrape after the load (last scrape {scraped:?}, load end {load_end}; \
-             persisted batches {batches:?})"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+        (scraped.is_some_and(|t| t > load_end + 1.0) && batches.is_some_and(|n| n > 0.0)).then_some(())
+    })
+    .await;
+    assert!(
+        after_load.is_some(),
+        "prometheus did not scrape after the load (last scrape {scraped:?}, load end {load_end}; \
+         persisted batches {batches:?})"
+    );
     eprintln!("[prom] scraped after the load at {:?}", t0.elapsed());
 
     // Every dashboard and variable query parses and returns data; every alert expression
@@ -1036,49 +829,25 @@ async fn prometheus_scrapes_and_every_dashboard_query_returns_data() {
 /// request carry its request id (the one the client sent, echoed in `X-Request-Id`).
 #[test]
 fn json_logs_carry_the_request_id() {
-    use std::io::{BufRead, BufReader};
-    use std::process::{Command, Stdio};
-
-    let dir = tempfile::tempdir().unwrap();
-    let port = common::free_port();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_seckill-gateway"))
-        .current_dir(dir.path())
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("SECKILL_LISTEN", format!("127.0.0.1:{port}"))
+    let mut gw = Binary::builder()
         .env("SECKILL_LOG_FORMAT", "json")
         .env("RUST_LOG", "seckill_gateway=debug")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+        .captured()
+        .spawn();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
     let echoed = rt.block_on(async {
-        let http = reqwest::Client::new();
-        let url = format!("http://127.0.0.1:{port}/api/v1/items/demo/reserve");
-        for _ in 0..100 {
-            if let Ok(r) = http
-                .post(&url)
-                .header("x-user-id", "logger")
-                .header("x-request-id", "req-json-1")
-                .send()
-                .await
-            {
-                return r.headers()["x-request-id"].to_str().unwrap().to_owned();
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        }
-        panic!("gateway did not start");
+        gw.ready().await;
+        let r = send(gw.reserve_req("demo", "logger").header("x-request-id", "req-json-1")).await;
+        r.header("x-request-id").expect("X-Request-Id").to_owned()
     });
     assert_eq!(echoed, "req-json-1");
-    child.kill().unwrap();
-    let stderr = BufReader::new(child.stderr.take().unwrap());
+    gw.kill();
     let mut carried = 0;
-    for line in stderr.lines().map_while(Result::ok) {
-        let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+    for line in gw.stderr_text().lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
         let in_request = v["span"]["request_id"].as_str() == Some("req-json-1")
             || v["spans"]
                 .as_array()
@@ -1088,6 +857,5 @@ fn json_logs_carry_the_request_id() {
             carried += 1;
         }
     }
-    child.wait().unwrap();
     assert!(carried >= 1, "a log line of the request carries its request id");
 }

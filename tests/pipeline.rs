@@ -7,180 +7,64 @@
 mod common;
 
 use std::collections::{HashMap, HashSet};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{PgServer, RedisServer, free_port, shared_pg, unique};
-use seckill_gateway::clock::{Clock, rfc3339, system_now_ms};
-use seckill_gateway::config::Config;
+use common::binary::{Binary, BinaryBuilder, command};
+use common::gateway::{Builder, Gateway};
+use common::http::{ADMIN_TOKEN, Api, send, try_send};
+use common::inspect::Redis;
+use common::{PgServer, RedisServer, poll, shared_pg, unique};
 use seckill_gateway::domain::OrderEvent;
-use seckill_gateway::engine::{OrderStatus, keys};
-use seckill_gateway::ids::shard_of;
+use seckill_gateway::engine::OrderStatus;
 use seckill_gateway::store::Store;
-use serde_json::{Value, json};
-
-const ADMIN: &str = "admin-token-123";
-
-fn item_body(stock: i64, limit: i64) -> Value {
-    let now = system_now_ms();
-    json!({
-        "name": "pipeline test item", "price_cents": 100, "stock": stock, "per_user_limit": limit,
-        "starts_at": rfc3339(now - 60_000), "ends_at": rfc3339(now + 3_600_000),
-    })
-}
-
-async fn put_item(http: &reqwest::Client, base: &str, item: &str, stock: i64, limit: i64) {
-    let r = http
-        .put(format!("{base}/admin/v1/items/{item}"))
-        .bearer_auth(ADMIN)
-        .json(&item_body(stock, limit))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
-}
+use serde_json::json;
 
 /// Reserve one unit: `Ok(Some(order_id))` on 200, `Ok(None)` on a refusal, `Err` when the
 /// answer never came (connection cut).
-async fn reserve(http: &reqwest::Client, base: &str, item: &str, user: &str) -> Result<Option<String>, String> {
-    let r = http
-        .post(format!("{base}/api/v1/items/{item}/reserve"))
-        .header("x-user-id", user)
-        .json(&json!({"qty": 1}))
-        .send()
+async fn reserve(api: &Api, item: &str, user: &str) -> Result<Option<String>, String> {
+    let r = try_send(api.reserve_req(item, user).json(&json!({"qty": 1})))
         .await
         .map_err(|e| e.to_string())?;
-    let status = r.status();
-    let body: Value = r.json().await.map_err(|e| e.to_string())?;
-    if status == 200 {
-        Ok(Some(body["order_id"].as_str().unwrap().to_owned()))
+    if r.status == 200 {
+        Ok(Some(r.order_id()))
     } else {
         assert!(
-            [409, 410, 503].contains(&status.as_u16()),
-            "unexpected {status}: {body}"
+            [409, 410, 503].contains(&r.status.as_u16()),
+            "unexpected {}: {}",
+            r.status,
+            r.text
         );
         Ok(None)
     }
 }
 
-fn gateway_args(redis: &RedisServer, db: &str) -> Vec<String> {
-    [
-        "x",
-        "--listen",
-        "127.0.0.1:0",
-        "--redis-url",
-        &redis.url(),
-        "--database-url",
-        db,
-        "--admin-token",
-        ADMIN,
-        "--rate-global",
-        "0",
-        "--rate-per-user",
-        "0",
-        "--rate-per-ip",
-        "0",
-        "--demo",
-        "false",
-        "--store-timeout",
-        "1s",
-        "--claim-idle",
-        "1s",
-        "--max-deliveries",
-        "3",
-        "--persist-wait",
-        "10ms",
-        "--consumer-name",
-        "in-process",
-    ]
-    .into_iter()
-    .map(str::to_owned)
-    .collect()
+/// An in-process gateway on the test's servers: entries idle for a second are claimed, an
+/// entry delivered three times is dead-lettered.
+fn gateway(redis: &RedisServer, db: &str) -> Builder {
+    Gateway::builder(&redis.url())
+        .database(db)
+        .flag("--store-timeout", "1s")
+        .flag("--claim-idle", "1s")
+        .flag("--max-deliveries", "3")
+        .flag("--persist-wait", "10ms")
+        .flag("--consumer-name", "in-process")
+}
+
+/// The real binary on the test's servers, with the defaults of the binary otherwise.
+fn binary(redis: &RedisServer, db: &str) -> BinaryBuilder {
+    Binary::builder()
+        .flag("--redis-url", &redis.url())
+        .flag("--database-url", db)
+        .flag("--admin-token", ADMIN_TOKEN)
+        .flag("--rate-per-user", "0")
+        .flag("--rate-per-ip", "0")
+        .flag("--consumer-name", "killed-gateway")
+        .env("RUST_LOG", "warn")
 }
 
 async fn store(db: &str) -> Store {
     Store::connect(db, Duration::from_secs(5)).await.unwrap()
-}
-
-/// Poll until `f` is true, or fail after `secs`.
-async fn eventually<F, Fut>(secs: u64, what: &str, mut f: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while Instant::now() < deadline {
-        if f().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("timed out waiting for: {what}");
-}
-
-/// The real binary, run against the test's servers.
-struct Binary {
-    child: Child,
-    base: String,
-}
-
-impl Binary {
-    fn start(redis: &RedisServer, db: &str, port: u16) -> Binary {
-        let child = Command::new(env!("CARGO_BIN_EXE_seckill-gateway"))
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("SECKILL_LISTEN", format!("127.0.0.1:{port}"))
-            .env("REDIS_URL", redis.url())
-            .env("DATABASE_URL", db)
-            .env("SECKILL_ADMIN_TOKEN", ADMIN)
-            .env("SECKILL_RATE_PER_USER", "0")
-            .env("SECKILL_RATE_PER_IP", "0")
-            .env("SECKILL_CONSUMER_NAME", "killed-gateway")
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start the gateway binary");
-        Binary {
-            child,
-            base: format!("http://127.0.0.1:{port}"),
-        }
-    }
-
-    async fn ready(&self, http: &reqwest::Client) {
-        let url = format!("{}/readyz", self.base);
-        eventually(20, "the gateway answers /readyz", || async {
-            http.get(&url).send().await.is_ok_and(|r| r.status() == 200)
-        })
-        .await;
-    }
-
-    fn kill(&mut self) {
-        self.child.kill().expect("SIGKILL");
-        self.child.wait().unwrap();
-    }
-}
-
-impl Drop for Binary {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-async fn redis_conn(redis: &RedisServer) -> redis::aio::ConnectionManager {
-    redis::aio::ConnectionManager::new(redis.client()).await.unwrap()
-}
-
-async fn hget_i64(conn: &mut redis::aio::ConnectionManager, key: &str, field: &str) -> i64 {
-    redis::cmd("HGET")
-        .arg(key)
-        .arg(field)
-        .query_async::<Option<i64>>(conn)
-        .await
-        .unwrap()
-        .unwrap_or(0)
 }
 
 async fn rows(store: &Store, item: &str) -> Vec<seckill_gateway::engine::Order> {
@@ -193,33 +77,22 @@ async fn rows(store: &Store, item: &str) -> Vec<seckill_gateway::engine::Order> 
 async fn sigkill_mid_burst_loses_no_acknowledged_order() {
     let redis = RedisServer::start();
     let db = shared_pg();
-    let port = free_port();
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(10))
-        .build()
-        .unwrap();
-    let mut gw = Binary::start(&redis, &db, port);
-    gw.ready(&http).await;
+    let mut gw = binary(&redis, &db).spawn();
+    gw.ready().await;
     let item = unique("kill");
     let stock = 400;
-    put_item(&http, &gw.base, &item, stock, 1).await;
+    gw.create_item(&item, stock, 1).await;
 
     // 1,500 shoppers, 64 in flight; SIGKILL once a few hundred answers are in.
     let answered = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let sem = Arc::new(tokio::sync::Semaphore::new(64));
     let mut tasks = Vec::new();
     for i in 0..1500 {
-        let (http, base, item, answered, sem) = (
-            http.clone(),
-            gw.base.clone(),
-            item.clone(),
-            answered.clone(),
-            sem.clone(),
-        );
+        let (api, item, answered, sem) = (gw.api.clone(), item.clone(), answered.clone(), sem.clone());
         tasks.push(tokio::spawn(async move {
             let _permit = sem.acquire().await.unwrap();
             let user = format!("u{i}");
-            let r = reserve(&http, &base, &item, &user).await;
+            let r = reserve(&api, &item, &user).await;
             answered.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             (user, r)
         }));
@@ -246,19 +119,16 @@ async fn sigkill_mid_burst_loses_no_acknowledged_order() {
     assert!(!cut_off.is_empty(), "the kill cut some requests off");
 
     // Restart on the same port and consumer name: the worker drains its own pending first.
-    let mut gw = Binary::start(&redis, &db, port);
-    gw.ready(&http).await;
+    let mut gw = binary(&redis, &db).port(gw.port()).spawn();
+    gw.ready().await;
     let store = store(&db).await;
-    let mut conn = redis_conn(&redis).await;
-    let item_key = keys::item(&item);
-    eventually(30, "every reservation Redis holds is a row", || {
-        let (store, item, item_key, mut conn) = (&store, &item, item_key.clone(), conn.clone());
-        async move {
-            let held = hget_i64(&mut conn, &item_key, "reserved").await + hget_i64(&mut conn, &item_key, "paid").await;
-            rows(store, item).await.len() as i64 == held
-        }
+    let mut rd = Redis::connect(&redis).await;
+    poll(Duration::from_secs(30), async || {
+        let held = rd.item_field(&item, "reserved").await + rd.item_field(&item, "paid").await;
+        (rows(&store, &item).await.len() as i64 == held).then_some(())
     })
-    .await;
+    .await
+    .expect("every reservation Redis holds is a row");
 
     let rows = rows(&store, &item).await;
     let ids: HashSet<&str> = rows.iter().map(|r| r.order_id.as_str()).collect();
@@ -279,10 +149,10 @@ async fn sigkill_mid_burst_loses_no_acknowledged_order() {
         );
         assert_eq!(r.status, OrderStatus::Reserved);
     }
-    let stock_left = hget_i64(&mut conn, &item_key, "stock").await;
+    let stock_left = rd.item_field(&item, "stock").await;
     assert_eq!(stock_left, stock - rows.len() as i64, "stock = total − rows");
 
-    let report = seckill_gateway::orders::reconcile::reconcile(&mut conn, &store, Some(&item), false)
+    let report = seckill_gateway::orders::reconcile::reconcile(&mut rd.conn, &store, Some(&item), false)
         .await
         .unwrap();
     assert!(
@@ -301,59 +171,37 @@ async fn database_outage_is_buffered_and_drained() {
     let mut pg = PgServer::start();
     pg.create_database("orders");
     let db = pg.url("orders");
-    let config = Config::from_args(gateway_args(&redis, &db)).unwrap();
-    let gw = seckill_gateway::server::start(config, Clock::system(), true)
-        .await
-        .unwrap();
-    let base = gw.url();
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(10))
-        .build()
-        .unwrap();
+    let mut gw = gateway(&redis, &db).start().await;
     let item = unique("outage");
-    put_item(&http, &base, &item, 1000, 1).await;
+    gw.create_item(&item, 1000, 1).await;
 
     let mut acknowledged = HashSet::new();
     for i in 0..100 {
-        if let Some(o) = reserve(&http, &base, &item, &format!("a{i}")).await.unwrap() {
+        if let Some(o) = reserve(&gw, &item, &format!("a{i}")).await.unwrap() {
             acknowledged.insert(o);
         }
     }
     pg.stop();
     for i in 0..150 {
-        let o = reserve(&http, &base, &item, &format!("b{i}")).await.unwrap();
+        let o = reserve(&gw, &item, &format!("b{i}")).await.unwrap();
         acknowledged.insert(o.expect("reservations are accepted while the database is down"));
     }
-    let ready: Value = http
-        .get(format!("{base}/readyz"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let ready = gw.readyz().await.json;
     assert_eq!(ready["status"], "degraded", "{ready}");
     assert!(ready["store"].as_str().unwrap().starts_with("down"), "{ready}");
     assert_eq!(acknowledged.len(), 250);
 
     pg.start_again();
     let store = store(&db).await;
-    eventually(30, "all 250 orders persisted after the database came back", || {
-        let (store, item) = (&store, &item);
-        async move { rows(store, item).await.len() == 250 }
+    poll(Duration::from_secs(30), async || {
+        (rows(&store, &item).await.len() == 250).then_some(())
     })
-    .await;
+    .await
+    .expect("all 250 orders persisted after the database came back");
     let rows = rows(&store, &item).await;
     let ids: HashSet<String> = rows.iter().map(|r| r.order_id.clone()).collect();
     assert_eq!(ids, acknowledged, "exactly the acknowledged orders, none twice");
-    let ready: Value = http
-        .get(format!("{base}/readyz"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let ready = gw.readyz().await.json;
     assert_eq!(ready["status"], "ready", "{ready}");
     gw.stop().await;
 }
@@ -432,79 +280,36 @@ async fn poison_event_dead_letters_and_reconcile_repairs() {
     let redis = RedisServer::start();
     let db = shared_pg();
     let item = unique("poison");
-    let shard = shard_of(&item);
-    let mut conn = redis_conn(&redis).await;
+    let mut rd = Redis::connect(&redis).await;
     // The poison entry is in the stream before the worker starts.
-    let _: String = redis::cmd("XADD")
-        .arg(keys::events(shard))
-        .arg("*")
-        .arg("type")
-        .arg("teleported")
-        .arg("order_id")
-        .arg("x")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    let config = Config::from_args(gateway_args(&redis, &db)).unwrap();
-    let gw = seckill_gateway::server::start(config, Clock::system(), true)
-        .await
-        .unwrap();
-    let base = gw.url();
-    let http = reqwest::Client::new();
-    put_item(&http, &base, &item, 10, 1).await;
+    rd.add_event(&item, &[("type", "teleported"), ("order_id", "x")]).await;
+    let mut gw = gateway(&redis, &db).start().await;
+    gw.create_item(&item, 10, 1).await;
     let mut acknowledged = HashSet::new();
     for i in 0..5 {
-        acknowledged.insert(reserve(&http, &base, &item, &format!("p{i}")).await.unwrap().unwrap());
+        acknowledged.insert(reserve(&gw, &item, &format!("p{i}")).await.unwrap().unwrap());
     }
     let store = store(&db).await;
-    eventually(20, "the good events are persisted", || {
-        let (store, item) = (&store, &item);
-        async move { rows(store, item).await.len() == 5 }
+    poll(Duration::from_secs(20), async || {
+        (rows(&store, &item).await.len() == 5).then_some(())
     })
-    .await;
-    let dead = keys::dead_letters(shard);
-    eventually(20, "the poison event reaches the dead-letter stream", || {
-        let (mut conn, dead) = (conn.clone(), dead.clone());
-        async move {
-            redis::cmd("XLEN")
-                .arg(&dead)
-                .query_async::<i64>(&mut conn)
-                .await
-                .unwrap()
-                == 1
-        }
+    .await
+    .expect("the good events are persisted");
+    poll(Duration::from_secs(20), async || {
+        (rd.dead_letters(&item).await.len() == 1).then_some(())
     })
-    .await;
-    let letters: Vec<(String, HashMap<String, String>)> = redis::cmd("XRANGE")
-        .arg(&dead)
-        .arg("-")
-        .arg("+")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    assert_eq!(letters[0].1["f:type"], "teleported");
-    assert!(
-        letters[0].1["error"].contains("unknown event type"),
-        "{:?}",
-        letters[0].1
-    );
-    let metrics = http
-        .get(format!("{base}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    .await
+    .expect("the poison event reaches the dead-letter stream");
+    let letters = rd.dead_letters(&item).await;
+    assert_eq!(letters[0]["f:type"], "teleported");
+    assert!(letters[0]["error"].contains("unknown event type"), "{:?}", letters[0]);
+    let metrics = send(gw.get("/metrics")).await.text;
     assert!(metrics.contains("seckill_dead_letters_total 1"), "dead letter counted");
 
     // Reconcile through the real CLI: clean, then a planted difference, repaired.
     let cli = |args: &[&str]| {
-        let out = Command::new(env!("CARGO_BIN_EXE_seckill-gateway"))
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("REDIS_URL", redis.url())
-            .env("DATABASE_URL", &db)
+        let out = command()
+            .args(["--redis-url", &redis.url(), "--database-url", &db])
             .arg("reconcile")
             .args(["--item", &item])
             .args(args)
@@ -525,11 +330,11 @@ async fn poison_event_dead_letters_and_reconcile_repairs() {
     let (code, out) = cli(&["--repair"]);
     assert_eq!(code, Some(0), "{out}");
     assert!(out.contains("repaired (events re-emitted): 1"), "{out}");
-    eventually(20, "the re-emitted event is persisted", || {
-        let (store, victim) = (&store, &victim);
-        async move { store.order(victim).await.unwrap().is_some() }
+    poll(Duration::from_secs(20), async || {
+        store.order(&victim).await.unwrap().is_some().then_some(())
     })
-    .await;
+    .await
+    .expect("the re-emitted event is persisted");
     let (code, out) = cli(&[]);
     assert_eq!(code, Some(0), "{out}");
     assert!(out.contains("clean"), "{out}");
@@ -543,52 +348,31 @@ async fn poison_event_dead_letters_and_reconcile_repairs() {
 async fn a_separate_worker_persists_and_trims() {
     let redis = RedisServer::start();
     let db = shared_pg();
-    let mut front = gateway_args(&redis, &db);
-    front.extend(["--workers", "false"].map(str::to_owned));
-    let gw = seckill_gateway::server::start(Config::from_args(front).unwrap(), Clock::system(), true)
-        .await
-        .unwrap();
-    let http = reqwest::Client::new();
+    let mut gw = gateway(&redis, &db).flag("--workers", "false").start().await;
     let item = unique("apart");
-    put_item(&http, &gw.url(), &item, 100, 1).await;
+    gw.create_item(&item, 100, 1).await;
     let mut acknowledged = HashSet::new();
     for i in 0..40 {
-        acknowledged.insert(
-            reserve(&http, &gw.url(), &item, &format!("w{i}"))
-                .await
-                .unwrap()
-                .unwrap(),
-        );
+        acknowledged.insert(reserve(&gw, &item, &format!("w{i}")).await.unwrap().unwrap());
     }
-    let mut conn = redis_conn(&redis).await;
-    let stream = keys::events(shard_of(&item));
-    let queued: i64 = redis::cmd("XLEN").arg(&stream).query_async(&mut conn).await.unwrap();
+    let mut rd = Redis::connect(&redis).await;
+    let queued = rd.xlen(&item).await;
     assert_eq!(queued, 40, "nothing persisted or trimmed without a worker");
 
-    let worker_args = gateway_args(&redis, &db);
-    let worker = seckill_gateway::server::start(Config::from_args(worker_args).unwrap(), Clock::system(), false)
-        .await
-        .unwrap();
+    let mut worker = gateway(&redis, &db).worker_only().start().await;
     let store = store(&db).await;
-    eventually(20, "the worker-only instance persists every order", || {
-        let (store, item) = (&store, &item);
-        async move { rows(store, item).await.len() == 40 }
+    poll(Duration::from_secs(20), async || {
+        (rows(&store, &item).await.len() == 40).then_some(())
     })
-    .await;
+    .await
+    .expect("the worker-only instance persists every order");
     let ids: HashSet<String> = rows(&store, &item).await.into_iter().map(|o| o.order_id).collect();
     assert_eq!(ids, acknowledged);
-    eventually(20, "acknowledged entries are trimmed", || {
-        let (mut conn, stream) = (conn.clone(), stream.clone());
-        async move {
-            redis::cmd("XLEN")
-                .arg(&stream)
-                .query_async::<i64>(&mut conn)
-                .await
-                .unwrap()
-                <= 1
-        }
+    poll(Duration::from_secs(20), async || {
+        (rd.xlen(&item).await <= 1).then_some(())
     })
-    .await;
+    .await
+    .expect("acknowledged entries are trimmed");
     worker.stop().await;
     gw.stop().await;
 }
