@@ -10,13 +10,14 @@
 //! would have.
 //!
 //! One task per shard drives its queue; it is started on the shard's first reservation and
-//! ends when the engine (the queue's sender) is dropped. The queue is bounded: a full queue
-//! sheds the request with 503 rather than let it wait without bound.
+//! ends when the engine (the queue's sender) is dropped. Reservations in flight — queued or
+//! in a call, over every shard — are capped (`SECKILL_MAX_INFLIGHT`): one more is shed with
+//! 503 at once rather than wait without bound.
 
 use std::future::Future;
 use std::sync::OnceLock;
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use super::{ReserveCmd, ReserveReply};
 use crate::error::Error;
@@ -39,24 +40,29 @@ struct Job {
 pub struct Batches<C: BatchCall> {
     shards: Vec<OnceLock<mpsc::Sender<Job>>>,
     call: C,
-    /// Requests that may wait per shard.
-    queue_cap: usize,
+    /// Permits for reservations in flight, queued or in a call; `try_acquire`, never wait.
+    inflight: Semaphore,
+    max_inflight: usize,
 }
 
 impl<C: BatchCall> Batches<C> {
-    pub fn new(call: C, queue_cap: usize) -> Self {
+    pub fn new(call: C, max_inflight: usize) -> Self {
+        let max_inflight = max_inflight.max(1);
         Batches {
             shards: (0..SHARDS).map(|_| OnceLock::new()).collect(),
             call,
-            queue_cap: queue_cap.max(1),
+            inflight: Semaphore::new(max_inflight),
+            max_inflight,
         }
     }
 
     /// Queue a reservation behind the shard's call in flight and wait for its reply.
     pub async fn reserve(&self, cmd: ReserveCmd) -> Result<ReserveReply, Error> {
+        let _permit = self.inflight.try_acquire().map_err(|_| Error::Shed)?;
         let shard = shard_of(&cmd.item_id) as usize;
         let queue = self.shards[shard].get_or_init(|| {
-            let (tx, rx) = mpsc::channel(self.queue_cap);
+            // Never full: no more than `max_inflight` requests exist at once.
+            let (tx, rx) = mpsc::channel(self.max_inflight);
             tokio::spawn(drive(self.call.clone(), rx));
             tx
         });
@@ -193,8 +199,8 @@ mod tests {
             .collect();
         assert_eq!(
             answers,
-            vec![Err(Error::RedisTimeout), Err(Error::RedisTimeout), Err(Error::Shed)],
-            "two wait (the queue holds 2) and fail with their batch; the third is shed"
+            vec![Err(Error::RedisTimeout), Err(Error::Shed), Err(Error::Shed)],
+            "one waits (2 in flight at most: the call's and it) and fails with its batch; the rest are shed"
         );
     }
 }
