@@ -12,7 +12,6 @@ use std::time::Duration;
 
 use crate::clock::Millis;
 use crate::domain::ItemSpec;
-use crate::engine::ReserveCmd;
 use crate::error::Reject;
 use crate::metrics;
 
@@ -45,18 +44,19 @@ impl LocalCache {
         self.items.insert(spec.item_id.clone(), spec);
     }
 
-    /// Answer a reservation locally when the answer is certain: a quantity over the
+    /// Answer a reservation of `qty` locally when the answer is certain: a quantity over the
     /// per-user limit (400), a sold-out flag (410), a sale that ended (410) or is clearly
-    /// yet to start (425). A retry carrying an idempotency key goes on to the engine, which
-    /// returns the order it already made even after the item sold out or the sale ended.
-    pub fn early_answer(&self, spec: &ItemSpec, now: Millis, cmd: &ReserveCmd) -> Result<(), Reject> {
-        if cmd.qty > spec.per_user_limit {
+    /// yet to start (425). A retry carrying an idempotency key (`keyed`) goes on to the
+    /// engine, which returns the order it already made even after the item sold out or the
+    /// sale ended.
+    pub fn early_answer(&self, spec: &ItemSpec, now: Millis, qty: i64, keyed: bool) -> Result<(), Reject> {
+        if qty > spec.per_user_limit {
             return Err(Reject::BadRequest(format!(
                 "qty above the per-user limit of {}",
                 spec.per_user_limit
             )));
         }
-        if cmd.idem_key.is_some() {
+        if keyed {
             return Ok(());
         }
         if self.is_sold_out(&spec.item_id) {

@@ -35,13 +35,15 @@ pub async fn get(ctx: &Ctx<'_>, req: Request<Incoming>) -> Answer {
 /// `POST /api/v1/items/{id}/reserve`: the hot path.
 pub async fn reserve(ctx: &Ctx<'_>, req: Request<Incoming>) -> Answer {
     let user = ctx.shopper(&req)?; // limiter (ip) → identity → limiter (user)
-    let cmd = read_reserve(ctx, req, user).await?; // idempotency key, body, qty ≥ 1
-    let item = ctx.item(&cmd.item_id).await?; // Bloom filter → cache → engine
-    ctx.app.cache.early_answer(&item.spec, ctx.now(), &cmd)?; // qty ≤ limit, sold-out flag, sale window
-    let user_id = cmd.user_id.clone();
-    let qty = cmd.qty;
+    let ask = Ask::read(ctx, req).await?; // idempotency key, body, qty ≥ 1
+    let item = ctx.item(ctx.id).await?; // Bloom filter → cache → engine
+    ctx.app
+        .cache
+        .early_answer(&item.spec, ctx.now(), ask.qty, ask.idem_key.is_some())?; // qty ≤ limit, sold-out flag, sale window
+    let qty = ask.qty;
+    let cmd = ask.into_cmd(ctx.id, user.clone()); // a new order id, only for a request that goes on
     let reply = ctx.engine().reserve(cmd).await.map_err(|e| ctx.failed("reserve", e))?; // one script
-    answer(ctx.id, &user_id, qty, reply)
+    answer(ctx.id, &user, qty, reply)
 }
 
 #[derive(Deserialize)]
@@ -49,34 +51,46 @@ struct ReserveBody {
     qty: Option<i64>,
 }
 
-/// The reserve command from the request: the `Idempotency-Key` header, the body's `qty`
-/// (default 1), and a fresh order id.
-async fn read_reserve(ctx: &Ctx<'_>, req: Request<Incoming>, user_id: String) -> Result<ReserveCmd, Reject> {
-    let idem_key = match req.headers().get("idempotency-key") {
-        None => None,
-        Some(v) => match v.to_str() {
-            Ok(k) if valid_id(k) => Some(k.to_owned()),
-            _ => {
-                return Err(Reject::BadRequest(
-                    "Idempotency-Key must be 1-64 characters of [A-Za-z0-9_.:-]".into(),
-                ));
-            }
-        },
-    };
-    let body = reply::read_body(req, ctx.app.config.header_timeout).await?;
-    let qty = reply::parse_json::<ReserveBody>(&body)?
-        .and_then(|b| b.qty)
-        .unwrap_or(1);
-    if qty < 1 {
-        return Err(Reject::BadRequest("qty must be at least 1".into()));
+/// What a reserve request asks for: the body's `qty` (default 1) and the
+/// `Idempotency-Key` header.
+struct Ask {
+    qty: i64,
+    idem_key: Option<String>,
+}
+
+impl Ask {
+    async fn read(ctx: &Ctx<'_>, req: Request<Incoming>) -> Result<Ask, Reject> {
+        let idem_key = match req.headers().get("idempotency-key") {
+            None => None,
+            Some(v) => match v.to_str() {
+                Ok(k) if valid_id(k) => Some(k.to_owned()),
+                _ => {
+                    return Err(Reject::BadRequest(
+                        "Idempotency-Key must be 1-64 characters of [A-Za-z0-9_.:-]".into(),
+                    ));
+                }
+            },
+        };
+        let body = reply::read_body(req, ctx.app.config.header_timeout).await?;
+        let qty = reply::parse_json::<ReserveBody>(&body)?
+            .and_then(|b| b.qty)
+            .unwrap_or(1);
+        if qty < 1 {
+            return Err(Reject::BadRequest("qty must be at least 1".into()));
+        }
+        Ok(Ask { qty, idem_key })
     }
-    Ok(ReserveCmd {
-        item_id: ctx.id.to_owned(),
-        user_id,
-        qty,
-        order_id: new_order_id(ctx.id),
-        idem_key,
-    })
+
+    /// The engine's command, with a fresh order id.
+    fn into_cmd(self, item_id: &str, user_id: String) -> ReserveCmd {
+        ReserveCmd {
+            item_id: item_id.to_owned(),
+            user_id,
+            qty: self.qty,
+            order_id: new_order_id(item_id),
+            idem_key: self.idem_key,
+        }
+    }
 }
 
 /// The engine's decision as the contract's answer.

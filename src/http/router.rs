@@ -60,10 +60,19 @@ impl Route {
     }
 }
 
-/// The route table: a path's route, its method, and its id segment.
+/// The route table: a path's route, its method, and its id segment. (No route has more than
+/// five segments: a longer path is not found, without collecting it.)
 fn route(path: &str) -> (Route, Method, Option<&str>) {
-    let segs: Vec<&str> = path.trim_start_matches('/').split('/').collect();
-    match segs.as_slice() {
+    let mut segs = [""; 5];
+    let mut n = 0;
+    for seg in path.trim_start_matches('/').split('/') {
+        if n == segs.len() {
+            return (Route::NotFound, Method::GET, None);
+        }
+        segs[n] = seg;
+        n += 1;
+    }
+    match &segs[..n] {
         ["api", "v1", "items", id] => (Route::ItemGet, Method::GET, Some(id)),
         ["api", "v1", "items", id, "reserve"] => (Route::Reserve, Method::POST, Some(id)),
         ["api", "v1", "orders", id] => (Route::OrderGet, Method::GET, Some(id)),
@@ -174,12 +183,14 @@ pub async fn handle(app: &Arc<App>, req: Request<Incoming>, peer: SocketAddr) ->
         .filter(|v| valid_id(v))
         .map(str::to_owned)
         .unwrap_or_else(|| app.next_request_id());
-    let (route, method, id) = route(req.uri().path());
-    let id = id.map(str::to_owned);
+    // The id borrows from a clone of the URI (a reference count), so the request can move
+    // into its handler.
+    let uri = req.uri().clone();
+    let (route, method, id) = route(uri.path());
     let ctx = Ctx {
         app,
         peer,
-        id: id.as_deref().unwrap_or(""),
+        id: id.unwrap_or(""),
         request_id: &request_id,
     };
     // At debug level every log line of the request carries its id and route (span fields);
@@ -191,7 +202,7 @@ pub async fn handle(app: &Arc<App>, req: Request<Incoming>, peer: SocketAddr) ->
             Err(Reject::NotFound)
         } else if req.method() != method {
             Err(Reject::MethodNotAllowed)
-        } else if id.as_deref().is_some_and(|id| !valid_id(id)) {
+        } else if id.is_some_and(|id| !valid_id(id)) {
             Err(Reject::BadRequest("ids are 1-64 characters of [A-Za-z0-9_.:-]".into()))
         } else {
             match route {
