@@ -660,7 +660,7 @@ def _median_cpu(med, runs):
     ev = [r["evalsha"]["usec_per_call"] for r in cpu_runs if r.get("evalsha")]
     if ev:
         med["evalsha"] = {"usec_per_call": _median(ev),
-                          "calls": sum(r["evalsha"]["calls"] for r in cpu_runs if r.get("evalsha"))}
+                          "calls": _median([r["evalsha"]["calls"] for r in cpu_runs if r.get("evalsha")])}
     med["cpu_cores"] = {role: _median([(r["cpu"].get("cores") or {}).get(role) for r in cpu_runs])
                         for role in ROLES}
     for key in ("machine_busy_cores", "other_cores", "loadgen_peak_cores", "machine_peak_cores"):
@@ -715,7 +715,7 @@ def _print_cpu_table(order, rows, meta):
                   f"(redis-server utime+stime in the window, refusals' calls included, "
                   f"÷ {r.get('reservations', 0):,.0f} reservations)"
                   + (f"; INFO commandstats evalsha: {ev['usec_per_call']:.1f} usec_per_call "
-                     f"({ev['calls']:,} calls)" if ev else ""))
+                     f"({ev['calls']:,.0f} calls)" if ev else ""))
         elif r["tool"] == "redis-benchmark" and r.get("redis_us_per_reservation") is not None:
             ev = r.get("evalsha")
             print(f"{n}: Redis CPU {r['redis_us_per_reservation']:.1f} µs per EVALSHA call"
@@ -790,9 +790,9 @@ def _capacity(rows, order):
         if r["target"] != "gateway" or r["tool"] != "wrk" or not c:
             continue
         if r["script"] == "reserve.lua":
-            load, rate, kind = "reservations", 10_000, "200"
+            load, rate, kind = "reservations/s", 10_000, "200"
         elif r["script"] == "sold_out.lua":
-            load, rate, kind = "refusals (sold out)", 100_000, "410"
+            load, rate, kind = "refusals/s (sold out)", 100_000, "410"
         else:
             continue
         total = sum((r.get("statuses") or {}).values())
@@ -800,7 +800,7 @@ def _capacity(rows, order):
         cores = {k: (round(rate * c[k] / 1e6, 3) if c.get(k) is not None else None)
                  for k in ("gateway", "redis", "postgres")}
         cores["total"] = round(sum(v for v in cores.values() if v is not None), 3)
-        out.append({"measurement": n, "load": f"{rate:,} {load}/s", "rate": rate,
+        out.append({"measurement": n, "load": f"{rate:,} {load}", "rate": rate,
                     "us_per_answer": {k: c.get(k) for k in ("gateway", "redis", "postgres")},
                     "cores": cores, "answer_share": round(share, 4) if share is not None else None})
     return out
