@@ -10,7 +10,7 @@
 //   item (GET), reserves, and pays the order it got (PAY_PCT percent of the time).
 //
 // Parameters (__ENV): BASE_URL (http://127.0.0.1:8080), ITEM (demo), USERS (user ids drawn at
-//   random among u1..uUSERS; 0 = every iteration is a new user; default 50000), PEAK_RATE (5000),
+//   random among u1..uUSERS; 0 = every iteration is a new user; default 50000), PEAK_RATE (2000),
 //   RAMP (3s), DURATION (20s), RATE (steady, 500), PAY_PCT (steady, 50), RETRIES (3),
 //   RETRY_SLEEP_MS (50), VUS (pre-allocated, 200), MAX_VUS (2000), P95_MS (50), P99_MS (100),
 //   FAILED_RATE (0.01), QTY (units per reservation, body {"qty":QTY}; 1), STOCK (if set:
@@ -31,7 +31,7 @@ const E = __ENV;
 const BASE_URL = (E.BASE_URL || 'http://127.0.0.1:8080').replace(/\/+$/, '');
 const ITEM = E.ITEM || 'demo';
 const USERS = parseInt(E.USERS || '50000', 10);
-const PEAK_RATE = parseInt(E.PEAK_RATE || '5000', 10);
+const PEAK_RATE = parseInt(E.PEAK_RATE || '2000', 10);
 const RAMP = E.RAMP || '3s';
 const DURATION = E.DURATION || '20s';
 const RATE = parseInt(E.RATE || '500', 10);
