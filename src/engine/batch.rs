@@ -104,22 +104,22 @@ async fn drive<C: BatchCall>(call: C, mut queue: mpsc::Receiver<Job>) {
 
 /// One call for a batch; every job gets its reply (or the call's failure).
 async fn decide<C: BatchCall>(call: C, jobs: Vec<Job>) {
-    let cmds: Vec<ReserveCmd> = jobs.iter().map(|j| j.cmd.clone()).collect();
+    let (cmds, waiting): (Vec<ReserveCmd>, Vec<_>) = jobs.into_iter().map(|j| (j.cmd, j.reply)).unzip();
     match call.call(&cmds).await {
-        Ok(replies) if replies.len() == jobs.len() => {
-            for (job, reply) in jobs.into_iter().zip(replies) {
-                let _ = job.reply.send(Ok(reply));
+        Ok(replies) if replies.len() == waiting.len() => {
+            for (reply, answer) in waiting.into_iter().zip(replies) {
+                let _ = reply.send(Ok(answer));
             }
         }
         Ok(replies) => {
-            let why = format!("reserve batch of {} got {} replies", jobs.len(), replies.len());
-            for job in jobs {
-                let _ = job.reply.send(Err(Error::ScriptReply(why.clone())));
+            let why = format!("reserve batch of {} got {} replies", waiting.len(), replies.len());
+            for reply in waiting {
+                let _ = reply.send(Err(Error::ScriptReply(why.clone())));
             }
         }
         Err(e) => {
-            for job in jobs {
-                let _ = job.reply.send(Err(e.clone()));
+            for reply in waiting {
+                let _ = reply.send(Err(e.clone()));
             }
         }
     }
