@@ -11,6 +11,7 @@ use crate::app::App;
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::domain::ItemSpec;
+use crate::orders::{sweeper, worker};
 
 pub struct Running {
     pub app: Arc<App>,
@@ -46,7 +47,7 @@ pub async fn start(config: Config, clock: Clock, serve_http: bool) -> anyhow::Re
     }
     let (shutdown, rx) = watch::channel(false);
     let mut tasks = app.spawn_background(rx.clone());
-    tasks.extend(crate::orders::spawn_workers(&app, rx.clone()));
+    tasks.extend(spawn_workers(&app, rx.clone()));
     let (addr, server) = if serve_http {
         let listener = crate::http::bind(listen).await?;
         let addr = listener.local_addr()?;
@@ -61,6 +62,24 @@ pub async fn start(config: Config, clock: Clock, serve_http: bool) -> anyhow::Re
         server,
         tasks,
     })
+}
+
+/// Start the sweeper (both engines) and, with Redis, the persistence workers; unless
+/// `SECKILL_WORKERS=false`.
+fn spawn_workers(app: &Arc<App>, shutdown: watch::Receiver<bool>) -> Vec<tokio::task::JoinHandle<()>> {
+    let mut tasks = Vec::new();
+    if app.config.workers {
+        tasks.push(tokio::spawn(sweeper::run(
+            app.engine.clone(),
+            app.config.sweep_interval,
+            shutdown.clone(),
+        )));
+        if let Some(redis) = app.engine.redis() {
+            let settings = worker::WorkerSettings::from_config(&app.config);
+            tasks.extend(worker::spawn(redis, app.store.clone(), settings, shutdown));
+        }
+    }
+    tasks
 }
 
 /// The demo item: on sale now for 24 hours, 100 units, 2 per shopper. Kept if it exists
