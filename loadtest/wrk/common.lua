@@ -147,4 +147,29 @@ function M.done(summary, latency, requests)
     json_obj(statuses_all), json_obj(outcomes_all)))
 end
 
+-- The reserve request, as reserve.lua and sold_out.lua send it: POST
+-- /api/v1/items/ITEM/reserve {"qty":QTY} with X-User-Id drawn among USERS. Installs wrk's
+-- globals (setup, init, request, response, done). `default_item` when no ITEM is given;
+-- `count_outcomes`: also count each refusal's error code (so a 410 `ended` is not taken
+-- for a 410 `sold_out`).
+function M.reserve_requests(default_item, count_outcomes)
+  local users, make
+  setup = M.setup
+  done = M.done
+  init = function(args)
+    local item
+    item, users = M.args(args, default_item)
+    make = M.template("POST", "/api/v1/items/" .. item .. "/reserve", M.reserve_body())
+  end
+  request = function()
+    return make(M.user(users))
+  end
+  response = function(status, headers, body)
+    M.count_status(status)
+    if count_outcomes and status ~= 200 then
+      M.count_outcome(M.error_code(body) or ("http_" .. status))
+    end
+  end
+end
+
 return M

@@ -5,23 +5,4 @@
 -- Prints a status histogram and a WRK_JSON line (see common.lua).
 local dir = debug.getinfo(1, "S").source:match("^@(.*/)") or "./"
 package.path = dir .. "?.lua;" .. package.path
-local common = require("common")
-
-setup = common.setup
-done = common.done
-
-local users, make
-
-function init(args)
-  local item
-  item, users = common.args(args, "demo")
-  make = common.template("POST", "/api/v1/items/" .. item .. "/reserve", common.reserve_body())
-end
-
-function request()
-  return make(common.user(users))
-end
-
-function response(status, headers, body)
-  common.count_status(status)
-end
+require("common").reserve_requests("demo", false)

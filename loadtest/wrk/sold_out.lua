@@ -5,26 +5,4 @@
 -- for a 410 `sold_out`).
 local dir = debug.getinfo(1, "S").source:match("^@(.*/)") or "./"
 package.path = dir .. "?.lua;" .. package.path
-local common = require("common")
-
-setup = common.setup
-done = common.done
-
-local users, make
-
-function init(args)
-  local item
-  item, users = common.args(args, "sold-out")
-  make = common.template("POST", "/api/v1/items/" .. item .. "/reserve", common.reserve_body())
-end
-
-function request()
-  return make(common.user(users))
-end
-
-function response(status, headers, body)
-  common.count_status(status)
-  if status ~= 200 then
-    common.count_outcome(common.error_code(body) or ("http_" .. status))
-  end
-end
+require("common").reserve_requests("sold-out", true)
