@@ -72,35 +72,38 @@ end
 local now_s, pay_before = int(now), now + timeout_ms
 local pay_before_s = int(pay_before)
 
--- One request: `k` its 4 keys (item, buyers, order, idem), `a` its 5 arguments.
-local function reserve(k, a)
-  local item_id, user_id, order_id, idem_key = a[1], a[2], a[4], a[5]
-  local qty = tonumber(a[3])
-  assert(string.sub(k[3], -#order_id) == order_id, "reserve.lua: the order key does not end with order_id")
-
-  -- The order named `id` as a duplicate reply; its hash key is the order key
-  -- with the id swapped (same prefix, so same slot).
-  local function duplicate(id)
-    local key = string.sub(k[3], 1, #k[3] - #order_id) .. id
-    local o = redis.call("HMGET", key, "qty", "status", "created_ms", "pay_before_ms", "user_id", "item_id")
-    if not o[2] then
-      return {"duplicate", id, 0, "", 0, 0}
-    end
-    assert(o[5] == user_id and o[6] == item_id, "reserve.lua: order " .. id .. " belongs to another user or item")
-    return {"duplicate", id, tonumber(o[1]), o[2], tonumber(o[3]), tonumber(o[4])}
+-- The order named `id` as a duplicate reply of a request for `user_id` and
+-- `item_id`; its hash key is `order_key` with its last `#order_id` characters
+-- swapped for `id` (same prefix, so same slot).
+local function duplicate(order_key, order_id, id, user_id, item_id)
+  local key = string.sub(order_key, 1, #order_key - #order_id) .. id
+  local o = redis.call("HMGET", key, "qty", "status", "created_ms", "pay_before_ms", "user_id", "item_id")
+  if not o[2] then
+    return {"duplicate", id, 0, "", 0, 0}
   end
+  assert(o[5] == user_id and o[6] == item_id, "reserve.lua: order " .. id .. " belongs to another user or item")
+  return {"duplicate", id, tonumber(o[1]), o[2], tonumber(o[3]), tonumber(o[4])}
+end
+
+-- One request: its keys are KEYS[kb + 1..4] (item, buyers, order, idem), its
+-- arguments ARGV[ab + 1..5].
+local function reserve(kb, ab)
+  local item_key, buyers_key, order_key, idem_key_name = KEYS[kb + 1], KEYS[kb + 2], KEYS[kb + 3], KEYS[kb + 4]
+  local item_id, user_id, order_id, idem_key = ARGV[ab + 1], ARGV[ab + 2], ARGV[ab + 4], ARGV[ab + 5]
+  local qty = tonumber(ARGV[ab + 3])
+  assert(string.sub(order_key, -#order_id) == order_id, "reserve.lua: the order key does not end with order_id")
 
   -- Checks.
   if idem_key ~= "" then
-    local existing = redis.call("GET", k[4])
+    local existing = redis.call("GET", idem_key_name)
     if existing then
-      return duplicate(existing)
+      return duplicate(order_key, order_id, existing, user_id, item_id)
     end
   end
-  if redis.call("EXISTS", k[3]) == 1 then
-    return duplicate(order_id)
+  if redis.call("EXISTS", order_key) == 1 then
+    return duplicate(order_key, order_id, order_id, user_id, item_id)
   end
-  local item = redis.call("HMGET", k[1], "stock", "per_user_limit", "starts_ms", "ends_ms", "reserved")
+  local item = redis.call("HMGET", item_key, "stock", "per_user_limit", "starts_ms", "ends_ms", "reserved")
   if not item[1] then
     return {"unknown_item"}
   end
@@ -115,7 +118,7 @@ local function reserve(k, a)
   if not qty or qty ~= math.floor(qty) or qty < 1 or qty > limit then
     return {"bad_qty", limit}
   end
-  local held = tonumber(redis.call("HGET", k[2], user_id) or "0")
+  local held = tonumber(redis.call("HGET", buyers_key, user_id) or "0")
   if held + qty > limit then
     return {"limit_reached", held, limit}
   end
@@ -126,14 +129,14 @@ local function reserve(k, a)
   -- Writes.
   local qty_s = int(qty)
   local stock_after = stock - qty
-  redis.call("HSET", k[1], "stock", int(stock_after), "reserved", int(tonumber(item[5] or "0") + qty))
-  redis.call("HINCRBY", k[2], user_id, qty_s)
+  redis.call("HSET", item_key, "stock", int(stock_after), "reserved", int(tonumber(item[5] or "0") + qty))
+  redis.call("HINCRBY", buyers_key, user_id, qty_s)
   if idem_key ~= "" then
-    redis.call("HSET", k[3], "item_id", item_id, "user_id", user_id, "qty", qty_s, "status", "reserved",
+    redis.call("HSET", order_key, "item_id", item_id, "user_id", user_id, "qty", qty_s, "status", "reserved",
       "created_ms", now_s, "pay_before_ms", pay_before_s, "idem_key", idem_key)
-    redis.call("SET", k[4], order_id, "EX", int(idem_ttl_s))
+    redis.call("SET", idem_key_name, order_id, "EX", int(idem_ttl_s))
   else
-    redis.call("HSET", k[3], "item_id", item_id, "user_id", user_id, "qty", qty_s, "status", "reserved",
+    redis.call("HSET", order_key, "item_id", item_id, "user_id", user_id, "qty", qty_s, "status", "reserved",
       "created_ms", now_s, "pay_before_ms", pay_before_s)
   end
   redis.call("ZADD", KEYS[1], pay_before_s, order_id .. "|" .. item_id)
@@ -145,8 +148,6 @@ end
 
 local replies = {}
 for i = 1, n do
-  local kb, ab = 2 + 4 * (i - 1), 3 + 5 * (i - 1)
-  replies[i] = reserve({KEYS[kb + 1], KEYS[kb + 2], KEYS[kb + 3], KEYS[kb + 4]},
-    {ARGV[ab + 1], ARGV[ab + 2], ARGV[ab + 3], ARGV[ab + 4], ARGV[ab + 5]})
+  replies[i] = reserve(2 + 4 * (i - 1), 3 + 5 * (i - 1))
 end
 return replies
