@@ -451,6 +451,11 @@ async fn stats_and_orders_csv() {
         "{:?}",
         r.headers
     );
+    assert_eq!(
+        r.header("content-disposition"),
+        Some(format!("attachment; filename=\"{item}-orders.csv\"").as_str()),
+        "a browser downloads it"
+    );
     let header = "order_id,item_id,user_id,qty,status,created_at,pay_before,updated_at";
     assert_eq!(r.text.lines().next(), Some(header));
 
@@ -475,6 +480,36 @@ async fn stats_and_orders_csv() {
     assert_eq!(rows.len(), 3, "{rows:?}");
     let v = gw.stats(&item).await.assert_ok().clone();
     assert_eq!(v["persisted"], json!(3));
+    assert_eq!(v["persisted_orders"], json!(3), "rows; persisted counts units");
+}
+
+/// Stats count units (`persisted` included) and rows apart (`persisted_orders`): with qty 2,
+/// one order is two units.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stats_count_units_and_rows_apart() {
+    let (_redis, _, gw) = on_redis(|b| b).await;
+    let item = gw.new_item(10, 2).await;
+    send(gw.reserve_req(&item, "alice").json(&json!({"qty": 2})))
+        .await
+        .assert_ok();
+    let stats = send_until(
+        Duration::from_secs(10),
+        gw.admin(gw.get(&format!("/admin/v1/items/{item}/stats"))),
+        |r| r.json["persisted_orders"] == json!(1),
+    )
+    .await
+    .expect("the order is persisted within 10 s");
+    let v = &stats.json;
+    assert_eq!(
+        (
+            &v["reserved"],
+            &v["stock_remaining"],
+            &v["persisted"],
+            &v["persisted_orders"]
+        ),
+        (&json!(2), &json!(8), &json!(2), &json!(1)),
+        "{v}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
