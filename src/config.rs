@@ -103,7 +103,7 @@ pub struct Config {
     #[arg(long, global = true, env = "SECKILL_STORE_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
     pub store_timeout: Duration,
 
-    /// Redis calls in flight before new ones are shed with 503.
+    /// Redis calls in flight, and reservations queued or in a call, before new ones are shed with 503.
     #[arg(long, global = true, env = "SECKILL_MAX_INFLIGHT", default_value_t = 2048)]
     pub max_inflight: usize,
 
