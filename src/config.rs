@@ -147,7 +147,8 @@ pub struct Config {
     #[arg(long, global = true, env = "SECKILL_PERSIST_BATCH", default_value_t = 1000)]
     pub persist_batch: usize,
 
-    /// Longest wait for a batch to fill.
+    /// After a persistence read that did not fill a batch, how long the next one may fill
+    /// (fewer, larger reads for Redis; at most this much more persistence lag).
     #[arg(long, global = true, env = "SECKILL_PERSIST_WAIT", default_value = "20ms", value_parser = humantime::parse_duration)]
     pub persist_wait: Duration,
 

@@ -48,7 +48,13 @@ pub type Pool = bb8::Pool<RedisConnectionManager>;
 pub struct WorkerSettings {
     pub consumer: String,
     pub batch: usize,
+    /// How long an idle read waits for the first entry (`BLOCK`; returns at once when one
+    /// arrives, so waiting long costs no latency, only fewer empty reads).
     pub block: Duration,
+    /// After a read that did not fill a batch, how long to let the next one fill
+    /// (`SECKILL_PERSIST_WAIT`): fewer, larger reads and acknowledgements for Redis, at most
+    /// this much more persistence lag.
+    pub fill_wait: Duration,
     pub claim_idle: Duration,
     pub max_deliveries: u64,
     pub timeout: Duration,
@@ -62,7 +68,8 @@ impl WorkerSettings {
                 .clone()
                 .unwrap_or_else(|| default_consumer(c.listen.port())),
             batch: c.persist_batch,
-            block: c.persist_wait.clamp(Duration::from_millis(1), MAX_BLOCK),
+            block: MAX_BLOCK,
+            fill_wait: c.persist_wait.min(MAX_BLOCK),
             claim_idle: c.claim_idle,
             max_deliveries: c.max_deliveries,
             timeout: c.redis_timeout + MAX_BLOCK,
@@ -365,7 +372,11 @@ impl ShardWorker {
                     self.process(mine, &shutdown).await?;
                 }
                 let fresh = self.read(">", true).await?;
+                let partial = !fresh.is_empty() && fresh.len() < self.settings.batch;
                 self.process(fresh, &shutdown).await?;
+                if partial && !self.settings.fill_wait.is_zero() {
+                    tokio::time::sleep(self.settings.fill_wait).await;
+                }
                 Ok::<(), Error>(())
             };
             // A step is never cut off by shutdown: the batch in hand is finished and
