@@ -4,7 +4,8 @@
 //! durability step without HTTP or the engine's maps. Prints appends/s, the p50/p99/p99.9/max
 //! of one append (enqueue → committed), and the SQLite files' sizes at the end.
 //!
-//! Run: `cargo bench --bench journal`. Under `cargo test --benches` it runs for one second
+//! Run: `cargo bench --bench journal` (`RUST_LOG=seckill_gateway=debug` shows the store's
+//! and the journal's logs). Under `cargo test --benches` it runs for one second
 //! as a smoke test.
 
 use std::sync::Arc;
@@ -34,6 +35,11 @@ fn main() {
     let bench = std::env::args().any(|a| a == "--bench");
     let secs = if bench { env_u64("SECKILL_BENCH_SECS", 10) } else { 1 };
     let conc = env_u64("SECKILL_BENCH_CONC", 256) as usize;
+    if std::env::var_os("RUST_LOG").is_some() {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .init();
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
