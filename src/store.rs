@@ -370,7 +370,7 @@ impl Store {
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(200);
 
 /// WAL frames (4 KiB pages) beyond which the checkpointer makes the WAL start over
-/// (64 MiB): see [`checkpointer`].
+/// (16 MiB): see [`checkpointer`].
 const RESTART_FRAMES: i64 = 4_096;
 
 /// SQLite's checkpoints, off the commit path: every [`CHECKPOINT_EVERY`], a
