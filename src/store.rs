@@ -6,6 +6,14 @@
 //! (invariant 4). Both databases accept the same SQL; each query is written once and
 //! expanded for both pool types by [`with_pool!`] (sqlx's `Any` driver would need `?`
 //! placeholders, which PostgreSQL rejects).
+//!
+//! SQLite (the embedded engine's journal commits through [`Store::apply`] before every
+//! answer): WAL with `synchronous=NORMAL`, so a commit appends to the WAL and does not
+//! fsync. Every write goes through one dedicated writer connection; queries use a small
+//! pool of readers. Checkpoints (copying the WAL into the database file, with an fsync of
+//! each) are taken off the commit path: the connections' automatic checkpoint is off and a
+//! background task runs `wal_checkpoint(PASSIVE)` on a connection of its own, which does
+//! not block the writer (see [`checkpointer`]).
 
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -21,7 +29,13 @@ use crate::metrics;
 
 enum Pool {
     Postgres(PgPool),
-    Sqlite(SqlitePool),
+    /// `read` serves queries; `write` (one connection) every write: SQLite has one writer
+    /// at a time anyway, so writers never wait on each other in SQLite's busy handler, and
+    /// the writer's page cache stays valid from one commit to the next.
+    Sqlite {
+        read: SqlitePool,
+        write: SqlitePool,
+    },
 }
 
 pub struct Store {
@@ -31,6 +45,16 @@ pub struct Store {
     /// Whether the last call reached the database. Every call reports here, so `/readyz`,
     /// the `seckill_store_up` gauge and the log tell the same story whoever called.
     up: AtomicBool,
+    /// SQLite's background checkpointer, stopped with the store.
+    _checkpointer: Option<AbortOnDrop>,
+}
+
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Expand one body for whichever pool the store has.
@@ -38,7 +62,17 @@ macro_rules! with_pool {
     ($self:ident, $p:ident => $body:expr) => {
         match &$self.pool {
             Pool::Postgres($p) => $body,
-            Pool::Sqlite($p) => $body,
+            Pool::Sqlite { read: $p, .. } => $body,
+        }
+    };
+}
+
+/// As [`with_pool!`], for a write: SQLite's writer connection.
+macro_rules! with_writer {
+    ($self:ident, $p:ident => $body:expr) => {
+        match &$self.pool {
+            Pool::Postgres($p) => $body,
+            Pool::Sqlite { write: $p, .. } => $body,
         }
     };
 }
@@ -103,6 +137,7 @@ where
 impl Store {
     /// Connect and run the embedded migrations.
     pub async fn connect(url: &str, timeout: Duration) -> Result<Self, Error> {
+        let mut background = None;
         let pool = if url.starts_with("sqlite:") {
             let opts = SqliteConnectOptions::from_str(url)?
                 .create_if_missing(true)
@@ -110,17 +145,31 @@ impl Store {
                 // only an OS crash could lose the last few, which FULL would cover.
                 .journal_mode(SqliteJournalMode::Wal)
                 .synchronous(SqliteSynchronous::Normal)
-                .busy_timeout(timeout);
-            let pool = SqlitePoolOptions::new()
-                .max_connections(4)
+                .busy_timeout(timeout)
+                // No checkpoint by the connection that commits (it ran one every 1,000
+                // pages, inside the commit of whichever request crossed the mark): the
+                // checkpointer below takes them, on a connection of its own.
+                .pragma("wal_autocheckpoint", "0");
+            // The writer first: it creates the file and switches it to WAL.
+            let write = SqlitePoolOptions::new()
+                .max_connections(1)
                 .acquire_timeout(timeout)
-                .connect_with(opts)
+                // A file, not a socket: no ping (a round trip to its thread) per commit.
+                .test_before_acquire(false)
+                .connect_with(opts.clone())
                 .await?;
             sqlx::migrate!("./migrations/sqlite")
-                .run(&pool)
+                .run(&write)
                 .await
                 .map_err(|e| Error::Store(e.to_string()))?;
-            Pool::Sqlite(pool)
+            let read = SqlitePoolOptions::new()
+                .max_connections(4)
+                .acquire_timeout(timeout)
+                .connect_with(opts.clone())
+                .await?;
+            let task = tokio::spawn(checkpointer(opts, write.clone()));
+            background = Some(AbortOnDrop(task.abort_handle()));
+            Pool::Sqlite { read, write }
         } else {
             let pool = PgPoolOptions::new()
                 .max_connections(8)
@@ -138,6 +187,7 @@ impl Store {
             pool,
             timeout,
             up: AtomicBool::new(true),
+            _checkpointer: background,
         })
     }
 
@@ -187,7 +237,7 @@ impl Store {
         if events.is_empty() {
             return Ok(0);
         }
-        with_pool!(self, pool => {
+        with_writer!(self, pool => {
             self.bounded(async {
                 let mut tx = pool.begin().await?;
                 let mut affected = 0;
@@ -230,7 +280,7 @@ impl Store {
     }
 
     pub async fn put_item(&self, spec: &ItemSpec, now_ms: i64) -> Result<(), Error> {
-        with_pool!(self, pool => {
+        with_writer!(self, pool => {
             self.bounded(
                 sqlx::query(
                     "INSERT INTO items (item_id, name, price_cents, stock_total, per_user_limit, starts_ms, ends_ms, updated_ms) \
@@ -308,12 +358,97 @@ impl Store {
 
     /// Delete one row (for operators' repair drills and the reconcile tests).
     pub async fn delete_order(&self, order_id: &str) -> Result<u64, Error> {
-        with_pool!(self, pool => {
+        with_writer!(self, pool => {
             self.bounded(sqlx::query("DELETE FROM orders WHERE order_id = $1").bind(order_id).execute(pool))
                 .await
                 .map(|r| r.rows_affected())
         })
     }
+}
+
+/// How often the checkpointer copies what the WAL holds into the database file.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(200);
+
+/// WAL frames (4 KiB pages) beyond which the checkpointer makes the WAL start over
+/// (16 MiB): see [`checkpointer`].
+const RESTART_FRAMES: i64 = 4_096;
+
+/// SQLite's checkpoints, off the commit path: every [`CHECKPOINT_EVERY`], a
+/// `wal_checkpoint(PASSIVE)` on a connection of its own, which runs alongside the writer
+/// and never takes the write lock. It copies the frames committed before it started,
+/// after an fsync of the WAL; the database file is fsynced only by a checkpoint that
+/// copied everything (SQLite's rule: before the WAL may be overwritten).
+///
+/// The WAL starts over from its beginning only when a write begins with every frame
+/// already copied; under a steady stream of commits that moment may never come and the
+/// WAL would grow for as long as the stream lasts. So past [`RESTART_FRAMES`] the
+/// checkpointer fsyncs the database file itself (the pages the checkpoints since the last
+/// complete one wrote: tens of megabytes, which the final checkpoint's fsync would
+/// otherwise flush while holding the writer), catches up once more, then holds the writer
+/// connection for one last checkpoint — the group or two committed meanwhile and two small
+/// fsyncs — and the next write starts the WAL over. Below that size it starts over
+/// whenever the writer pauses.
+async fn checkpointer(opts: SqliteConnectOptions, write: SqlitePool) {
+    use sqlx::Connection;
+    let mut conn: Option<sqlx::SqliteConnection> = None;
+    let mut failing = false;
+    loop {
+        tokio::time::sleep(CHECKPOINT_EVERY).await;
+        let c = match conn.as_mut() {
+            Some(c) => c,
+            None => match sqlx::SqliteConnection::connect_with(&opts).await {
+                Ok(c) => conn.insert(c),
+                Err(e) => {
+                    if !std::mem::replace(&mut failing, true) {
+                        tracing::warn!(cause = %e, "sqlite checkpointer cannot connect");
+                    }
+                    continue;
+                }
+            },
+        };
+        let frames = match checkpoint(c).await {
+            Ok(frames) => frames,
+            Err(e) => {
+                if !std::mem::replace(&mut failing, true) {
+                    tracing::warn!(cause = %e, "sqlite checkpoint failed");
+                }
+                conn = None;
+                continue;
+            }
+        };
+        failing = false;
+        if frames < RESTART_FRAMES {
+            continue;
+        }
+        let db = opts.get_filename().to_owned();
+        let synced = tokio::task::spawn_blocking(move || std::fs::File::open(db)?.sync_all()).await;
+        if let Ok(Err(e)) = &synced {
+            tracing::debug!(cause = %e, "sqlite checkpointer could not fsync the database file");
+        }
+        if checkpoint(c).await.is_err() {
+            continue;
+        }
+        // Hold the writer: nothing commits until this checkpoint has copied the rest.
+        let Ok(writer) = write.acquire().await else {
+            continue;
+        };
+        let started = std::time::Instant::now();
+        let result = checkpoint(c).await;
+        drop(writer);
+        tracing::debug!(
+            frames,
+            held_us = started.elapsed().as_micros() as u64,
+            ok = result.is_ok(),
+            "sqlite WAL checkpointed for a restart"
+        );
+    }
+}
+
+/// `wal_checkpoint(PASSIVE)`: the WAL's size in frames.
+async fn checkpoint(conn: &mut sqlx::SqliteConnection) -> Result<i64, sqlx::Error> {
+    let (_busy, frames, _copied): (i64, i64, i64) =
+        sqlx::query_as("PRAGMA wal_checkpoint(PASSIVE)").fetch_one(conn).await?;
+    Ok(frames)
 }
 
 impl From<sqlx::migrate::MigrateError> for Error {

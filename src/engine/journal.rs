@@ -52,8 +52,12 @@ impl SqliteJournal {
                         }
                     }
                 }
-                // Every request of the group waits for this commit: a slow one (the file
-                // system stalling a growing file) is what the embedded p99 is made of.
+                // Every request of the group waits for this commit: a WAL append, no fsync
+                // (checkpoints run beside it, see `store::checkpointer`). What this clock
+                // also counts is the wait for this task to be polled again: a slow commit
+                // logged while SQLite's thread sat idle was the runtime's worker threads
+                // busy or blocked elsewhere (issue 11: the engine's maps growing under its
+                // lock).
                 let started = std::time::Instant::now();
                 let result = store.apply(&events).await;
                 let took = started.elapsed();
