@@ -342,10 +342,6 @@ impl Engine {
         }
     }
 
-    pub fn store(&self) -> &Arc<Store> {
-        &self.inner.store
-    }
-
     /// Create or replace an item. With Redis the database keeps a copy for reports (the
     /// embedded journal stored it before answering).
     pub async fn put_item(&self, spec: &ItemSpec, now_ms: Millis) -> Result<PutReply, Error> {
@@ -387,24 +383,16 @@ impl Engine {
             .map_err(|e| Error::Internal(format!("reserve task ended: {e}")))?;
         match reply? {
             ReserveReply::Duplicate { order_id, qty: 0, .. } => {
-                let found = self.inner.store.order(&order_id).await?;
-                let o = found.unwrap_or_else(|| Order {
-                    order_id: order_id.clone(),
-                    item_id: cmd.item_id.clone(),
-                    user_id: cmd.user_id.clone(),
-                    qty: cmd.qty,
-                    status: OrderStatus::Reserved,
-                    created_ms: 0,
-                    pay_before_ms: 0,
-                    updated_ms: 0,
-                    idem_key: String::new(),
-                });
+                let (qty, status, created_ms, pay_before_ms) = match self.inner.store.order(&order_id).await? {
+                    Some(o) => (o.qty, o.status, o.created_ms, o.pay_before_ms),
+                    None => (cmd.qty, OrderStatus::Reserved, 0, 0),
+                };
                 Ok(ReserveReply::Duplicate {
                     order_id,
-                    qty: o.qty,
-                    status: o.status,
-                    created_ms: o.created_ms,
-                    pay_before_ms: o.pay_before_ms,
+                    qty,
+                    status,
+                    created_ms,
+                    pay_before_ms,
                 })
             }
             other => Ok(other),
