@@ -45,8 +45,13 @@
 --  * {"ok", order_id, created_ms, pay_before_ms, stock_after}
 --      stock -= qty, reserved += qty, buyers[user] += qty, order hash written
 --      (item_id, user_id, qty, status, created_ms, pay_before_ms, and idem_key
---      when there is one; no TTL), idempotency key SET EX, deadline ZADDed,
---      `reserved` event XADDed as one packed field `o` (see docs/internals.md).
+--      when there is one; no TTL), idempotency key SET EX, deadline added,
+--      `reserved` event added (see docs/internals.md).
+--
+-- Writes per request: the buyer (one HSETNX for a first purchase), the order
+-- hash, the idempotency key. Writes per batch, at its end: each item's stock and
+-- reserved (one HSET per item), the deadlines (one ZADD), the events (one stream
+-- entry whose field `o` holds the packed events, one per line).
 
 -- Numbers handed to redis.call are written as strings: a Lua number would be converted
 -- with the C library's float formatting, which costs microseconds for a 13-digit
@@ -85,6 +90,42 @@ local function duplicate(order_key, order_id, id, user_id, item_id)
   return {"duplicate", id, tonumber(o[1]), o[2], tonumber(o[3]), tonumber(o[4])}
 end
 
+-- What the batch writes once, at its end (`flush`), instead of once per request:
+-- the items' counters (read once per item, kept here as the requests change them),
+-- the deadlines (one ZADD) and the events (one stream entry).
+local items, dirty = {}, {}
+local deadlines, events = {}, {}
+
+-- The item at `item_key` as this batch sees it, or false when there is none.
+local function item_of(item_key)
+  local it = items[item_key]
+  if it == nil then
+    local h = redis.call("HMGET", item_key, "stock", "per_user_limit", "starts_ms", "ends_ms", "reserved")
+    if h[1] then
+      it = {stock = tonumber(h[1]), limit = tonumber(h[2]), starts_ms = tonumber(h[3]), ends_ms = tonumber(h[4]),
+        reserved = tonumber(h[5] or "0")}
+    else
+      it = false
+    end
+    items[item_key] = it
+  end
+  return it
+end
+
+local function flush()
+  for _, item_key in ipairs(dirty) do
+    local it = items[item_key]
+    redis.call("HSET", item_key, "stock", int(it.stock), "reserved", int(it.reserved))
+  end
+  if #deadlines > 0 then
+    redis.call("ZADD", KEYS[1], unpack(deadlines))
+  end
+  if #events > 0 then
+    -- One entry for the batch: its field `o` holds the packed events, one per line.
+    redis.call("XADD", KEYS[2], "*", "o", table.concat(events, "\n"))
+  end
+end
+
 -- One request: its keys are KEYS[kb + 1..4] (item, buyers, order, idem), its
 -- arguments ARGV[ab + 1..5].
 local function reserve(kb, ab)
@@ -103,34 +144,39 @@ local function reserve(kb, ab)
   if redis.call("EXISTS", order_key) == 1 then
     return duplicate(order_key, order_id, order_id, user_id, item_id)
   end
-  local item = redis.call("HMGET", item_key, "stock", "per_user_limit", "starts_ms", "ends_ms", "reserved")
-  if not item[1] then
+  local item = item_of(item_key)
+  if not item then
     return {"unknown_item"}
   end
-  local stock, limit = tonumber(item[1]), tonumber(item[2])
-  local starts_ms, ends_ms = tonumber(item[3]), tonumber(item[4])
-  if now < starts_ms then
-    return {"not_started", starts_ms}
+  local limit = item.limit
+  if now < item.starts_ms then
+    return {"not_started", item.starts_ms}
   end
-  if now >= ends_ms then
-    return {"ended", ends_ms}
+  if now >= item.ends_ms then
+    return {"ended", item.ends_ms}
   end
   if not qty or qty ~= math.floor(qty) or qty < 1 or qty > limit then
     return {"bad_qty", limit}
   end
-  local held = tonumber(redis.call("HGET", buyers_key, user_id) or "0")
-  if held + qty > limit then
-    return {"limit_reached", held, limit}
+  local qty_s = int(qty)
+  if item.stock < qty then
+    local held = tonumber(redis.call("HGET", buyers_key, user_id) or "0")
+    if held + qty > limit then
+      return {"limit_reached", held, limit}
+    end
+    return {"sold_out", item.stock}
   end
-  if stock < qty then
-    return {"sold_out", stock}
+  -- The user's first units of the item (the common case) take one call: the check
+  -- (held 0, and qty <= limit above) and the write.
+  if redis.call("HSETNX", buyers_key, user_id, qty_s) == 0 then
+    local held = tonumber(redis.call("HGET", buyers_key, user_id) or "0")
+    if held + qty > limit then
+      return {"limit_reached", held, limit}
+    end
+    redis.call("HINCRBY", buyers_key, user_id, qty_s)
   end
 
   -- Writes.
-  local qty_s = int(qty)
-  local stock_after = stock - qty
-  redis.call("HSET", item_key, "stock", int(stock_after), "reserved", int(tonumber(item[5] or "0") + qty))
-  redis.call("HINCRBY", buyers_key, user_id, qty_s)
   if idem_key ~= "" then
     redis.call("HSET", order_key, "item_id", item_id, "user_id", user_id, "qty", qty_s, "status", "reserved",
       "created_ms", now_s, "pay_before_ms", pay_before_s, "idem_key", idem_key)
@@ -139,15 +185,31 @@ local function reserve(kb, ab)
     redis.call("HSET", order_key, "item_id", item_id, "user_id", user_id, "qty", qty_s, "status", "reserved",
       "created_ms", now_s, "pay_before_ms", pay_before_s)
   end
-  redis.call("ZADD", KEYS[1], pay_before_s, order_id .. "|" .. item_id)
+  if not item.dirty then
+    item.dirty = true
+    dirty[#dirty + 1] = item_key
+  end
+  item.stock = item.stock - qty
+  item.reserved = item.reserved + qty
+  deadlines[#deadlines + 1] = pay_before_s
+  deadlines[#deadlines + 1] = order_id .. "|" .. item_id
   -- The packed event: status|order_id|item_id|user_id|qty|at_ms|created_ms|pay_before_ms|idem_key
-  redis.call("XADD", KEYS[2], "*", "o", table.concat({"reserved", order_id, item_id, user_id, qty_s,
-    now_s, now_s, pay_before_s, idem_key}, "|"))
-  return {"ok", order_id, now, pay_before, stock_after}
+  events[#events + 1] = table.concat({"reserved", order_id, item_id, user_id, qty_s, now_s, now_s, pay_before_s,
+    idem_key}, "|")
+  return {"ok", order_id, now, pay_before, item.stock}
 end
 
+-- The batch's shared writes happen even when a request raises an error (a bug: an
+-- order of another user under an idempotency key): what the requests before it
+-- wrote (their buyers and orders) is never left without its stock, deadline and event.
 local replies = {}
-for i = 1, n do
-  replies[i] = reserve(2 + 4 * (i - 1), 3 + 5 * (i - 1))
+local ok, err = pcall(function()
+  for i = 1, n do
+    replies[i] = reserve(2 + 4 * (i - 1), 3 + 5 * (i - 1))
+  end
+end)
+flush()
+if not ok then
+  error(err)
 end
 return replies

@@ -119,24 +119,29 @@ impl OrderEvent {
         }
     }
 
-    /// Decode the fields of a stream entry; `Err` names what is wrong (a poison event).
-    /// Reads both formats: the packed field `o` the scripts write, and the nine named
-    /// fields of the previous release (a rolling upgrade has both in a stream).
-    pub fn from_fields(f: &HashMap<String, String>) -> Result<Self, String> {
-        let ev = match f.get(PACKED) {
-            Some(packed) => Self::unpack(packed)?,
-            None => Self::from_named(f)?,
-        };
-        if !crate::ids::valid_id(&ev.order_id)
-            || !crate::ids::valid_id(&ev.item_id)
-            || !crate::ids::valid_id(&ev.user_id)
+    /// Decode the fields of a stream entry into its events (one or more); `Err` names what
+    /// is wrong with the entry (a poison entry: none of its events is taken). Reads every
+    /// format written so far: the packed field `o` with one event per line (a batch of
+    /// reservations is one entry), and the nine named fields of the first release (a
+    /// rolling upgrade has them all in a stream).
+    pub fn from_fields(f: &HashMap<String, String>) -> Result<Vec<Self>, String> {
+        match f.get(PACKED) {
+            Some(packed) => packed.split('\n').map(|line| Self::unpack(line)?.checked()).collect(),
+            None => Ok(vec![Self::from_named(f)?.checked()?]),
+        }
+    }
+
+    fn checked(self) -> Result<Self, String> {
+        if !crate::ids::valid_id(&self.order_id)
+            || !crate::ids::valid_id(&self.item_id)
+            || !crate::ids::valid_id(&self.user_id)
         {
             return Err("malformed id".into());
         }
-        if ev.qty < 1 {
+        if self.qty < 1 {
             return Err("qty below 1".into());
         }
-        Ok(ev)
+        Ok(self)
     }
 
     /// `status|order_id|item_id|user_id|qty|at_ms|created_ms|pay_before_ms|idem_key`: ids
@@ -261,9 +266,22 @@ mod tests {
         for key in ["", "k-1"] {
             let ev = event(key);
             assert_eq!(ev.to_fields().len(), 1, "one packed field");
-            assert_eq!(OrderEvent::from_fields(&map(ev.to_fields())), Ok(ev.clone()));
-            assert_eq!(OrderEvent::from_fields(&map(ev.named_fields())), Ok(ev));
+            assert_eq!(OrderEvent::from_fields(&map(ev.to_fields())), Ok(vec![ev.clone()]));
+            assert_eq!(OrderEvent::from_fields(&map(ev.named_fields())), Ok(vec![ev]));
         }
+    }
+
+    #[test]
+    fn an_entry_of_a_batch_holds_one_event_per_line() {
+        let (a, b) = (event(""), event("k-2"));
+        let lines = format!("{}\n{}", a.to_fields()[0].1, b.to_fields()[0].1);
+        assert_eq!(
+            OrderEvent::from_fields(&map(vec![(PACKED, lines.clone())])),
+            Ok(vec![a, b])
+        );
+        // One bad line makes the whole entry poison: none of it is half-taken.
+        let poisoned = format!("{lines}\npaid|o|i|u|1|2|3");
+        assert!(OrderEvent::from_fields(&map(vec![(PACKED, poisoned)])).is_err());
     }
 
     #[test]

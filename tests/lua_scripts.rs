@@ -94,7 +94,7 @@ type Snapshot = Vec<(String, Vec<u8>, bool)>;
 struct Sale {
     con: MultiplexedConnection,
     item: String,
-    /// `{s<N>}`, N = crc32(item) % 16.
+    /// The item's shard's hash tag.
     tag: String,
     shard: u32,
     orders: u32,
@@ -114,7 +114,7 @@ impl Sale {
         let shard = crc32fast::hash(item.as_bytes()) % 16;
         Self {
             con,
-            tag: format!("{{s{shard}}}"),
+            tag: seckill_gateway::engine::keys::tag(shard),
             item,
             shard,
             orders: 0,
@@ -322,10 +322,15 @@ impl Sale {
         let entries: Vec<(String, HashMap<String, String>)> = self.cmd(&["XRANGE", &key, "-", "+"]).await;
         entries
             .into_iter()
-            .map(|(id, fields)| {
+            .flat_map(|(id, fields)| {
                 assert_eq!(fields.len(), 1, "one packed field per entry: {fields:?}");
-                let ev = OrderEvent::from_fields(&fields).unwrap_or_else(|e| panic!("event {id}: {e}"));
-                ev.named_fields().into_iter().map(|(k, v)| (k.to_owned(), v)).collect()
+                let evs = OrderEvent::from_fields(&fields).unwrap_or_else(|e| panic!("event {id}: {e}"));
+                evs.into_iter().map(|ev| {
+                    ev.named_fields()
+                        .into_iter()
+                        .map(|(k, v)| (k.to_owned(), v))
+                        .collect::<HashMap<_, _>>()
+                })
             })
             .collect()
     }
@@ -816,6 +821,68 @@ async fn a_batch_decides_each_request_in_order_and_failed_checks_change_nothing(
         .map(|&i| ("reserved".to_owned(), o(i).to_owned()))
         .collect();
     assert_eq!(events, want, "one event per order made, in batch order");
+    sale.assert_invariants().await;
+}
+
+/// A buyer who already holds units (the slower path after the first purchase's one-call
+/// check-and-write) is counted against the limit in a batch, on units bought before it and
+/// within it.
+#[tokio::test]
+async fn a_batch_counts_units_a_buyer_holds_from_before_and_within_it() {
+    let mut sale = Sale::with_item(10, 3).await;
+    sale.reserved("alice", 1).await;
+    let ids: Vec<String> = (0..3).map(|_| sale.new_order_id()).collect();
+    let o = |i: usize| ids[i].as_str();
+    let batch = [
+        ("alice", "1", o(0), ""), // ok: alice holds 2 of 3
+        ("alice", "2", o(1), ""), // limit_reached: 2 + 2 > 3
+        ("alice", "1", o(2), ""), // ok: alice holds 3 of 3
+    ];
+    let Value::Array(replies) = sale
+        .try_reserve_batch(&batch, &NOW.to_string())
+        .await
+        .expect("reserve.lua")
+    else {
+        panic!("an array")
+    };
+    let replies: Vec<Vec<R>> = replies.into_iter().map(decode).collect();
+    let pay_before = NOW + TIMEOUT_MS;
+    assert_eq!(
+        replies,
+        vec![
+            reply!["ok", o(0), NOW, pay_before, 8],
+            reply!["limit_reached", 2, 3],
+            reply!["ok", o(2), NOW, pay_before, 7],
+        ]
+    );
+    assert_eq!(sale.held("alice").await, Some(3));
+    assert_eq!(sale.counters().await, [7, 3, 0, 0, 0]);
+    sale.assert_invariants().await;
+}
+
+/// The batch writes the items' counters, the deadlines and the events once, at its end.
+/// A request that raises an error (an idempotency key naming another user's order: a
+/// bug, never a shopper's doing) fails the call, but what the requests before it made is
+/// whole: stock taken, deadline set, event written.
+#[tokio::test]
+async fn an_error_in_a_batch_leaves_the_requests_before_it_whole() {
+    let mut sale = Sale::with_item(10, 1).await;
+    let first = sale.new_order_id();
+    let stolen = sale.reserved("mallory", 1).await;
+    // A corrupted idempotency key of bob's that names mallory's order.
+    let idem = sale.idem_key("bob", "k");
+    let _: String = sale.cmd(&["SET", &idem, &stolen]).await;
+    let bob = sale.new_order_id();
+    let err = sale
+        .try_reserve_batch(&[("alice", "1", &first, ""), ("bob", "1", &bob, "k")], &NOW.to_string())
+        .await
+        .expect_err("the second request raises");
+    assert!(err.to_string().contains("belongs to another user"), "{err}");
+    assert_eq!(sale.counters().await, [8, 2, 0, 0, 0], "alice's unit is taken");
+    assert_eq!(sale.held("alice").await, Some(1));
+    assert!(sale.deadline(&first).await.is_some(), "alice's deadline is set");
+    let orders: Vec<String> = sale.events().await.into_iter().map(|e| e["order_id"].clone()).collect();
+    assert_eq!(orders, vec![stolen, first], "alice's event is written");
     sale.assert_invariants().await;
 }
 

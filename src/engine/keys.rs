@@ -1,4 +1,4 @@
-//! Redis key names. Every key of an item carries its shard's hash tag `{s<N>}` so that a
+//! Redis key names. Every key of an item carries its shard's hash tag ([`tag`]) so that a
 //! script's keys, and the stream its events go to, share one Redis Cluster slot.
 
 use crate::ids::{SHARDS, order_shard, shard_of};
@@ -12,8 +12,18 @@ pub const ITEM_CHANGED: &str = "item_changed ";
 /// The consumer group of the persistence worker.
 pub const GROUP: &str = "persist";
 
+/// The hash tag of each shard: `s<N>` and a suffix chosen so that shard N's slot lies in
+/// `[N × 1024, (N + 1) × 1024)`. A cluster whose slots are split evenly (what
+/// `redis-cli --cluster create` does) then gets an even share of the shards on every master:
+/// 8/8 on 2 masters, 5/6/5 on 3, 4 each on 4 (`{s0}`…`{s15}` by chance put 6/4/6 on 3).
+const TAGS: [&str; SHARDS as usize] = [
+    "s0.10", "s1.13", "s2", "s3.20", "s4.0", "s5.3", "s6.40", "s7.43", "s8.23", "s9.20", "s10.22", "s11.21", "s12.2",
+    "s13.1", "s14.41", "s15.42",
+];
+
+/// `{s<N>.<suffix>}`: the hash tag of a shard's keys.
 pub fn tag(shard: u32) -> String {
-    format!("{{s{shard}}}")
+    format!("{{{}}}", TAGS[shard as usize])
 }
 
 pub fn item(item_id: &str) -> String {
@@ -57,4 +67,33 @@ pub fn deadline_member(order_id: &str, item_id: &str) -> String {
 
 pub fn split_deadline_member(member: &str) -> Option<(&str, &str)> {
     member.split_once('|')
+}
+
+#[cfg(test)]
+mod tests {
+    use redis::cluster_routing::Slot;
+
+    use super::*;
+
+    #[test]
+    fn shard_n_lies_in_the_nth_sixteenth_of_the_slots() {
+        for shard in all_shards() {
+            let slot = Slot::for_key(item_in(shard));
+            let range = shard * 1024..(shard + 1) * 1024;
+            assert!(
+                range.clone().any(|n| Slot::new(n as u16) == Some(slot)),
+                "shard {shard} ({}) in slots {range:?}: {slot:?}",
+                tag(shard)
+            );
+        }
+    }
+
+    /// A key of some item of the shard.
+    fn item_in(shard: u32) -> String {
+        let id = (0..)
+            .map(|i| format!("item-{i}"))
+            .find(|id| shard_of(id) == shard)
+            .expect("an id of every shard");
+        item(&id)
+    }
 }

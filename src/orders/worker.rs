@@ -269,8 +269,8 @@ impl ShardWorker {
         let mut poison = Vec::new();
         for e in &batch {
             match OrderEvent::from_fields(&e.fields) {
-                Ok(ev) => {
-                    events.push(ev);
+                Ok(evs) => {
+                    events.extend(evs);
                     ids.push(e.id.clone());
                 }
                 Err(why) => poison.push((e, why)),

@@ -72,9 +72,12 @@ impl Redis {
             .into_iter()
             // An order event as its named fields (the scripts write one packed field); an
             // entry that is no order event (a test's poison) as it is.
-            .map(|f| match OrderEvent::from_fields(&f) {
-                Ok(ev) => ev.named_fields().into_iter().map(|(k, v)| (k.to_owned(), v)).collect(),
-                Err(_) => f,
+            .flat_map(|f| match OrderEvent::from_fields(&f) {
+                Ok(evs) => evs
+                    .into_iter()
+                    .map(|ev| ev.named_fields().into_iter().map(|(k, v)| (k.to_owned(), v)).collect())
+                    .collect(),
+                Err(_) => vec![f],
             })
             .filter(|f| f.get("item_id").map(String::as_str) == Some(item))
             .collect()
