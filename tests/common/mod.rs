@@ -4,6 +4,7 @@
 //! | module | offers |
 //! | --- | --- |
 //! | [`servers`] | throwaway `redis-server` and PostgreSQL ([`RedisServer`], [`PgServer`], [`shared_pg`]), [`unique`] names, [`free_port`] |
+//! | [`cluster`] | a throwaway Redis Cluster ([`RedisCluster`]): seeds, who serves a key, kill/restart by port, waits for failover |
 //! | [`http`] | the HTTP vocabulary: [`http::Api`] (a gateway's routes), [`http::Reply`], [`http::send`], [`http::item_body`] |
 //! | [`gateway`] | the in-process gateway launcher: [`gateway::Gateway::builder`] (flag overrides, injectable clock) |
 //! | [`binary`] | the real-binary launcher: [`binary::Binary::builder`] (cleared environment, explicit flags, readiness, SIGTERM/SIGKILL by PID, logs) |
@@ -18,6 +19,7 @@
 #![allow(dead_code, unused_imports)]
 
 pub mod binary;
+pub mod cluster;
 pub mod engines;
 pub mod gateway;
 pub mod http;
@@ -25,5 +27,6 @@ pub mod inspect;
 pub mod poll;
 pub mod servers;
 
+pub use cluster::RedisCluster;
 pub use poll::poll;
 pub use servers::{PgServer, RedisServer, SHARED_PG_ENV, free_port, shared_pg, unique};

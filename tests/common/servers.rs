@@ -13,6 +13,7 @@
 //! with a message that says how to install it. No fixed ports, nothing is ever
 //! killed by name, and the machine's own Redis and PostgreSQL are never used.
 
+use std::ffi::OsStr;
 use std::net::{Ipv4Addr, TcpListener, TcpStream};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -62,7 +63,7 @@ pub fn free_port() -> u16 {
 
 /// `start` on a free port, tried on three ports (a server may lose the race
 /// for one); panics naming `what` with the last error when none worked.
-fn on_a_free_port<T>(what: &str, mut start: impl FnMut(u16) -> Result<T, String>) -> T {
+pub(super) fn on_a_free_port<T>(what: &str, mut start: impl FnMut(u16) -> Result<T, String>) -> T {
     let mut last_err = String::new();
     for _ in 0..3 {
         match start(free_port()) {
@@ -97,7 +98,7 @@ impl RedisServer {
             .tempdir()
             .expect("create a temporary directory for redis-server");
         let (port, child) = on_a_free_port("redis-server", |port| {
-            spawn_redis(dir.path(), port).map(|child| (port, child))
+            spawn_redis(dir.path(), port, &NOTHING_ON_DISK).map(|child| (port, child))
         });
         Self {
             child: Some(child),
@@ -151,7 +152,7 @@ impl RedisServer {
         self.kill();
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
-            match spawn_redis(self.dir.path(), self.port) {
+            match spawn_redis(self.dir.path(), self.port, &NOTHING_ON_DISK) {
                 Ok(child) => {
                     self.child = Some(child);
                     return;
@@ -172,13 +173,18 @@ impl Drop for RedisServer {
     }
 }
 
-/// Starts `redis-server` on `port` and waits for `+PONG`; on failure the
-/// child is reaped and the error carries its log.
-fn spawn_redis(dir: &Path, port: u16) -> Result<Child, String> {
+/// The configuration of a [`RedisServer`]: no snapshots, no AOF.
+const NOTHING_ON_DISK: [&str; 4] = ["--save", "", "--appendonly", "no"];
+
+/// Starts `redis-server` on `port` with `config` (`--name value` pairs), its
+/// working directory and log file (`redis-<port>.log`) in `dir`, and waits for
+/// `+PONG` (a server loading its AOF answers `-LOADING` until it is done); on
+/// failure the child is reaped and the error carries its log.
+pub(super) fn spawn_redis(dir: &Path, port: u16, config: &[impl AsRef<OsStr>]) -> Result<Child, String> {
     let log = dir.join(format!("redis-{port}.log"));
     let spawned = Command::new("redis-server")
         .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-        .args(["--save", "", "--appendonly", "no"])
+        .args(config)
         .arg("--dir")
         .arg(dir)
         .arg("--logfile")
