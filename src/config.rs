@@ -45,6 +45,15 @@ pub enum LogFormat {
     Json,
 }
 
+/// How `REDIS_URL` is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum RedisMode {
+    /// One Redis server (with or without replicas behind it).
+    Standalone,
+    /// A Redis Cluster: `REDIS_URL` is a comma-separated list of seed nodes.
+    Cluster,
+}
+
 #[derive(Debug, Clone, Args)]
 pub struct Config {
     /// Address the HTTP front door listens on.
@@ -54,6 +63,22 @@ pub struct Config {
     /// Redis URL. Unset: the embedded in-process stock engine.
     #[arg(long, global = true, env = "REDIS_URL")]
     pub redis_url: Option<String>,
+
+    /// `standalone`, or `cluster` (then `REDIS_URL` is a comma-separated list of seed nodes,
+    /// `redis://127.0.0.1:7000,redis://127.0.0.1:7001,…`).
+    #[arg(
+        long,
+        global = true,
+        env = "SECKILL_REDIS_MODE",
+        value_enum,
+        default_value = "standalone"
+    )]
+    pub redis_mode: RedisMode,
+
+    /// After a stock-changing script, `WAIT` for this many replicas of that primary before
+    /// answering 200 (0: answer when the primary has it).
+    #[arg(long, global = true, env = "SECKILL_REDIS_WAIT_REPLICAS", default_value_t = 0)]
+    pub redis_wait_replicas: u32,
 
     /// Order store: `postgres://…` or `sqlite://…`.
     #[arg(long, global = true, env = "DATABASE_URL", default_value = "sqlite://seckill.db")]
@@ -203,10 +228,19 @@ impl Config {
                 why: why.to_owned(),
             })
         };
-        if let Some(url) = &self.redis_url
-            && !(url.starts_with("redis://") || url.starts_with("rediss://") || url.starts_with("unix://"))
-        {
-            return bad("REDIS_URL", "must start with redis://, rediss:// or unix://");
+        if let Some(url) = &self.redis_url {
+            let urls: Vec<&str> = url.split(',').map(str::trim).collect();
+            let scheme_ok =
+                |u: &&str| u.starts_with("redis://") || u.starts_with("rediss://") || u.starts_with("unix://");
+            if !urls.iter().all(scheme_ok) {
+                return bad("REDIS_URL", "must start with redis://, rediss:// or unix://");
+            }
+            if urls.len() > 1 && self.redis_mode == RedisMode::Standalone {
+                return bad(
+                    "REDIS_URL",
+                    "is a list of nodes: set SECKILL_REDIS_MODE=cluster, or give one URL",
+                );
+            }
         }
         if !(self.database_url.starts_with("postgres://")
             || self.database_url.starts_with("postgresql://")

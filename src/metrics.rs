@@ -121,7 +121,10 @@ fn describe() {
     describe_counter!(DEAD_LETTERS, "Order events moved to the dead-letter stream.");
     describe_gauge!(STOCK_REMAINING, "Units left per item.");
     describe_gauge!(STOCK_TOTAL, "Units configured per item.");
-    describe_gauge!(CIRCUIT_OPEN, "1 while the Redis circuit breaker is open.");
+    describe_gauge!(
+        CIRCUIT_OPEN,
+        "1 while the Redis circuit breaker is open (cluster mode: one per shard, label shard; unlabelled: calls of no shard)."
+    );
     describe_gauge!(STORE_UP, "1 while the order store answers.");
 }
 
@@ -318,6 +321,11 @@ pub fn stock(item: &str, remaining: i64, total: Option<i64>) {
 }
 
 /// Publish the circuit breaker state.
-pub fn gauge_circuit(open: bool) {
-    ::metrics::gauge!(CIRCUIT_OPEN).set(if open { 1.0 } else { 0.0 });
+/// The breaker of every call (standalone), or of one shard's calls (cluster: label `shard`).
+pub fn gauge_circuit(shard: Option<&str>, open: bool) {
+    let v = if open { 1.0 } else { 0.0 };
+    match shard {
+        None => ::metrics::gauge!(CIRCUIT_OPEN).set(v),
+        Some(s) => ::metrics::gauge!(CIRCUIT_OPEN, "shard" => s.to_owned()).set(v),
+    }
 }

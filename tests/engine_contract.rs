@@ -11,7 +11,9 @@ mod common;
 
 use std::time::Duration;
 
-use common::engines::{EngineSettings, embedded_engine, journaled_engine, redis_engine_on_own_server};
+use common::engines::{
+    EngineSettings, embedded_engine, journaled_engine, redis_engine_on_own_cluster, redis_engine_on_own_server,
+};
 use common::inspect::Redis;
 use seckill_gateway::clock::{Clock, Millis};
 use seckill_gateway::engine::embedded::EmbeddedEngine;
@@ -58,7 +60,7 @@ impl Probe for EmbeddedEngine {
 
 /// `contract!(SETTINGS => f, g, …)` runs each `async fn f<E: Probe>(e: &E, clock: &Clock)`
 /// against every engine, built with `SETTINGS`: `on_redis::f` (on a throwaway server of its
-/// own), `on_embedded::f`, `on_journaled::f` (with its SQLite journal: every change
+/// own), `on_cluster::f` (on a throwaway Redis Cluster of 3 masters), `on_embedded::f`, `on_journaled::f` (with its SQLite journal: every change
 /// committed before the reply).
 macro_rules! contract {
     ($settings:ident => $($name:ident),* $(,)?) => {
@@ -68,6 +70,16 @@ macro_rules! contract {
                 async fn $name() {
                     let clock = super::Clock::manual(super::NOW);
                     let (engine, _server) = super::redis_engine_on_own_server(&clock, &super::$settings);
+                    super::$name(&engine, &clock).await;
+                }
+            )*
+        }
+        mod on_cluster {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    let clock = super::Clock::manual(super::NOW);
+                    let (engine, _cluster) = super::redis_engine_on_own_cluster(&clock, &super::$settings).await;
                     super::$name(&engine, &clock).await;
                 }
             )*

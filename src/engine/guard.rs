@@ -34,6 +34,14 @@ impl Guard {
         }
     }
 
+    /// The guard of one shard of a cluster: its gauge and logs say which
+    /// (`seckill_circuit_open{shard="N"}`).
+    pub fn of_shard(mut self, shard: u32) -> Self {
+        self.breaker.shard = Some(shard.to_string());
+        metrics::gauge_circuit(self.breaker.shard.as_deref(), false);
+        self
+    }
+
     /// Run one Redis call under the guard.
     pub async fn call<T, F>(&self, f: F) -> Result<T, Error>
     where
@@ -87,6 +95,8 @@ impl Guard {
 /// longer than a monotonic clock would, it ends a running cool-down and makes an out probe
 /// count as abandoned.
 struct Breaker {
+    /// The shard whose calls it guards (cluster mode); `None`: every call.
+    shard: Option<String>,
     failures: AtomicU32,
     /// Clock time (ms) until which the circuit is open; 0 = closed.
     open_until: AtomicI64,
@@ -104,8 +114,9 @@ struct Breaker {
 
 impl Breaker {
     fn new(threshold: u32, cooldown: Duration, probe_timeout: Duration, clock: Clock) -> Self {
-        metrics::gauge_circuit(false);
+        metrics::gauge_circuit(None, false);
         Breaker {
+            shard: None,
             failures: AtomicU32::new(0),
             open_until: AtomicI64::new(0),
             probing: AtomicBool::new(false),
@@ -162,8 +173,8 @@ impl Breaker {
         self.failures.store(0, Ordering::Release);
         if self.open_until.swap(0, Ordering::AcqRel) != 0 {
             self.probing.store(false, Ordering::Release);
-            metrics::gauge_circuit(false);
-            tracing::info!("redis circuit closed");
+            metrics::gauge_circuit(self.shard.as_deref(), false);
+            tracing::info!(shard = self.shard.as_deref(), "redis circuit closed");
         }
     }
 
@@ -172,8 +183,9 @@ impl Breaker {
             self.open_until
                 .store(self.now() + self.cooldown.as_millis() as i64, Ordering::Release);
             self.probing.store(false, Ordering::Release);
-            metrics::gauge_circuit(true);
+            metrics::gauge_circuit(self.shard.as_deref(), true);
             tracing::warn!(
+                shard = self.shard.as_deref(),
                 cooldown_ms = self.cooldown.as_millis() as u64,
                 why,
                 "redis circuit open"

@@ -19,6 +19,7 @@
 //!   (pub/sub and clock sync with Redis).
 
 pub mod batch;
+pub mod conn;
 pub mod embedded;
 pub mod guard;
 pub mod journal;

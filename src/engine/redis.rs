@@ -1,8 +1,12 @@
-//! The Redis stock engine: one multiplexed connection (a `ConnectionManager`, which
-//! reconnects by itself) carries every script and plain command; concurrent requests are
-//! pipelined on it automatically, which measured 1.5–2× a pool here (redis-rs #1319). The
-//! persistence worker's blocking stream reads use their own pooled connections
-//! ([`crate::orders::worker`]), never this one (redis-rs #453, #643).
+//! The Redis stock engine, on one Redis server or a Redis Cluster ([`super::conn`]): one
+//! shared multiplexed connection carries every script and plain command; concurrent
+//! requests are pipelined on it automatically, which measured 1.5–2× a pool here
+//! (redis-rs #1319). The persistence worker's blocking stream reads use their own pooled
+//! connections ([`crate::orders::worker`]), never this one (redis-rs #453, #643).
+//!
+//! Calls are guarded ([`Guard`]: in-flight cap, timeout, circuit breaker) per shard in
+//! cluster mode, so a dead primary opens the circuit of its own shards only; standalone, one
+//! guard covers every call.
 //!
 //! Scripts are loaded once from [`super::scripts`] and run through `Script::invoke_async`,
 //! which reloads them after `NOSCRIPT` (a restarted or failed-over Redis has an empty script
@@ -12,13 +16,13 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Script, Value};
 
 use futures_util::StreamExt;
 use tokio::sync::watch;
 
 use super::batch::{BatchCall, Batches};
+use super::conn::{RedisConn, Target};
 use super::guard::Guard;
 use super::keys;
 use super::{
@@ -26,9 +30,9 @@ use super::{
     ReserveCmd, ReserveReply, StockEngine, Transition, TransitionReply,
 };
 use crate::clock::{Clock, system_now_ms};
-use crate::config::Config;
+use crate::config::{Config, RedisMode};
 use crate::error::Error;
-use crate::ids::shard_of;
+use crate::ids::{order_shard, shard_of};
 use crate::metrics;
 use crate::shutdown::stopped;
 
@@ -57,7 +61,7 @@ impl Scripts {
 /// Run a prepared script invocation under the guard, timing it; its reply must be a
 /// non-empty array.
 async fn run_script(
-    conn: &ConnectionManager,
+    conn: &RedisConn,
     guard: &Guard,
     name: &'static str,
     inv: redis::ScriptInvocation<'_>,
@@ -76,9 +80,9 @@ async fn run_script(
 /// connection, scripts, guard and clock.
 #[derive(Clone)]
 struct ReserveCaller {
-    conn: ConnectionManager,
+    conn: RedisConn,
     scripts: Arc<Scripts>,
-    guard: Arc<Guard>,
+    guards: Guards,
     clock: Clock,
     payment_timeout_ms: u64,
     idem_ttl_s: u64,
@@ -118,7 +122,7 @@ impl BatchCall for ReserveCaller {
                 .arg(&cmd.order_id)
                 .arg(idem_key);
         }
-        let replies = run_script(&self.conn, &self.guard, "reserve", inv).await?;
+        let replies = run_script(&self.conn, self.guards.shard(shard), "reserve", inv).await?;
         replies
             .iter()
             .map(|v| match v {
@@ -133,7 +137,9 @@ impl BatchCall for ReserveCaller {
 /// [`EngineSettings`]).
 #[derive(Clone, Debug)]
 pub struct RedisSettings {
+    /// `REDIS_URL`: one URL, or the seed nodes of a cluster (comma-separated).
     pub url: String,
+    pub mode: RedisMode,
     /// Timeout of every Redis command (connect and response).
     pub timeout: Duration,
     /// Calls in flight before new ones are shed with 503.
@@ -148,6 +154,7 @@ impl RedisSettings {
     pub fn from_config(url: &str, c: &Config) -> Self {
         RedisSettings {
             url: url.to_owned(),
+            mode: c.redis_mode,
             timeout: c.redis_timeout,
             max_inflight: c.max_inflight,
             circuit_failures: c.circuit_failures,
@@ -156,11 +163,51 @@ impl RedisSettings {
     }
 }
 
+/// The guards of the calls: one per shard in cluster mode (shards on a dead primary fail
+/// alone), one for everything standalone; `other` guards calls of no shard (catalogue,
+/// pub/sub, TIME, PING).
+#[derive(Clone)]
+struct Guards {
+    shards: Arc<Vec<Arc<Guard>>>,
+    other: Arc<Guard>,
+}
+
+impl Guards {
+    fn new(redis: &RedisSettings) -> Self {
+        let guard = || {
+            Guard::new(
+                redis.max_inflight,
+                redis.timeout,
+                redis.circuit_failures,
+                redis.circuit_cooldown,
+                Clock::system(),
+            )
+        };
+        let other = Arc::new(guard());
+        let shards = match redis.mode {
+            RedisMode::Standalone => keys::all_shards().map(|_| other.clone()).collect(),
+            RedisMode::Cluster => keys::all_shards().map(|s| Arc::new(guard().of_shard(s))).collect(),
+        };
+        Guards {
+            shards: Arc::new(shards),
+            other,
+        }
+    }
+
+    fn shard(&self, shard: u32) -> &Guard {
+        &self.shards[shard as usize]
+    }
+
+    fn of_item(&self, item_id: &str) -> &Guard {
+        self.shard(shard_of(item_id))
+    }
+}
+
 pub struct RedisEngine {
-    client: redis::Client,
-    conn: ConnectionManager,
+    target: Target,
+    conn: RedisConn,
     scripts: Arc<Scripts>,
-    guard: Arc<Guard>,
+    guards: Guards,
     /// Reservations, batched per shard ([`super::batch`]).
     batches: Batches<ReserveCaller>,
     clock: Clock,
@@ -172,36 +219,23 @@ pub struct RedisEngine {
 impl RedisEngine {
     /// Connects lazily: the gateway starts (and answers 503) while Redis is still down.
     pub fn new(redis: RedisSettings, settings: EngineSettings, clock: Clock) -> Result<Self, Error> {
-        let client = redis::Client::open(redis.url.as_str())
-            .map_err(|e| Error::RedisConnection(format!("bad REDIS_URL: {e}")))?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(redis.timeout))
-            .set_response_timeout(Some(redis.timeout))
-            .set_number_of_retries(2)
-            .set_max_delay(Duration::from_millis(500));
-        let conn = ConnectionManager::new_lazy_with_config(client.clone(), config)
-            .map_err(|e| Error::RedisConnection(e.to_string()))?;
-        let guard = Arc::new(Guard::new(
-            redis.max_inflight,
-            redis.timeout,
-            redis.circuit_failures,
-            redis.circuit_cooldown,
-            Clock::system(),
-        ));
+        let target = Target::new(&redis.url, redis.mode, redis.timeout);
+        let conn = target.shared()?;
+        let guards = Guards::new(&redis);
         let scripts = Arc::new(Scripts::load());
         let caller = ReserveCaller {
             conn: conn.clone(),
             scripts: scripts.clone(),
-            guard: guard.clone(),
+            guards: guards.clone(),
             clock: clock.clone(),
             payment_timeout_ms: settings.payment_timeout.as_millis() as u64,
             idem_ttl_s: settings.idempotency_ttl.as_secs().max(1),
         };
         Ok(RedisEngine {
-            client,
+            target,
             conn,
             scripts,
-            guard,
+            guards,
             batches: Batches::new(caller, redis.max_inflight),
             clock,
             redis,
@@ -217,33 +251,49 @@ impl RedisEngine {
         self
     }
 
-    pub fn client(&self) -> &redis::Client {
-        &self.client
+    /// Where Redis is (the persistence worker opens its own pool of blocking connections).
+    pub fn target(&self) -> &Target {
+        &self.target
     }
 
-    /// The Redis URL (the persistence worker opens its own pool of blocking connections).
-    pub fn url(&self) -> &str {
-        &self.redis.url
-    }
-
+    /// Whether a circuit is open: standalone, the one; on a cluster, any shard's.
     pub fn circuit_open(&self) -> bool {
-        self.guard.circuit_open()
+        self.guards.other.circuit_open() || self.guards.shards.iter().any(|g| g.circuit_open())
     }
 
-    /// A clone of the multiplexed connection, for the worker's non-blocking commands.
-    pub fn connection(&self) -> ConnectionManager {
+    /// Whether the circuit of an item's shard is open.
+    pub fn circuit_open_for(&self, item_id: &str) -> bool {
+        self.guards.of_item(item_id).circuit_open()
+    }
+
+    /// A clone of the shared connection, for the worker's non-blocking commands.
+    pub fn connection(&self) -> RedisConn {
         self.conn.clone()
     }
 
-    /// Run a plain command under the guard.
+    /// Run a plain command of no shard under its guard.
     async fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T, Error> {
-        let mut conn = self.conn.clone();
-        self.guard.call(cmd.query_async(&mut conn)).await
+        self.query_in(&self.guards.other, cmd).await
     }
 
-    /// Run a prepared script invocation under the guard, timing it.
-    async fn run(&self, name: &'static str, inv: redis::ScriptInvocation<'_>) -> Result<Vec<Value>, Error> {
-        run_script(&self.conn, &self.guard, name, inv).await
+    /// Run a plain command of a shard's keys under its guard.
+    async fn query_shard<T: redis::FromRedisValue>(&self, shard: u32, cmd: &redis::Cmd) -> Result<T, Error> {
+        self.query_in(self.guards.shard(shard), cmd).await
+    }
+
+    async fn query_in<T: redis::FromRedisValue>(&self, guard: &Guard, cmd: &redis::Cmd) -> Result<T, Error> {
+        let mut conn = self.conn.clone();
+        guard.call(cmd.query_async(&mut conn)).await
+    }
+
+    /// Run a prepared script invocation of an item's shard under its guard, timing it.
+    async fn run(
+        &self,
+        item_id: &str,
+        name: &'static str,
+        inv: redis::ScriptInvocation<'_>,
+    ) -> Result<Vec<Value>, Error> {
+        run_script(&self.conn, self.guards.of_item(item_id), name, inv).await
     }
 
     /// Learn the offset between this host's clock and Redis `TIME`, so that the local early
@@ -290,14 +340,19 @@ impl RedisEngine {
 
     /// Follow the change feed (`sk:bus`), reconnecting with backoff, until shutdown. After
     /// every (re)connect the listener gets the whole catalogue: messages may have been
-    /// missed while disconnected.
+    /// missed while disconnected. On a cluster the subscription is on one node (a classic
+    /// `PUBLISH` reaches every node's subscribers); each reconnect tries the next URL of
+    /// `REDIS_URL`, so a dead node is left for a live one.
     pub async fn follow_changes(&self, mut shutdown: watch::Receiver<bool>) {
         let mut delays = crate::retry::backoff();
-        loop {
+        let urls = self.target.pubsub_urls();
+        for attempt_no in 0usize.. {
+            let url = &urls[attempt_no % urls.len()];
             let connected = std::sync::atomic::AtomicBool::new(false);
             let attempt = async {
                 let timeout = self.redis.timeout;
-                let mut pubsub = tokio::time::timeout(timeout, self.client.get_async_pubsub())
+                let client = redis::Client::open(url.as_str())?;
+                let mut pubsub = tokio::time::timeout(timeout, client.get_async_pubsub())
                     .await
                     .map_err(|_| Error::RedisTimeout)??;
                 tokio::time::timeout(timeout, pubsub.subscribe(keys::BUS))
@@ -305,7 +360,7 @@ impl RedisEngine {
                     .map_err(|_| Error::RedisTimeout)??;
                 self.listener.news(ItemNews::Catalog(self.catalog().await?));
                 connected.store(true, std::sync::atomic::Ordering::Relaxed);
-                tracing::debug!(channel = keys::BUS, "subscribed");
+                tracing::debug!(channel = keys::BUS, node = %url, "subscribed");
                 let mut messages = pubsub.on_message();
                 while let Some(msg) = messages.next().await {
                     let Ok(payload) = msg.get_payload::<String>() else {
@@ -539,7 +594,7 @@ impl StockEngine for RedisEngine {
             .arg(spec.per_user_limit)
             .arg(spec.starts_ms)
             .arg(spec.ends_ms);
-        let parts = self.run("put_item", inv).await?;
+        let parts = self.run(&spec.item_id, "put_item", inv).await?;
         let r = Reply {
             script: "put_item",
             parts: &parts,
@@ -565,7 +620,9 @@ impl StockEngine for RedisEngine {
     }
 
     async fn item(&self, item_id: &str) -> Result<Option<ItemState>, Error> {
-        let h: HashMap<String, String> = self.query(redis::cmd("HGETALL").arg(keys::item(item_id))).await?;
+        let h: HashMap<String, String> = self
+            .query_shard(shard_of(item_id), redis::cmd("HGETALL").arg(keys::item(item_id)))
+            .await?;
         if h.is_empty() {
             return Ok(None);
         }
@@ -581,12 +638,14 @@ impl StockEngine for RedisEngine {
     }
 
     async fn transition(&self, t: Transition, order_id: &str, user_id: &str) -> Result<TransitionReply, Error> {
-        let Some(order_key) = keys::order(order_id) else {
+        let (Some(order_key), Some(order_shard)) = (keys::order(order_id), order_shard(order_id)) else {
             return Ok(TransitionReply::UnknownOrder);
         };
         // The order names its item, whose keys the script must declare (one slot: the
         // order id carries the item's shard).
-        let item_id: Option<String> = self.query(redis::cmd("HGET").arg(&order_key).arg("item_id")).await?;
+        let item_id: Option<String> = self
+            .query_shard(order_shard, redis::cmd("HGET").arg(&order_key).arg("item_id"))
+            .await?;
         let Some(item_id) = item_id else {
             return Ok(TransitionReply::UnknownOrder);
         };
@@ -606,7 +665,7 @@ impl StockEngine for RedisEngine {
             .arg(&item_id)
             .arg(self.settings.closed_order_ttl.as_secs().max(1))
             .arg(self.now_arg());
-        let parts = self.run(name, inv).await?;
+        let parts = self.run(&item_id, name, inv).await?;
         let reply = transition_reply(&Reply {
             script: name,
             parts: &parts,
@@ -637,7 +696,7 @@ impl StockEngine for RedisEngine {
             .arg(item_id)
             .arg(self.settings.closed_order_ttl.as_secs().max(1))
             .arg(self.now_arg());
-        let parts = self.run("expire", inv).await?;
+        let parts = self.run(item_id, "expire", inv).await?;
         let reply = expire_reply(&Reply {
             script: "expire",
             parts: &parts,
@@ -658,7 +717,8 @@ impl StockEngine for RedisEngine {
         let mut expired = Vec::new();
         for shard in keys::all_shards() {
             let members: Vec<String> = self
-                .query(
+                .query_shard(
+                    shard,
                     redis::cmd("ZRANGEBYSCORE")
                         .arg(keys::deadlines(shard))
                         .arg("-inf")
@@ -695,10 +755,10 @@ impl StockEngine for RedisEngine {
     }
 
     async fn order(&self, order_id: &str) -> Result<Option<Order>, Error> {
-        let Some(key) = keys::order(order_id) else {
+        let (Some(key), Some(shard)) = (keys::order(order_id), order_shard(order_id)) else {
             return Ok(None);
         };
-        let h: HashMap<String, String> = self.query(redis::cmd("HGETALL").arg(key)).await?;
+        let h: HashMap<String, String> = self.query_shard(shard, redis::cmd("HGETALL").arg(key)).await?;
         if h.is_empty() {
             return Ok(None);
         }

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
+use crate::engine::conn::{RedisConn, Target};
 
 use crate::config::Config;
 use crate::domain::{Order, OrderEvent, OrderStatus};
@@ -46,11 +46,10 @@ pub async fn main(config: Config, item: Option<String>, repair: bool) -> ExitCod
     };
     let run = async {
         let store = Store::connect(&config.database_url, config.store_timeout).await?;
-        let client = redis::Client::open(url.as_str()).map_err(|e| Error::RedisConnection(e.to_string()))?;
-        let cfg = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(config.redis_timeout))
-            .set_response_timeout(Some(config.redis_timeout.max(Duration::from_secs(5))));
-        let mut conn = ConnectionManager::new_with_config(client, cfg).await?;
+        let target = Target::new(&url, config.redis_mode, config.redis_timeout);
+        let mut conn = target
+            .dedicated(config.redis_timeout.max(Duration::from_secs(5)))
+            .await?;
         reconcile(&mut conn, &store, item.as_deref(), repair).await
     };
     match run.await {
@@ -96,18 +95,22 @@ fn print_report(r: &Report) {
 }
 
 /// Every order hash of one shard (SCAN, so Redis is never blocked).
-async fn shard_orders(conn: &mut ConnectionManager, shard: u32) -> Result<Vec<Order>, Error> {
+async fn shard_orders(conn: &mut RedisConn, shard: u32) -> Result<Vec<Order>, Error> {
     let pattern = format!("sk:{}:order:*", keys::tag(shard));
     let mut cursor: u64 = 0;
     let mut out = Vec::new();
     loop {
-        let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(&pattern)
-            .arg("COUNT")
-            .arg(1000)
-            .query_async(conn)
+        // On a cluster, every SCAN of the shard goes to the primary that owns its slot.
+        let (next, batch): (u64, Vec<String>) = conn
+            .query_on_slot_of(
+                &keys::events(shard),
+                redis::cmd("SCAN")
+                    .arg(cursor)
+                    .arg("MATCH")
+                    .arg(&pattern)
+                    .arg("COUNT")
+                    .arg(1000),
+            )
             .await?;
         for key in batch {
             let h: HashMap<String, String> = redis::cmd("HGETALL").arg(&key).query_async(conn).await?;
@@ -125,12 +128,7 @@ async fn shard_orders(conn: &mut ConnectionManager, shard: u32) -> Result<Vec<Or
 }
 
 /// Compare and optionally repair. Public for the tests.
-pub async fn reconcile(
-    conn: &mut ConnectionManager,
-    store: &Store,
-    only: Option<&str>,
-    repair: bool,
-) -> Result<Report, Error> {
+pub async fn reconcile(conn: &mut RedisConn, store: &Store, only: Option<&str>, repair: bool) -> Result<Report, Error> {
     let items: Vec<String> = match only {
         Some(i) => vec![i.to_owned()],
         None => {

@@ -5,10 +5,12 @@
 //! after the commit is an event acknowledged, so a crash anywhere means redelivery, never
 //! loss; the upserts make redelivery harmless (invariant 4).
 //!
-//! - Blocking reads run on connections from a bb8-redis pool, never on the shared
-//!   multiplexed connection (a `BLOCK` there would stall every request behind it, redis-rs
-//!   #453, #643). bb8-redis connections keep redis' default 500 ms response timeout, so
-//!   `BLOCK` is capped below it ([`MAX_BLOCK`]) and every call has its own timeout too.
+//! - Blocking reads run on connections of their own from a bb8 pool
+//!   ([`crate::engine::conn::Pool`]: one server's connection, or a cluster connection that
+//!   reads each stream from the primary that owns it), never on the shared multiplexed
+//!   connection (a `BLOCK` there would stall every request behind it, redis-rs #453, #643).
+//!   Their response timeout is the Redis timeout plus [`MAX_BLOCK`], and every call has its
+//!   own timeout too.
 //! - Start-up drains this consumer's own pending entries first (the consumer name is stable
 //!   across restarts: host name and listen port); `XAUTOCLAIM` takes over entries idle
 //!   longer than `claim_idle` from consumers that died.
@@ -23,13 +25,13 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bb8_redis::RedisConnectionManager;
 use redis::Value;
 use tokio::sync::watch;
 
 use crate::clock::system_now_ms;
 use crate::config::Config;
 use crate::domain::OrderEvent;
+use crate::engine::conn::{Pool, RedisConn};
 use crate::engine::keys;
 use crate::engine::redis::{RedisEngine, text};
 use crate::error::Error;
@@ -38,10 +40,8 @@ use crate::retry::backoff;
 use crate::shutdown::stopped;
 use crate::store::Store;
 
-/// Longest `BLOCK`: below the pooled connections' 500 ms response timeout.
+/// Longest `BLOCK` (the pooled connections wait this much longer than the Redis timeout).
 const MAX_BLOCK: Duration = Duration::from_millis(400);
-
-pub type Pool = bb8::Pool<RedisConnectionManager>;
 
 /// Settings of the worker, from the configuration.
 #[derive(Clone, Debug)]
@@ -86,16 +86,6 @@ fn default_consumer(port: u16) -> String {
         .or_else(|| std::env::var("HOSTNAME").ok())
         .unwrap_or_else(|| "gateway".into());
     format!("{host}:{port}")
-}
-
-pub fn pool(url: &str, size: u32, timeout: Duration) -> Result<Pool, Error> {
-    let manager = RedisConnectionManager::new(url).map_err(|e| Error::RedisConnection(e.to_string()))?;
-    // Checkouts are rare (one per shard task, again after an error), so the PING of
-    // test-on-check-out costs nothing here and weeds out dead connections.
-    Ok(bb8::Pool::builder()
-        .max_size(size)
-        .connection_timeout(timeout)
-        .build_unchecked(manager))
 }
 
 /// A stream entry: its id and fields.
@@ -405,10 +395,7 @@ pub(crate) struct GroupInfo {
 }
 
 /// `XINFO GROUPS` of a stream, for the `persist` group; `None` when there is no such group.
-pub(crate) async fn group_info(
-    conn: &mut redis::aio::ConnectionManager,
-    stream: &str,
-) -> Result<Option<GroupInfo>, Error> {
+pub(crate) async fn group_info(conn: &mut RedisConn, stream: &str) -> Result<Option<GroupInfo>, Error> {
     let groups: Value = redis::cmd("XINFO").arg("GROUPS").arg(stream).query_async(conn).await?;
     let Value::Array(groups) = groups else {
         return Ok(None);
@@ -442,10 +429,7 @@ pub(crate) async fn group_info(
 }
 
 /// The backlog of one shard: entries not yet acknowledged, and the oldest one's id.
-async fn shard_backlog(
-    conn: &mut redis::aio::ConnectionManager,
-    stream: &str,
-) -> Result<(u64, Option<String>, Option<String>), Error> {
+async fn shard_backlog(conn: &mut RedisConn, stream: &str) -> Result<(u64, Option<String>, Option<String>), Error> {
     let Some(group) = group_info(conn, stream).await? else {
         return Ok((0, None, None));
     };
@@ -466,7 +450,7 @@ async fn shard_backlog(
 }
 
 /// Every couple of seconds: publish pending and lag, and trim what every reader has acknowledged.
-async fn monitor(mut conn: redis::aio::ConnectionManager, timeout: Duration, mut shutdown: watch::Receiver<bool>) {
+async fn monitor(mut conn: RedisConn, timeout: Duration, mut shutdown: watch::Receiver<bool>) {
     let mut tick = tokio::time::interval(Duration::from_secs(2));
     loop {
         tokio::select! {
@@ -535,13 +519,8 @@ pub fn spawn(
     settings: WorkerSettings,
     shutdown: watch::Receiver<bool>,
 ) -> Vec<tokio::task::JoinHandle<()>> {
-    let pool = match pool(engine.url(), keys::all_shards().count() as u32 + 2, settings.timeout) {
-        Ok(p) => p,
-        Err(e) => {
-            tracing::error!(cause = %e, "persistence worker not started");
-            return Vec::new();
-        }
-    };
+    let target = engine.target();
+    let pool = target.pool(keys::all_shards().count() as u32 + 2, target.timeout + MAX_BLOCK);
     tracing::info!(consumer = %settings.consumer, "persistence worker starting");
     let mut tasks: Vec<_> = keys::all_shards()
         .map(|shard| {

@@ -8,12 +8,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use seckill_gateway::clock::Clock;
+use seckill_gateway::config::RedisMode;
 use seckill_gateway::engine::embedded::{EmbeddedEngine, Journal};
 use seckill_gateway::engine::journal::SqliteJournal;
 use seckill_gateway::engine::redis::{RedisEngine, RedisSettings};
 use seckill_gateway::store::Store;
 
-use super::RedisServer;
+use super::{RedisCluster, RedisServer};
 
 /// What a test or bench sets on an engine. [`EngineSettings::TEST`] (also the
 /// [`Default`]): a 60 s payment timeout, keys kept 10 min, closed orders 1 h, a
@@ -68,9 +69,27 @@ impl Default for EngineSettings {
 
 /// The Redis engine (the Lua scripts) on the server at `url`; it connects lazily.
 pub fn redis_engine(url: &str, clock: &Clock, s: &EngineSettings) -> RedisEngine {
+    engine_in_mode(url, RedisMode::Standalone, clock, s)
+}
+
+/// The Redis engine on a Redis Cluster (`seeds`: comma-separated node URLs).
+pub fn cluster_engine(seeds: &str, clock: &Clock, s: &EngineSettings) -> RedisEngine {
+    engine_in_mode(seeds, RedisMode::Cluster, clock, s)
+}
+
+/// The Redis engine on a Redis Cluster of 3 masters of its own (keep the cluster as long
+/// as the engine).
+pub async fn redis_engine_on_own_cluster(clock: &Clock, s: &EngineSettings) -> (RedisEngine, RedisCluster) {
+    let cluster = RedisCluster::start(3, 0).await;
+    let engine = cluster_engine(&cluster.seeds(), clock, s);
+    (engine, cluster)
+}
+
+fn engine_in_mode(url: &str, mode: RedisMode, clock: &Clock, s: &EngineSettings) -> RedisEngine {
     RedisEngine::new(
         RedisSettings {
             url: url.to_owned(),
+            mode,
             timeout: s.redis_timeout,
             max_inflight: s.max_inflight,
             circuit_failures: s.circuit_failures,

@@ -29,6 +29,8 @@ fn default_flags(redis_url: &str, db_url: &str) -> Vec<(String, String)> {
     [
         ("--listen", "127.0.0.1:0"),
         ("--redis-url", redis_url),
+        ("--redis-mode", "standalone"),
+        ("--redis-wait-replicas", "0"),
         ("--database-url", db_url),
         ("--admin-token", ADMIN_TOKEN),
         ("--rate-global", "0"),

@@ -5,7 +5,9 @@ use std::collections::HashMap;
 
 use redis::AsyncCommands;
 use redis::aio::ConnectionManager;
+use seckill_gateway::config::RedisMode;
 use seckill_gateway::domain::OrderEvent;
+use seckill_gateway::engine::conn::{RedisConn, Target};
 use seckill_gateway::engine::keys;
 use seckill_gateway::ids::shard_of;
 
@@ -18,7 +20,7 @@ pub type Event = HashMap<String, String>;
 /// connection is public for anything else (`redis::cmd(…).query_async(&mut rd.conn)`).
 #[derive(Clone)]
 pub struct Redis {
-    pub conn: ConnectionManager,
+    pub conn: RedisConn,
 }
 
 impl Redis {
@@ -26,11 +28,21 @@ impl Redis {
         let conn = ConnectionManager::new(server.client())
             .await
             .expect("connect to the test redis-server");
-        Redis { conn }
+        Redis {
+            conn: RedisConn::Single(conn),
+        }
+    }
+
+    /// A cluster's keys, whichever primary holds them (`seeds`: comma-separated URLs).
+    pub fn connect_cluster(seeds: &str) -> Redis {
+        let target = Target::new(seeds, RedisMode::Cluster, std::time::Duration::from_secs(2));
+        Redis {
+            conn: target.shared().expect("a cluster connection"),
+        }
     }
 
     /// Through a connection the test already has (an engine's).
-    pub fn on(conn: ConnectionManager) -> Redis {
+    pub fn on(conn: RedisConn) -> Redis {
         Redis { conn }
     }
 

@@ -1,0 +1,274 @@
+//! Connections to Redis, one server or a Redis Cluster: every command and script of the
+//! engine, the persistence worker, the monitor and reconcile goes through a [`RedisConn`],
+//! so none of them knows which it talks to.
+//!
+//! - Standalone: a `ConnectionManager` (one multiplexed connection that reconnects by
+//!   itself; concurrent requests are pipelined on it, redis-rs #1319).
+//! - Cluster: redis-rs' async `ClusterConnection` (one multiplexed connection per node,
+//!   MOVED/ASK followed, topology refreshed). A script runs on the slot of its first key;
+//!   `SCRIPT LOAD` after `NOSCRIPT` goes to every primary (a promoted replica starts with an
+//!   empty script cache).
+//!
+//! The shared connection carries requests; blocking stream reads take their own
+//! connections from a [`Pool`] (a `BLOCK` on a shared connection stalls every request
+//! behind it, redis-rs #453, #643).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::ClusterClient;
+use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
+use redis::{Cmd, RedisFuture, Value};
+use tokio::sync::OnceCell;
+
+use crate::config::RedisMode;
+use crate::error::Error;
+
+/// Where Redis is: the mode and the URL(s) of `REDIS_URL`.
+#[derive(Clone, Debug)]
+pub struct Target {
+    pub mode: RedisMode,
+    /// One URL (standalone) or the seed nodes (cluster).
+    pub urls: Vec<String>,
+    /// Connect and response timeout of every command.
+    pub timeout: Duration,
+}
+
+impl Target {
+    pub fn new(url: &str, mode: RedisMode, timeout: Duration) -> Self {
+        Target {
+            mode,
+            urls: url
+                .split(',')
+                .map(|u| u.trim().to_owned())
+                .filter(|u| !u.is_empty())
+                .collect(),
+            timeout,
+        }
+    }
+
+    pub fn is_cluster(&self) -> bool {
+        self.mode == RedisMode::Cluster
+    }
+
+    /// The URL list as given (for logs).
+    pub fn describe(&self) -> String {
+        self.urls.join(",")
+    }
+
+    fn cluster_client(&self, response_timeout: Duration) -> Result<ClusterClient, Error> {
+        ClusterClient::builder(self.urls.iter().map(String::as_str))
+            .connection_timeout(self.timeout)
+            .response_timeout(response_timeout)
+            // A failover takes about the node timeout: retry MOVED/TRYAGAIN/CLUSTERDOWN a few
+            // times within the caller's own deadline (the guard's timeout cuts it off).
+            .retries(3)
+            .min_retry_wait(50)
+            .max_retry_wait(400)
+            .build()
+            .map_err(|e| Error::RedisConnection(format!("bad REDIS_URL: {e}")))
+    }
+
+    fn single_client(&self) -> Result<redis::Client, Error> {
+        let url = self.urls.first().map(String::as_str).unwrap_or_default();
+        redis::Client::open(url).map_err(|e| Error::RedisConnection(format!("bad REDIS_URL: {e}")))
+    }
+
+    /// The shared connection. Lazy: the gateway starts (and answers 503) while Redis is
+    /// still down, and connects on first use.
+    pub fn shared(&self) -> Result<RedisConn, Error> {
+        match self.mode {
+            RedisMode::Standalone => {
+                let config = ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(self.timeout))
+                    .set_response_timeout(Some(self.timeout))
+                    .set_number_of_retries(2)
+                    .set_max_delay(Duration::from_millis(500));
+                let conn = ConnectionManager::new_lazy_with_config(self.single_client()?, config)
+                    .map_err(|e| Error::RedisConnection(e.to_string()))?;
+                Ok(RedisConn::Single(conn))
+            }
+            RedisMode::Cluster => Ok(RedisConn::Cluster(Arc::new(LazyCluster {
+                client: Some(self.cluster_client(self.timeout)?),
+                conn: OnceCell::new(),
+            }))),
+        }
+    }
+
+    /// A connection of its own (for blocking reads), whose commands may take up to
+    /// `response_timeout`.
+    pub async fn dedicated(&self, response_timeout: Duration) -> Result<RedisConn, Error> {
+        let connect = async {
+            match self.mode {
+                RedisMode::Standalone => {
+                    let config = redis::AsyncConnectionConfig::new()
+                        .set_connection_timeout(Some(self.timeout))
+                        .set_response_timeout(Some(response_timeout));
+                    let conn = self
+                        .single_client()?
+                        .get_multiplexed_async_connection_with_config(&config)
+                        .await?;
+                    Ok(RedisConn::Dedicated(conn))
+                }
+                RedisMode::Cluster => {
+                    let conn = self.cluster_client(response_timeout)?.get_async_connection().await?;
+                    Ok(RedisConn::Cluster(Arc::new(LazyCluster::ready(conn))))
+                }
+            }
+        };
+        match tokio::time::timeout(self.timeout * 2, connect).await {
+            Ok(r) => r,
+            Err(_) => Err(Error::RedisTimeout),
+        }
+    }
+
+    /// A pool of dedicated connections (see [`Pool`]).
+    pub fn pool(&self, size: u32, response_timeout: Duration) -> Pool {
+        bb8::Pool::builder()
+            .max_size(size)
+            .connection_timeout(self.timeout)
+            // A standalone connection is checked with PING on check-out; a cluster
+            // connection heals itself per node (and a PING would go to every node).
+            .test_on_check_out(!self.is_cluster())
+            .build_unchecked(Dedicated {
+                target: self.clone(),
+                response_timeout,
+            })
+    }
+
+    /// The URLs to try, in turn, for a pub/sub subscription (classic `PUBLISH` reaches the
+    /// subscribers of every node of a cluster, so any live node will do).
+    pub fn pubsub_urls(&self) -> &[String] {
+        &self.urls
+    }
+}
+
+/// A cluster connection made on first use; a failed attempt is retried by the next use.
+pub struct LazyCluster {
+    /// `None` when made ready ([`Target::dedicated`]).
+    client: Option<ClusterClient>,
+    conn: OnceCell<ClusterConnection>,
+}
+
+impl LazyCluster {
+    fn ready(conn: ClusterConnection) -> Self {
+        LazyCluster {
+            client: None,
+            conn: OnceCell::new_with(Some(conn)),
+        }
+    }
+
+    async fn get(&self) -> redis::RedisResult<ClusterConnection> {
+        self.conn
+            .get_or_try_init(|| async {
+                match &self.client {
+                    Some(client) => client.get_async_connection().await,
+                    None => Err(redis::RedisError::from((
+                        redis::ErrorKind::Client,
+                        "a dedicated cluster connection is made connected",
+                    ))),
+                }
+            })
+            .await
+            .cloned()
+    }
+}
+
+/// A connection to Redis: what the commands and scripts run on.
+#[derive(Clone)]
+pub enum RedisConn {
+    /// The shared connection to one server.
+    Single(ConnectionManager),
+    /// A connection of its own to one server.
+    Dedicated(redis::aio::MultiplexedConnection),
+    Cluster(Arc<LazyCluster>),
+}
+
+impl RedisConn {
+    /// Run `cmd` on the primary that owns `key`'s slot, for commands whose keys Redis does
+    /// not name (`SCAN … MATCH sk:{tag}:…`). Standalone: the one server.
+    pub async fn query_on_slot_of<T: redis::FromRedisValue>(&mut self, key: &str, cmd: &Cmd) -> Result<T, Error> {
+        match self {
+            RedisConn::Cluster(c) => {
+                let mut conn = c.get().await?;
+                let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(Route::with_key(
+                    key,
+                    SlotAddr::Master,
+                )));
+                let v = conn.route_command(cmd.clone(), route).await?;
+                redis::from_redis_value(v).map_err(|e| Error::ScriptReply(e.to_string()))
+            }
+            _ => Ok(cmd.query_async(self).await?),
+        }
+    }
+}
+
+impl ConnectionLike for RedisConn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            RedisConn::Single(c) => c.req_packed_command(cmd),
+            RedisConn::Dedicated(c) => c.req_packed_command(cmd),
+            RedisConn::Cluster(c) => Box::pin(async move {
+                let mut conn = c.get().await?;
+                conn.req_packed_command(cmd).await
+            }),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            RedisConn::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            RedisConn::Dedicated(c) => c.req_packed_commands(pipeline, offset, count),
+            RedisConn::Cluster(c) => Box::pin(async move {
+                let mut conn = c.get().await?;
+                conn.req_packed_commands(pipeline, offset, count).await
+            }),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            RedisConn::Single(c) => c.get_db(),
+            RedisConn::Dedicated(c) => c.get_db(),
+            RedisConn::Cluster(_) => 0,
+        }
+    }
+}
+
+/// A pool of dedicated connections (the persistence workers' blocking reads).
+pub type Pool = bb8::Pool<Dedicated>;
+
+/// Makes the connections of a [`Pool`].
+pub struct Dedicated {
+    target: Target,
+    response_timeout: Duration,
+}
+
+impl bb8::ManageConnection for Dedicated {
+    type Connection = RedisConn;
+    type Error = Error;
+
+    async fn connect(&self) -> Result<RedisConn, Error> {
+        self.target.dedicated(self.response_timeout).await
+    }
+
+    async fn is_valid(&self, conn: &mut RedisConn) -> Result<(), Error> {
+        let pong: String = redis::cmd("PING").query_async(conn).await?;
+        if pong == "PONG" {
+            Ok(())
+        } else {
+            Err(Error::RedisConnection(format!("PING answered {pong}")))
+        }
+    }
+
+    fn has_broken(&self, _: &mut RedisConn) -> bool {
+        false
+    }
+}

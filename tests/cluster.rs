@@ -1,0 +1,137 @@
+//! The gateway on a real Redis Cluster (issue 12): throwaway clusters of `redis-server
+//! --cluster-enabled yes` nodes on free loopback ports ([`RedisCluster`]), gateways in
+//! cluster mode (`--redis-mode cluster`, `REDIS_URL` = every node), a shared PostgreSQL.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::gateway::Gateway;
+use common::inspect::Redis;
+use common::{RedisCluster, poll, shared_pg, unique};
+use seckill_gateway::engine::keys;
+use seckill_gateway::store::Store;
+
+/// A gateway in cluster mode on `cluster`, persisting to `db`.
+async fn gateway(cluster: &RedisCluster, db: &str) -> Gateway {
+    Gateway::builder(&cluster.seeds())
+        .flag("--redis-mode", "cluster")
+        .database(db)
+        .start()
+        .await
+}
+
+/// `n` item ids whose shards lie on every master of `cluster`, spread round-robin over
+/// the masters.
+async fn items_on_every_master(cluster: &RedisCluster, n: usize) -> Vec<String> {
+    let masters = cluster.masters().await;
+    let mut by_master: HashMap<u16, Vec<String>> = HashMap::new();
+    let mut i = 0;
+    while masters
+        .iter()
+        .any(|m| by_master.get(m).map_or(0, Vec::len) < n.div_ceil(masters.len()))
+    {
+        let id = unique(&format!("spread{i}"));
+        i += 1;
+        let master = cluster.master_of(&keys::item(&id)).await;
+        let list = by_master.entry(master).or_default();
+        if list.len() < n.div_ceil(masters.len()) {
+            list.push(id);
+        }
+    }
+    let mut lists: Vec<Vec<String>> = by_master.into_values().collect();
+    let mut out = Vec::new();
+    while out.len() < n {
+        for l in &mut lists {
+            if let Some(id) = l.pop()
+                && out.len() < n
+            {
+                out.push(id);
+            }
+        }
+    }
+    out
+}
+
+/// Acceptance 2: two gateways on a 3-master cluster, six items (two on each master) of
+/// 100 units with a limit of 1, 3,000 reservations from 1,000 users, alternating between
+/// the gateways, 128 in flight: each item sells exactly its stock, no user holds two of an
+/// item, and once the pipeline is quiet every 200 is a row and every row a 200.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_gateways_on_a_cluster_sell_exactly_the_stock() {
+    let cluster = RedisCluster::start(3, 0).await;
+    let db = shared_pg();
+    let a = gateway(&cluster, &db).await;
+    let b = gateway(&cluster, &db).await;
+    let items = items_on_every_master(&cluster, 6).await;
+    for item in &items {
+        a.create_item(item, 100, 1).await;
+    }
+
+    let apis = Arc::new([a.api.clone(), b.api.clone()]);
+    let items = Arc::new(items);
+    let sem = Arc::new(tokio::sync::Semaphore::new(128));
+    let mut tasks = Vec::new();
+    for i in 0..3_000usize {
+        let (apis, items, sem) = (apis.clone(), items.clone(), sem.clone());
+        tasks.push(tokio::spawn(async move {
+            let _permit = sem.acquire().await.expect("semaphore");
+            let item = &items[i % items.len()];
+            let user = format!("u{}", (i * 7919) % 1_000);
+            let reply = apis[i % 2].reserve(item, &user).await;
+            (item.clone(), user, reply)
+        }));
+    }
+    let mut made: HashMap<String, HashSet<String>> = HashMap::new();
+    let mut orders: HashSet<String> = HashSet::new();
+    for t in tasks {
+        let (item, user, reply) = t.await.expect("task");
+        match reply.status.as_u16() {
+            200 => {
+                assert!(
+                    made.entry(item.clone()).or_default().insert(user.clone()),
+                    "{user} got two units of {item}"
+                );
+                orders.insert(reply.order_id());
+            }
+            409 | 410 => {}
+            other => panic!("unexpected {other}: {}", reply.text),
+        }
+    }
+    for item in items.iter() {
+        assert_eq!(
+            made.get(item).map_or(0, HashSet::len),
+            100,
+            "{item} sold its stock exactly"
+        );
+        let stats = a.get_item(item).await;
+        assert_eq!(stats.assert_ok()["stock_remaining"], 0, "{item}");
+    }
+
+    let store = Store::connect(&db, Duration::from_secs(5)).await.expect("store");
+    poll(Duration::from_secs(30), async || {
+        let rows = store.orders(None).await.expect("orders");
+        (rows.len() == orders.len()).then_some(())
+    })
+    .await
+    .expect("every 200 reaches the database");
+    let rows = store.orders(None).await.expect("orders");
+    let ids: HashSet<String> = rows.iter().map(|o| o.order_id.clone()).collect();
+    assert_eq!(ids, orders, "the rows are the 200s, no more, no fewer");
+    let mut per_user: HashMap<(String, String), i64> = HashMap::new();
+    for o in &rows {
+        *per_user.entry((o.item_id.clone(), o.user_id.clone())).or_default() += o.qty;
+    }
+    assert!(
+        per_user.values().all(|&q| q == 1),
+        "no user over the limit in the database"
+    );
+
+    // The persistence pipeline read every shard's stream from its own master.
+    let mut rd = Redis::connect_cluster(&cluster.seeds());
+    for item in items.iter() {
+        assert_eq!(rd.item_field(item, "reserved").await, 100, "{item}");
+    }
+}
