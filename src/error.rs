@@ -144,6 +144,10 @@ pub enum Error {
     CircuitOpen,
     #[error("shedding load: too many redis calls in flight")]
     Shed,
+    /// `SECKILL_REDIS_WAIT_REPLICAS`: the change is made on the primary, but not enough
+    /// replicas confirmed it in time (a failover now could lose it).
+    #[error("redis replicas behind: {acked} of {wanted} confirmed the write")]
+    NotReplicated { acked: i64, wanted: u32 },
     #[error("store: {0}")]
     Store(String),
     #[error("internal: {0}")]
@@ -158,7 +162,8 @@ impl Error {
             | Error::RedisRefused { .. }
             | Error::ScriptReply(_)
             | Error::CircuitOpen
-            | Error::Shed => Side::Redis,
+            | Error::Shed
+            | Error::NotReplicated { .. } => Side::Redis,
             Error::Store(_) => Side::Store,
             Error::Internal(_) => Side::Internal,
         }
@@ -174,6 +179,7 @@ impl Error {
             Error::RedisRefused { .. } | Error::ScriptReply(_) => Some("script"),
             Error::CircuitOpen => Some("circuit_open"),
             Error::Shed => Some("shed"),
+            Error::NotReplicated { .. } => Some("not_replicated"),
             _ => None,
         }
     }
@@ -193,6 +199,10 @@ impl Error {
                 retry_after_s: 1,
                 reason: "shedding load",
             },
+            Error::NotReplicated { .. } => Reject::Unavailable {
+                retry_after_s: 1,
+                reason: "stock engine replicas behind",
+            },
             Error::Store(_) => Reject::Unavailable {
                 retry_after_s: 1,
                 reason: "order store unreachable",
@@ -205,12 +215,28 @@ impl Error {
         }
     }
 
+    /// A call that failed this way may have run on Redis all the same (the reply was lost):
+    /// only sending it again tells.
+    pub fn may_have_run(&self) -> bool {
+        matches!(self, Error::RedisTimeout | Error::RedisConnection(_))
+    }
+
     /// Error replies a Redis gives while it cannot serve for a while (loading its data, a
-    /// replica not yet promoted, a cluster reconfiguring, out of memory, a busy script).
+    /// replica not yet promoted, a cluster reconfiguring — a redirect the cluster client
+    /// did not follow in time — out of memory, a busy script).
     fn is_transient(code: &str) -> bool {
         matches!(
             code,
-            "LOADING" | "READONLY" | "MASTERDOWN" | "CLUSTERDOWN" | "TRYAGAIN" | "OOM" | "BUSY" | "NOREPLICAS"
+            "LOADING"
+                | "READONLY"
+                | "MASTERDOWN"
+                | "CLUSTERDOWN"
+                | "TRYAGAIN"
+                | "MOVED"
+                | "ASK"
+                | "OOM"
+                | "BUSY"
+                | "NOREPLICAS"
         )
     }
 }

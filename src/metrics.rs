@@ -22,7 +22,7 @@ pub const REQUESTS: &str = "seckill_requests_total";
 pub const REQUEST_DURATION: &str = "seckill_request_duration_seconds";
 /// Redis Lua script round trip by script.
 pub const SCRIPT_DURATION: &str = "seckill_redis_script_duration_seconds";
-/// Redis failures by kind: timeout, connection, script, circuit_open, shed.
+/// Redis failures by kind: timeout, connection, script, circuit_open, shed, not_replicated.
 pub const REDIS_ERRORS: &str = "seckill_redis_errors_total";
 /// Local cache lookups by cache (item, sold_out, not_found, bloom) and result (hit, miss).
 pub const CACHE_REQUESTS: &str = "seckill_cache_requests_total";
@@ -90,8 +90,8 @@ pub fn install() -> PrometheusHandle {
 /// Series that alerts and `rate()` need to exist before their first event.
 fn register_zeroes() {
     ::metrics::counter!(DEAD_LETTERS).absolute(0);
-    for kind in ["timeout", "connection", "script", "circuit_open", "shed"] {
-        ::metrics::counter!(REDIS_ERRORS, "kind" => kind).absolute(0);
+    for kind in REDIS_ERROR_KINDS {
+        ::metrics::counter!(REDIS_ERRORS, "kind" => *kind).absolute(0);
     }
     for event in ["reserved", "paid", "cancelled", "expired"] {
         ::metrics::counter!(ORDERS, "event" => event).absolute(0);
@@ -165,7 +165,14 @@ pub const OUTCOMES: &[&str] = &[
 const CACHES: &[&str] = &["item", "sold_out", "not_found", "bloom"];
 const SCRIPTS: &[&str] = &["reserve", "pay", "cancel", "expire", "put_item"];
 const EVENTS: &[&str] = &["reserved", "paid", "cancelled", "expired"];
-const REDIS_ERROR_KINDS: &[&str] = &["timeout", "connection", "script", "circuit_open", "shed"];
+const REDIS_ERROR_KINDS: &[&str] = &[
+    "timeout",
+    "connection",
+    "script",
+    "circuit_open",
+    "shed",
+    "not_replicated",
+];
 
 /// Handles of the hot-path series, registered once. `counter!` with labels builds a key
 /// (allocating its label list) and looks it up in the registry on every call; a handle is

@@ -23,6 +23,17 @@ async fn gateway(cluster: &RedisCluster, db: &str) -> Gateway {
         .await
 }
 
+/// Create `items` through `a` (stock, limit 1) and wait until `b` knows them too (its Bloom
+/// filter hears of a new item through pub/sub, a few milliseconds later).
+async fn create_everywhere(a: &Gateway, b: &Gateway, items: &[String], stock: i64) {
+    for item in items {
+        a.create_item(item, stock, 1).await;
+        poll(Duration::from_secs(10), async || (b.get_item(item).await.status == 200).then_some(()))
+            .await
+            .expect("the other gateway hears of the item");
+    }
+}
+
 /// `n` item ids whose shards lie on every master of `cluster`, spread round-robin over
 /// the masters.
 async fn items_on_every_master(cluster: &RedisCluster, n: usize) -> Vec<String> {
@@ -66,9 +77,7 @@ async fn two_gateways_on_a_cluster_sell_exactly_the_stock() {
     let a = gateway(&cluster, &db).await;
     let b = gateway(&cluster, &db).await;
     let items = items_on_every_master(&cluster, 6).await;
-    for item in &items {
-        a.create_item(item, 100, 1).await;
-    }
+    create_everywhere(&a, &b, &items, 100).await;
 
     let apis = Arc::new([a.api.clone(), b.api.clone()]);
     let items = Arc::new(items);
@@ -134,4 +143,142 @@ async fn two_gateways_on_a_cluster_sell_exactly_the_stock() {
     for item in items.iter() {
         assert_eq!(rd.item_field(item, "reserved").await, 100, "{item}");
     }
+}
+
+/// Acceptance 3: with `SECKILL_REDIS_WAIT_REPLICAS=1`, SIGKILL the primary of two of six
+/// items in the middle of a burst. Its replica is promoted; every 200 is a row, no item is
+/// oversold, no user goes over the limit; the items on the other primaries keep selling
+/// through the failover; once the old primary is back (as a replica: `WAIT 1` needs one)
+/// the failed-over items sell again, no gateway restarted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_killed_mid_burst_loses_no_acknowledged_order() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("warn")
+        .with_test_writer()
+        .try_init();
+    let mut cluster = RedisCluster::start(3, 1).await;
+    let db = shared_pg();
+    let start = |cluster: &RedisCluster| {
+        Gateway::builder(&cluster.seeds())
+            .flag("--redis-mode", "cluster")
+            .flag("--redis-wait-replicas", "1")
+            .database(&db)
+            .start()
+    };
+    let a = start(&cluster).await;
+    let b = start(&cluster).await;
+    let items = items_on_every_master(&cluster, 6).await;
+    create_everywhere(&a, &b, &items, 300).await;
+    let victim = cluster.master_of(&keys::item(&items[0])).await;
+    let on_victim: HashSet<String> = {
+        let mut s = HashSet::new();
+        for item in &items {
+            if cluster.master_of(&keys::item(item)).await == victim {
+                s.insert(item.clone());
+            }
+        }
+        s
+    };
+
+    let apis = Arc::new([a.api.clone(), b.api.clone()]);
+    let items = Arc::new(items);
+    let burst = |from: usize, to: usize| {
+        let (apis, items) = (apis.clone(), items.clone());
+        tokio::spawn(async move {
+            let sem = Arc::new(tokio::sync::Semaphore::new(32));
+            let mut tasks = Vec::new();
+            for i in from..to {
+                let (apis, items, sem) = (apis.clone(), items.clone(), sem.clone());
+                tasks.push(tokio::spawn(async move {
+                    let _permit = sem.acquire().await.expect("semaphore");
+                    let item = items[i % items.len()].clone();
+                    let user = format!("u{i}");
+                    let reply = apis[i % 2].reserve(&item, &user).await;
+                    let status = reply.status.as_u16();
+                    assert!(
+                        matches!(status, 200 | 409 | 410 | 503),
+                        "unexpected {status}: {}",
+                        reply.text
+                    );
+                    (item, user, status, (status == 200).then(|| reply.order_id()))
+                }));
+            }
+            let mut out = Vec::new();
+            for t in tasks {
+                out.push(t.await.expect("task"));
+            }
+            out
+        })
+    };
+    let first = burst(0, 3_000);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    cluster.kill(victim);
+    let killed_at = std::time::Instant::now();
+    let promoted = cluster.wait_failover(victim).await;
+    eprintln!("failover: {victim} -> {promoted} in {:?}", killed_at.elapsed());
+    let mut answers = first.await.expect("burst");
+    // The promoted primary has no replica, so WAIT 1 cannot succeed there (503) until the
+    // old primary is back, as a replica (what a process supervisor does). Then the
+    // failed-over items sell again, with no gateway restarted.
+    cluster.restart(victim);
+    cluster.wait_ok().await;
+    let victim_item = items
+        .iter()
+        .find(|i| on_victim.contains(*i))
+        .expect("an item on the victim")
+        .clone();
+    let after = poll(Duration::from_secs(20), async || {
+        let r = a.reserve(&victim_item, &unique("late")).await;
+        (r.status == 200).then(|| r.order_id())
+    })
+    .await
+    .expect("the failed-over item sells again");
+    answers.push((victim_item.clone(), "late".into(), 200, Some(after)));
+
+    let mut acknowledged = HashSet::new();
+    let mut per_item: HashMap<String, i64> = HashMap::new();
+    let mut healthy_503 = 0;
+    for (item, _user, status, order) in &answers {
+        match status {
+            200 => {
+                acknowledged.insert(order.clone().expect("an order id"));
+                *per_item.entry(item.clone()).or_default() += 1;
+            }
+            503 if !on_victim.contains(item) => healthy_503 += 1,
+            409 | 410 | 503 => {}
+            other => panic!("unexpected {other}"),
+        }
+    }
+    eprintln!(
+        "acknowledged {} ({per_item:?}); 503s of items on healthy primaries: {healthy_503}",
+        acknowledged.len()
+    );
+    for item in items.iter().filter(|i| !on_victim.contains(*i)) {
+        assert!(
+            per_item.get(item).copied().unwrap_or(0) > 0,
+            "{item} sold during the burst"
+        );
+    }
+
+    let store = Store::connect(&db, Duration::from_secs(5)).await.expect("store");
+    poll(Duration::from_secs(60), async || {
+        let rows = store.orders(None).await.expect("orders");
+        let ids: HashSet<String> = rows.iter().map(|o| o.order_id.clone()).collect();
+        acknowledged.is_subset(&ids).then_some(())
+    })
+    .await
+    .expect("every 200 is a row");
+    let rows = store.orders(None).await.expect("orders");
+    let mut units: HashMap<String, i64> = HashMap::new();
+    let mut per_user: HashMap<(String, String), i64> = HashMap::new();
+    for o in &rows {
+        *units.entry(o.item_id.clone()).or_default() += o.qty;
+        *per_user.entry((o.item_id.clone(), o.user_id.clone())).or_default() += o.qty;
+    }
+    for (item, n) in &units {
+        assert!(*n <= 300, "{item} oversold: {n} rows");
+    }
+    assert!(per_user.values().all(|&q| q == 1), "no user over the limit");
+    let ids: Vec<&String> = rows.iter().map(|o| &o.order_id).collect();
+    assert_eq!(ids.len(), ids.iter().collect::<HashSet<_>>().len(), "no duplicate rows");
 }

@@ -188,8 +188,8 @@ pub enum RedisConn {
 
 impl RedisConn {
     /// Run `cmd` on the primary that owns `key`'s slot, for commands whose keys Redis does
-    /// not name (`SCAN … MATCH sk:{tag}:…`). Standalone: the one server.
-    pub async fn query_on_slot_of<T: redis::FromRedisValue>(&mut self, key: &str, cmd: &Cmd) -> Result<T, Error> {
+    /// not name (`SCAN … MATCH sk:{tag}:…`, `WAIT`). Standalone: the one server.
+    pub async fn query_on_slot_of<T: redis::FromRedisValue>(&mut self, key: &str, cmd: &Cmd) -> redis::RedisResult<T> {
         match self {
             RedisConn::Cluster(c) => {
                 let mut conn = c.get().await?;
@@ -198,9 +198,9 @@ impl RedisConn {
                     SlotAddr::Master,
                 )));
                 let v = conn.route_command(cmd.clone(), route).await?;
-                redis::from_redis_value(v).map_err(|e| Error::ScriptReply(e.to_string()))
+                Ok(redis::from_redis_value(v)?)
             }
-            _ => Ok(cmd.query_async(self).await?),
+            _ => cmd.query_async(self).await,
         }
     }
 }

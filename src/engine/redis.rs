@@ -86,16 +86,85 @@ struct ReserveCaller {
     clock: Clock,
     payment_timeout_ms: u64,
     idem_ttl_s: u64,
+    replicas: Replicas,
 }
 
 impl BatchCall for ReserveCaller {
-    /// One `reserve.lua` call for a batch of one shard: the shard's deadlines and events,
-    /// then four keys and five arguments per request (docs/internals.md).
+    /// One `reserve.lua` call for a batch of one shard, sent again (same order ids) when
+    /// its reply was lost; then, with `SECKILL_REDIS_WAIT_REPLICAS`, the replicas' `WAIT`.
     async fn call(&self, cmds: &[ReserveCmd]) -> Result<Vec<ReserveReply>, Error> {
         let Some(first) = cmds.first() else {
             return Ok(Vec::new());
         };
         let shard = shard_of(&first.item_id);
+        let mut again = crate::retry::backoff().take(2);
+        let mut resent = false;
+        let mut replies = loop {
+            match self.call_once(shard, cmds).await {
+                // The script may have run: the same call again answers the orders it made
+                // as duplicates of their own ids, and decides the others.
+                Err(e) if e.may_have_run() => match again.next() {
+                    Some(delay) => {
+                        tracing::warn!(shard, requests = cmds.len(), cause = %e, "reserve reply lost; sending the same call again");
+                        tokio::time::sleep(delay).await;
+                        resent = true;
+                    }
+                    None => return Err(e),
+                },
+                other => break other?,
+            }
+        };
+        if resent {
+            self.made_by_a_lost_call(cmds, &mut replies).await;
+        }
+        self.replicas.wait(&self.conn, self.guards.shard(shard), shard).await?;
+        Ok(replies)
+    }
+}
+
+impl ReserveCaller {
+    /// A sent-again call answers an order the lost call made as a duplicate of its own
+    /// order id: it is this request's reservation, answered as made (and counted as made).
+    async fn made_by_a_lost_call(&self, cmds: &[ReserveCmd], replies: &mut [ReserveReply]) {
+        for (cmd, reply) in cmds.iter().zip(replies.iter_mut()) {
+            let ReserveReply::Duplicate {
+                order_id,
+                created_ms,
+                pay_before_ms,
+                ..
+            } = reply
+            else {
+                continue;
+            };
+            if *order_id != cmd.order_id {
+                continue;
+            }
+            let stock: Result<Option<i64>, Error> = self
+                .guards
+                .of_item(&cmd.item_id)
+                .call(
+                    redis::cmd("HGET")
+                        .arg(keys::item(&cmd.item_id))
+                        .arg("stock")
+                        .query_async(&mut self.conn.clone()),
+                )
+                .await;
+            // Without the stock left, the reply stays a duplicate: still a 200 with the order.
+            if let Ok(Some(stock_after)) = stock {
+                tracing::info!(order = %order_id, "a reservation made by a lost call, answered as made");
+                *reply = ReserveReply::Reserved {
+                    order_id: std::mem::take(order_id),
+                    created_ms: *created_ms,
+                    pay_before_ms: *pay_before_ms,
+                    stock_after,
+                };
+            }
+        }
+    }
+
+    /// One `reserve.lua` call: the shard's deadlines and events, then four keys and five
+    /// arguments per request (docs/internals.md).
+    async fn call_once(&self, shard: u32, cmds: &[ReserveCmd]) -> Result<Vec<ReserveReply>, Error> {
         let mut inv = self.scripts.reserve.prepare_invoke();
         inv.key(keys::deadlines(shard))
             .key(keys::events(shard))
@@ -133,6 +202,37 @@ impl BatchCall for ReserveCaller {
     }
 }
 
+/// `SECKILL_REDIS_WAIT_REPLICAS`: after a stock-changing script, `WAIT` on the same primary
+/// (the same connection: one `WAIT` covers every write sent on it before) until this many
+/// replicas have the change, or answer 503.
+#[derive(Clone, Copy, Debug)]
+struct Replicas {
+    wanted: u32,
+    timeout: Duration,
+}
+
+impl Replicas {
+    async fn wait(&self, conn: &RedisConn, guard: &Guard, shard: u32) -> Result<(), Error> {
+        if self.wanted == 0 {
+            return Ok(());
+        }
+        let mut conn = conn.clone();
+        let wait = redis::cmd("WAIT")
+            .arg(self.wanted)
+            .arg(self.timeout.as_millis() as u64)
+            .clone();
+        let acked: i64 = guard.call(conn.query_on_slot_of(&keys::events(shard), &wait)).await?;
+        if acked < i64::from(self.wanted) {
+            metrics::redis_error("not_replicated");
+            return Err(Error::NotReplicated {
+                acked,
+                wanted: self.wanted,
+            });
+        }
+        Ok(())
+    }
+}
+
 /// How to reach Redis and how to protect the calls (the engine's own settings are
 /// [`EngineSettings`]).
 #[derive(Clone, Debug)]
@@ -140,6 +240,8 @@ pub struct RedisSettings {
     /// `REDIS_URL`: one URL, or the seed nodes of a cluster (comma-separated).
     pub url: String,
     pub mode: RedisMode,
+    /// `WAIT` for this many replicas after a stock-changing script (0: don't).
+    pub wait_replicas: u32,
     /// Timeout of every Redis command (connect and response).
     pub timeout: Duration,
     /// Calls in flight before new ones are shed with 503.
@@ -155,6 +257,7 @@ impl RedisSettings {
         RedisSettings {
             url: url.to_owned(),
             mode: c.redis_mode,
+            wait_replicas: c.redis_wait_replicas,
             timeout: c.redis_timeout,
             max_inflight: c.max_inflight,
             circuit_failures: c.circuit_failures,
@@ -210,6 +313,7 @@ pub struct RedisEngine {
     guards: Guards,
     /// Reservations, batched per shard ([`super::batch`]).
     batches: Batches<ReserveCaller>,
+    replicas: Replicas,
     clock: Clock,
     redis: RedisSettings,
     settings: EngineSettings,
@@ -223,6 +327,12 @@ impl RedisEngine {
         let conn = target.shared()?;
         let guards = Guards::new(&redis);
         let scripts = Arc::new(Scripts::load());
+        // Half the call timeout: a WAIT holds up every call queued behind it on the
+        // primary's connection.
+        let replicas = Replicas {
+            wanted: redis.wait_replicas,
+            timeout: redis.timeout / 2,
+        };
         let caller = ReserveCaller {
             conn: conn.clone(),
             scripts: scripts.clone(),
@@ -230,6 +340,7 @@ impl RedisEngine {
             clock: clock.clone(),
             payment_timeout_ms: settings.payment_timeout.as_millis() as u64,
             idem_ttl_s: settings.idempotency_ttl.as_secs().max(1),
+            replicas,
         };
         Ok(RedisEngine {
             target,
@@ -237,6 +348,7 @@ impl RedisEngine {
             scripts,
             guards,
             batches: Batches::new(caller, redis.max_inflight),
+            replicas,
             clock,
             redis,
             settings,
@@ -670,6 +782,9 @@ impl StockEngine for RedisEngine {
             script: name,
             parts: &parts,
         })?;
+        if matches!(reply, TransitionReply::Done { .. }) {
+            self.replicas.wait(&self.conn, self.guards.shard(shard), shard).await?;
+        }
         match reply {
             TransitionReply::Done { status, stock_after } => self.moved(&item_id, status, Some(stock_after)).await,
             // Found overdue: this call expired it.
@@ -701,6 +816,9 @@ impl StockEngine for RedisEngine {
             script: "expire",
             parts: &parts,
         })?;
+        if matches!(reply, ExpireReply::Expired { .. }) {
+            self.replicas.wait(&self.conn, self.guards.shard(shard), shard).await?;
+        }
         if let ExpireReply::Expired { stock_after } = reply {
             // Other instances hear it once per item per sweep ([`Self::expire_due`]).
             self.listener.news(ItemNews::Order {

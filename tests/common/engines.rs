@@ -90,6 +90,7 @@ fn engine_in_mode(url: &str, mode: RedisMode, clock: &Clock, s: &EngineSettings)
         RedisSettings {
             url: url.to_owned(),
             mode,
+            wait_replicas: 0,
             timeout: s.redis_timeout,
             max_inflight: s.max_inflight,
             circuit_failures: s.circuit_failures,
