@@ -28,9 +28,11 @@ async fn gateway(cluster: &RedisCluster, db: &str) -> Gateway {
 async fn create_everywhere(a: &Gateway, b: &Gateway, items: &[String], stock: i64) {
     for item in items {
         a.create_item(item, stock, 1).await;
-        poll(Duration::from_secs(10), async || (b.get_item(item).await.status == 200).then_some(()))
-            .await
-            .expect("the other gateway hears of the item");
+        poll(Duration::from_secs(10), async || {
+            (b.get_item(item).await.status == 200).then_some(())
+        })
+        .await
+        .expect("the other gateway hears of the item");
     }
 }
 

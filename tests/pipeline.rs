@@ -376,3 +376,89 @@ async fn a_separate_worker_persists_and_trims() {
     worker.stop().await;
     gw.stop().await;
 }
+
+/// Issue 12, acceptance 5: Redis drops every client connection again and again during a
+/// burst (`CLIENT KILL TYPE normal`), so some reserve calls lose their reply after the
+/// script ran. The gateway sends such a call again with the same order ids: every
+/// reservation made is answered 200 (a row whose order was never answered would be a 503
+/// for an order that exists), and a 503 is only for an order that does not exist.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reservation_made_when_the_connection_broke_is_answered_200() {
+    let redis = RedisServer::start();
+    let db = shared_pg();
+    let gw = gateway(&redis, &db).start().await;
+    let item = unique("broken");
+    gw.create_item(&item, 100_000, 1).await;
+
+    let killer = {
+        let client = redis.client();
+        tokio::spawn(async move {
+            let mut conn = client
+                .get_multiplexed_async_connection()
+                .await
+                .expect("killer connection");
+            let mut kills = 0u64;
+            for _ in 0..40 {
+                tokio::time::sleep(Duration::from_millis(25)).await;
+                // Every normal client but this one: the gateway's connections.
+                let n: Result<i64, _> = redis::cmd("CLIENT")
+                    .arg("KILL")
+                    .arg("TYPE")
+                    .arg("normal")
+                    .arg("SKIPME")
+                    .arg("yes")
+                    .query_async(&mut conn)
+                    .await;
+                kills += n.unwrap_or(0) as u64;
+            }
+            kills
+        })
+    };
+    let api = Arc::new(gw.api.clone());
+    let sem = Arc::new(tokio::sync::Semaphore::new(64));
+    let mut tasks = Vec::new();
+    for i in 0..3_000 {
+        let (api, item, sem) = (api.clone(), item.clone(), sem.clone());
+        tasks.push(tokio::spawn(async move {
+            let _permit = sem.acquire().await.expect("semaphore");
+            let r = api.reserve(&item, &format!("u{i}")).await;
+            (r.status.as_u16(), (r.status == 200).then(|| r.order_id()))
+        }));
+    }
+    let mut ok = HashSet::new();
+    let mut unavailable = 0;
+    for t in tasks {
+        match t.await.expect("task") {
+            (200, Some(order)) => {
+                ok.insert(order);
+            }
+            (503, _) => unavailable += 1,
+            (other, _) => panic!("unexpected {other}"),
+        }
+    }
+    let kills = killer.await.expect("killer");
+    eprintln!(
+        "{} answered 200, {unavailable} 503; {kills} connections killed",
+        ok.len()
+    );
+    assert!(kills > 0, "the gateway's connections were cut");
+
+    let store = store(&db).await;
+    let mut rd = Redis::connect(&redis).await;
+    let reserved = poll(Duration::from_secs(30), async || {
+        let reserved = rd.item_field(&item, "reserved").await;
+        (rows(&store, &item).await.len() as i64 == reserved).then_some(reserved)
+    })
+    .await
+    .expect("the pipeline goes quiet");
+    let rows: HashSet<String> = rows(&store, &item).await.into_iter().map(|o| o.order_id).collect();
+    assert_eq!(rows.len() as i64, reserved);
+    assert_eq!(
+        rows.difference(&ok).count(),
+        0,
+        "every reservation made was answered 200 ({} made, {} answered)",
+        rows.len(),
+        ok.len()
+    );
+    assert_eq!(ok.difference(&rows).count(), 0, "every 200 is a row");
+}

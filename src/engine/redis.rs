@@ -87,6 +87,8 @@ struct ReserveCaller {
     payment_timeout_ms: u64,
     idem_ttl_s: u64,
     replicas: Replicas,
+    /// How long a call whose reply was lost is sent again.
+    retry_for: Duration,
 }
 
 impl BatchCall for ReserveCaller {
@@ -97,20 +99,25 @@ impl BatchCall for ReserveCaller {
             return Ok(Vec::new());
         };
         let shard = shard_of(&first.item_id);
-        let mut again = crate::retry::backoff().take(2);
+        // Sent again while the request's time lasts (twice the Redis timeout from the first
+        // attempt): the answer then says what was made.
+        let deadline = std::time::Instant::now() + self.retry_for;
+        let mut again = crate::retry::backoff();
         let mut resent = false;
         let mut replies = loop {
             match self.call_once(shard, cmds).await {
                 // The script may have run: the same call again answers the orders it made
                 // as duplicates of their own ids, and decides the others.
-                Err(e) if e.may_have_run() => match again.next() {
-                    Some(delay) => {
-                        tracing::warn!(shard, requests = cmds.len(), cause = %e, "reserve reply lost; sending the same call again");
-                        tokio::time::sleep(delay).await;
-                        resent = true;
+                Err(e) if e.may_have_run() => {
+                    match again.next().filter(|d| std::time::Instant::now() + *d < deadline) {
+                        Some(delay) => {
+                            tracing::warn!(shard, requests = cmds.len(), cause = %e, "reserve reply lost; sending the same call again");
+                            tokio::time::sleep(delay).await;
+                            resent = true;
+                        }
+                        None => return Err(e),
                     }
-                    None => return Err(e),
-                },
+                }
                 other => break other?,
             }
         };
@@ -341,6 +348,7 @@ impl RedisEngine {
             payment_timeout_ms: settings.payment_timeout.as_millis() as u64,
             idem_ttl_s: settings.idempotency_ttl.as_secs().max(1),
             replicas,
+            retry_for: redis.timeout * 2,
         };
         Ok(RedisEngine {
             target,
