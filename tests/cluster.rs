@@ -284,3 +284,40 @@ async fn a_primary_killed_mid_burst_loses_no_acknowledged_order() {
     let ids: Vec<&String> = rows.iter().map(|o| &o.order_id).collect();
     assert_eq!(ids.len(), ids.iter().collect::<HashSet<_>>().len(), "no duplicate rows");
 }
+
+/// `SECKILL_REDIS_WAIT_REPLICAS=1` on a Redis with no replica: the reservation is made on
+/// the primary, but no replica confirms it, so the answer is 503 `unavailable` with
+/// `Retry-After` (a failover now could lose it), and so is the retry with the same
+/// idempotency key (the order found again is still unconfirmed); the order reaches the
+/// database all the same. A refusal changed nothing and is answered as it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_the_replicas_it_waits_for_a_reservation_answers_503_and_stays_findable() {
+    let redis = common::RedisServer::start();
+    let gw = Gateway::builder(&redis.url())
+        .flag("--redis-wait-replicas", "1")
+        .flag("--redis-timeout", "400ms")
+        .start()
+        .await;
+    let item = unique("wait");
+    gw.create_item(&item, 10, 1).await;
+    let req = || gw.reserve_req(&item, "alice").header("Idempotency-Key", "k1");
+    let first = common::http::send(req()).await;
+    first.assert_refused(503, "unavailable");
+    assert!(first.retry_after() >= 1);
+    let mut rd = Redis::connect(&redis).await;
+    assert_eq!(rd.item_field(&item, "reserved").await, 1, "made on the primary");
+    common::http::send(req()).await.assert_refused(503, "unavailable");
+    assert_eq!(rd.item_field(&item, "reserved").await, 1, "one unit, not two");
+    // alice holds 1 of 1: the script refuses without a write, nothing to wait for.
+    gw.reserve(&item, "alice").await.assert_refused(409, "limit_reached");
+
+    let store = gw.running().app.store.clone();
+    let rows = poll(Duration::from_secs(10), async || {
+        let rows = store.orders(Some(&item)).await.expect("orders");
+        (!rows.is_empty()).then_some(rows)
+    })
+    .await
+    .expect("the order reaches the database");
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].user_id, "alice");
+}

@@ -124,7 +124,14 @@ impl BatchCall for ReserveCaller {
         if resent {
             self.made_by_a_lost_call(cmds, &mut replies).await;
         }
-        self.replicas.wait(&self.conn, self.guards.shard(shard), shard).await?;
+        // A 200 (an order made, or found again) must survive a failover; a refusal changed
+        // nothing and is answered as it is.
+        if replies
+            .iter()
+            .any(|r| matches!(r, ReserveReply::Reserved { .. } | ReserveReply::Duplicate { .. }))
+        {
+            self.replicas.wait(&self.conn, self.guards.shard(shard), shard).await?;
+        }
         Ok(replies)
     }
 }
