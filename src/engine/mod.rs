@@ -268,6 +268,8 @@ struct Inner {
     store: Arc<Store>,
 }
 
+// One per process, behind an `Arc`: the variants' sizes do not matter.
+#[allow(clippy::large_enum_variant)]
 enum Kind {
     Redis(redis::RedisEngine),
     Embedded(embedded::EmbeddedEngine),
