@@ -94,7 +94,7 @@ const OUTCOMES: &[&str] = &[
 /// Bounded label values of the other labels.
 const LABEL_VALUES: &[(&str, &[&str])] = &[
     ("script", &["reserve", "pay", "cancel", "expire", "put_item"]),
-    ("kind", &["timeout", "connection", "script", "circuit_open", "shed"]),
+    ("kind", &["timeout", "connection", "script", "circuit_open", "shed", "not_replicated"]),
     ("cache", &["item", "sold_out", "not_found", "bloom"]),
     ("result", &["hit", "miss"]),
     ("event", &["reserved", "paid", "cancelled", "expired"]),
