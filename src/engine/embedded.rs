@@ -6,10 +6,13 @@
 //! undone and the caller gets an error (503), so an answer of 200 always means committed.
 //! At start-up the engine is rebuilt from the store ([`EmbeddedEngine::restore`]).
 
+mod sharded_map;
+
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 
 use futures_util::future::BoxFuture;
+use sharded_map::ShardedMap;
 
 use super::{
     Deaf, EngineSettings, ExpireReply, Expired, ItemNews, ItemSpec, ItemState, Listener, Order, OrderStatus, PutReply,
@@ -27,14 +30,19 @@ pub trait Journal: Send + Sync {
     fn put_item(&self, spec: ItemSpec) -> BoxFuture<'static, Result<(), Error>>;
 }
 
+/// Everything the engine decides on, behind its one lock. The maps that grow with every
+/// reservation (buyers, orders, idempotency keys) are [`ShardedMap`]s, so that growing never
+/// moves all their entries at once while every request waits for the lock; the B-tree sets
+/// grow a node at a time anyway.
 #[derive(Default)]
 struct State {
+    /// A plain map: it grows with the catalogue (admin puts), not with the traffic.
     items: HashMap<String, ItemState>,
     /// (item, user) → units held (reserved + paid).
-    buyers: HashMap<(String, String), i64>,
-    orders: HashMap<String, Order>,
+    buyers: ShardedMap<(String, String), i64>,
+    orders: ShardedMap<String, Order>,
     /// (item, user, key) → (order id, expires at).
-    idem: HashMap<(String, String, String), (String, Millis)>,
+    idem: ShardedMap<(String, String, String), (String, Millis)>,
     /// (pay_before_ms, order_id) of reserved orders.
     deadlines: BTreeSet<(Millis, String)>,
     /// (closed at, order_id): pruning pops from the front, so its cost is the number of
