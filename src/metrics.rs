@@ -135,6 +135,7 @@ pub const ROUTES: &[&str] = &[
     "pay",
     "cancel",
     "order_get",
+    "orders_list",
     "admin_item_put",
     "admin_stats",
     "admin_orders_csv",

@@ -339,6 +339,20 @@ impl Store {
         })
     }
 
+    /// A shopper's orders, newest first (by creation time, then order id), at most `limit`:
+    /// a backward range scan of the `orders_by_user` index that stops after `limit` rows.
+    pub async fn orders_of_user(&self, user_id: &str, limit: u32) -> Result<Vec<Order>, Error> {
+        let sql = format!(
+            "SELECT {ORDER_COLUMNS} FROM orders WHERE user_id = $1 \
+             ORDER BY created_ms DESC, order_id DESC LIMIT $2"
+        );
+        with_pool!(self, pool => {
+            let q = sqlx::query(&sql).bind(user_id).bind(i64::from(limit));
+            let rows = self.bounded(q.fetch_all(pool)).await?;
+            rows.iter().map(order_from_row).collect()
+        })
+    }
+
     /// What the database holds of an item: `(orders, units)` — rows, and the sum of their
     /// quantities (the stats route's `persisted_orders` and `persisted`).
     pub async fn count(&self, item_id: &str) -> Result<(i64, i64), Error> {

@@ -31,8 +31,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_DASHBOARD = os.path.join(HERE, "seckill.json")
 DEFAULT_ALERTS = os.path.join(HERE, "..", "prometheus", "alerts.yml")
 
-ROUTES = {"item_get", "reserve", "pay", "cancel", "order_get", "admin_item_put", "admin_stats",
-          "admin_orders_csv", "metrics", "healthz", "readyz", "not_found"}
+ROUTES = {"item_get", "reserve", "pay", "cancel", "order_get", "orders_list", "admin_item_put",
+          "admin_stats", "admin_orders_csv", "metrics", "healthz", "readyz", "not_found"}
 OUTCOMES = {"ok", "bad_request", "unauthenticated", "forbidden", "unknown_item", "unknown_order",
             "limit_reached", "order_closed", "sold_out", "not_started", "ended",
             "payload_too_large", "rate_limited", "unavailable", "internal",

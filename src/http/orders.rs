@@ -1,12 +1,13 @@
 //! `POST /api/v1/orders/{id}/pay`, `…/cancel` and `GET /api/v1/orders/{id}`: the order's
-//! own shopper only.
+//! own shopper only. `GET /api/v1/orders`: the caller's own orders.
 
 use http::Request;
 use hyper::body::Incoming;
+use serde::Deserialize;
 
 use super::reply;
 use super::router::{Answer, Ctx};
-use super::views::OrderView;
+use super::views::{OrderListView, OrderView};
 use crate::engine::{Transition, TransitionReply};
 use crate::error::Reject;
 
@@ -47,4 +48,44 @@ pub async fn get(ctx: &Ctx<'_>, req: Request<Incoming>) -> Answer {
         return Err(Reject::Forbidden("not your order"));
     }
     Ok(reply::ok(&OrderView::new(&order)))
+}
+
+/// Most orders `GET /api/v1/orders` answers with, and its default `limit`.
+pub const MAX_LIST: u32 = 100;
+
+/// The query of `GET /api/v1/orders`: `?limit=N`, 1 to [`MAX_LIST`]; no other parameter.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    limit: Option<u32>,
+}
+
+impl ListQuery {
+    /// The number of orders asked for (400 `bad_request` for anything but a valid `limit`).
+    fn limit(req: &Request<Incoming>) -> Result<u32, Reject> {
+        let query: ListQuery = serde_urlencoded::from_str(req.uri().query().unwrap_or(""))
+            .map_err(|e| Reject::BadRequest(format!("bad query: {e}")))?;
+        match query.limit {
+            None => Ok(MAX_LIST),
+            Some(n @ 1..=MAX_LIST) => Ok(n),
+            Some(_) => Err(Reject::BadRequest(format!("limit must be 1 to {MAX_LIST}"))),
+        }
+    }
+}
+
+/// `GET /api/v1/orders`: the caller's newest orders, from the database. Embedded mode
+/// commits every change there before answering it, so the list is current; with Redis it
+/// is what the persistence worker has written, which lags the engine by the persistence
+/// delay (`docs/contract.md`, "Your orders"). Redis keeps no per-user index of orders, so
+/// the orders the worker has not written yet cannot be found there.
+pub async fn list(ctx: &Ctx<'_>, req: Request<Incoming>) -> Answer {
+    let user = ctx.shopper(&req)?; // limiter (ip) → identity → limiter (user)
+    let limit = ListQuery::limit(&req)?; // ?limit=N, 1..=100
+    let orders = ctx
+        .app
+        .store
+        .orders_of_user(&user, limit)
+        .await
+        .map_err(|e| ctx.failed("orders list", e))?; // one query, bounded by the store timeout
+    Ok(reply::ok(&OrderListView::new(&orders)))
 }

@@ -72,6 +72,20 @@ impl<'a> OrderView<'a> {
     }
 }
 
+/// A shopper's orders (`GET /api/v1/orders`), each as `GET /api/v1/orders/{id}` shows it.
+#[derive(Serialize)]
+pub struct OrderListView<'a> {
+    pub orders: Vec<OrderView<'a>>,
+}
+
+impl<'a> OrderListView<'a> {
+    pub fn new(orders: &'a [Order]) -> Self {
+        OrderListView {
+            orders: orders.iter().map(OrderView::new).collect(),
+        }
+    }
+}
+
 /// A reservation made (or found again by its idempotency key).
 #[derive(Serialize)]
 pub struct ReservationView<'a> {
