@@ -78,10 +78,13 @@ pub fn system_now_ms() -> Millis {
 
 /// RFC 3339 (UTC, millisecond precision) for a millisecond timestamp, as the API shows times.
 pub fn rfc3339(ms: Millis) -> String {
+    // Always three fractional digits (the contract's `2026-11-21T09:00:00.123Z`): times of
+    // one format sort as text, and `.120Z` is not shortened to `.12Z`.
+    const FORMAT: &[time::format_description::BorrowedFormatItem<'_>] =
+        time::macros::format_description!("[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z");
     let t = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
         .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
-    t.format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default()
+    t.format(FORMAT).unwrap_or_default()
 }
 
 /// Parse an RFC 3339 time into milliseconds since the epoch.
@@ -97,7 +100,8 @@ mod tests {
     #[test]
     fn rfc3339_round_trips_with_offsets() {
         let ms = parse_rfc3339("2026-11-21T10:00:00+01:00").unwrap();
-        assert_eq!(rfc3339(ms), "2026-11-21T09:00:00Z");
+        assert_eq!(rfc3339(ms), "2026-11-21T09:00:00.000Z");
+        assert_eq!(rfc3339(1_700_000_000_120), "2023-11-14T22:13:20.120Z");
         assert_eq!(parse_rfc3339(&rfc3339(1_700_000_000_123)), Some(1_700_000_000_123));
         assert_eq!(parse_rfc3339("yesterday"), None);
     }

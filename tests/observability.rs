@@ -63,6 +63,7 @@ const ROUTES: &[&str] = &[
     "pay",
     "cancel",
     "order_get",
+    "orders_list",
     "admin_item_put",
     "admin_stats",
     "admin_orders_csv",
@@ -94,7 +95,17 @@ const OUTCOMES: &[&str] = &[
 /// Bounded label values of the other labels.
 const LABEL_VALUES: &[(&str, &[&str])] = &[
     ("script", &["reserve", "pay", "cancel", "expire", "put_item"]),
-    ("kind", &["timeout", "connection", "script", "circuit_open", "shed", "not_replicated"]),
+    (
+        "kind",
+        &[
+            "timeout",
+            "connection",
+            "script",
+            "circuit_open",
+            "shed",
+            "not_replicated",
+        ],
+    ),
     ("cache", &["item", "sold_out", "not_found", "bloom"]),
     ("result", &["hit", "miss"]),
     ("event", &["reserved", "paid", "cancelled", "expired"]),
