@@ -11,7 +11,7 @@ mod common;
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
-use common::gateway::{GAUGE_LOCK, Gateway, on_redis};
+use common::gateway::{Backend, GAUGE_LOCK, Gateway, on_backend, on_redis};
 use common::http::{ADMIN_TOKEN, HOUR_MS, Reply, item_body, send, send_until};
 use common::inspect::{Event, Redis};
 use common::{poll, unique};
@@ -19,6 +19,37 @@ use futures_util::StreamExt;
 use seckill_gateway::clock::{parse_rfc3339, system_now_ms};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// `on_both!(f, …)`: each `async fn f(backend: Backend)` as two tests, `f::server` (one
+/// `redis-server`) and `f::cluster` (a Redis Cluster of 3 masters): the contract holds on both.
+macro_rules! on_both {
+    ($($name:ident),* $(,)?) => {
+        $(
+            mod $name {
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn server() {
+                    super::$name(super::Backend::Server).await;
+                }
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn cluster() {
+                    super::$name(super::Backend::Cluster).await;
+                }
+            }
+        )*
+    };
+}
+
+on_both!(
+    item_get_answers_each_state_and_refusal,
+    reserve_answers_every_contract_status,
+    admin_put_validates_and_needs_the_token,
+    stats_and_orders_csv,
+    stats_count_units_and_rows_apart,
+    plain_routes_and_unknown_routes,
+    concurrent_reservations_sell_exactly_the_stock,
+    idempotent_retry_returns_the_same_order,
+    item_changes_reach_every_instance,
+);
 
 /// Commands the gateway sends on its own, whatever the requests: the clock
 /// sync (`TIME`), the pub/sub subscription, and what the test itself sends.
@@ -48,9 +79,8 @@ fn metric(text: &str, name: &str) -> Option<f64> {
 // ---------------------------------------------------------------------------
 // Acceptance 1: every route, every status.
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn item_get_answers_each_state_and_refusal() {
-    let (_redis, _, gw) = on_redis(|b| b).await;
+async fn item_get_answers_each_state_and_refusal(backend: Backend) {
+    let (_redis, _, gw) = on_backend(backend, |b| b).await;
     let now = gw.now_ms();
     let active = unique("active");
     let upcoming = unique("upcoming");
@@ -98,9 +128,8 @@ async fn item_get_answers_each_state_and_refusal() {
     gw.get_item("a.b:c_d-1").await.assert_refused(404, "unknown_item");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn reserve_answers_every_contract_status() {
-    let (_redis, mut r, gw) = on_redis(|b| b).await;
+async fn reserve_answers_every_contract_status(backend: Backend) {
+    let (_redis, mut r, gw) = on_backend(backend, |b| b).await;
     let item = gw.new_item(10, 2).await;
     let path = format!("/api/v1/items/{item}/reserve");
 
@@ -308,9 +337,8 @@ async fn jwt_mode_takes_the_user_from_sub() {
     send(gw.post(&path)).await.assert_refused(401, "unauthenticated");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn admin_put_validates_and_needs_the_token() {
-    let (redis, mut rd, gw) = on_redis(|b| b).await;
+async fn admin_put_validates_and_needs_the_token(backend: Backend) {
+    let (redis, mut rd, gw) = on_backend(backend, |b| b).await;
     let item = unique("item");
     let now = gw.now_ms();
     let body = item_body(7, 2, now - 1000, now + HOUR_MS);
@@ -403,7 +431,7 @@ async fn admin_put_validates_and_needs_the_token() {
         std::env::var_os("SECKILL_ADMIN_TOKEN").is_none(),
         "unset SECKILL_ADMIN_TOKEN to run this test"
     );
-    let closed = Gateway::builder(&redis.url()).without("--admin-token").start().await;
+    let closed = redis.builder().without("--admin-token").start().await;
     let r = send(
         closed
             .admin(closed.put(&format!("/admin/v1/items/{other}")))
@@ -417,9 +445,8 @@ async fn admin_put_validates_and_needs_the_token() {
     assert!(rd.item(&other).await.is_empty());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn stats_and_orders_csv() {
-    let (_redis, _, gw) = on_redis(|b| b).await;
+async fn stats_and_orders_csv(backend: Backend) {
+    let (_redis, _, gw) = on_backend(backend, |b| b).await;
     let item = gw.new_item(10, 2).await;
     let o1 = gw.reserve_ok(&item, "alice").await;
     let o2 = gw.reserve_ok(&item, "bob").await;
@@ -485,9 +512,8 @@ async fn stats_and_orders_csv() {
 
 /// Stats count units (`persisted` included) and rows apart (`persisted_orders`): with qty 2,
 /// one order is two units.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn stats_count_units_and_rows_apart() {
-    let (_redis, _, gw) = on_redis(|b| b).await;
+async fn stats_count_units_and_rows_apart(backend: Backend) {
+    let (_redis, _, gw) = on_backend(backend, |b| b).await;
     let item = gw.new_item(10, 2).await;
     send(gw.reserve_req(&item, "alice").json(&json!({"qty": 2})))
         .await
@@ -512,9 +538,8 @@ async fn stats_count_units_and_rows_apart() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn plain_routes_and_unknown_routes() {
-    let (_redis, _, gw) = on_redis(|b| b).await;
+async fn plain_routes_and_unknown_routes(backend: Backend) {
+    let (_redis, _, gw) = on_backend(backend, |b| b).await;
 
     let r = send(gw.get("/healthz")).await;
     assert_eq!(r.assert_ok()["status"], json!("ok"));
@@ -573,9 +598,8 @@ async fn plain_routes_and_unknown_routes() {
 // ---------------------------------------------------------------------------
 // Acceptance 2: concurrency.
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn concurrent_reservations_sell_exactly_the_stock() {
-    let (_redis, mut rd, gw) = on_redis(|b| b).await;
+async fn concurrent_reservations_sell_exactly_the_stock(backend: Backend) {
+    let (_redis, mut rd, gw) = on_backend(backend, |b| b).await;
     let item = unique("hot");
     gw.create_item(&item, 100, 1).await;
 
@@ -640,9 +664,8 @@ async fn concurrent_reservations_sell_exactly_the_stock() {
 // ---------------------------------------------------------------------------
 // Acceptance 3: idempotent retries; no stock before starts_at.
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn idempotent_retry_returns_the_same_order() {
-    let (_redis, mut rd, gw) = on_redis(|b| b).await;
+async fn idempotent_retry_returns_the_same_order(backend: Backend) {
+    let (_redis, mut rd, gw) = on_backend(backend, |b| b).await;
     let item = gw.new_item(3, 2).await;
     let keyed = || gw.reserve_req(&item, "alice").header("idempotency-key", "checkout-1");
 
@@ -981,10 +1004,9 @@ async fn idempotent_retry_after_the_order_hash_expired() {
 
 /// An item created or replaced on one instance is seen by another: its Bloom
 /// filter learns the id, its cached metadata is dropped (pub/sub).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn item_changes_reach_every_instance() {
-    let (redis, _, a) = on_redis(|b| b).await;
-    let b = Gateway::start(&redis.url()).await;
+async fn item_changes_reach_every_instance(backend: Backend) {
+    let (redis, _, a) = on_backend(backend, |b| b).await;
+    let b = redis.builder().start().await;
     let item = unique("item");
     let now = a.now_ms();
     a.create_item(&item, 5, 1).await;

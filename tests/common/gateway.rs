@@ -15,7 +15,7 @@ use seckill_gateway::server::Running;
 
 use super::http::{ADMIN_TOKEN, Api};
 use super::inspect::Redis;
-use super::{RedisServer, unique};
+use super::{RedisCluster, RedisServer, unique};
 
 /// `seckill_circuit_open` is one gauge for the whole process while every
 /// gateway's breaker sets it (a new gateway sets it to 0). Every start takes
@@ -194,6 +194,52 @@ impl Gateway {
             let _ = tokio::time::timeout(within, r.stop()).await;
         }
     }
+}
+
+/// Where a test's gateways keep their stock: one `redis-server`, or a Redis Cluster of 3
+/// masters (the gateways then run with `--redis-mode cluster`).
+pub enum Backend {
+    Server,
+    Cluster,
+}
+
+/// A started [`Backend`]: kept as long as the test's gateways.
+pub enum RedisBackend {
+    Server(RedisServer),
+    Cluster(RedisCluster),
+}
+
+impl RedisBackend {
+    pub async fn start(kind: Backend) -> RedisBackend {
+        match kind {
+            Backend::Server => RedisBackend::Server(RedisServer::start()),
+            Backend::Cluster => RedisBackend::Cluster(RedisCluster::start(3, 0).await),
+        }
+    }
+
+    /// A gateway builder on this backend (mode and URL set).
+    pub fn builder(&self) -> Builder {
+        match self {
+            RedisBackend::Server(s) => Gateway::builder(&s.url()),
+            RedisBackend::Cluster(c) => Gateway::builder(&c.seeds()).flag("--redis-mode", "cluster"),
+        }
+    }
+
+    /// A direct look at the keys, whichever node holds them.
+    pub async fn inspect(&self) -> Redis {
+        match self {
+            RedisBackend::Server(s) => Redis::connect(s).await,
+            RedisBackend::Cluster(c) => Redis::connect_cluster(&c.seeds()),
+        }
+    }
+}
+
+/// [`on_redis`] on either backend.
+pub async fn on_backend(kind: Backend, configure: impl FnOnce(Builder) -> Builder) -> (RedisBackend, Redis, Gateway) {
+    let backend = RedisBackend::start(kind).await;
+    let rd = backend.inspect().await;
+    let gw = configure(backend.builder()).start().await;
+    (backend, rd, gw)
 }
 
 /// The set-up of most HTTP tests: a `redis-server` of the test's own, a direct
