@@ -467,15 +467,15 @@ def cmd_cpu_window(args):
          "loadgen_peak_cores": max((s["loadgen_cores"] for s in samples), default=None),
          "machine_peak_cores": max((s["machine_cores"] for s in samples), default=None),
          "samples": samples}
-    # Per process, for the roles of several processes: cores over the window.
+    # Per process, for the roles of several processes: CPU seconds in the window.
     parts = {}
     for role, p1 in (after.get("parts") or {}).items():
         p0 = (before.get("parts") or {}).get(role, {})
-        parts[role] = {label: (round((t1 - p0[label]) / tck / wall, 3)
-                               if t1 is not None and p0.get(label) is not None and wall > 0 else None)
+        parts[role] = {label: (round((t1 - p0[label]) / tck, 3)
+                               if t1 is not None and p0.get(label) is not None else None)
                        for label, t1 in p1.items()}
     if parts:
-        w["parts_cores"] = parts
+        w["parts_cpu_s"] = parts
     cs0, cs1 = before.get("commandstats"), after.get("commandstats")
     if cs0 is not None and cs1 is not None:
         d = {}
@@ -498,6 +498,10 @@ def _attach_cpu(rec, window_path, answers, reservations=None):
     rec["cpu_us_per_answer"] = {
         r: (round(w["cpu_s"][r] * 1e6 / answers, 2) if answers and w["cpu_s"].get(r) is not None else None)
         for r in ROLES}
+    if w.get("parts_cpu_s") and answers:
+        rec["cpu_us_per_answer_parts"] = {
+            role: {label: (round(v * 1e6 / answers, 2) if v is not None else None) for label, v in p.items()}
+            for role, p in w["parts_cpu_s"].items()}
     cs = w.get("commandstats") or {}
     ev = cs.get("evalsha")
     if ev and ev["calls"]:
@@ -847,12 +851,12 @@ def _print_cpu_table(order, rows, meta):
     for row in table:
         print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)))
     for n in names:
-        parts = (rows[n].get("cpu") or {}).get("parts_cores")
-        if parts:
-            print(f"{n}: cores per process over the window"
-                  + (" (the median run)" if rows[n].get("cpu_runs", 1) > 1 else "") + ": "
-                  + "; ".join(f"{role} " + ", ".join(f"{label} {v:.2f}" if v is not None else f"{label} -"
-                                                      for label, v in p.items())
+        r = rows[n]
+        parts = r.get("cpu_us_per_answer_parts")
+        if parts and r["target"] == "gateway":
+            print(f"{n}: CPU µs per answer, per process"
+                  + (" (the median run's)" if r.get("cpu_runs", 1) > 1 else "") + ": "
+                  + "; ".join(f"{role} " + ", ".join(f"{label} {_fmt_us(v)}" for label, v in p.items())
                               for role, p in parts.items()))
     for n in names:
         r = rows[n]

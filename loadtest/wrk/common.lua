@@ -18,11 +18,15 @@ local M = {}
 local threads = {}
 
 -- Called in the setup state, once per thread, before the threads start (and before their
--- init()). Hands every thread an id and a per-run nonce for unique user ids.
+-- init()). Hands every thread an id and a per-run nonce for unique user ids. WRK_ID (set by
+-- loadtest/run when several wrk run side by side, one per gateway) is part of the nonce:
+-- started in the same second, they would otherwise send the same user ids.
 function M.setup(thread)
   table.insert(threads, thread)
   thread:set("tid", #threads)
-  thread:set("run_nonce", string.format("%x", os.time() % 0xffffff))
+  local nonce = string.format("%x", os.time() % 0xffffff)
+  if os.getenv("WRK_ID") then nonce = nonce .. "w" .. os.getenv("WRK_ID") end
+  thread:set("run_nonce", nonce)
 end
 
 -- Parse `-- ITEM USERS ...` (with env fallbacks ITEM/USERS) in the thread state.
