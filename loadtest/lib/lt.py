@@ -6,12 +6,12 @@ Every number this prints comes from a tool's output or the gateway/database of t
 Standard library only.
 
   lt.py freeport
-  lt.py wrk NAME TARGET SCRIPT ITEM OUT.jsonl WRK_OUTPUT.txt [--baseline NAME] [--redis NAME]
+  lt.py wrk NAME TARGET SCRIPT ITEM OUT.jsonl WRK_OUTPUT.txt... [--baseline NAME] [--redis NAME]
               [--gateway-ok JSON] [--cpu WINDOW.json] [--threads N]
   lt.py redis-bench NAME PIPELINE OUT.jsonl CSV_OUTPUT.txt [--cpu WINDOW.json --calls N]
   lt.py k6 NAME SCENARIO ITEM OUT.jsonl SUMMARY.json K6_EXIT_CODE [--gateway-ok JSON]
               [--cpu WINDOW.json] [--max-vus N]
-  lt.py cpu-snap OUT.json [--redis-port P] ROLE=PID...   utime+stime ticks of each process tree,
+  lt.py cpu-snap OUT.json [--redis-port P,..] ROLE=PID|ROLE=LABEL:PID,..  utime+stime ticks of each process tree,
                                               the machine's, and Redis INFO commandstats
   lt.py cpu-sample PID OUT.json               per-second CPU of PID's tree and the machine
   lt.py cpu-window BEFORE.json AFTER.json OUT.json LOADGEN_TICKS LOADGEN_WALL_S [SAMPLES.json]
@@ -22,7 +22,10 @@ Standard library only.
               --slack K --sold-out-seen M --scenario .. --out checks.jsonl [--qty Q]
               --psql 'psql -h .. -p .. -U postgres -d postgres' [--paid-200 P] [--quiet-timeout S]
               [--gateway-200 N] [--gateway-paid-200 N] [--seeded-200 N]
-  lt.py metric-ok METRICS_URL                 {"reserve": n, "pay": n} 200s the gateway counted
+  lt.py check-total --items A,B.. --answered-200 N --per-item-200 N --slack K --scenario ..
+              --out checks.jsonl --psql '..' [--gateway-200 N]   checks over all items of a run
+  lt.py items K PREFIX                        K item ids spread over the 16 shards
+  lt.py metric-ok METRICS_URL...              {"reserve": n, "pay": n} 200s the gateways counted
   lt.py metric-delta BEFORE AFTER             difference of two metric-ok answers
   lt.py sum-gateway-ok OUT.jsonl NAME ROUTE   the gateway's 200s over NAME's runs ("" if unknown)
   lt.py report RUN_DIR REPORT.json            tables on stdout; exit 1 if a check or a judged
@@ -78,12 +81,10 @@ def cmd_wrk(args):
     gw_ok = _flag(args, "--gateway-ok")  # JSON {"reserve": n, "pay": n}: /metrics deltas
     cpu = _flag(args, "--cpu")            # a cpu-window file
     threads = _flag(args, "--threads")
-    name, target, script, item, out, raw = args
-    text = open(raw, encoding="utf-8", errors="replace").read()
-    m = re.search(r"^WRK_JSON (\{.*\})\s*$", text, re.M)
-    if not m:
-        sys.exit(f"lt.py: no WRK_JSON line in {raw} (did wrk run the script's done()?)")
-    j = json.loads(m.group(1))
+    name, target, script, item, out = args[:5]
+    raws = args[5:]
+    parts = [_wrk_json(raw) for raw in raws]
+    j = _wrk_sum(parts)
     lat = j["latency_us"]
     gw = json.loads(gw_ok) if gw_ok else None
     st, oc = j["statuses"], j["outcomes"]
@@ -97,11 +98,49 @@ def cmd_wrk(args):
         "p50_ms": lat["p50"] / 1000.0, "p99_ms": lat["p99"] / 1000.0,
         "p999_ms": lat["p999"] / 1000.0, "max_ms": lat["max"] / 1000.0,
         "statuses": j["statuses"], "outcomes": j["outcomes"], "errors": j["errors"],
-        "baseline_ref": baseline, "redis_ref": redis_ref, "raw": os.path.basename(raw),
+        "baseline_ref": baseline, "redis_ref": redis_ref, "raw": ",".join(os.path.basename(r) for r in raws),
         "gateway_ok": gw, "threads": int(threads) if threads else None,
     }
+    if len(parts) > 1:
+        # One wrk per gateway: what each one saw, next to the sums above.
+        rec["per_wrk"] = [{"raw": os.path.basename(r), "rps": p["rps"], "requests": p["requests"],
+                           "p50_ms": p["latency_us"]["p50"] / 1000.0,
+                           "p99_ms": p["latency_us"]["p99"] / 1000.0, "statuses": p["statuses"]}
+                          for r, p in zip(raws, parts)]
     _attach_cpu(rec, cpu, int(j["requests"]), made)
     append(out, rec)
+
+
+def _wrk_json(raw):
+    text = open(raw, encoding="utf-8", errors="replace").read()
+    m = re.search(r"^WRK_JSON (\{.*\})\s*$", text, re.M)
+    if not m:
+        sys.exit(f"lt.py: no WRK_JSON line in {raw} (did wrk run the script's done()?)")
+    return json.loads(m.group(1))
+
+
+def _wrk_sum(parts):
+    """One WRK_JSON record from several wrk processes run side by side (one per gateway):
+    counts and req/s are summed (the runs overlap in time), the duration is the longest.
+    Percentiles cannot be merged from percentiles: each is the highest of the runs', an upper
+    bound of the merged one (at that latency every run has at least that share of answers)."""
+    if len(parts) == 1:
+        return parts[0]
+
+    def add(key):
+        tot = {}
+        for p in parts:
+            for k, v in (p.get(key) or {}).items():
+                tot[k] = tot.get(k, 0) + v
+        return tot
+
+    lat = {k: max(float(p["latency_us"][k]) for p in parts)
+           for k in ("p50", "p90", "p95", "p99", "p999", "max")}
+    return {"requests": sum(p["requests"] for p in parts),
+            "duration_us": max(p["duration_us"] for p in parts),
+            "rps": sum(p["rps"] for p in parts), "bytes": sum(p.get("bytes", 0) for p in parts),
+            "latency_us": lat, "errors": add("errors"), "statuses": add("statuses"),
+            "outcomes": add("outcomes")}
 
 
 def cmd_redis_bench(args):
@@ -125,15 +164,25 @@ def cmd_redis_bench(args):
 
 def cmd_metric_ok(args):
     """Reservations made (seckill_orders_total{event="reserved"}) and pay 200s
-    (seckill_requests_total{route=pay,outcome=ok}) from /metrics, as JSON; {} when the gateway
-    does not expose them."""
-    url = args[0]
+    (seckill_requests_total{route=pay,outcome=ok}) from /metrics, as JSON, summed over every
+    METRICS_URL given (one per gateway); {} when a gateway does not expose them."""
+    tot = {}
+    for url in args:
+        counts = _metric_ok(url)
+        if counts is None:
+            print("{}")  # one gateway unreadable: the sum would be wrong, so none
+            return
+        for k, v in counts.items():
+            tot[k] = tot.get(k, 0) + v
+    print(json.dumps(tot))
+
+
+def _metric_ok(url):
     try:
         with urllib.request.urlopen(url, timeout=5) as resp:
             text = resp.read().decode("utf-8", "replace")
     except (urllib.error.URLError, OSError):
-        print("{}")
-        return
+        return None
     tot = {}
     for line in text.splitlines():
         if line.startswith("seckill_orders_total{") and 'event="reserved"' in line:
@@ -151,7 +200,7 @@ def cmd_metric_ok(args):
         # the order is made, even if its client hung up before the answer.
         if "pay" in labels.get("route", ""):
             tot["pay"] = tot.get("pay", 0) + int(float(m.group(2)))
-    print(json.dumps(tot))
+    return tot
 
 
 def cmd_metric_delta(args):
@@ -328,20 +377,42 @@ def redis_commandstats(port):
 
 
 def cmd_cpu_snap(args):
-    """cpu-snap OUT.json [--redis-port P] ROLE=PID...: one reading of every role's ticks."""
-    port = _flag(args, "--redis-port")
+    """cpu-snap OUT.json [--redis-port P[,P...]] ROLE=PID...: one reading of every role's
+    ticks. A role of several processes (two gateways, the nodes of a Redis Cluster) is
+    ROLE=LABEL:PID,LABEL:PID...: the role's ticks are their sum (None if one is gone), and
+    each process's are kept under `parts`. Commandstats are summed over the ports given."""
+    ports = _flag(args, "--redis-port")
     out, pairs = args[0], args[1:]
     kids = _children_map()
     busy, total = _machine_ticks()
     snap = {"t": time.monotonic(), "clk_tck": CLK_TCK, "cpus": os.cpu_count(),
-            "machine_busy": busy, "machine_total": total, "ticks": {}, "pids": {}}
+            "machine_busy": busy, "machine_total": total, "ticks": {}, "pids": {}, "parts": {}}
     for p in pairs:
-        role, pid = p.split("=", 1)
-        if pid:
-            snap["pids"][role] = int(pid)
-            snap["ticks"][role] = tree_ticks(pid, kids)
-    if port:
-        snap["commandstats"] = redis_commandstats(port)
+        role, procs = p.split("=", 1)
+        if not procs:
+            continue
+        if "," not in procs and ":" not in procs:
+            snap["pids"][role] = int(procs)
+            snap["ticks"][role] = tree_ticks(procs, kids)
+            continue
+        parts = {}
+        for proc in procs.split(","):
+            label, pid = proc.rsplit(":", 1) if ":" in proc else (proc, proc)
+            parts[label] = tree_ticks(pid, kids)
+        snap["parts"][role] = parts
+        snap["ticks"][role] = None if None in parts.values() else sum(parts.values())
+    if ports:
+        stats = [redis_commandstats(port) for port in ports.split(",")]
+        if None not in stats:
+            tot = {}
+            for st in stats:
+                for cmd, v in st.items():
+                    a = tot.setdefault(cmd, {"calls": 0, "usec": 0})
+                    a["calls"] += v["calls"]
+                    a["usec"] += v["usec"]
+            snap["commandstats"] = tot
+        else:
+            snap["commandstats"] = None
     json.dump(snap, open(out, "w", encoding="utf-8"))
 
 
@@ -396,6 +467,15 @@ def cmd_cpu_window(args):
          "loadgen_peak_cores": max((s["loadgen_cores"] for s in samples), default=None),
          "machine_peak_cores": max((s["machine_cores"] for s in samples), default=None),
          "samples": samples}
+    # Per process, for the roles of several processes: CPU seconds in the window.
+    parts = {}
+    for role, p1 in (after.get("parts") or {}).items():
+        p0 = (before.get("parts") or {}).get(role, {})
+        parts[role] = {label: (round((t1 - p0[label]) / tck, 3)
+                               if t1 is not None and p0.get(label) is not None else None)
+                       for label, t1 in p1.items()}
+    if parts:
+        w["parts_cpu_s"] = parts
     cs0, cs1 = before.get("commandstats"), after.get("commandstats")
     if cs0 is not None and cs1 is not None:
         d = {}
@@ -418,6 +498,10 @@ def _attach_cpu(rec, window_path, answers, reservations=None):
     rec["cpu_us_per_answer"] = {
         r: (round(w["cpu_s"][r] * 1e6 / answers, 2) if answers and w["cpu_s"].get(r) is not None else None)
         for r in ROLES}
+    if w.get("parts_cpu_s") and answers:
+        rec["cpu_us_per_answer_parts"] = {
+            role: {label: (round(v * 1e6 / answers, 2) if v is not None else None) for label, v in p.items()}
+            for role, p in w["parts_cpu_s"].items()}
     cs = w.get("commandstats") or {}
     ev = cs.get("evalsha")
     if ev and ev["calls"]:
@@ -622,6 +706,65 @@ def cmd_check(args):
         record("database readable (orders table)", False, str(e))
 
 
+def cmd_check_total(args):
+    """check-total: the checks a multi-item run can only make over all its items, because
+    the gateways count reservations (/metrics) for every item together: database rows over
+    the items against the load tool's 200s and the gateways' own count, and every 200 the
+    tool counted named one of the run's items."""
+    opts = {}
+    while args:
+        k = args.pop(0)
+        opts[k[2:]] = args.pop(0)
+    items = opts["items"].split(",")
+    answered, per_item = int(opts["answered-200"]), int(opts["per-item-200"])
+    slack, scenario, out = int(opts.get("slack", "0")), opts["scenario"], opts["out"]
+    gw_200 = opts.get("gateway-200") or None
+    label = f"{len(items)} items"
+
+    def record(check, ok, detail):
+        append(out, {"scenario": scenario, "item": label, "check": check, "ok": bool(ok),
+                     "detail": detail})
+        print(f"  [{'PASS' if ok else 'FAIL'}] {label}: {check}: {detail}", flush=True)
+
+    record("every 200 named one of the run's items (item_id of the answer)", per_item == answered,
+           f"{per_item} 200s counted per item, {answered} 200s in all")
+    try:
+        rows = psql(opts["psql"],
+                    "SELECT count(*) FROM orders WHERE item_id = ANY(string_to_array(:'p1', ',')) "
+                    "AND status IN ('reserved','paid');", opts["items"])
+        n_rows = int(rows[0][0])
+    except (RuntimeError, subprocess.TimeoutExpired, IndexError, ValueError) as e:
+        record("database readable (orders table)", False, str(e))
+        return
+    record("database rows, all items == 200 answers (nothing lost, nothing extra)",
+           answered <= n_rows <= answered + slack,
+           f"{n_rows} rows reserved/paid; {answered} 200s counted by the load tools "
+           f"(+ up to {slack} answers they may not have seen)")
+    if gw_200 is not None:
+        gap = n_rows - int(gw_200)
+        record("database rows, all items == the gateways' own count of reserve 200s (/metrics)",
+               0 <= gap <= slack,
+               f"{n_rows} rows reserved/paid; seckill_orders_total{{event=reserved}} rose by {gw_200} "
+               f"over every gateway"
+               + (f"; {gap} reservations were made for requests never answered (client gone)" if gap > 0 else "")
+               + (f"; {-gap} counted 200s have no row: LOST" if gap < 0 else ""))
+
+
+def cmd_items(args):
+    """items K PREFIX: K item ids spread over the 16 shards (shard = crc32(id) % 16, as
+    src/ids.rs): item i lands on shard (2i+1)·16 ÷ 2K, the middle of its share, so on a
+    cluster whose slots are split evenly the items are split evenly over the masters.
+    Prints `id shard` per line."""
+    k, prefix = int(args[0]), args[1]
+    import zlib
+    for i in range(k):
+        target = (2 * i + 1) * 16 // (2 * k)
+        n = 0
+        while zlib.crc32(f"{prefix}{i}-{n}".encode()) % 16 != target:
+            n += 1
+        print(f"{prefix}{i}-{n} {target}")
+
+
 # ---------------------------------------------------------------- report
 
 
@@ -707,6 +850,14 @@ def _print_cpu_table(order, rows, meta):
     print("  ".join(h.ljust(w) for h, w in zip(head, widths)))
     for row in table:
         print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)))
+    for n in names:
+        r = rows[n]
+        parts = r.get("cpu_us_per_answer_parts")
+        if parts and r["target"] == "gateway":
+            print(f"{n}: CPU µs per answer, per process"
+                  + (" (the median run's)" if r.get("cpu_runs", 1) > 1 else "") + ": "
+                  + "; ".join(f"{role} " + ", ".join(f"{label} {_fmt_us(v)}" for label, v in p.items())
+                              for role, p in parts.items()))
     for n in names:
         r = rows[n]
         if r["target"] == "gateway" and r.get("redis_us_per_reservation") is not None:
@@ -885,6 +1036,13 @@ def cmd_report(args):
         print("  ".join(h.ljust(w) for h, w in zip(head, widths)))
         for row in table:
             print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)))
+    for name in order:
+        per = rows[name].get("per_wrk")
+        if per:
+            print(f"{name}: {len(per)} wrk processes side by side, one per gateway (req/s and counts "
+                  f"summed; p50/p99 above: the highest of theirs): "
+                  + "; ".join(f"{_fmt_rps(w['rps'])} req/s p50 {_fmt_ms(w['p50_ms'])} p99 {_fmt_ms(w['p99_ms'])} ms"
+                              for w in per))
     verdicts = {n: _loadgen_verdict(rows[n]) for n in order}
     verdicts = {n: v for n, v in verdicts.items() if v}
     saturated = [n for n, v in verdicts.items() if v.get("saturated")]
@@ -962,7 +1120,7 @@ def main():
         "report": cmd_report, "meta": cmd_meta, "metric-ok": cmd_metric_ok,
         "metric-delta": cmd_metric_delta, "sum-gateway-ok": cmd_sum_gateway_ok,
         "cpu-snap": cmd_cpu_snap, "cpu-sample": cmd_cpu_sample, "cpu-window": cmd_cpu_window,
-        "wait-quiet": cmd_wait_quiet,
+        "wait-quiet": cmd_wait_quiet, "check-total": cmd_check_total, "items": cmd_items,
     }.get(cmd)
     if not fn:
         sys.exit(__doc__)

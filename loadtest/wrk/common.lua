@@ -7,7 +7,8 @@
 --             "statuses":{"200":..},"outcomes":{..}}
 -- which loadtest/run parses. Every figure in it comes from wrk's own counters.
 --
--- Script arguments (after `--`): ITEM USERS [more]. USERS = N draws user ids u1..uN at
+-- Script arguments (after `--`): ITEM USERS [more]. ITEM may be a list, `a,b,c` (reserve.lua,
+-- sold_out.lua: a multi-item sale, the items in turn). USERS = N draws user ids u1..uN at
 -- random; USERS = 0 gives every request a user never seen before (per run).
 -- Environment: QTY (default 1), the units every reservation asks for: {"qty":QTY}
 -- (loadtest/run --qty N sets it).
@@ -17,11 +18,15 @@ local M = {}
 local threads = {}
 
 -- Called in the setup state, once per thread, before the threads start (and before their
--- init()). Hands every thread an id and a per-run nonce for unique user ids.
+-- init()). Hands every thread an id and a per-run nonce for unique user ids. WRK_ID (set by
+-- loadtest/run when several wrk run side by side, one per gateway) is part of the nonce:
+-- started in the same second, they would otherwise send the same user ids.
 function M.setup(thread)
   table.insert(threads, thread)
   thread:set("tid", #threads)
-  thread:set("run_nonce", string.format("%x", os.time() % 0xffffff))
+  local nonce = string.format("%x", os.time() % 0xffffff)
+  if os.getenv("WRK_ID") then nonce = nonce .. "w" .. os.getenv("WRK_ID") end
+  thread:set("run_nonce", nonce)
 end
 
 -- Parse `-- ITEM USERS ...` (with env fallbacks ITEM/USERS) in the thread state.
@@ -152,20 +157,34 @@ end
 -- globals (setup, init, request, response, done). `default_item` when no ITEM is given;
 -- `count_outcomes`: also count each refusal's error code (so a 410 `ended` is not taken
 -- for a 410 `sold_out`).
+-- ITEM may be a comma-separated list (a multi-item sale): each request goes to the next item
+-- in turn, and each 200 is also counted as outcome `ok:<item_id>` from its body (wrk does not
+-- tell response() which request an answer belongs to), so the checks can run per item. One
+-- item: no body is read, as before.
 function M.reserve_requests(default_item, count_outcomes)
-  local users, make
+  local users, makes, next_item, per_item
   setup = M.setup
   done = M.done
   init = function(args)
-    local item
-    item, users = M.args(args, default_item)
-    make = M.template("POST", "/api/v1/items/" .. item .. "/reserve", M.reserve_body())
+    local items
+    items, users = M.args(args, default_item)
+    makes = {}
+    for item in string.gmatch(items, "[^,]+") do
+      makes[#makes + 1] = M.template("POST", "/api/v1/items/" .. item .. "/reserve", M.reserve_body())
+    end
+    next_item = 0
+    per_item = #makes > 1
   end
   request = function()
-    return make(M.user(users))
+    next_item = next_item % #makes + 1
+    return makes[next_item](M.user(users))
   end
   response = function(status, headers, body)
     M.count_status(status)
+    if per_item and status == 200 then
+      local item = body and string.match(body, '"item_id"%s*:%s*"([^"]*)"')
+      if item then M.count_outcome("ok:" .. item) end
+    end
     if count_outcomes and status ~= 200 then
       M.count_outcome(M.error_code(body) or ("http_" .. status))
     end
