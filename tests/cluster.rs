@@ -321,3 +321,36 @@ async fn without_the_replicas_it_waits_for_a_reservation_answers_503_and_stays_f
     assert_eq!(rows.len(), 1);
     assert_eq!(rows[0].user_id, "alice");
 }
+
+/// The change feed survives the death of the node it listens on: a gateway subscribes to
+/// the first node of `REDIS_URL`; that node is killed (its replica takes over); the gateway
+/// subscribes to the next node, and an item created through the other gateway afterwards
+/// reaches it (its Bloom filter would otherwise answer 404 without asking Redis).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_change_feed_moves_to_a_live_node_when_its_node_dies() {
+    let mut cluster = RedisCluster::start(3, 1).await;
+    let db = shared_pg();
+    let a = gateway(&cluster, &db).await;
+    let b = gateway(&cluster, &db).await;
+    let before = unique("before");
+    create_everywhere(&a, &b, std::slice::from_ref(&before), 10).await;
+
+    let listened = cluster.ports()[0];
+    let was_master = cluster.masters().await.contains(&listened);
+    cluster.kill(listened);
+    if was_master {
+        cluster.wait_failover(listened).await;
+    }
+    let after = unique("after");
+    poll(Duration::from_secs(20), async || {
+        (a.put_item(&after, 10, 1).await.status.is_success()).then_some(())
+    })
+    .await
+    .expect("the item is created once the cluster serves its slot");
+    poll(Duration::from_secs(20), async || {
+        (b.get_item(&after).await.status == 200).then_some(())
+    })
+    .await
+    .expect("the other gateway hears of the item through a live node");
+    assert_eq!(b.get_item(&before).await.status, 200);
+}
