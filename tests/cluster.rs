@@ -140,10 +140,24 @@ async fn two_gateways_on_a_cluster_sell_exactly_the_stock() {
         "no user over the limit in the database"
     );
 
-    // The persistence pipeline read every shard's stream from its own master.
+    // The persistence pipeline read every shard's stream from its own master, and
+    // reconcile (its SCAN sent to the primary of each shard) finds Redis and the database
+    // in agreement.
     let mut rd = Redis::connect_cluster(&cluster.seeds());
     for item in items.iter() {
         assert_eq!(rd.item_field(item, "reserved").await, 100, "{item}");
+        let report = poll(Duration::from_secs(20), async || {
+            let r = seckill_gateway::orders::reconcile::reconcile(&mut rd.conn, &store, Some(item), false)
+                .await
+                .expect("reconcile runs on a cluster");
+            (r.differences.is_empty() && r.pending_events == 0).then_some(r)
+        })
+        .await
+        .unwrap_or_else(|| panic!("reconcile of {item} is clean"));
+        assert_eq!(
+            report.orders_checked, 100,
+            "{item}: every order hash found on its primary"
+        );
     }
 }
 
