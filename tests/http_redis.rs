@@ -49,6 +49,8 @@ on_both!(
     concurrent_reservations_sell_exactly_the_stock,
     idempotent_retry_returns_the_same_order,
     item_changes_reach_every_instance,
+    unknown_item_ids_cost_no_redis_command,
+    sold_out_answers_after_the_first_cost_no_redis_command,
 );
 
 /// Commands the gateway sends on its own, whatever the requests: the clock
@@ -739,10 +741,9 @@ async fn not_started_per_redis_even_when_the_local_clock_is_ahead() {
 // ---------------------------------------------------------------------------
 // Acceptance 4: early answers cost no Redis command.
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn unknown_item_ids_cost_no_redis_command() {
+async fn unknown_item_ids_cost_no_redis_command(backend: Backend) {
     // No workers: the sweeper's and persistence worker's polling are not requests.
-    let (_redis, mut rd, gw) = on_redis(|b| b.flag("--workers", "false")).await;
+    let (_redis, mut rd, gw) = on_backend(backend, |b| b.flag("--workers", "false")).await;
     gw.create_item(&unique("real"), 5, 1).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     rd.reset_stats().await;
@@ -779,9 +780,8 @@ async fn unknown_item_ids_cost_no_redis_command() {
     assert_eq!(foreground(&calls), HashMap::new(), "every command: {calls:?}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sold_out_answers_after_the_first_cost_no_redis_command() {
-    let (_redis, mut rd, gw) = on_redis(|b| b.flag("--sold-out-ttl", "60s")).await;
+async fn sold_out_answers_after_the_first_cost_no_redis_command(backend: Backend) {
+    let (_redis, mut rd, gw) = on_backend(backend, |b| b.flag("--sold-out-ttl", "60s")).await;
     let item = gw.new_item(1, 1).await;
     // The item's own pub/sub notice must not clear the flag we are about to set.
     tokio::time::sleep(Duration::from_millis(300)).await;

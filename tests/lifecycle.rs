@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use common::gateway::{Gateway, on_redis};
+use common::gateway::{Backend, Gateway, on_backend};
 use common::http::{Reply, send, send_until};
 use common::inspect::Redis;
 use common::unique;
@@ -24,6 +24,33 @@ use serde_json::json;
 fn random_v7() -> String {
     uuid::Uuid::now_v7().hyphenated().to_string()
 }
+
+/// `on_both!(f, …)`: each `async fn f(backend: Backend)` as two tests, `f::server` (one
+/// `redis-server`) and `f::cluster` (a Redis Cluster of 3 masters).
+macro_rules! on_both {
+    ($($name:ident),* $(,)?) => {
+        $(
+            mod $name {
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn server() {
+                    super::$name(super::Backend::Server).await;
+                }
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn cluster() {
+                    super::$name(super::Backend::Cluster).await;
+                }
+            }
+        )*
+    };
+}
+
+on_both!(
+    pay_and_order_lookup,
+    cancel_returns_stock_and_quota_once,
+    payment_timeout_expires_once_on_a_manual_clock,
+    late_payments_race_the_sweeper,
+    two_gateways_share_the_sold_out_flag_and_its_clearing,
+);
 
 /// Issue 4, acceptance 4: once the pipeline is quiet, the database agrees with Redis
 /// (statuses equal), as `seckill-gateway reconcile` checks it.
@@ -45,9 +72,8 @@ async fn assert_reconcile_clean(gw: &Gateway, rd: &Redis, item: &str) {
     panic!("reconcile never came clean: {last:?}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pay_and_order_lookup() {
-    let (_redis, mut rd, gw) = on_redis(|b| b).await;
+async fn pay_and_order_lookup(backend: Backend) {
+    let (_redis, mut rd, gw) = on_backend(backend, |b| b).await;
     let item = gw.new_item(10, 2).await;
     let order = gw.reserve_ok(&item, "alice").await;
 
@@ -120,9 +146,8 @@ async fn pay_and_order_lookup() {
     assert_eq!(rd.order(&order).await["status"], "paid");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn cancel_returns_stock_and_quota_once() {
-    let (_redis, mut rd, gw) = on_redis(|b| b).await;
+async fn cancel_returns_stock_and_quota_once(backend: Backend) {
+    let (_redis, mut rd, gw) = on_backend(backend, |b| b).await;
     let item = gw.new_item(2, 1).await;
     let order = gw.reserve_ok(&item, "alice").await;
     gw.reserve(&item, "alice").await.assert_refused(409, "limit_reached");
@@ -172,10 +197,9 @@ async fn cancel_returns_stock_and_quota_once() {
     assert_reconcile_clean(&gw, &rd, &item).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn payment_timeout_expires_once_on_a_manual_clock() {
+async fn payment_timeout_expires_once_on_a_manual_clock(backend: Backend) {
     // No background sweeper: this test decides when sweeps run.
-    let (_redis, mut rd, gw) = on_redis(|b| {
+    let (_redis, mut rd, gw) = on_backend(backend, |b| {
         b.clock(Clock::manual(system_now_ms()))
             .flag("--payment-timeout", "60s")
             .flag("--workers", "false")
@@ -240,13 +264,15 @@ async fn payment_timeout_expires_once_on_a_manual_clock() {
 
 /// Acceptance 2: 1,000 reservations whose deadline passes while their pay
 /// requests arrive, with sweeps running: every order ends paid xor expired.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn late_payments_race_the_sweeper() {
+async fn late_payments_race_the_sweeper(backend: Backend) {
     const N: usize = 1000;
     // The test runs the sweeps itself (two loops, as two instances would). Its gateway
     // persists nothing, so every event stays in the stream for the checks below; a second
     // instance persists them afterwards.
-    let (redis, mut rd, gw) = on_redis(|b| b.flag("--payment-timeout", "2s").flag("--workers", "false")).await;
+    let (redis, mut rd, gw) = on_backend(backend, |b| {
+        b.flag("--payment-timeout", "2s").flag("--workers", "false")
+    })
+    .await;
     let app = gw.running().app.clone();
     let item = unique("race");
     gw.create_item(&item, N as i64, 1).await;
@@ -379,23 +405,16 @@ async fn late_payments_race_the_sweeper() {
     assert_eq!(deadlines_left, 0, "no deadline left behind");
     // Acceptance 4: an instance with the persistence worker drains the streams; then the
     // database statuses equal Redis statuses.
-    let persister = Gateway::builder(&redis.url())
-        .flag("--payment-timeout", "2s")
-        .start()
-        .await;
+    let persister = redis.builder().flag("--payment-timeout", "2s").start().await;
     assert_reconcile_clean(&persister, &rd, &item).await;
 }
 
 /// Acceptance 3: two gateways on one Redis; the sold-out flag of the second
 /// clears when a unit comes back, and the unit is bought by another user.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_gateways_share_the_sold_out_flag_and_its_clearing() {
+async fn two_gateways_share_the_sold_out_flag_and_its_clearing(backend: Backend) {
     // Long flag TTLs: only pub/sub can clear them within this test.
-    let (redis, mut rd, a) = on_redis(|b| b.flag("--sold-out-ttl", "60s")).await;
-    let b = Gateway::builder(&redis.url())
-        .flag("--sold-out-ttl", "60s")
-        .start()
-        .await;
+    let (redis, mut rd, a) = on_backend(backend, |b| b.flag("--sold-out-ttl", "60s")).await;
+    let b = redis.builder().flag("--sold-out-ttl", "60s").start().await;
     let item = a.new_item(1, 1).await;
 
     let order = a.reserve_ok(&item, "alice").await;

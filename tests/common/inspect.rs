@@ -140,14 +140,28 @@ impl Redis {
             .expect("CONFIG RESETSTAT");
     }
 
-    /// `INFO commandstats` as command name → calls (`cmdstat_evalsha` → `evalsha`).
+    /// `INFO commandstats` as command name → calls (`cmdstat_evalsha` → `evalsha`); on a
+    /// cluster, summed over every node (the reply is one text per node).
     pub async fn command_calls(&mut self) -> HashMap<String, u64> {
-        let info: String = redis::cmd("INFO")
+        let info: redis::Value = redis::cmd("INFO")
             .arg("commandstats")
             .query_async(&mut self.conn)
             .await
             .expect("INFO commandstats");
-        parse_commandstats(&info)
+        let texts: Vec<String> = match info {
+            redis::Value::Map(nodes) => nodes
+                .into_iter()
+                .map(|(_, v)| redis::from_redis_value(v).expect("one node's INFO text"))
+                .collect(),
+            one => vec![redis::from_redis_value(one).expect("INFO text")],
+        };
+        let mut calls = HashMap::new();
+        for text in texts {
+            for (name, n) in parse_commandstats(&text) {
+                *calls.entry(name).or_default() += n;
+            }
+        }
+        calls
     }
 }
 
