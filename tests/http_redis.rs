@@ -20,26 +20,7 @@ use seckill_gateway::clock::{parse_rfc3339, system_now_ms};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// `on_both!(f, …)`: each `async fn f(backend: Backend)` as two tests, `f::server` (one
-/// `redis-server`) and `f::cluster` (a Redis Cluster of 3 masters): the contract holds on both.
-macro_rules! on_both {
-    ($($name:ident),* $(,)?) => {
-        $(
-            mod $name {
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn server() {
-                    super::$name(super::Backend::Server).await;
-                }
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn cluster() {
-                    super::$name(super::Backend::Cluster).await;
-                }
-            }
-        )*
-    };
-}
-
-on_both!(
+common::on_both!(
     item_get_answers_each_state_and_refusal,
     reserve_answers_every_contract_status,
     admin_put_validates_and_needs_the_token,

@@ -25,26 +25,7 @@ fn random_v7() -> String {
     uuid::Uuid::now_v7().hyphenated().to_string()
 }
 
-/// `on_both!(f, …)`: each `async fn f(backend: Backend)` as two tests, `f::server` (one
-/// `redis-server`) and `f::cluster` (a Redis Cluster of 3 masters).
-macro_rules! on_both {
-    ($($name:ident),* $(,)?) => {
-        $(
-            mod $name {
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn server() {
-                    super::$name(super::Backend::Server).await;
-                }
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn cluster() {
-                    super::$name(super::Backend::Cluster).await;
-                }
-            }
-        )*
-    };
-}
-
-on_both!(
+common::on_both!(
     pay_and_order_lookup,
     cancel_returns_stock_and_quota_once,
     payment_timeout_expires_once_on_a_manual_clock,

@@ -214,6 +214,20 @@ impl Sale {
         inv.invoke_async(&mut self.con).await
     }
 
+    /// reserve.lua with a batch of `(user, qty, order, idem)` requests at [`NOW`]: each
+    /// request's reply, decoded.
+    async fn reserve_batch(&mut self, requests: &[(&str, &str, &str, &str)]) -> Vec<Vec<R>> {
+        let reply = self
+            .try_reserve_batch(requests, &NOW.to_string())
+            .await
+            .expect("reserve.lua");
+        let Value::Array(replies) = reply else {
+            panic!("reserve.lua answers an array of replies: {reply:?}")
+        };
+        assert_eq!(replies.len(), requests.len(), "one reply per request");
+        replies.into_iter().map(decode).collect()
+    }
+
     /// reserve.lua with a new order id and no idempotency key, at [`NOW`].
     async fn reserve(&mut self, user: &str, qty: i64) -> Vec<R> {
         let order = self.new_order_id();
@@ -760,14 +774,7 @@ async fn a_batch_decides_each_request_in_order_and_failed_checks_change_nothing(
         ("dave", "1", o(5), ""),  // ok: the last unit
         ("erin", "1", o(6), ""),  // sold_out
     ];
-    let reply = sale
-        .try_reserve_batch(&batch, &NOW.to_string())
-        .await
-        .expect("reserve.lua");
-    let Value::Array(replies) = reply else {
-        panic!("{reply:?}")
-    };
-    let replies: Vec<Vec<R>> = replies.into_iter().map(decode).collect();
+    let replies = sale.reserve_batch(&batch).await;
     let pay_before = NOW + TIMEOUT_MS;
     assert_eq!(
         replies,
@@ -838,14 +845,7 @@ async fn a_batch_counts_units_a_buyer_holds_from_before_and_within_it() {
         ("alice", "2", o(1), ""), // limit_reached: 2 + 2 > 3
         ("alice", "1", o(2), ""), // ok: alice holds 3 of 3
     ];
-    let Value::Array(replies) = sale
-        .try_reserve_batch(&batch, &NOW.to_string())
-        .await
-        .expect("reserve.lua")
-    else {
-        panic!("an array")
-    };
-    let replies: Vec<Vec<R>> = replies.into_iter().map(decode).collect();
+    let replies = sale.reserve_batch(&batch).await;
     let pay_before = NOW + TIMEOUT_MS;
     assert_eq!(
         replies,

@@ -11,12 +11,35 @@
 //! | [`inspect`] | Redis read directly: [`inspect::Redis`] |
 //! | [`engines`] | every stock engine tests and benches build: [`engines::redis_engine`], [`engines::embedded_engine`] |
 //! | [`poll`] | the one poller: [`poll::poll`] |
+//! | [`on_both!`] | a test run on one `redis-server` and on a Redis Cluster |
 //!
 //! A test includes it with `mod common;`, a bench with
 //! `#[path = "../tests/common/mod.rs"] mod common;`.
 
 // Each test binary includes this module and uses only part of it.
 #![allow(dead_code, unused_imports)]
+
+/// `common::on_both!(f, …)`: each `async fn f(backend: Backend)` of the calling test file
+/// as two tests, `f::server` (one `redis-server`) and `f::cluster` (a Redis Cluster of 3
+/// masters): the same assertions hold on both.
+#[macro_export]
+macro_rules! on_both {
+    ($($name:ident),* $(,)?) => {
+        $(
+            mod $name {
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn server() {
+                    super::$name($crate::common::gateway::Backend::Server).await;
+                }
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn cluster() {
+                    super::$name($crate::common::gateway::Backend::Cluster).await;
+                }
+            }
+        )*
+    };
+}
+pub use on_both;
 
 pub mod binary;
 pub mod cluster;
