@@ -53,11 +53,6 @@ impl Target {
         self.mode == RedisMode::Cluster
     }
 
-    /// The URL list as given (for logs).
-    pub fn describe(&self) -> String {
-        self.urls.join(",")
-    }
-
     fn cluster_client(&self, response_timeout: Duration) -> Result<ClusterClient, Error> {
         ClusterClient::builder(self.urls.iter().map(String::as_str))
             .connection_timeout(self.timeout)

@@ -140,6 +140,8 @@ impl ReserveCaller {
     /// A sent-again call answers an order the lost call made as a duplicate of its own
     /// order id: it is this request's reservation, answered as made (and counted as made).
     async fn made_by_a_lost_call(&self, cmds: &[ReserveCmd], replies: &mut [ReserveReply]) {
+        // The stock left, read once per item of the batch.
+        let mut stock_of: HashMap<&str, Option<i64>> = HashMap::new();
         for (cmd, reply) in cmds.iter().zip(replies.iter_mut()) {
             let ReserveReply::Duplicate {
                 order_id,
@@ -153,18 +155,26 @@ impl ReserveCaller {
             if *order_id != cmd.order_id {
                 continue;
             }
-            let stock: Result<Option<i64>, Error> = self
-                .guards
-                .of_item(&cmd.item_id)
-                .call(
-                    redis::cmd("HGET")
-                        .arg(keys::item(&cmd.item_id))
-                        .arg("stock")
-                        .query_async(&mut self.conn.clone()),
-                )
-                .await;
+            let stock = match stock_of.get(cmd.item_id.as_str()) {
+                Some(known) => *known,
+                None => {
+                    let read: Result<Option<i64>, Error> = self
+                        .guards
+                        .of_item(&cmd.item_id)
+                        .call(
+                            redis::cmd("HGET")
+                                .arg(keys::item(&cmd.item_id))
+                                .arg("stock")
+                                .query_async(&mut self.conn.clone()),
+                        )
+                        .await;
+                    let stock = read.ok().flatten();
+                    stock_of.insert(&cmd.item_id, stock);
+                    stock
+                }
+            };
             // Without the stock left, the reply stays a duplicate: still a 200 with the order.
-            if let Ok(Some(stock_after)) = stock {
+            if let Some(stock_after) = stock {
                 tracing::info!(order = %order_id, "a reservation made by a lost call, answered as made");
                 *reply = ReserveReply::Reserved {
                     order_id: std::mem::take(order_id),
@@ -386,11 +396,6 @@ impl RedisEngine {
     /// Whether a circuit is open: standalone, the one; on a cluster, any shard's.
     pub fn circuit_open(&self) -> bool {
         self.guards.other.circuit_open() || self.guards.shards.iter().any(|g| g.circuit_open())
-    }
-
-    /// Whether the circuit of an item's shard is open.
-    pub fn circuit_open_for(&self, item_id: &str) -> bool {
-        self.guards.of_item(item_id).circuit_open()
     }
 
     /// A clone of the shared connection, for the worker's non-blocking commands.
