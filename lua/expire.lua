@@ -9,14 +9,17 @@
 --  3. [hash]   sk:T:buyers:<item>
 --  4. [zset]   sk:T:deadlines
 --  5. [stream] sk:T:events
+--  6. [hash]   sk:T:seq        the shard's write sequence (lua/lib/seq.lua)
 --
 -- ``ARGV``:
 --  1. [string] order_id
 --  2. [string] item_id (from the deadline member "<order_id>|<item_id>")
 --  3. [int]    closed_ttl_s (TTL given to the order hash once final)
 --  4. [int]    now_ms, "" = use Redis TIME
+--  5. [string] floor "E:S", "" = none (lua/lib/seq.lua)
 --
--- Replies:
+-- An error reply `FENCED <why>` when the shard is fenced or behind the floor
+-- (lua/lib/seq.lua): nothing changed. Else replies:
 --  * {"expired", stock_after}    expired now: stock += qty, reserved -= qty,
 --                                expired += qty, buyers[user] -= qty (deleted
 --                                at 0), deadline removed, `expired` event,
@@ -28,14 +31,16 @@
 --  * {"unknown_order"}           no such order: only the deadline member is
 --                                removed
 --
--- Runs after the prelude lua/lib/order.lua (joined by src/engine/scripts.rs),
--- which defines int(), order_call(), the order loading and checks, and the
--- writes that close an order and give its stock back.
+-- Runs after the preludes lua/lib/seq.lua and lua/lib/order.lua (joined by
+-- src/engine/scripts.rs), which define the sequence check, int(), order_call(),
+-- the order loading and checks, and the writes that close an order and give
+-- its stock back.
 
-assert(#KEYS == 5, "expire.lua: expected 5 KEYS, got " .. #KEYS)
-assert(#ARGV == 4, "expire.lua: expected 4 ARGV, got " .. #ARGV)
+assert(#KEYS == 6, "expire.lua: expected 6 KEYS, got " .. #KEYS)
+assert(#ARGV == 5, "expire.lua: expected 5 ARGV, got " .. #ARGV)
 
-local c = order_call("expire.lua", ARGV[1], ARGV[2], ARGV[3], ARGV[4])
+local c, fenced = order_call("expire.lua", ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5])
+if fenced then return fenced end
 
 -- Checks.
 local o = load_order()

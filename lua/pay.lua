@@ -8,6 +8,7 @@
 --  3. [hash]   sk:T:buyers:<item>
 --  4. [zset]   sk:T:deadlines
 --  5. [stream] sk:T:events
+--  6. [hash]   sk:T:seq        the shard's write sequence (lua/lib/seq.lua)
 --
 -- ``ARGV``:
 --  1. [string] order_id
@@ -15,8 +16,10 @@
 --  3. [string] item_id (must be the order's item: KEYS 2-3 are built from it)
 --  4. [int]    closed_ttl_s (TTL given to the order hash once final)
 --  5. [int]    now_ms, "" = use Redis TIME
+--  6. [string] floor "E:S", "" = none (lua/lib/seq.lua)
 --
--- Replies (`unknown_order`, `forbidden`, `already` and `closed` without the
+-- An error reply `FENCED <why>` when the shard is fenced or behind the floor
+-- (lua/lib/seq.lua): nothing changed. Else replies (`unknown_order`, `forbidden`, `already` and `closed` without the
 -- expiry below change nothing):
 --  * {"unknown_order"}
 --  * {"forbidden"}                  the order belongs to another user
@@ -29,14 +32,16 @@
 --                                   event, order TTL set) and answers
 --                                   {"closed", "expired"}
 --
--- Runs after the prelude lua/lib/order.lua (joined by src/engine/scripts.rs),
--- which defines int(), order_call(), the order loading and checks, and the
--- writes that close an order and give its stock back.
+-- Runs after the preludes lua/lib/seq.lua and lua/lib/order.lua (joined by
+-- src/engine/scripts.rs), which define the sequence check, int(), order_call(),
+-- the order loading and checks, and the writes that close an order and give
+-- its stock back.
 
-assert(#KEYS == 5, "pay.lua: expected 5 KEYS, got " .. #KEYS)
-assert(#ARGV == 5, "pay.lua: expected 5 ARGV, got " .. #ARGV)
+assert(#KEYS == 6, "pay.lua: expected 6 KEYS, got " .. #KEYS)
+assert(#ARGV == 6, "pay.lua: expected 6 ARGV, got " .. #ARGV)
 
-local c = order_call("pay.lua", ARGV[1], ARGV[3], ARGV[4], ARGV[5])
+local c, fenced = order_call("pay.lua", ARGV[1], ARGV[3], ARGV[4], ARGV[5], ARGV[6])
+if fenced then return fenced end
 
 -- Checks (ARGV[2] is the caller), and the expiry of an order past its deadline.
 local o, refused = open_order_of(c, ARGV[2], "paid")

@@ -8,9 +8,10 @@
 -- queued up for a shard while its previous call was in flight (no timer), so
 -- N is 1 at low load and grows with the load.
 --
--- ``KEYS``: 2 shared, then 4 per request (request i at 2 + 4(i-1) + 1..4):
+-- ``KEYS``: 3 shared, then 4 per request (request i at 3 + 4(i-1) + 1..4):
 --  1. [zset]   sk:T:deadlines            "<order_id>|<item_id>" scored by pay_before_ms
 --  2. [stream] sk:T:events               order events
+--  3. [hash]   sk:T:seq                  the shard's write sequence (lua/lib/seq.lua)
 --  then per request:
 --  +1 [hash]   sk:T:item:<item>          the item (stock and counters)
 --  +2 [hash]   sk:T:buyers:<item>        user id -> units held (reserved + paid)
@@ -18,10 +19,11 @@
 --  +4 [string] sk:T:idem:<item>:<user>:<key>  idempotency key; not touched when
 --              the request's idem_key is ""
 --
--- ``ARGV``: 3 shared, then 5 per request (request i at 3 + 5(i-1) + 1..5):
+-- ``ARGV``: 4 shared, then 5 per request (request i at 4 + 5(i-1) + 1..5):
 --  1. [int]    payment_timeout_ms
 --  2. [int]    idem_ttl_s
 --  3. [int]    now_ms, "" = use Redis TIME
+--  4. [string] floor "E:S", "" = none (lua/lib/seq.lua)
 --  then per request:
 --  +1 [string] item_id
 --  +2 [string] user_id
@@ -29,8 +31,9 @@
 --  +4 [string] order_id (its KEYS +3 ends with it)
 --  +5 [string] idem_key, "" = none
 --
--- Replies: an array of N replies, one per request in order. Checks, in this
--- order; a failed check changes nothing:
+-- An error reply `FENCED <why>` when the shard is fenced or behind the floor
+-- (lua/lib/seq.lua): nothing was decided. Else an array of N replies, one per
+-- request in order. Checks, in this order; a failed check changes nothing:
 --  * {"duplicate", order_id, qty, status, created_ms, pay_before_ms}
 --      the idempotency key (or, for a retried call, the order key itself)
 --      already names an order of this user and item: that order, nothing
@@ -51,7 +54,11 @@
 -- Writes per request: the buyer (one HSETNX for a first purchase), the order
 -- hash, the idempotency key. Writes per batch, at its end: each item's stock and
 -- reserved (one HSET per item), the deadlines (one ZADD), the events (one stream
--- entry whose field `o` holds the packed events, one per line).
+-- entry whose field `o` holds the packed events, one per line, and whose field
+-- `q` is the call's sequence "E:S").
+--
+-- Runs after the prelude lua/lib/seq.lua (joined by src/engine/scripts.rs),
+-- which defines check_seq() and next_seq().
 
 -- Numbers handed to redis.call are written as strings: a Lua number would be converted
 -- with the C library's float formatting, which costs microseconds for a 13-digit
@@ -60,9 +67,9 @@ local function int(n)
   return string.format("%d", n)
 end
 
-local n = (#KEYS - 2) / 4
-if n < 1 or n ~= math.floor(n) then error("reserve.lua: expected 2 + 4N KEYS, got " .. #KEYS) end
-if #ARGV ~= 3 + 5 * n then error("reserve.lua: expected 3 + 5N ARGV for N = " .. n .. ", got " .. #ARGV) end
+local n = (#KEYS - 3) / 4
+if n < 1 or n ~= math.floor(n) then error("reserve.lua: expected 3 + 4N KEYS, got " .. #KEYS) end
+if #ARGV ~= 4 + 5 * n then error("reserve.lua: expected 4 + 5N ARGV for N = " .. n .. ", got " .. #ARGV) end
 
 local timeout_ms = assert(tonumber(ARGV[1]), "reserve.lua: payment_timeout_ms is not a number")
 local idem_ttl_s = assert(tonumber(ARGV[2]), "reserve.lua: idem_ttl_s is not a number")
@@ -76,6 +83,11 @@ else
 end
 local now_s, pay_before = int(now), now + timeout_ms
 local pay_before_s = int(pay_before)
+
+local epoch, fenced = check_seq(KEYS[3], ARGV[4])
+if fenced then
+  return fenced
+end
 
 -- The order named `id` as a duplicate reply of a request for `user_id` and
 -- `item_id`; its hash key is `order_key` with its last `#order_id` characters
@@ -122,7 +134,7 @@ local function flush()
   end
   if #events > 0 then
     -- One entry for the batch: its field `o` holds the packed events, one per line.
-    redis.call("XADD", KEYS[2], "*", "o", table.concat(events, "\n"))
+    redis.call("XADD", KEYS[2], "*", "o", table.concat(events, "\n"), "q", next_seq(KEYS[3], epoch))
   end
 end
 
@@ -205,7 +217,7 @@ end
 local replies = {}
 local ok, err = pcall(function()
   for i = 1, n do
-    replies[i] = reserve(2 + 4 * (i - 1), 3 + 5 * (i - 1))
+    replies[i] = reserve(3 + 4 * (i - 1), 4 + 5 * (i - 1))
   end
 end)
 flush()

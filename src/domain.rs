@@ -66,6 +66,11 @@ impl OrderStatus {
         })
     }
 
+    /// Reserved or paid: the order holds its units (and its buyer's quota).
+    pub fn is_live(self) -> bool {
+        matches!(self, OrderStatus::Reserved | OrderStatus::Paid)
+    }
+
     /// Final statuses never change again (invariant 4).
     pub fn is_final(self) -> bool {
         self != OrderStatus::Reserved

@@ -148,6 +148,10 @@ pub enum Error {
     /// replicas confirmed it in time (a failover now could lose it).
     #[error("redis replicas behind: {acked} of {wanted} confirmed the write")]
     NotReplicated { acked: i64, wanted: u32 },
+    /// A script refused to touch a shard whose Redis is behind the database (it lost writes)
+    /// or is being rebuilt ([`crate::engine::seq`]): `FENCED <why>`.
+    #[error("redis shard fenced: {0}")]
+    Fenced(String),
     #[error("store: {0}")]
     Store(String),
     #[error("internal: {0}")]
@@ -163,7 +167,8 @@ impl Error {
             | Error::ScriptReply(_)
             | Error::CircuitOpen
             | Error::Shed
-            | Error::NotReplicated { .. } => Side::Redis,
+            | Error::NotReplicated { .. }
+            | Error::Fenced(_) => Side::Redis,
             Error::Store(_) => Side::Store,
             Error::Internal(_) => Side::Internal,
         }
@@ -180,6 +185,7 @@ impl Error {
             Error::CircuitOpen => Some("circuit_open"),
             Error::Shed => Some("shed"),
             Error::NotReplicated { .. } => Some("not_replicated"),
+            Error::Fenced(_) => Some("fenced"),
             _ => None,
         }
     }
@@ -206,6 +212,10 @@ impl Error {
             Error::Store(_) => Reject::Unavailable {
                 retry_after_s: 1,
                 reason: "order store unreachable",
+            },
+            Error::Fenced(_) => Reject::Unavailable {
+                retry_after_s: 2,
+                reason: "stock being rebuilt: Redis lost writes",
             },
             Error::RedisRefused { code, .. } if Self::is_transient(code) => Reject::Unavailable {
                 retry_after_s: 1,
@@ -251,6 +261,8 @@ impl From<redis::RedisError> for Error {
             || e.is_unrecoverable_error()
         {
             Error::RedisConnection(e.to_string())
+        } else if e.code() == Some("FENCED") {
+            Error::Fenced(e.detail().unwrap_or_default().to_owned())
         } else {
             Error::RedisRefused {
                 code: e.code().unwrap_or("ERR").to_owned(),

@@ -44,6 +44,10 @@ pub const STOCK_TOTAL: &str = "seckill_stock_configured";
 pub const CIRCUIT_OPEN: &str = "seckill_circuit_open";
 /// 1 while the order store answers.
 pub const STORE_UP: &str = "seckill_store_up";
+/// 1 while a Redis shard is fenced: behind the database, refusing until rebuilt (label shard).
+pub const REDIS_FENCED: &str = "seckill_redis_fenced";
+/// Redis shards rebuilt from the database after Redis lost writes.
+pub const REDIS_REPAIRS: &str = "seckill_redis_repairs_total";
 
 const LATENCY_BUCKETS: &[f64] = &[
     0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
@@ -90,6 +94,7 @@ pub fn install() -> PrometheusHandle {
 /// Series that alerts and `rate()` need to exist before their first event.
 fn register_zeroes() {
     ::metrics::counter!(DEAD_LETTERS).absolute(0);
+    ::metrics::counter!(REDIS_REPAIRS).absolute(0);
     for kind in REDIS_ERROR_KINDS {
         ::metrics::counter!(REDIS_ERRORS, "kind" => *kind).absolute(0);
     }
@@ -126,6 +131,14 @@ fn describe() {
         "1 while the Redis circuit breaker is open (cluster mode: one per shard, label shard; unlabelled: calls of no shard)."
     );
     describe_gauge!(STORE_UP, "1 while the order store answers.");
+    describe_gauge!(
+        REDIS_FENCED,
+        "1 while a Redis shard is behind the database (it lost writes) and refuses until rebuilt, by shard."
+    );
+    describe_counter!(
+        REDIS_REPAIRS,
+        "Redis shards rebuilt from the database after Redis lost writes."
+    );
 }
 
 /// Route templates (the `route` label) and outcomes (`ok` or an error code): bounded sets.
@@ -173,6 +186,7 @@ const REDIS_ERROR_KINDS: &[&str] = &[
     "circuit_open",
     "shed",
     "not_replicated",
+    "fenced",
 ];
 
 /// Handles of the hot-path series, registered once. `counter!` with labels builds a key

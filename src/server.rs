@@ -11,7 +11,7 @@ use crate::app::App;
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::domain::ItemSpec;
-use crate::orders::{sweeper, worker};
+use crate::orders::{repair, sweeper, worker};
 
 pub struct Running {
     pub app: Arc<App>,
@@ -64,10 +64,19 @@ pub async fn start(config: Config, clock: Clock, serve_http: bool) -> anyhow::Re
     })
 }
 
-/// Start the sweeper (both engines) and, with Redis, the persistence workers; unless
-/// `SECKILL_WORKERS=false`.
+/// With Redis, the repair task ([`repair`]); and unless `SECKILL_WORKERS=false`, the
+/// sweeper (both engines) and, with Redis, the persistence workers.
 fn spawn_workers(app: &Arc<App>, shutdown: watch::Receiver<bool>) -> Vec<tokio::task::JoinHandle<()>> {
     let mut tasks = Vec::new();
+    // Every instance with Redis watches for a Redis that lost writes (it must stop selling
+    // from it), with or without workers.
+    if let Some(redis) = app.engine.redis() {
+        let settings = repair::RepairSettings {
+            closed_order_ttl: app.config.closed_order_ttl,
+            idempotency_ttl: app.config.idempotency_ttl,
+        };
+        tasks.push(repair::spawn(redis, app.store.clone(), settings, shutdown.clone()));
+    }
     if app.config.workers {
         tasks.push(tokio::spawn(sweeper::run(
             app.engine.clone(),

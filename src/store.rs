@@ -24,6 +24,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePo
 use sqlx::{QueryBuilder, Row};
 
 use crate::domain::{ItemSpec, Order, OrderEvent, OrderStatus};
+use crate::engine::seq::Mark;
 use crate::error::Error;
 use crate::metrics;
 
@@ -233,6 +234,12 @@ impl Store {
 
     /// Apply a batch of events in one transaction. Returns the rows inserted or moved forward.
     pub async fn apply(&self, events: &[OrderEvent]) -> Result<u64, Error> {
+        self.apply_marked(events, &[]).await
+    }
+
+    /// [`Self::apply`], and in the same transaction raise the shards' write marks to
+    /// `marks` (the highest mark among the events' stream entries, per shard).
+    pub async fn apply_marked(&self, events: &[OrderEvent], marks: &[(u32, Mark)]) -> Result<u64, Error> {
         let events = dedupe(events);
         if events.is_empty() {
             return Ok(0);
@@ -271,6 +278,18 @@ impl Store {
                          WHERE orders.status = 'reserved' AND excluded.status <> 'reserved'",
                     );
                     affected += q.build().execute(&mut *tx).await?.rows_affected();
+                }
+                for (shard, mark) in marks {
+                    sqlx::query(
+                        "INSERT INTO redis_marks (shard, epoch, seq) VALUES ($1, $2, $3) \
+                         ON CONFLICT (shard) DO UPDATE SET epoch = excluded.epoch, seq = excluded.seq \
+                         WHERE (excluded.epoch, excluded.seq) > (redis_marks.epoch, redis_marks.seq)",
+                    )
+                    .bind(i64::from(*shard))
+                    .bind(mark.epoch as i64)
+                    .bind(mark.seq as i64)
+                    .execute(&mut *tx)
+                    .await?;
                 }
                 tx.commit().await?;
                 Ok(affected)
@@ -367,6 +386,23 @@ impl Store {
     pub async fn ping(&self) -> Result<(), Error> {
         with_pool!(self, pool => {
             self.bounded(sqlx::query("SELECT 1").execute(pool)).await.map(|_| ())
+        })
+    }
+
+    /// The write mark of every shard that has one ([`Self::apply_marked`]).
+    pub async fn marks(&self) -> Result<Vec<(u32, Mark)>, Error> {
+        with_pool!(self, pool => {
+            let rows = self
+                .bounded(sqlx::query("SELECT shard, epoch, seq FROM redis_marks").fetch_all(pool))
+                .await?;
+            rows.iter()
+                .map(|r| {
+                    let shard: i64 = r.try_get("shard")?;
+                    let (epoch, seq): (i64, i64) = (r.try_get("epoch")?, r.try_get("seq")?);
+                    Ok((shard as u32, Mark { epoch: epoch as u64, seq: seq as u64 }))
+                })
+                .collect::<Result<_, sqlx::Error>>()
+                .map_err(Error::from)
         })
     }
 

@@ -40,7 +40,7 @@ async fn assert_reconcile_clean(gw: &Gateway, rd: &Redis, item: &str) {
     let store = gw.running().app.store.clone();
     let mut last = None;
     for _ in 0..100 {
-        let report = seckill_gateway::orders::reconcile::reconcile(&mut conn, &store, Some(item), false)
+        let report = seckill_gateway::orders::reconcile::reconcile(&mut conn, &store, Some(item), None)
             .await
             .unwrap();
         if report.differences.is_empty() && report.pending_events == 0 {

@@ -98,6 +98,8 @@ struct Sale {
     tag: String,
     shard: u32,
     orders: u32,
+    /// The floor the scripts get ("E:S", "" = none: `lua/lib/seq.lua`).
+    floor: String,
     _server: RedisServer,
 }
 
@@ -118,6 +120,7 @@ impl Sale {
             item,
             shard,
             orders: 0,
+            floor: String::new(),
             _server: server,
         }
     }
@@ -146,6 +149,9 @@ impl Sale {
     }
     fn events_key(&self) -> String {
         format!("sk:{}:events", self.tag)
+    }
+    fn seq_key(&self) -> String {
+        format!("sk:{}:seq", self.tag)
     }
     fn member(&self, order: &str) -> String {
         format!("{order}|{}", self.item)
@@ -197,9 +203,11 @@ impl Sale {
         let mut inv = RESERVE.prepare_invoke();
         inv.key(self.deadlines_key())
             .key(self.events_key())
+            .key(self.seq_key())
             .arg(TIMEOUT_MS)
             .arg(IDEM_TTL_S)
-            .arg(now);
+            .arg(now)
+            .arg(&self.floor);
         for (user, qty, order, idem) in requests {
             inv.key(self.item_key())
                 .key(self.buyers_key())
@@ -258,11 +266,13 @@ impl Sale {
             .key(self.buyers_key())
             .key(self.deadlines_key())
             .key(self.events_key())
+            .key(self.seq_key())
             .arg(order)
             .arg(user)
             .arg(&self.item)
             .arg(CLOSED_TTL_S)
             .arg(now)
+            .arg(&self.floor)
             .invoke_async(&mut self.con)
             .await;
         decode(res.expect("pay.lua / cancel.lua"))
@@ -283,10 +293,12 @@ impl Sale {
             .key(self.buyers_key())
             .key(self.deadlines_key())
             .key(self.events_key())
+            .key(self.seq_key())
             .arg(order)
             .arg(&self.item)
             .arg(CLOSED_TTL_S)
             .arg(now)
+            .arg(&self.floor)
             .invoke_async(&mut self.con)
             .await;
         decode(res.expect("expire.lua"))
@@ -329,15 +341,32 @@ impl Sale {
         self.cmd::<Option<i64>>(&["HGET", &key, user]).await
     }
 
-    /// The stream's events, each decoded (the scripts write one packed field) and shown as
-    /// its named fields.
+    /// The write mark of each stream entry (field `q`, `lua/lib/seq.lua`).
+    async fn marks(&mut self) -> Vec<String> {
+        let key = self.events_key();
+        let entries: Vec<(String, HashMap<String, String>)> = self.cmd(&["XRANGE", &key, "-", "+"]).await;
+        entries
+            .into_iter()
+            .map(|(id, fields)| {
+                fields
+                    .get("q")
+                    .cloned()
+                    .unwrap_or_else(|| panic!("entry {id} has no mark"))
+            })
+            .collect()
+    }
+
+    /// The stream's events, each decoded (the scripts write one packed field and the
+    /// entry's mark) and shown as its named fields.
     async fn events(&mut self) -> Vec<HashMap<String, String>> {
         let key = self.events_key();
         let entries: Vec<(String, HashMap<String, String>)> = self.cmd(&["XRANGE", &key, "-", "+"]).await;
         entries
             .into_iter()
             .flat_map(|(id, fields)| {
-                assert_eq!(fields.len(), 1, "one packed field per entry: {fields:?}");
+                let mut names: Vec<&str> = fields.keys().map(String::as_str).collect();
+                names.sort_unstable();
+                assert_eq!(names, ["o", "q"], "one packed field and the mark per entry: {fields:?}");
                 let evs = OrderEvent::from_fields(&fields).unwrap_or_else(|e| panic!("event {id}: {e}"));
                 evs.into_iter().map(|ev| {
                     ev.named_fields()
@@ -726,6 +755,7 @@ async fn concurrent_reserves_sell_exactly_the_stock() {
         let keys = [
             sale.deadlines_key(),
             sale.events_key(),
+            sale.seq_key(),
             sale.item_key(),
             sale.buyers_key(),
             sale.order_key(&order),
@@ -735,7 +765,7 @@ async fn concurrent_reserves_sell_exactly_the_stock() {
         calls.push(tokio::spawn(async move {
             let mut inv = RESERVE.prepare_invoke();
             inv.key(&keys[..]);
-            inv.arg(TIMEOUT_MS).arg(IDEM_TTL_S).arg(NOW);
+            inv.arg(TIMEOUT_MS).arg(IDEM_TTL_S).arg(NOW).arg("");
             inv.arg(&item).arg(format!("u{n}")).arg(1).arg(&order).arg("");
             let Value::Array(mut replies) = inv.invoke_async(&mut con).await.expect("reserve.lua") else {
                 panic!("an array of replies")
@@ -1151,6 +1181,97 @@ async fn expire_unknown_order_removes_the_deadline_member_only() {
 }
 
 // ---------------------------------------------------------------------------
+// The shard's write sequence (lua/lib/seq.lua)
+
+#[tokio::test]
+async fn every_call_that_writes_events_takes_one_sequence_number() {
+    let mut sale = Sale::with_item(5, 1).await;
+    let a = sale.new_order_id();
+    let b = sale.new_order_id();
+    let c = sale.new_order_id();
+    // A batch of three, one refused (bob's second): one entry, one number.
+    let replies = sale
+        .reserve_batch(&[("alice", "1", &a, ""), ("bob", "1", &b, ""), ("bob", "1", &c, "")])
+        .await;
+    assert_eq!(replies[2][0], R::from("limit_reached"), "{replies:?}");
+    assert_eq!(sale.pay(&a, "alice", NOW).await[0], R::from("ok"));
+    // Refusals write no event and take no number.
+    assert_eq!(sale.pay(&a, "alice", NOW).await, reply!["already", "paid"]);
+    assert_eq!(sale.cancel(&b, "bob", NOW).await[0], R::from("ok"));
+    assert_eq!(sale.marks().await, ["0:1", "0:2", "0:3"]);
+    let key = sale.seq_key();
+    let s: String = sale.cmd(&["HGET", &key, "s"]).await;
+    assert_eq!(s, "3");
+}
+
+#[tokio::test]
+async fn a_shard_behind_the_floor_refuses_and_stays_fenced_for_every_caller() {
+    let mut sale = Sale::with_item(5, 3).await;
+    let order = sale.reserved("alice", 1).await;
+    // The database holds writes up to 0:4; this Redis is at 0:1: it lost three.
+    sale.floor = "0:4".into();
+    let before = sale.snapshot().await;
+    let id = sale.new_order_id();
+    let err = sale.try_reserve("bob", "1", &id, "", &NOW.to_string()).await;
+    let err = err.expect_err("a shard behind its floor refuses");
+    assert_eq!(err.code(), Some("FENCED"), "{err}");
+    assert!(err.to_string().contains("behind 0:4"), "{err}");
+    // Nothing changed but the fence.
+    let key = sale.seq_key();
+    let fence: Option<String> = sale.cmd(&["HGET", &key, "fence"]).await;
+    assert!(fence.is_some_and(|f| f.contains("behind 0:4")));
+    let _: i64 = sale.cmd(&["HDEL", &key, "fence"]).await;
+    assert_eq!(sale.snapshot().await, before);
+    let _: i64 = sale.cmd(&["HSET", &key, "fence", "being rebuilt"]).await;
+    // A caller that knows no floor is refused all the same while the fence stands, by
+    // every script that writes.
+    sale.floor = String::new();
+    let id = sale.new_order_id();
+    let err = sale.try_reserve("bob", "1", &id, "", &NOW.to_string()).await;
+    assert_eq!(err.expect_err("fenced").code(), Some("FENCED"));
+    for script in [&*PAY, &*CANCEL] {
+        let res: redis::RedisResult<Value> = script
+            .key(sale.order_key(&order))
+            .key(sale.item_key())
+            .key(sale.buyers_key())
+            .key(sale.deadlines_key())
+            .key(sale.events_key())
+            .key(sale.seq_key())
+            .arg(&order)
+            .arg("alice")
+            .arg(&sale.item)
+            .arg(CLOSED_TTL_S)
+            .arg(NOW)
+            .arg("")
+            .invoke_async(&mut sale.con)
+            .await;
+        assert_eq!(res.expect_err("fenced").code(), Some("FENCED"));
+    }
+    let res: redis::RedisResult<Value> = EXPIRE
+        .key(sale.order_key(&order))
+        .key(sale.item_key())
+        .key(sale.buyers_key())
+        .key(sale.deadlines_key())
+        .key(sale.events_key())
+        .key(sale.seq_key())
+        .arg(&order)
+        .arg(&sale.item)
+        .arg(CLOSED_TTL_S)
+        .arg(NOW + TIMEOUT_MS)
+        .arg("")
+        .invoke_async(&mut sale.con)
+        .await;
+    assert_eq!(res.expect_err("fenced").code(), Some("FENCED"));
+    // The repair raises the epoch and lifts the fence: the old floor is below the new
+    // epoch, and selling resumes.
+    let _: i64 = sale.cmd(&["HSET", &key, "e", "1", "s", "0"]).await;
+    let _: i64 = sale.cmd(&["HDEL", &key, "fence"]).await;
+    sale.floor = "0:4".into();
+    sale.reserved("bob", 1).await;
+    assert_eq!(sale.marks().await.pop().as_deref(), Some("1:1"));
+}
+
+// ---------------------------------------------------------------------------
 // All scripts
 
 #[tokio::test]
@@ -1160,10 +1281,10 @@ async fn wrong_argument_counts_are_errors_and_change_nothing() {
     let before = sale.snapshot().await;
     let item_key = sale.item_key();
     let calls: [(&Script, usize, usize); 5] = [
-        (&RESERVE, 6, 8),
-        (&PAY, 5, 5),
-        (&CANCEL, 5, 5),
-        (&EXPIRE, 5, 4),
+        (&RESERVE, 7, 9),
+        (&PAY, 6, 6),
+        (&CANCEL, 6, 6),
+        (&EXPIRE, 6, 5),
         (&PUT_ITEM, 1, 7),
     ];
     for (script, keys, args) in calls {
@@ -1194,11 +1315,13 @@ async fn order_of_another_item_is_an_error() {
         .key(sale.buyers_key())
         .key(sale.deadlines_key())
         .key(sale.events_key())
+        .key(sale.seq_key())
         .arg(&order)
         .arg("alice")
         .arg("other-item")
         .arg(CLOSED_TTL_S)
         .arg(NOW)
+        .arg("")
         .invoke_async(&mut sale.con)
         .await;
     assert!(res.expect_err("item mismatch").to_string().contains("is not of item"));

@@ -152,7 +152,7 @@ async fn sigkill_mid_burst_loses_no_acknowledged_order() {
     let stock_left = rd.item_field(&item, "stock").await;
     assert_eq!(stock_left, stock - rows.len() as i64, "stock = total − rows");
 
-    let report = seckill_gateway::orders::reconcile::reconcile(&mut rd.conn, &store, Some(&item), false)
+    let report = seckill_gateway::orders::reconcile::reconcile(&mut rd.conn, &store, Some(&item), None)
         .await
         .unwrap();
     assert!(

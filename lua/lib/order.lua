@@ -9,7 +9,9 @@
 --  3. [hash]   sk:T:buyers:<item>
 --  4. [zset]   sk:T:deadlines
 --  5. [stream] sk:T:events
+--  6. [hash]   sk:T:seq        the shard's write sequence (lua/lib/seq.lua)
 -- A failed check changes nothing; the writes below run only after every check.
+-- The prelude lua/lib/seq.lua comes before this one.
 
 -- Integers handed to redis.call go as strings (see reserve.lua: a Lua number is
 -- converted with slow float formatting).
@@ -18,10 +20,16 @@ local function int(n)
 end
 
 -- The call: the script's name (for its errors), the order and item ids, the
--- TTL of a closed order and `now` in ms (`now_ms` "" = Redis TIME).
-local function order_call(script, order_id, item_id, closed_ttl_s, now_ms)
+-- TTL of a closed order and `now` in ms (`now_ms` "" = Redis TIME); and the
+-- shard's epoch, or nil and the `FENCED` error reply to answer (`floor`: see
+-- lua/lib/seq.lua).
+local function order_call(script, order_id, item_id, closed_ttl_s, now_ms, floor)
+  local epoch, fenced = check_seq(KEYS[6], floor)
+  if fenced then
+    return nil, fenced
+  end
   local c = {script = script, order_id = order_id, item_id = item_id,
-    member = order_id .. "|" .. item_id}
+    member = order_id .. "|" .. item_id, epoch = epoch}
   c.closed_ttl_s = assert(tonumber(closed_ttl_s), script .. ": closed_ttl_s is not a number")
   if now_ms ~= "" then
     c.now = math.floor(assert(tonumber(now_ms), script .. ": now_ms is not a number"))
@@ -65,14 +73,14 @@ end
 
 -- Makes the order `final`: status and updated_ms set, order TTL set, deadline
 -- member removed, `final` event XADDed (the whole order, as every event, packed
--- into one field `o` as reserve.lua writes it).
+-- into one field `o` as reserve.lua writes it; `q` the call's sequence).
 local function close_order(c, o, final)
   local now_s = int(c.now)
   redis.call("HSET", KEYS[1], "status", final, "updated_ms", now_s)
   redis.call("EXPIRE", KEYS[1], int(c.closed_ttl_s))
   redis.call("ZREM", KEYS[4], c.member)
   redis.call("XADD", KEYS[5], "*", "o", table.concat({final, c.order_id, c.item_id, o.user_id, o.qty_s,
-    now_s, o.created_ms, o.pay_before_ms, o.idem_key}, "|"))
+    now_s, o.created_ms, o.pay_before_ms, o.idem_key}, "|"), "q", next_seq(KEYS[6], c.epoch))
 end
 
 -- Expires a reserved order: its stock and quota come back, exactly once.

@@ -51,6 +51,16 @@ pub fn events(shard: u32) -> String {
     format!("sk:{}:events", tag(shard))
 }
 
+/// The shard's write sequence (`e`, `s`, `fence`: `lua/lib/seq.lua`, [`super::seq`]).
+pub fn seq(shard: u32) -> String {
+    format!("sk:{}:seq", tag(shard))
+}
+
+/// Held (with a TTL) by the gateway rebuilding the shard ([`crate::orders::repair`]).
+pub fn repair_lock(shard: u32) -> String {
+    format!("sk:{}:repairing", tag(shard))
+}
+
 /// Where events that keep failing to persist go.
 pub fn dead_letters(shard: u32) -> String {
     format!("sk:{}:dead", tag(shard))

@@ -26,6 +26,7 @@ pub mod journal;
 pub mod keys;
 pub mod redis;
 pub mod scripts;
+pub mod seq;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -403,8 +404,22 @@ impl Engine {
     }
 
     /// Pay or cancel an order of `user_id`.
+    ///
+    /// With Redis, an order Redis does not know but the database holds open was lost by
+    /// Redis (an open order's hash has no TTL): answered 503 while the repair task rebuilds
+    /// its shard ([`crate::orders::repair`]), never 404.
     pub async fn transition(&self, t: Transition, order_id: &str, user_id: &str) -> Result<TransitionReply, Error> {
-        delegate!(self, e => e.transition(t, order_id, user_id))
+        let reply = delegate!(self, e => e.transition(t, order_id, user_id))?;
+        if let (TransitionReply::UnknownOrder, Some(redis)) = (&reply, self.redis())
+            && let Ok(Some(row)) = self.inner.store.order(order_id).await
+            && row.status == OrderStatus::Reserved
+        {
+            redis.alarms().raise(crate::ids::shard_of(&row.item_id));
+            return Err(Error::Fenced(format!(
+                "order {order_id} is open in the database but not in Redis"
+            )));
+        }
+        Ok(reply)
     }
 
     /// An order: from the engine while it holds it, else from the database.

@@ -25,6 +25,7 @@ use super::batch::{BatchCall, Batches};
 use super::conn::{RedisConn, Target};
 use super::guard::Guard;
 use super::keys;
+use super::seq::{Alarms, Floors};
 use super::{
     Deaf, EngineSettings, ExpireReply, Expired, ItemNews, ItemSpec, ItemState, Listener, Order, OrderStatus, PutReply,
     ReserveCmd, ReserveReply, StockEngine, Transition, TransitionReply,
@@ -76,6 +77,14 @@ async fn run_script(
     }
 }
 
+/// A script found its shard fenced: tell the repair task ([`crate::orders::repair`]).
+fn raise_if_fenced(alarms: &Alarms, shard: u32, e: &Error) {
+    if let Error::Fenced(why) = e {
+        tracing::warn!(shard, why = %why, "shard fenced: its Redis is behind the database; rebuilding it");
+        alarms.raise(shard);
+    }
+}
+
 /// What a shard's batch driver needs to call `reserve.lua`: cheap clones of the engine's
 /// connection, scripts, guard and clock.
 #[derive(Clone)]
@@ -89,6 +98,8 @@ struct ReserveCaller {
     replicas: Replicas,
     /// How long a call whose reply was lost is sent again.
     retry_for: Duration,
+    floors: Arc<Floors>,
+    alarms: Arc<Alarms>,
 }
 
 impl BatchCall for ReserveCaller {
@@ -186,15 +197,17 @@ impl ReserveCaller {
         }
     }
 
-    /// One `reserve.lua` call: the shard's deadlines and events, then four keys and five
-    /// arguments per request (docs/internals.md).
+    /// One `reserve.lua` call: the shard's deadlines, events and sequence, then four keys
+    /// and five arguments per request (docs/internals.md).
     async fn call_once(&self, shard: u32, cmds: &[ReserveCmd]) -> Result<Vec<ReserveReply>, Error> {
         let mut inv = self.scripts.reserve.prepare_invoke();
         inv.key(keys::deadlines(shard))
             .key(keys::events(shard))
+            .key(keys::seq(shard))
             .arg(self.payment_timeout_ms)
             .arg(self.idem_ttl_s)
-            .arg(self.clock.script_arg());
+            .arg(self.clock.script_arg())
+            .arg(self.floors.arg(shard));
         for cmd in cmds {
             let idem_key = cmd.idem_key.as_deref().unwrap_or("");
             let order_key = keys::order(&cmd.order_id)
@@ -215,7 +228,9 @@ impl ReserveCaller {
                 .arg(&cmd.order_id)
                 .arg(idem_key);
         }
-        let replies = run_script(&self.conn, self.guards.shard(shard), "reserve", inv).await?;
+        let replies = run_script(&self.conn, self.guards.shard(shard), "reserve", inv)
+            .await
+            .inspect_err(|e| raise_if_fenced(&self.alarms, shard, e))?;
         replies
             .iter()
             .map(|v| match v {
@@ -342,6 +357,8 @@ pub struct RedisEngine {
     redis: RedisSettings,
     settings: EngineSettings,
     listener: Arc<dyn Listener>,
+    floors: Arc<Floors>,
+    alarms: Arc<Alarms>,
 }
 
 impl RedisEngine {
@@ -351,6 +368,8 @@ impl RedisEngine {
         let conn = target.shared()?;
         let guards = Guards::new(&redis);
         let scripts = Arc::new(Scripts::load());
+        let floors = Arc::new(Floors::default());
+        let alarms = Arc::new(Alarms::default());
         // Half the call timeout: a WAIT holds up every call queued behind it on the
         // primary's connection.
         let replicas = Replicas {
@@ -366,6 +385,8 @@ impl RedisEngine {
             idem_ttl_s: settings.idempotency_ttl.as_secs().max(1),
             replicas,
             retry_for: redis.timeout * 2,
+            floors: floors.clone(),
+            alarms: alarms.clone(),
         };
         Ok(RedisEngine {
             target,
@@ -378,7 +399,19 @@ impl RedisEngine {
             redis,
             settings,
             listener: Arc::new(Deaf),
+            floors,
+            alarms,
         })
+    }
+
+    /// The floors passed to the scripts: the persistence worker and the repair task raise them.
+    pub fn floors(&self) -> &Arc<Floors> {
+        &self.floors
+    }
+
+    /// Shards whose scripts answered `FENCED`, for the repair task.
+    pub fn alarms(&self) -> &Arc<Alarms> {
+        &self.alarms
     }
 
     /// Tell `listener` what happens to items, here and (through [`Self::follow_changes`])
@@ -425,7 +458,10 @@ impl RedisEngine {
         name: &'static str,
         inv: redis::ScriptInvocation<'_>,
     ) -> Result<Vec<Value>, Error> {
-        run_script(&self.conn, self.guards.of_item(item_id), name, inv).await
+        let shard = shard_of(item_id);
+        run_script(&self.conn, self.guards.shard(shard), name, inv)
+            .await
+            .inspect_err(|e| raise_if_fenced(&self.alarms, shard, e))
     }
 
     /// Learn the offset between this host's clock and Redis `TIME`, so that the local early
@@ -792,11 +828,13 @@ impl StockEngine for RedisEngine {
             .key(keys::buyers(&item_id))
             .key(keys::deadlines(shard))
             .key(keys::events(shard))
+            .key(keys::seq(shard))
             .arg(order_id)
             .arg(user_id)
             .arg(&item_id)
             .arg(self.settings.closed_order_ttl.as_secs().max(1))
-            .arg(self.now_arg());
+            .arg(self.now_arg())
+            .arg(self.floors.arg(shard));
         let parts = self.run(&item_id, name, inv).await?;
         let reply = transition_reply(&Reply {
             script: name,
@@ -827,10 +865,12 @@ impl StockEngine for RedisEngine {
             .key(keys::buyers(item_id))
             .key(keys::deadlines(shard))
             .key(keys::events(shard))
+            .key(keys::seq(shard))
             .arg(order_id)
             .arg(item_id)
             .arg(self.settings.closed_order_ttl.as_secs().max(1))
-            .arg(self.now_arg());
+            .arg(self.now_arg())
+            .arg(self.floors.arg(shard));
         let parts = self.run(item_id, "expire", inv).await?;
         let reply = expire_reply(&Reply {
             script: "expire",

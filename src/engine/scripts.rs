@@ -2,31 +2,38 @@
 //!
 //! A script run with `EVALSHA` is one self-contained chunk: it cannot load another script,
 //! and sharing code between scripts in Redis takes Redis Functions (`FUNCTION LOAD`, 7.0+),
-//! which this engine does not use. So the code that `pay.lua`, `cancel.lua` and `expire.lua`
-//! share lives once in the prelude `lua/lib/order.lua` and is joined in front of each of them
-//! here, at build time. The prelude only defines functions, so each script's own
+//! which this engine does not use. So shared code lives once in a prelude joined in front of
+//! the scripts here, at build time: `lua/lib/seq.lua` (the shard's write sequence) in front of
+//! every script that writes events, and `lua/lib/order.lua` in front of `pay.lua`,
+//! `cancel.lua` and `expire.lua`. The preludes only define functions, so each script's own
 //! argument-count asserts still run first.
 //!
-//! `reserve.lua` and `put_item.lua` take no prelude: they are run as they stand, also by the
-//! load kit (`redis-benchmark` `SCRIPT LOAD` of `lua/reserve.lua`, `loadtest/README.md`).
+//! `put_item.lua` takes no prelude. The load kit joins `lua/lib/seq.lua` and `lua/reserve.lua`
+//! the same way for `redis-benchmark` (`loadtest/README.md`).
 
-/// Reserve units of an item (`lua/reserve.lua`, self-contained).
-pub const RESERVE: &str = include_str!("../../lua/reserve.lua");
+/// Reserve units of an item (`lua/lib/seq.lua` + `lua/reserve.lua`).
+pub const RESERVE: &str = concat!(
+    include_str!("../../lua/lib/seq.lua"),
+    include_str!("../../lua/reserve.lua")
+);
 
-/// Pay a reserved order (`lua/lib/order.lua` + `lua/pay.lua`).
+/// Pay a reserved order (`lua/lib/seq.lua` + `lua/lib/order.lua` + `lua/pay.lua`).
 pub const PAY: &str = concat!(
+    include_str!("../../lua/lib/seq.lua"),
     include_str!("../../lua/lib/order.lua"),
     include_str!("../../lua/pay.lua")
 );
 
-/// Cancel a reserved order (`lua/lib/order.lua` + `lua/cancel.lua`).
+/// Cancel a reserved order (`lua/lib/seq.lua` + `lua/lib/order.lua` + `lua/cancel.lua`).
 pub const CANCEL: &str = concat!(
+    include_str!("../../lua/lib/seq.lua"),
     include_str!("../../lua/lib/order.lua"),
     include_str!("../../lua/cancel.lua")
 );
 
-/// Expire a reserved order past its deadline (`lua/lib/order.lua` + `lua/expire.lua`).
+/// Expire a reserved order past its deadline (`lua/lib/seq.lua` + `lua/lib/order.lua` + `lua/expire.lua`).
 pub const EXPIRE: &str = concat!(
+    include_str!("../../lua/lib/seq.lua"),
     include_str!("../../lua/lib/order.lua"),
     include_str!("../../lua/expire.lua")
 );
@@ -38,17 +45,23 @@ pub const PUT_ITEM: &str = include_str!("../../lua/put_item.lua");
 mod tests {
     use super::*;
 
+    const SEQ_PRELUDE: &str = include_str!("../../lua/lib/seq.lua");
     const ORDER_PRELUDE: &str = include_str!("../../lua/lib/order.lua");
 
     #[test]
-    fn order_scripts_are_the_prelude_then_their_own_file() {
+    fn scripts_are_their_preludes_then_their_own_file() {
+        assert!(SEQ_PRELUDE.ends_with('\n'), "each script starts on a line of its own");
         assert!(ORDER_PRELUDE.ends_with('\n'), "each script starts on a line of its own");
+        assert_eq!(
+            RESERVE,
+            format!("{SEQ_PRELUDE}{}", include_str!("../../lua/reserve.lua"))
+        );
         for (script, own) in [
             (PAY, include_str!("../../lua/pay.lua")),
             (CANCEL, include_str!("../../lua/cancel.lua")),
             (EXPIRE, include_str!("../../lua/expire.lua")),
         ] {
-            assert_eq!(script, format!("{ORDER_PRELUDE}{own}"));
+            assert_eq!(script, format!("{SEQ_PRELUDE}{ORDER_PRELUDE}{own}"));
         }
     }
 }

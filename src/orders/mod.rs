@@ -3,5 +3,6 @@
 //! ([`crate::server`]) decides which of them an instance runs.
 
 pub mod reconcile;
+pub mod repair;
 pub mod sweeper;
 pub mod worker;

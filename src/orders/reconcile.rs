@@ -2,6 +2,9 @@
 //! (item counters, order hashes, stream backlog) with the database, print the differences
 //! as a table, and with `--repair` re-emit the events of orders the database is missing or
 //! behind on (the persistence worker then writes them; the upserts make it idempotent).
+//! A shard whose Redis is behind the database (it lost writes: [`crate::engine::seq`]) is
+//! reported as `shard_behind`, and `--repair` rebuilds it from the database first
+//! ([`super::repair`]), as the gateways do by themselves.
 //! Exit status: 0 clean (or everything found was repaired), 1 differences, 2 could not run.
 
 use std::collections::HashMap;
@@ -14,8 +17,10 @@ use crate::config::Config;
 use crate::domain::{Order, OrderEvent, OrderStatus};
 use crate::engine::keys;
 use crate::engine::redis::{item_from_hash, order_from_hash};
+use crate::engine::seq::Mark;
 use crate::error::Error;
 use crate::ids::{SHARDS, shard_of};
+use crate::orders::repair::{RepairSettings, needs_repair, repair_shard, shard_seq};
 use crate::orders::worker::group_info;
 use crate::store::Store;
 
@@ -50,7 +55,11 @@ pub async fn main(config: Config, item: Option<String>, repair: bool) -> ExitCod
         let mut conn = target
             .dedicated(config.redis_timeout.max(Duration::from_secs(5)))
             .await?;
-        reconcile(&mut conn, &store, item.as_deref(), repair).await
+        let settings = RepairSettings {
+            closed_order_ttl: config.closed_order_ttl,
+            idempotency_ttl: config.idempotency_ttl,
+        };
+        reconcile(&mut conn, &store, item.as_deref(), repair.then_some(&settings)).await
     };
     match run.await {
         Ok(report) => {
@@ -95,7 +104,7 @@ fn print_report(r: &Report) {
 }
 
 /// Every order hash of one shard (SCAN, so Redis is never blocked).
-async fn shard_orders(conn: &mut RedisConn, shard: u32) -> Result<Vec<Order>, Error> {
+pub(crate) async fn shard_orders(conn: &mut RedisConn, shard: u32) -> Result<Vec<Order>, Error> {
     let pattern = format!("sk:{}:order:*", keys::tag(shard));
     let mut cursor: u64 = 0;
     let mut out = Vec::new();
@@ -127,8 +136,13 @@ async fn shard_orders(conn: &mut RedisConn, shard: u32) -> Result<Vec<Order>, Er
     }
 }
 
-/// Compare and optionally repair. Public for the tests.
-pub async fn reconcile(conn: &mut RedisConn, store: &Store, only: Option<&str>, repair: bool) -> Result<Report, Error> {
+/// Compare and, with `repair` settings, repair. Public for the tests.
+pub async fn reconcile(
+    conn: &mut RedisConn,
+    store: &Store,
+    only: Option<&str>,
+    repair: Option<&RepairSettings>,
+) -> Result<Report, Error> {
     let items: Vec<String> = match only {
         Some(i) => vec![i.to_owned()],
         None => {
@@ -147,6 +161,28 @@ pub async fn reconcile(conn: &mut RedisConn, store: &Store, only: Option<&str>, 
         // A shard whose stream does not exist yet has no backlog.
         if let Ok(Some(group)) = group_info(conn, &keys::events(shard)).await {
             report.pending_events += group.pending + group.lag;
+        }
+    }
+    // Shards behind the database first: a rebuild changes what the items below hold.
+    let marks: HashMap<u32, Mark> = store.marks().await?.into_iter().collect();
+    for shard in keys::all_shards() {
+        let floor = marks.get(&shard).copied().unwrap_or_default();
+        let Some(why) = needs_repair(conn, shard, floor).await? else {
+            continue;
+        };
+        let (mark, _) = shard_seq(conn, shard).await?;
+        report.differences.push(Difference {
+            item_id: format!("shard {shard}"),
+            order_id: why,
+            kind: "shard_behind",
+            redis: mark.to_string(),
+            database: floor.to_string(),
+        });
+        if let Some(settings) = repair {
+            match repair_shard(conn, store, shard, floor, settings).await? {
+                Some(_) => report.repaired += 1,
+                None => eprintln!("shard {shard} is being rebuilt by a gateway; run reconcile again"),
+            }
         }
     }
     let shards: std::collections::BTreeSet<u32> = items.iter().map(|i| shard_of(i)).collect();
@@ -234,7 +270,7 @@ pub async fn reconcile(conn: &mut RedisConn, store: &Store, only: Option<&str>, 
                     .push(diff(id, "missing_in_redis", "-".into(), "reserved".into()));
             }
         }
-        if repair {
+        if repair.is_some() {
             for o in to_emit {
                 let ev = OrderEvent::of(o, o.status, o.updated_ms);
                 let mut c = redis::cmd("XADD");

@@ -20,6 +20,9 @@
 //! - A database outage: the batch in hand is retried with capped, jittered exponential
 //!   backoff while the stream buffers new events; `/readyz` reports the store degraded.
 //! - Acknowledged entries are trimmed (`XTRIM MINID`), so Redis memory stays bounded.
+//! - Each entry carries its shard's write mark (field `q`, [`crate::engine::seq`]): the
+//!   highest one of a batch is recorded in the database in the batch's transaction, and
+//!   raises this gateway's floor, so a Redis that loses these writes later is found out.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -34,6 +37,7 @@ use crate::domain::OrderEvent;
 use crate::engine::conn::{Pool, RedisConn};
 use crate::engine::keys;
 use crate::engine::redis::{RedisEngine, text};
+use crate::engine::seq::{Floors, Mark};
 use crate::error::Error;
 use crate::metrics;
 use crate::retry::backoff;
@@ -145,6 +149,7 @@ struct ShardWorker {
     shard: u32,
     stream: String,
     settings: WorkerSettings,
+    floors: Arc<Floors>,
 }
 
 impl ShardWorker {
@@ -257,17 +262,23 @@ impl ShardWorker {
         let mut events = Vec::with_capacity(batch.len());
         let mut ids = Vec::with_capacity(batch.len());
         let mut poison = Vec::new();
+        // Entries written before the marks existed have none.
+        let mut mark: Option<Mark> = None;
         for e in &batch {
             match OrderEvent::from_fields(&e.fields) {
                 Ok(evs) => {
                     events.extend(evs);
                     ids.push(e.id.clone());
+                    mark = mark.max(e.fields.get("q").and_then(|q| Mark::parse(q)));
                 }
                 Err(why) => poison.push((e, why)),
             }
         }
         if !events.is_empty() {
-            self.write(&events, shutdown).await?;
+            self.write(&events, mark, shutdown).await?;
+            if let Some(mark) = mark {
+                self.floors.raise(self.shard, mark);
+            }
             metrics::histogram!(metrics::PERSIST_BATCH_SIZE).record(events.len() as f64);
             self.ack(&ids).await?;
         }
@@ -305,10 +316,16 @@ impl ShardWorker {
     }
 
     /// Write until it works (the stream keeps buffering meanwhile), or shutdown.
-    async fn write(&self, events: &[OrderEvent], shutdown: &watch::Receiver<bool>) -> Result<(), Error> {
+    async fn write(
+        &self,
+        events: &[OrderEvent],
+        mark: Option<Mark>,
+        shutdown: &watch::Receiver<bool>,
+    ) -> Result<(), Error> {
+        let marks: Vec<(u32, Mark)> = mark.map(|m| (self.shard, m)).into_iter().collect();
         let mut delays = backoff();
         loop {
-            match self.store.apply(events).await {
+            match self.store.apply_marked(events, &marks).await {
                 Ok(_) => return Ok(()),
                 Err(e) => {
                     tracing::warn!(shard = self.shard, events = events.len(), cause = %e, "persisting a batch failed; retrying");
@@ -530,6 +547,7 @@ pub fn spawn(
                 shard,
                 stream: keys::events(shard),
                 settings: settings.clone(),
+                floors: engine.floors().clone(),
             };
             tokio::spawn(w.run(shutdown.clone()))
         })

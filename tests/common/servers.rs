@@ -150,6 +150,32 @@ impl RedisServer {
     /// it: same address, no data, empty script cache).
     pub fn restart(&mut self) {
         self.kill();
+        let _ = fs::remove_file(self.dir.path().join("dump.rdb"));
+        self.start_again();
+    }
+
+    /// `SAVE`s now and keeps a copy of the snapshot, for [`Self::restart_from`].
+    pub fn snapshot(&self) -> PathBuf {
+        let mut conn = self
+            .client()
+            .get_connection()
+            .expect("connect to the test redis-server");
+        let _: () = redis::cmd("SAVE").query(&mut conn).expect("SAVE");
+        let copy = self.dir.path().join(format!("{}.rdb", unique("snapshot")));
+        fs::copy(self.dir.path().join("dump.rdb"), &copy).expect("copy the snapshot");
+        copy
+    }
+
+    /// Kills the server (SIGKILL) and starts it again on the same port from `snapshot`: a
+    /// Redis restarted from an older persistence file, every write since then lost.
+    pub fn restart_from(&mut self, snapshot: &Path) {
+        self.kill();
+        fs::copy(snapshot, self.dir.path().join("dump.rdb")).expect("put the snapshot back");
+        self.start_again();
+    }
+
+    /// Starts the server on its port again (it loads `dump.rdb` when there is one).
+    fn start_again(&mut self) {
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
             match spawn_redis(self.dir.path(), self.port, &NOTHING_ON_DISK) {
