@@ -104,6 +104,7 @@ const LABEL_VALUES: &[(&str, &[&str])] = &[
             "circuit_open",
             "shed",
             "not_replicated",
+            "fenced",
         ],
     ),
     ("cache", &["item", "sold_out", "not_found", "bloom"]),
