@@ -256,3 +256,114 @@ async fn paying_an_order_redis_forgot_answers_503_then_pays_it() {
         "both orders hold their unit again"
     );
 }
+
+/// The other way to lose writes: on a Redis Cluster without `WAIT`, a replica that missed
+/// the last writes (here: it was down while they were made) is promoted when its primary
+/// dies. The gateway finds the shard behind the database and rebuilds it on the new
+/// primary before it sells there again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replica_promoted_before_it_caught_up_is_rebuilt_before_it_sells_again() {
+    let mut cluster = common::RedisCluster::builder(3, 1)
+        .appendonly(common::cluster::AppendFsync::Always)
+        .start()
+        .await;
+    let db = shared_pg();
+    let store = Store::connect(&db, Duration::from_secs(5)).await.expect("store");
+    let gw = Gateway::builder(&cluster.seeds())
+        .flag("--redis-mode", "cluster")
+        .database(&db)
+        .start()
+        .await;
+    let item = unique("promoted");
+    gw.create_item(&item, 100, 1).await;
+    let key = seckill_gateway::engine::keys::item(&item);
+    let primary = cluster.master_of(&key).await;
+    let replica = cluster.replicas_of(primary).await[0];
+
+    // 20 orders, on the replica too; then the replica goes down and 30 more are made on
+    // the primary alone (acknowledged, persisted).
+    let (first, _) = reserve_all(&gw, &item, (0..20).map(|i| format!("p{i}"))).await;
+    assert_eq!(first.len(), 20);
+    persisted(&store, &item, 20, 0, 0).await;
+    replica_caught_up(&cluster, primary).await;
+    cluster.kill(replica);
+    let (second, _) = reserve_all(&gw, &item, (20..50).map(|i| format!("p{i}"))).await;
+    assert_eq!(second.len(), 30);
+    persisted(&store, &item, 50, 0, 0).await;
+
+    // The primary dies; the replica comes back with its own (older) data and is promoted.
+    cluster.kill(primary);
+    cluster.restart(replica);
+    poll(Duration::from_secs(30), async || {
+        (cluster.master_of(&key).await == replica).then_some(())
+    })
+    .await
+    .expect("the stale replica is promoted");
+    let mut rd = Redis::connect_cluster(&cluster.seeds());
+    assert_eq!(
+        rd.item_field(&item, "reserved").await,
+        20,
+        "the new primary missed 30 orders"
+    );
+
+    // Everyone tries (again): exactly the 50 units left are sold, nobody twice.
+    let mut made_after = Vec::new();
+    for _round in 0..40 {
+        let (made, refused) = reserve_all(&gw, &item, (0..200).map(|i| format!("p{i}"))).await;
+        made_after.extend(made);
+        if refused == 0 && gw.get_item(&item).await.json["stock_remaining"] == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert_eq!(made_after.len(), 50, "exactly the units left are sold");
+    let users: HashSet<&str> = first
+        .iter()
+        .chain(second.iter())
+        .chain(made_after.iter())
+        .map(|(u, _)| u.as_str())
+        .collect();
+    assert_eq!(users.len(), 100, "nobody got two units of a limit-1 item");
+    // A forgotten order is payable on the new primary.
+    let (u, order) = &second[0];
+    assert_eq!(gw.pay(order, u).await.assert_ok()["status"], "paid");
+
+    persisted(&store, &item, 100, 1, 0).await;
+    let report = poll(Duration::from_secs(20), async || {
+        let r = seckill_gateway::orders::reconcile::reconcile(&mut rd.conn, &store, Some(&item), None)
+            .await
+            .expect("reconcile on the cluster");
+        (r.differences.is_empty() && r.pending_events == 0).then_some(r)
+    })
+    .await;
+    assert!(report.is_some(), "reconcile is clean after the rebuild");
+}
+
+/// Wait until every replica of `master` has acknowledged all it wrote (`INFO replication`:
+/// each replica's offset equals the master's).
+async fn replica_caught_up(cluster: &common::RedisCluster, master: u16) {
+    let client = cluster.client(master);
+    poll(Duration::from_secs(10), async || {
+        let mut conn = client.get_multiplexed_async_connection().await.ok()?;
+        let info: String = redis::cmd("INFO")
+            .arg("replication")
+            .query_async(&mut conn)
+            .await
+            .ok()?;
+        let field = |k: &str| {
+            info.lines()
+                .find_map(|l| l.strip_prefix(k))
+                .map(|v| v.trim().to_owned())
+        };
+        let offset: u64 = field("master_repl_offset:")?.parse().ok()?;
+        let replica = field("slave0:")?;
+        let replica_offset: u64 = replica
+            .split(',')
+            .find_map(|p| p.strip_prefix("offset="))?
+            .parse()
+            .ok()?;
+        (replica_offset >= offset).then_some(())
+    })
+    .await
+    .expect("the replica caught up");
+}

@@ -39,7 +39,7 @@ use crate::store::Store;
 
 /// How long a rebuild may hold its shard's lock (it is released when done).
 const LOCK_TTL: Duration = Duration::from_secs(120);
-/// Commands of a rebuild in flight at once (pipelined on the connection).
+/// Orders a rebuild writes at once (their commands pipelined on the connection).
 const IN_FLIGHT: usize = 64;
 
 /// What a rebuild needs to write orders as the scripts do.
@@ -212,7 +212,11 @@ async fn rebuild(
             OrderStatus::Expired => u.expired += o.qty,
         }
     }
-    let mut cmds: Vec<redis::Cmd> = vec![redis::cmd("DEL").arg(keys::deadlines(shard)).clone()];
+    // First the resets, in order (the deadline set and buyers are rebuilt whole); then each
+    // order's writes, in order per order, orders concurrently (their buyer increments and
+    // deadlines commute).
+    let mut resets: Vec<redis::Cmd> = vec![redis::cmd("DEL").arg(keys::deadlines(shard)).clone()];
+    let mut per_order: Vec<Vec<redis::Cmd>> = Vec::new();
     let mut oversold = 0;
     for item_id in &items {
         let spec = &specs[item_id.as_str()];
@@ -222,8 +226,8 @@ async fn rebuild(
             oversold += -stock;
             tracing::error!(shard, item = %item_id, oversold = -stock, "item oversold before the Redis loss was found");
         }
-        cmds.push(redis::cmd("DEL").arg(keys::buyers(item_id)).clone());
-        cmds.push(
+        resets.push(redis::cmd("DEL").arg(keys::buyers(item_id)).clone());
+        resets.push(
             redis::cmd("HSET")
                 .arg(keys::item(item_id))
                 .arg("name")
@@ -250,7 +254,7 @@ async fn rebuild(
                 .arg(u.expired)
                 .clone(),
         );
-        cmds.push(redis::cmd("SADD").arg(keys::CATALOG).arg(item_id.as_str()).clone());
+        resets.push(redis::cmd("SADD").arg(keys::CATALOG).arg(item_id.as_str()).clone());
     }
     let now = system_now_ms();
     let closed_ttl_ms = settings.closed_order_ttl.as_millis() as i64;
@@ -268,6 +272,7 @@ async fn rebuild(
             continue;
         }
         written += 1;
+        let mut cmds = Vec::with_capacity(5);
         let mut h = redis::cmd("HSET");
         h.arg(&key)
             .arg("item_id")
@@ -323,16 +328,20 @@ async fn rebuild(
                 );
             }
         }
+        per_order.push(cmds);
     }
-    // The deadlines are rebuilt whole, so their DEL goes first; the rest in any order.
-    let mut cmds = cmds.into_iter();
-    if let Some(first) = cmds.next() {
-        let _: Value = first.query_async(conn).await?;
+    for c in resets {
+        let _: Value = c.query_async(conn).await?;
     }
-    let results: Vec<Result<Value, redis::RedisError>> = futures_util::stream::iter(cmds)
-        .map(|c| {
+    let results: Vec<Result<(), redis::RedisError>> = futures_util::stream::iter(per_order)
+        .map(|cmds| {
             let mut conn = conn.clone();
-            async move { c.query_async::<Value>(&mut conn).await }
+            async move {
+                for c in cmds {
+                    let _: Value = c.query_async(&mut conn).await?;
+                }
+                Ok(())
+            }
         })
         .buffer_unordered(IN_FLIGHT)
         .collect()
