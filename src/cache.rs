@@ -15,9 +15,13 @@ use crate::domain::ItemSpec;
 use crate::error::Reject;
 use crate::metrics;
 
+/// foldhash instead of SipHash for the two lookups of every reservation: the keys are item
+/// ids that passed the Bloom filter (known items), and the seed is random per process.
+type Hasher = foldhash::fast::RandomState;
+
 pub struct LocalCache {
-    items: moka::sync::Cache<String, Arc<ItemSpec>>,
-    sold_out: moka::sync::Cache<String, ()>,
+    items: moka::sync::Cache<String, Arc<ItemSpec>, Hasher>,
+    sold_out: moka::sync::Cache<String, (), Hasher>,
 }
 
 impl LocalCache {
@@ -26,11 +30,11 @@ impl LocalCache {
             items: moka::sync::Cache::builder()
                 .max_capacity(100_000)
                 .time_to_live(item_ttl)
-                .build(),
+                .build_with_hasher(Hasher::default()),
             sold_out: moka::sync::Cache::builder()
                 .max_capacity(100_000)
                 .time_to_live(sold_out_ttl)
-                .build(),
+                .build_with_hasher(Hasher::default()),
         }
     }
 

@@ -9,14 +9,20 @@ use std::net::IpAddr;
 use std::num::NonZeroU32;
 
 use governor::clock::{Clock as _, DefaultClock};
-use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota, RateLimiter};
+use governor::state::keyed::DashMapStateStore;
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 
 use crate::error::Reject;
 
+/// The keyed buckets' hash: foldhash's quality variant with a random seed per process (the
+/// keys are client-chosen user ids), cheaper than SipHash on every request.
+type Hasher = foldhash::quality::RandomState;
+type Keyed<K> = RateLimiter<K, DashMapStateStore<K, Hasher>, DefaultClock>;
+
 pub struct Limiter {
     global: Option<DefaultDirectRateLimiter>,
-    per_user: Option<DefaultKeyedRateLimiter<String>>,
-    per_ip: Option<DefaultKeyedRateLimiter<IpAddr>>,
+    per_user: Option<Keyed<String>>,
+    per_ip: Option<Keyed<IpAddr>>,
     clock: DefaultClock,
 }
 
@@ -30,8 +36,8 @@ impl Limiter {
     pub fn new(global: u32, per_user: u32, per_ip: u32) -> Self {
         Limiter {
             global: quota(global).map(RateLimiter::direct),
-            per_user: quota(per_user).map(RateLimiter::keyed),
-            per_ip: quota(per_ip).map(RateLimiter::keyed),
+            per_user: quota(per_user).map(|q| RateLimiter::dashmap_with_hasher(q, Hasher::default())),
+            per_ip: quota(per_ip).map(|q| RateLimiter::dashmap_with_hasher(q, Hasher::default())),
             clock: DefaultClock::default(),
         }
     }
