@@ -76,11 +76,14 @@ impl App {
     }
 
     pub fn next_request_id(&self) -> String {
-        format!(
-            "{}-{}",
-            self.request_prefix,
-            self.request_seq.fetch_add(1, Ordering::Relaxed)
-        )
+        // Not `format!`: its machinery was ~830 instructions of every answer (callgrind).
+        let mut n = itoa::Buffer::new();
+        let n = n.format(self.request_seq.fetch_add(1, Ordering::Relaxed));
+        let mut id = String::with_capacity(self.request_prefix.len() + 1 + n.len());
+        id.push_str(&self.request_prefix);
+        id.push('-');
+        id.push_str(n);
+        id
     }
 
     /// Start the background tasks (the limiter pruner, and the engine's own); they end when
