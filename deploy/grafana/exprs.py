@@ -39,7 +39,7 @@ OUTCOMES = {"ok", "bad_request", "unauthenticated", "forbidden", "unknown_item",
             # route-level refusals outside the design's table (docs/contract.md: deviations)
             "not_found", "method_not_allowed"}
 SCRIPTS = {"reserve", "pay", "cancel", "expire", "put_item"}
-REDIS_ERROR_KINDS = {"timeout", "connection", "script", "circuit_open", "shed"}
+REDIS_ERROR_KINDS = {"timeout", "connection", "script", "circuit_open", "shed", "not_replicated", "fenced"}
 CACHES = {"item", "sold_out", "not_found", "bloom"}
 CACHE_RESULTS = {"hit", "miss"}
 ORDER_EVENTS = {"reserved", "paid", "cancelled", "expired"}
@@ -59,8 +59,10 @@ CONTRACT_METRICS = {
     "seckill_dead_letters_total": {},
     "seckill_stock_remaining": {"item": None},
     "seckill_stock_configured": {"item": None},
-    "seckill_circuit_open": {},
+    "seckill_circuit_open": {"shard": None},
     "seckill_store_up": {},
+    "seckill_redis_fenced": {"shard": None},
+    "seckill_redis_repairs_total": {},
     "up": {},  # Prometheus' own per-target series
 }
 HISTOGRAMS = {"seckill_request_duration_seconds", "seckill_redis_script_duration_seconds",
