@@ -51,7 +51,13 @@ where
 {
     let mut first: Option<Bytes> = None;
     let mut more: Option<bytes::BytesMut> = None;
-    while let Some(frame) = body.frame().await {
+    // Stop as soon as the body says it is complete: asking for one more frame after the
+    // last one is a `Pending` and a wake-up of its own (measured: 1.35× → 1.58× the bare
+    // server's CPU per sold-out answer), and it would also defeat `read_body`'s no-timer path.
+    while !body.is_end_stream() {
+        let Some(frame) = body.frame().await else {
+            break;
+        };
         let Ok(data) = frame?.into_data() else {
             continue;
         };
