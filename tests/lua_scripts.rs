@@ -260,7 +260,16 @@ impl Sale {
     }
 
     async fn close(&mut self, script: &Script, order: &str, user: &str, now: &str) -> Vec<R> {
-        let res = script
+        decode(
+            self.try_close(script, order, user, now)
+                .await
+                .expect("pay.lua / cancel.lua"),
+        )
+    }
+
+    /// pay.lua or cancel.lua, its reply or error as Redis gave it.
+    async fn try_close(&mut self, script: &Script, order: &str, user: &str, now: &str) -> redis::RedisResult<Value> {
+        script
             .key(self.order_key(order))
             .key(self.item_key())
             .key(self.buyers_key())
@@ -274,8 +283,7 @@ impl Sale {
             .arg(now)
             .arg(&self.floor)
             .invoke_async(&mut self.con)
-            .await;
-        decode(res.expect("pay.lua / cancel.lua"))
+            .await
     }
 
     async fn pay(&mut self, order: &str, user: &str, now: i64) -> Vec<R> {
@@ -287,7 +295,12 @@ impl Sale {
     }
 
     async fn expire_at(&mut self, order: &str, now: &str) -> Vec<R> {
-        let res = EXPIRE
+        decode(self.try_expire_at(order, now).await.expect("expire.lua"))
+    }
+
+    /// expire.lua, its reply or error as Redis gave it.
+    async fn try_expire_at(&mut self, order: &str, now: &str) -> redis::RedisResult<Value> {
+        EXPIRE
             .key(self.order_key(order))
             .key(self.item_key())
             .key(self.buyers_key())
@@ -300,8 +313,7 @@ impl Sale {
             .arg(now)
             .arg(&self.floor)
             .invoke_async(&mut self.con)
-            .await;
-        decode(res.expect("expire.lua"))
+            .await
     }
 
     async fn expire(&mut self, order: &str, now: i64) -> Vec<R> {
@@ -1230,37 +1242,10 @@ async fn a_shard_behind_the_floor_refuses_and_stays_fenced_for_every_caller() {
     let err = sale.try_reserve("bob", "1", &id, "", &NOW.to_string()).await;
     assert_eq!(err.expect_err("fenced").code(), Some("FENCED"));
     for script in [&*PAY, &*CANCEL] {
-        let res: redis::RedisResult<Value> = script
-            .key(sale.order_key(&order))
-            .key(sale.item_key())
-            .key(sale.buyers_key())
-            .key(sale.deadlines_key())
-            .key(sale.events_key())
-            .key(sale.seq_key())
-            .arg(&order)
-            .arg("alice")
-            .arg(&sale.item)
-            .arg(CLOSED_TTL_S)
-            .arg(NOW)
-            .arg("")
-            .invoke_async(&mut sale.con)
-            .await;
+        let res = sale.try_close(script, &order, "alice", &NOW.to_string()).await;
         assert_eq!(res.expect_err("fenced").code(), Some("FENCED"));
     }
-    let res: redis::RedisResult<Value> = EXPIRE
-        .key(sale.order_key(&order))
-        .key(sale.item_key())
-        .key(sale.buyers_key())
-        .key(sale.deadlines_key())
-        .key(sale.events_key())
-        .key(sale.seq_key())
-        .arg(&order)
-        .arg(&sale.item)
-        .arg(CLOSED_TTL_S)
-        .arg(NOW + TIMEOUT_MS)
-        .arg("")
-        .invoke_async(&mut sale.con)
-        .await;
+    let res = sale.try_expire_at(&order, &(NOW + TIMEOUT_MS).to_string()).await;
     assert_eq!(res.expect_err("fenced").code(), Some("FENCED"));
     // The repair raises the epoch and lifts the fence: the old floor is below the new
     // epoch, and selling resumes.

@@ -51,6 +51,18 @@ async fn persisted(store: &Store, item: &str, n: usize, paid: usize, cancelled: 
     .unwrap_or_else(|| panic!("{n} orders of {item} ({paid} paid, {cancelled} cancelled) reach the database"));
 }
 
+/// Reconcile of `item` finds nothing to report once the pipeline is quiet (within 20 s).
+async fn reconcile_is_clean(rd: &mut Redis, store: &Store, item: &str) {
+    let report = poll(Duration::from_secs(20), async || {
+        let r = seckill_gateway::orders::reconcile::reconcile(&mut rd.conn, store, Some(item), None)
+            .await
+            .expect("reconcile");
+        (r.differences.is_empty() && r.pending_events == 0).then_some(r)
+    })
+    .await;
+    assert!(report.is_some(), "reconcile of {item} is clean after the rebuild");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_redis_restarted_from_an_older_snapshot_is_rebuilt_before_it_sells_again() {
     let mut redis = RedisServer::start();
@@ -152,14 +164,7 @@ async fn a_redis_restarted_from_an_older_snapshot_is_rebuilt_before_it_sells_aga
     // Redis agrees with the database, and reconcile finds nothing to report.
     assert_eq!(rd.item_field(&item, "stock").await, 0);
     assert_eq!(rd.buyers(&item).await.values().sum::<i64>(), STOCK);
-    let report = poll(Duration::from_secs(20), async || {
-        let r = seckill_gateway::orders::reconcile::reconcile(&mut rd.conn, &store, Some(&item), None)
-            .await
-            .expect("reconcile");
-        (r.differences.is_empty() && r.pending_events == 0).then_some(r)
-    })
-    .await;
-    assert!(report.is_some(), "reconcile is clean after the rebuild");
+    reconcile_is_clean(&mut rd, &store, &item).await;
     let metrics = gw.metrics().await;
     assert!(
         metrics
@@ -329,14 +334,7 @@ async fn a_replica_promoted_before_it_caught_up_is_rebuilt_before_it_sells_again
     assert_eq!(gw.pay(order, u).await.assert_ok()["status"], "paid");
 
     persisted(&store, &item, 100, 1, 0).await;
-    let report = poll(Duration::from_secs(20), async || {
-        let r = seckill_gateway::orders::reconcile::reconcile(&mut rd.conn, &store, Some(&item), None)
-            .await
-            .expect("reconcile on the cluster");
-        (r.differences.is_empty() && r.pending_events == 0).then_some(r)
-    })
-    .await;
-    assert!(report.is_some(), "reconcile is clean after the rebuild");
+    reconcile_is_clean(&mut rd, &store, &item).await;
 }
 
 /// Wait until every replica of `master` has acknowledged all it wrote (`INFO replication`:
