@@ -51,6 +51,18 @@ async fn persisted(store: &Store, item: &str, n: usize, paid: usize, cancelled: 
     .unwrap_or_else(|| panic!("{n} orders of {item} ({paid} paid, {cancelled} cancelled) reach the database"));
 }
 
+/// A redis-server, a fresh PostgreSQL database, a gateway on both, and an item (id starting
+/// with `prefix`) on sale with `stock` units, `limit` per shopper.
+async fn sale(prefix: &str, stock: i64, limit: i64) -> (RedisServer, Store, Gateway, String) {
+    let redis = RedisServer::start();
+    let db = shared_pg();
+    let store = Store::connect(&db, Duration::from_secs(5)).await.expect("store");
+    let gw = Gateway::builder(&redis.url()).database(&db).start().await;
+    let item = unique(prefix);
+    gw.create_item(&item, stock, limit).await;
+    (redis, store, gw, item)
+}
+
 /// Reconcile of `item` finds nothing to report once the pipeline is quiet (within 20 s).
 async fn reconcile_is_clean(rd: &mut Redis, store: &Store, item: &str) {
     let report = poll(Duration::from_secs(20), async || {
@@ -65,12 +77,7 @@ async fn reconcile_is_clean(rd: &mut Redis, store: &Store, item: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_redis_restarted_from_an_older_snapshot_is_rebuilt_before_it_sells_again() {
-    let mut redis = RedisServer::start();
-    let db = shared_pg();
-    let store = Store::connect(&db, Duration::from_secs(5)).await.expect("store");
-    let gw = Gateway::builder(&redis.url()).database(&db).start().await;
-    let item = unique("loss");
-    gw.create_item(&item, STOCK, LIMIT).await;
+    let (mut redis, store, gw, item) = sale("loss", STOCK, LIMIT).await;
     let user = |i: usize| format!("u{i}");
 
     // Before the snapshot: 100 orders, 20 of them paid.
@@ -178,12 +185,7 @@ async fn a_redis_restarted_from_an_older_snapshot_is_rebuilt_before_it_sells_aga
 /// ran is reported `shard_behind`, rebuilt, and then clean.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reconcile_reports_a_shard_behind_and_repair_rebuilds_it() {
-    let mut redis = RedisServer::start();
-    let db = shared_pg();
-    let store = Store::connect(&db, Duration::from_secs(5)).await.expect("store");
-    let mut gw = Gateway::builder(&redis.url()).database(&db).start().await;
-    let item = unique("byhand");
-    gw.create_item(&item, 10, 1).await;
+    let (mut redis, store, mut gw, item) = sale("byhand", 10, 1).await;
     let snapshot = redis.snapshot();
     let (made, _) = reserve_all(&gw, &item, (0..4).map(|i| format!("v{i}"))).await;
     assert_eq!(made.len(), 4);
@@ -224,12 +226,7 @@ async fn reconcile_reports_a_shard_behind_and_repair_rebuilds_it() {
 /// pays it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn paying_an_order_redis_forgot_answers_503_then_pays_it() {
-    let mut redis = RedisServer::start();
-    let db = shared_pg();
-    let store = Store::connect(&db, Duration::from_secs(5)).await.expect("store");
-    let gw = Gateway::builder(&redis.url()).database(&db).start().await;
-    let item = unique("payloss");
-    gw.create_item(&item, 10, 1).await;
+    let (mut redis, store, gw, item) = sale("payloss", 10, 1).await;
     let snapshot = redis.snapshot();
     let (made, _) = reserve_all(&gw, &item, (0..2).map(|i| format!("w{i}"))).await;
     assert_eq!(made.len(), 2);
