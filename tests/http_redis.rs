@@ -1101,7 +1101,12 @@ async fn hung_redis_times_out_and_sheds_load() {
     // moment and shed this call: retry until it lands.
     let created = gw.put_item_within(Duration::from_secs(5), &item, 5, 1).await;
     assert!(created.is_some(), "item created");
-    gw.reserve_ok(&item, "before").await;
+    // The same for the first reservation (the item's pub/sub news may be read meanwhile).
+    let before = send_until(Duration::from_secs(5), gw.reserve_req(&item, "before"), |r| {
+        r.status.as_u16() == 200
+    })
+    .await;
+    assert!(before.is_some(), "a reservation before Redis hangs");
     let _black_hole = redis.hang();
     // The first call finds the old connection dead; later ones wait on the new one.
     gw.reserve(&item, "zero").await.assert_refused(503, "unavailable");
