@@ -231,6 +231,12 @@ impl Error {
         matches!(self, Error::RedisTimeout | Error::RedisConnection(_))
     }
 
+    /// A call refused by the gateway itself before anything was sent (the circuit breaker,
+    /// the in-flight cap).
+    pub fn not_sent(&self) -> bool {
+        matches!(self, Error::CircuitOpen | Error::Shed)
+    }
+
     /// Error replies a Redis gives while it cannot serve for a while (loading its data, a
     /// replica not yet promoted, a cluster reconfiguring — a redirect the cluster client
     /// did not follow in time — out of memory, a busy script).

@@ -384,6 +384,10 @@ async fn a_separate_worker_persists_and_trims() {
 /// for an order that exists), and a 503 is only for an order that does not exist.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reservation_made_when_the_connection_broke_is_answered_200() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("warn")
+        .with_test_writer()
+        .try_init();
     let redis = RedisServer::start();
     let db = shared_pg();
     let gw = gateway(&redis, &db).start().await;

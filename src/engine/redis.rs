@@ -98,6 +98,9 @@ struct ReserveCaller {
     replicas: Replicas,
     /// How long a call whose reply was lost is sent again.
     retry_for: Duration,
+    /// Whether the last resend waits for the end of `retry_for` when the backoff's next step
+    /// would pass it (one server), or gives up there (a cluster).
+    last_try_at_deadline: bool,
     floors: Arc<Floors>,
     alarms: Arc<Alarms>,
 }
@@ -118,16 +121,25 @@ impl BatchCall for ReserveCaller {
         let mut replies = loop {
             match self.call_once(shard, cmds).await {
                 // The script may have run: the same call again answers the orders it made
-                // as duplicates of their own ids, and decides the others.
-                Err(e) if e.may_have_run() => {
-                    match again.next().filter(|d| std::time::Instant::now() + *d < deadline) {
-                        Some(delay) => {
-                            tracing::warn!(shard, requests = cmds.len(), cause = %e, "reserve reply lost; sending the same call again");
-                            tokio::time::sleep(delay).await;
-                            resent = true;
-                        }
-                        None => return Err(e),
-                    }
+                // as duplicates of their own ids, and decides the others. Once a call may
+                // have run, a resend refused before it was sent (the circuit opened by the
+                // failures, calls shed) leaves that as unknown as before: keep trying.
+                Err(e) if e.may_have_run() || (resent && e.not_sent()) => {
+                    let left = deadline.saturating_duration_since(std::time::Instant::now());
+                    let delay = match again.next() {
+                        Some(d) if d < left => d,
+                        // One server: once more at the deadline rather than give up while time
+                        // is left (a connection killed again and again can use up the
+                        // backoff's steps early; giving up answers 503 for an order that may
+                        // exist). Not on a cluster: there, calls at the deadline of a failover
+                        // left the cluster client without connections for 20 s and more (3
+                        // runs of 5 of tests/cluster.rs), redis-rs' slot refresh failing.
+                        _ if self.last_try_at_deadline && !left.is_zero() => left,
+                        _ => return Err(e),
+                    };
+                    tracing::warn!(shard, requests = cmds.len(), cause = %e, "reserve reply lost; sending the same call again");
+                    tokio::time::sleep(delay).await;
+                    resent = true;
                 }
                 other => break other?,
             }
@@ -385,6 +397,7 @@ impl RedisEngine {
             idem_ttl_s: settings.idempotency_ttl.as_secs().max(1),
             replicas,
             retry_for: redis.timeout * 2,
+            last_try_at_deadline: redis.mode == RedisMode::Standalone,
             floors: floors.clone(),
             alarms: alarms.clone(),
         };
