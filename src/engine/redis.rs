@@ -128,13 +128,17 @@ impl BatchCall for ReserveCaller {
                     let left = deadline.saturating_duration_since(std::time::Instant::now());
                     let delay = match again.next() {
                         Some(d) if d < left => d,
-                        // One server: once more at the deadline rather than give up while time
-                        // is left (a connection killed again and again can use up the
-                        // backoff's steps early; giving up answers 503 for an order that may
-                        // exist). Not on a cluster: there, calls at the deadline of a failover
-                        // left the cluster client without connections for 20 s and more (3
-                        // runs of 5 of tests/cluster.rs), redis-rs' slot refresh failing.
-                        _ if self.last_try_at_deadline && !left.is_zero() => left,
+                        // One server, connection broken: once more at the deadline rather
+                        // than give up while time is left (a connection killed again and
+                        // again can use up the backoff's steps early; giving up answers 503
+                        // for an order that may exist). Not after a timeout: a hung Redis
+                        // would hold the request one more timeout. Not on a cluster: there,
+                        // calls at the deadline of a failover left the cluster client without
+                        // connections for 20 s and more (3 runs of 5 of tests/cluster.rs),
+                        // redis-rs' slot refresh failing.
+                        _ if self.last_try_at_deadline && matches!(e, Error::RedisConnection(_)) && !left.is_zero() => {
+                            left
+                        }
                         _ => return Err(e),
                     };
                     tracing::warn!(shard, requests = cmds.len(), cause = %e, "reserve reply lost; sending the same call again");
