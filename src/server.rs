@@ -71,10 +71,7 @@ fn spawn_workers(app: &Arc<App>, shutdown: watch::Receiver<bool>) -> Vec<tokio::
     // Every instance with Redis watches for a Redis that lost writes (it must stop selling
     // from it), with or without workers.
     if let Some(redis) = app.engine.redis() {
-        let settings = repair::RepairSettings {
-            closed_order_ttl: app.config.closed_order_ttl,
-            idempotency_ttl: app.config.idempotency_ttl,
-        };
+        let settings = repair::RepairSettings::from_config(&app.config);
         tasks.push(repair::spawn(redis, app.store.clone(), settings, shutdown.clone()));
     }
     if app.config.workers {

@@ -410,7 +410,9 @@ impl Engine {
     /// its shard ([`crate::orders::repair`]), never 404.
     pub async fn transition(&self, t: Transition, order_id: &str, user_id: &str) -> Result<TransitionReply, Error> {
         let reply = delegate!(self, e => e.transition(t, order_id, user_id))?;
+        // Only an id of ours can be a row: a made-up one costs no database query.
         if let (TransitionReply::UnknownOrder, Some(redis)) = (&reply, self.redis())
+            && crate::ids::order_shard(order_id).is_some()
             && let Ok(Some(row)) = self.inner.store.order(order_id).await
             && row.status == OrderStatus::Reserved
         {

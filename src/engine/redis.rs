@@ -59,29 +59,31 @@ impl Scripts {
     }
 }
 
-/// Run a prepared script invocation under the guard, timing it; its reply must be a
-/// non-empty array.
+/// Run a prepared script invocation of `shard` under its guard, timing it; its reply must
+/// be a non-empty array. A `FENCED` answer wakes the repair task
+/// ([`crate::orders::repair`]).
 async fn run_script(
     conn: &RedisConn,
-    guard: &Guard,
+    guards: &Guards,
+    alarms: &Alarms,
+    shard: u32,
     name: &'static str,
     inv: redis::ScriptInvocation<'_>,
 ) -> Result<Vec<Value>, Error> {
     let mut conn = conn.clone();
     let started = std::time::Instant::now();
-    let reply: Value = guard.call(inv.invoke_async(&mut conn)).await?;
+    let reply: Value = match guards.shard(shard).call(inv.invoke_async(&mut conn)).await {
+        Err(Error::Fenced(why)) => {
+            tracing::warn!(shard, why = %why, "shard fenced: its Redis is behind the database; rebuilding it");
+            alarms.raise(shard);
+            return Err(Error::Fenced(why));
+        }
+        other => other?,
+    };
     metrics::script(name, started.elapsed().as_secs_f64());
     match reply {
         Value::Array(parts) if !parts.is_empty() => Ok(parts),
         other => Err(Error::ScriptReply(format!("{name}: unexpected reply {other:?}"))),
-    }
-}
-
-/// A script found its shard fenced: tell the repair task ([`crate::orders::repair`]).
-fn raise_if_fenced(alarms: &Alarms, shard: u32, e: &Error) {
-    if let Error::Fenced(why) = e {
-        tracing::warn!(shard, why = %why, "shard fenced: its Redis is behind the database; rebuilding it");
-        alarms.raise(shard);
     }
 }
 
@@ -244,9 +246,7 @@ impl ReserveCaller {
                 .arg(&cmd.order_id)
                 .arg(idem_key);
         }
-        let replies = run_script(&self.conn, self.guards.shard(shard), "reserve", inv)
-            .await
-            .inspect_err(|e| raise_if_fenced(&self.alarms, shard, e))?;
+        let replies = run_script(&self.conn, &self.guards, &self.alarms, shard, "reserve", inv).await?;
         replies
             .iter()
             .map(|v| match v {
@@ -475,10 +475,7 @@ impl RedisEngine {
         name: &'static str,
         inv: redis::ScriptInvocation<'_>,
     ) -> Result<Vec<Value>, Error> {
-        let shard = shard_of(item_id);
-        run_script(&self.conn, self.guards.shard(shard), name, inv)
-            .await
-            .inspect_err(|e| raise_if_fenced(&self.alarms, shard, e))
+        run_script(&self.conn, &self.guards, &self.alarms, shard_of(item_id), name, inv).await
     }
 
     /// Learn the offset between this host's clock and Redis `TIME`, so that the local early

@@ -20,7 +20,7 @@ use crate::engine::redis::{item_from_hash, order_from_hash};
 use crate::engine::seq::Mark;
 use crate::error::Error;
 use crate::ids::{SHARDS, shard_of};
-use crate::orders::repair::{RepairSettings, needs_repair, repair_shard, shard_seq};
+use crate::orders::repair::{RepairSettings, repair_shard, shard_seq, why_rebuild};
 use crate::orders::worker::group_info;
 use crate::store::Store;
 
@@ -55,10 +55,7 @@ pub async fn main(config: Config, item: Option<String>, repair: bool) -> ExitCod
         let mut conn = target
             .dedicated(config.redis_timeout.max(Duration::from_secs(5)))
             .await?;
-        let settings = RepairSettings {
-            closed_order_ttl: config.closed_order_ttl,
-            idempotency_ttl: config.idempotency_ttl,
-        };
+        let settings = RepairSettings::from_config(&config);
         reconcile(&mut conn, &store, item.as_deref(), repair.then_some(&settings)).await
     };
     match run.await {
@@ -167,10 +164,10 @@ pub async fn reconcile(
     let marks: HashMap<u32, Mark> = store.marks().await?.into_iter().collect();
     for shard in keys::all_shards() {
         let floor = marks.get(&shard).copied().unwrap_or_default();
-        let Some(why) = needs_repair(conn, shard, floor).await? else {
+        let (mark, fence) = shard_seq(conn, shard).await?;
+        let Some(why) = why_rebuild(mark, fence, floor) else {
             continue;
         };
-        let (mark, _) = shard_seq(conn, shard).await?;
         report.differences.push(Difference {
             item_id: format!("shard {shard}"),
             order_id: why,

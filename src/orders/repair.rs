@@ -26,6 +26,7 @@ use redis::Value;
 use tokio::sync::watch;
 
 use crate::clock::system_now_ms;
+use crate::config::Config;
 use crate::domain::{ItemSpec, Order, OrderStatus};
 use crate::engine::conn::RedisConn;
 use crate::engine::keys;
@@ -47,6 +48,15 @@ const IN_FLIGHT: usize = 64;
 pub struct RepairSettings {
     pub closed_order_ttl: Duration,
     pub idempotency_ttl: Duration,
+}
+
+impl RepairSettings {
+    pub fn from_config(c: &Config) -> Self {
+        RepairSettings {
+            closed_order_ttl: c.closed_order_ttl,
+            idempotency_ttl: c.idempotency_ttl,
+        }
+    }
 }
 
 /// What one rebuild did.
@@ -82,14 +92,20 @@ pub async fn shard_seq(conn: &mut RedisConn, shard: u32) -> Result<(Mark, Option
     ))
 }
 
-/// Whether a shard must be rebuilt: fenced, or behind `floor`.
-pub async fn needs_repair(conn: &mut RedisConn, shard: u32, floor: Mark) -> Result<Option<String>, Error> {
-    let (mark, fence) = shard_seq(conn, shard).await?;
-    Ok(match fence {
+/// Why a shard whose sequence is `mark` (and `fence`, as [`shard_seq`] reads them) must be
+/// rebuilt: fenced, or behind `floor`; `None` when it need not.
+pub fn why_rebuild(mark: Mark, fence: Option<String>, floor: Mark) -> Option<String> {
+    match fence {
         Some(why) => Some(why),
         None if mark < floor => Some(format!("shard at {mark}, behind {floor}")),
         None => None,
-    })
+    }
+}
+
+/// Whether a shard must be rebuilt ([`why_rebuild`]), reading its sequence.
+pub async fn needs_repair(conn: &mut RedisConn, shard: u32, floor: Mark) -> Result<Option<String>, Error> {
+    let (mark, fence) = shard_seq(conn, shard).await?;
+    Ok(why_rebuild(mark, fence, floor))
 }
 
 /// Which of two records of one order is further along: a final status beats `reserved`; the
