@@ -20,7 +20,7 @@ Standard library only.
   lt.py slack OUT.jsonl NAME CONNECTIONS      answers wrk may have missed (in flight at stop)
   lt.py check --base-url .. --token .. --item .. --stock .. --limit .. --answered-200 N
               --slack K --sold-out-seen M --scenario .. --out checks.jsonl [--qty Q]
-              --psql 'psql -h .. -p .. -U postgres -d postgres' [--paid-200 P] [--quiet-timeout S]
+              --psql 'psql -h .. -p .. -U postgres -d postgres'|sqlite:PATH [--paid-200 P] [--quiet-timeout S]
               [--gateway-200 N] [--gateway-paid-200 N] [--seeded-200 N]
   lt.py check-total --items A,B.. --answered-200 N --per-item-200 N --slack K --scenario ..
               --out checks.jsonl --psql '..' [--gateway-200 N]   checks over all items of a run
@@ -522,6 +522,11 @@ def http_json(url, token, timeout=5):
 
 
 def psql(psql_cmd, sql, *params):
+    """Rows of a query, every value as text. PSQL_CMD is a psql command line, or
+    `sqlite:PATH` for a gateway whose store is an SQLite file (the same SQL: psql's
+    `:'pN'` / `:pN` variables become SQLite's numbered parameters)."""
+    if psql_cmd.startswith("sqlite:"):
+        return _sqlite_rows(psql_cmd[len("sqlite:"):], sql, params)
     argv = shlex.split(psql_cmd) + ["-X", "-At", "-v", "ON_ERROR_STOP=1"]
     for i, p in enumerate(params, 1):
         argv += ["-v", f"p{i}={p}"]
@@ -529,6 +534,24 @@ def psql(psql_cmd, sql, *params):
     if r.returncode != 0:
         raise RuntimeError(f"psql failed: {r.stderr.strip()}")
     return [line.split("|") for line in r.stdout.splitlines() if line.strip()]
+
+
+def _sqlite_rows(path, sql, params):
+    import sqlite3
+
+    sql = re.sub(r":'p(\d+)'|:p(\d+)", lambda m: "?" + (m.group(1) or m.group(2)), sql)
+    try:
+        # Read-only beside the running gateway (WAL: readers do not block its writer).
+        with sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=60) as db:
+            rows = db.execute(sql, params).fetchall()
+    except sqlite3.Error as e:
+        raise RuntimeError(f"sqlite failed: {e}") from e
+    return [["" if v is None else str(v) for v in row] for row in rows]
+
+
+def in_list(first, n):
+    """`:'pFIRST', …` for an IN list of N text parameters (psql and SQLite alike)."""
+    return ", ".join(f":'p{i}'" for i in range(first, first + n))
 
 
 def _persisted_units(st, qty):
@@ -730,8 +753,8 @@ def cmd_check_total(args):
            f"{per_item} 200s counted per item, {answered} 200s in all")
     try:
         rows = psql(opts["psql"],
-                    "SELECT count(*) FROM orders WHERE item_id = ANY(string_to_array(:'p1', ',')) "
-                    "AND status IN ('reserved','paid');", opts["items"])
+                    f"SELECT count(*) FROM orders WHERE item_id IN ({in_list(1, len(items))}) "
+                    "AND status IN ('reserved','paid');", *items)
         n_rows = int(rows[0][0])
     except (RuntimeError, subprocess.TimeoutExpired, IndexError, ValueError) as e:
         record("database readable (orders table)", False, str(e))
