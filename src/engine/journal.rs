@@ -38,10 +38,12 @@ impl SqliteJournal {
         // Here the next round trip starts as soon as the last one answers.
         let spawned = std::thread::Builder::new()
             .name("seckill-journal".into())
-            .spawn(move || match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-                Ok(rt) => rt.block_on(Self::run(rx, store, clock)),
-                Err(e) => tracing::error!(cause = %e, "journal runtime did not start"),
-            });
+            .spawn(
+                move || match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                    Ok(rt) => rt.block_on(Self::run(rx, store, clock)),
+                    Err(e) => tracing::error!(cause = %e, "journal runtime did not start"),
+                },
+            );
         if let Err(e) = spawned {
             tracing::error!(cause = %e, "journal thread did not start");
         }

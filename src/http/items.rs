@@ -42,7 +42,11 @@ pub async fn reserve(ctx: &Ctx<'_>, req: Request<Incoming>) -> Answer {
         .early_answer(&item.spec, ctx.now(), ask.qty, ask.idem_key.is_some())?; // qty ≤ limit, sold-out flag, sale window
     let qty = ask.qty;
     let cmd = ask.into_cmd(ctx.id, user.clone()); // a new order id, only for a request that goes on
-    let reply = ctx.engine().reserve(cmd).await.map_err(|e| ctx.failed("reserve", e))?; // one script
+    // Boxed: the engine's future (a script call, its resends) would make every reserve
+    // request's future that much larger, and a sold-out answer moves it too.
+    let reply = Box::pin(ctx.engine().reserve(cmd))
+        .await
+        .map_err(|e| ctx.failed("reserve", e))?; // one script
     answer(ctx.id, &user, qty, reply)
 }
 

@@ -169,7 +169,8 @@ impl Ctx<'_> {
         if let Some(spec) = self.app.cache.item(item_id) {
             return Ok(Item { spec, fresh: None });
         }
-        match self.engine().item(item_id).await {
+        // Boxed: only a cache miss needs the engine's future; every request would carry its size.
+        match Box::pin(self.engine().item(item_id)).await {
             Ok(Some(state)) => {
                 let spec = Arc::new(state.spec.clone());
                 self.app.cache.put_item(spec.clone());
@@ -223,13 +224,13 @@ pub async fn handle(app: &Arc<App>, req: Request<Incoming>, peer: SocketAddr) ->
             match route {
                 Route::ItemGet => items::get(&ctx, req).await,
                 Route::Reserve => items::reserve(&ctx, req).await,
-                Route::Pay => orders::transition(&ctx, req, Transition::Pay).await,
-                Route::Cancel => orders::transition(&ctx, req, Transition::Cancel).await,
-                Route::OrderGet => orders::get(&ctx, req).await,
-                Route::OrdersList => orders::list(&ctx, req).await,
-                Route::AdminItemPut => admin::put_item(&ctx, req).await,
-                Route::AdminStats => admin::stats(&ctx, req).await,
-                Route::AdminOrdersCsv => admin::orders_csv(&ctx, req).await,
+                Route::Pay => Box::pin(orders::transition(&ctx, req, Transition::Pay)).await,
+                Route::Cancel => Box::pin(orders::transition(&ctx, req, Transition::Cancel)).await,
+                Route::OrderGet => Box::pin(orders::get(&ctx, req)).await,
+                Route::OrdersList => Box::pin(orders::list(&ctx, req)).await,
+                Route::AdminItemPut => Box::pin(admin::put_item(&ctx, req)).await,
+                Route::AdminStats => Box::pin(admin::stats(&ctx, req)).await,
+                Route::AdminOrdersCsv => Box::pin(admin::orders_csv(&ctx, req)).await,
                 Route::Metrics => health::metrics(&ctx),
                 Route::Healthz => health::healthz(),
                 Route::Readyz => health::readyz(&ctx).await,
