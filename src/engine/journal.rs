@@ -51,56 +51,76 @@ impl SqliteJournal {
     }
 
     /// Take everything queued, commit it as one transaction, answer every waiter; again.
+    ///
+    /// PostgreSQL takes [`Store::writers`] commits at once (each waits for its WAL flush;
+    /// one at a time, the flushes set the pace with the CPU idle). That is safe because an
+    /// event commit's order does not matter: an order's row only moves forward, whichever of
+    /// its events lands first (`Store::apply`). Item definitions do depend on order, so they
+    /// are written here, in turn, before the group's events are handed on.
     async fn run(mut rx: mpsc::Receiver<Job>, store: Arc<Store>, clock: Clock) {
-        {
-            while let Some(first) = rx.recv().await {
-                let mut group = vec![first];
-                while group.len() < MAX_GROUP {
-                    match rx.try_recv() {
-                        Ok(job) => group.push(job),
-                        Err(_) => break,
-                    }
-                }
-                let mut events = Vec::new();
-                let mut waiters = Vec::new();
-                for job in group {
-                    match job {
-                        Job::Item(spec, done) => {
-                            let _ = done.send(store.put_item(&spec, clock.now_ms()).await);
-                        }
-                        Job::Events(evs, done) => {
-                            events.extend(evs);
-                            waiters.push(done);
-                        }
-                    }
-                }
-                // Every request of the group waits for this commit: a WAL append, no fsync
-                // (checkpoints run beside it, see `store::checkpointer`). What this clock
-                // also counts is the wait for this task to be polled again: a slow commit
-                // logged while SQLite's thread sat idle was the runtime's worker threads
-                // busy or blocked elsewhere (issue 11: the engine's maps growing under its
-                // lock).
-                let started = std::time::Instant::now();
-                let result = store.apply(&events).await;
-                let took = started.elapsed();
-                if took > std::time::Duration::from_millis(100) {
-                    tracing::warn!(
-                        events = events.len(),
-                        took_ms = took.as_millis() as u64,
-                        "slow journal commit"
-                    );
-                }
-                metrics::histogram!(crate::metrics::PERSIST_BATCH_SIZE).record(events.len() as f64);
-                if let Err(e) = &result {
-                    tracing::warn!(cause = %e, events = events.len(), "journal commit failed");
-                }
-                for w in waiters {
-                    let _ = w.send(match &result {
-                        Ok(_) => Ok(()),
-                        Err(e) => Err(Error::Store(e.to_string())),
-                    });
+        let commits = Arc::new(tokio::sync::Semaphore::new(store.writers()));
+        loop {
+            // A permit first, then the queue: while every commit is busy, the queue grows
+            // into the next group.
+            let Ok(permit) = commits.clone().acquire_owned().await else {
+                return;
+            };
+            let Some(first) = rx.recv().await else {
+                return;
+            };
+            let mut group = vec![first];
+            while group.len() < MAX_GROUP {
+                match rx.try_recv() {
+                    Ok(job) => group.push(job),
+                    Err(_) => break,
                 }
             }
+            let mut events = Vec::new();
+            let mut waiters = Vec::new();
+            for job in group {
+                match job {
+                    Job::Item(spec, done) => {
+                        let _ = done.send(store.put_item(&spec, clock.now_ms()).await);
+                    }
+                    Job::Events(evs, done) => {
+                        events.extend(evs);
+                        waiters.push(done);
+                    }
+                }
+            }
+            if events.is_empty() {
+                continue;
+            }
+            let store = store.clone();
+            tokio::spawn(async move {
+                Self::commit(&store, events, waiters).await;
+                drop(permit);
+            });
+        }
+    }
+
+    /// One group's commit: SQLite, a WAL append without fsync (checkpoints run beside it,
+    /// see `store::checkpointer`); PostgreSQL, a transaction that waits for its WAL flush.
+    async fn commit(store: &Store, events: Vec<OrderEvent>, waiters: Vec<oneshot::Sender<Result<(), Error>>>) {
+        let started = std::time::Instant::now();
+        let result = store.apply(&events).await;
+        let took = started.elapsed();
+        if took > std::time::Duration::from_millis(100) {
+            tracing::warn!(
+                events = events.len(),
+                took_ms = took.as_millis() as u64,
+                "slow journal commit"
+            );
+        }
+        metrics::histogram!(crate::metrics::PERSIST_BATCH_SIZE).record(events.len() as f64);
+        if let Err(e) = &result {
+            tracing::warn!(cause = %e, events = events.len(), "journal commit failed");
+        }
+        for w in waiters {
+            let _ = w.send(match &result {
+                Ok(_) => Ok(()),
+                Err(e) => Err(Error::Store(e.to_string())),
+            });
         }
     }
 
