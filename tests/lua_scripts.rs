@@ -27,6 +27,9 @@ static PAY: LazyLock<Script> = LazyLock::new(|| Script::new(scripts::PAY));
 static CANCEL: LazyLock<Script> = LazyLock::new(|| Script::new(scripts::CANCEL));
 static EXPIRE: LazyLock<Script> = LazyLock::new(|| Script::new(scripts::EXPIRE));
 static PUT_ITEM: LazyLock<Script> = LazyLock::new(|| Script::new(scripts::PUT_ITEM));
+static TRANSFER_OUT: LazyLock<Script> = LazyLock::new(|| Script::new(scripts::TRANSFER_OUT));
+static TRANSFER_IN: LazyLock<Script> = LazyLock::new(|| Script::new(scripts::TRANSFER_IN));
+static TRANSFER_FORGET: LazyLock<Script> = LazyLock::new(|| Script::new(scripts::TRANSFER_FORGET));
 
 /// The injected clock of these tests: 2023-11-14T22:13:20Z.
 const NOW: i64 = 1_700_000_000_000;
@@ -100,7 +103,8 @@ struct Sale {
     orders: u32,
     /// The floor the scripts get ("E:S", "" = none: `lua/lib/seq.lua`).
     floor: String,
-    _server: RedisServer,
+    /// The server, owned by the first [`Sale`] on it ([`Sale::bucket`]s share it).
+    _server: Option<RedisServer>,
 }
 
 impl Sale {
@@ -121,8 +125,100 @@ impl Sale {
             shard,
             orders: 0,
             floor: String::new(),
-            _server: server,
+            _server: Some(server),
         }
+    }
+
+    /// Stock bucket `b` of this sale's item, on the same server, with `stock` units (its
+    /// keys on the bucket's shard, as `ids::bucket_id` and `engine::keys` name them).
+    async fn bucket(&self, b: u32, stock: i64, limit: i64) -> Sale {
+        let item = seckill_gateway::ids::bucket_id(&self.item, b);
+        let shard = seckill_gateway::ids::shard_of(&item);
+        let mut bucket = Sale {
+            con: self.con.clone(),
+            tag: seckill_gateway::engine::keys::tag(shard),
+            item,
+            shard,
+            orders: 1000 * b,
+            floor: String::new(),
+            _server: None,
+        };
+        assert_eq!(bucket.put(stock, limit, STARTS, ENDS).await, reply!["ok", stock]);
+        bucket
+    }
+
+    fn xout_key(&self) -> String {
+        seckill_gateway::engine::keys::transfers_out(&self.item)
+    }
+    fn xin_key(&self) -> String {
+        seckill_gateway::engine::keys::transfers_in(&self.item)
+    }
+
+    /// transfer_out.lua from this bucket: `want` units for transfer `id` to `dest`.
+    async fn try_transfer_out(&mut self, id: &str, want: i64, dest: &str) -> redis::RedisResult<Value> {
+        TRANSFER_OUT
+            .key(self.item_key())
+            .key(self.xout_key())
+            .key(self.events_key())
+            .key(self.seq_key())
+            .arg(id)
+            .arg(want)
+            .arg(dest)
+            .arg(NOW)
+            .arg(&self.floor)
+            .invoke_async(&mut self.con)
+            .await
+    }
+
+    async fn transfer_out(&mut self, id: &str, want: i64, dest: &str) -> Vec<R> {
+        decode(self.try_transfer_out(id, want, dest).await.expect("transfer_out.lua"))
+    }
+
+    /// transfer_in.lua into this bucket: `units` of transfer `id` from `from`.
+    async fn try_transfer_in(&mut self, id: &str, units: i64, from: &str) -> redis::RedisResult<Value> {
+        TRANSFER_IN
+            .key(self.item_key())
+            .key(self.xin_key())
+            .key(self.events_key())
+            .key(self.seq_key())
+            .arg(id)
+            .arg(units)
+            .arg(from)
+            .arg(NOW)
+            .arg(&self.floor)
+            .invoke_async(&mut self.con)
+            .await
+    }
+
+    async fn transfer_in(&mut self, id: &str, units: i64, from: &str) -> Vec<R> {
+        decode(self.try_transfer_in(id, units, from).await.expect("transfer_in.lua"))
+    }
+
+    async fn forget(&mut self, key: &str, id: &str) -> Vec<R> {
+        decode(
+            TRANSFER_FORGET
+                .key(key)
+                .arg(id)
+                .invoke_async(&mut self.con)
+                .await
+                .expect("transfer_forget.lua"),
+        )
+    }
+
+    /// The transfer events of this bucket's shard stream: (field `x`, field `q`).
+    async fn transfer_events(&mut self) -> Vec<(String, String)> {
+        let key = self.events_key();
+        let entries: Vec<(String, HashMap<String, String>)> = self.cmd(&["XRANGE", &key, "-", "+"]).await;
+        entries
+            .into_iter()
+            .filter_map(|(_, f)| {
+                let x = f.get("x")?.clone();
+                let mut names: Vec<&str> = f.keys().map(String::as_str).collect();
+                names.sort_unstable();
+                assert_eq!(names, ["q", "x"], "a transfer entry is its event and its mark: {f:?}");
+                Some((x, f["q"].clone()))
+            })
+            .collect()
     }
 
     /// A server and an item on sale in [`STARTS`, `ENDS`).
@@ -1335,4 +1431,146 @@ async fn scripts_reload_after_script_flush() {
     let loaded: Vec<bool> = exists(&RESERVE).query_async(&mut sale.con).await.unwrap();
     assert_eq!(loaded, [true]);
     assert_eq!(sale.counters().await, [3, 2, 0, 0, 0]);
+}
+
+// ---------------------------------------------------------------------------
+// transfer_out.lua / transfer_in.lua / transfer_forget.lua (stock buckets)
+
+#[tokio::test]
+async fn transfer_out_takes_what_the_bucket_has_once_per_transfer_id() {
+    let mut home = Sale::with_item(5, 3).await;
+    let mut other = home.bucket(1, 2, 3).await;
+    assert_ne!(home.shard, other.shard, "buckets lie on different shards");
+    let to = other.item.clone();
+
+    assert_eq!(home.transfer_out("t1", 3, &to).await, reply!["taken", 3, 2]);
+    assert_eq!(home.item_field("stock").await, 2);
+    assert_eq!(
+        home.item_field("stock_total").await,
+        2,
+        "the bucket's share went with the units"
+    );
+    let xout = home.xout_key();
+    assert_fields(&home.hash(&xout).await, &[("t1", &format!("3|{to}|{NOW}"))]);
+    let events = home.transfer_events().await;
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].0, format!("out|t1|{}|{to}|3|{NOW}", home.item));
+    assert_eq!(events[0].1, "0:1", "a transfer takes a write mark");
+    home.assert_invariants().await;
+
+    // A replay (the caller did not see the answer) changes nothing and says the same.
+    let before = home.snapshot().await;
+    assert_eq!(home.transfer_out("t1", 3, &to).await, reply!["taken", 3, 2]);
+    assert_eq!(home.snapshot().await, before);
+
+    // Less than wanted: what there is.
+    assert_eq!(home.transfer_out("t2", 5, &to).await, reply!["taken", 2, 0]);
+    // Nothing left: refused, and the units still in transit out of here are counted.
+    let before = home.snapshot().await;
+    assert_eq!(home.transfer_out("t3", 1, &to).await, reply!["empty", 2]);
+    assert_eq!(home.snapshot().await, before);
+
+    // A bucket that does not exist.
+    let mut ghost = Sale {
+        con: home.con.clone(),
+        item: seckill_gateway::ids::bucket_id(&home.item, 9),
+        tag: seckill_gateway::engine::keys::tag(seckill_gateway::ids::shard_of(&seckill_gateway::ids::bucket_id(
+            &home.item, 9,
+        ))),
+        shard: 0,
+        orders: 0,
+        floor: String::new(),
+        _server: None,
+    };
+    let before = home.snapshot().await;
+    assert_eq!(ghost.transfer_out("t4", 1, &to).await, reply!["unknown_item"]);
+    assert_eq!(home.snapshot().await, before);
+    for bad in ["0", "-1", "1.5", "x"] {
+        let res = TRANSFER_OUT
+            .key(home.item_key())
+            .key(home.xout_key())
+            .key(home.events_key())
+            .key(home.seq_key())
+            .arg("t5")
+            .arg(bad)
+            .arg(&to)
+            .arg(NOW)
+            .arg("")
+            .invoke_async::<Value>(&mut home.con)
+            .await;
+        assert!(res.is_err(), "want {bad} is refused");
+    }
+    assert_eq!(home.snapshot().await, before);
+    other.assert_invariants().await;
+}
+
+#[tokio::test]
+async fn a_transfer_credits_its_destination_once_and_no_unit_is_made_or_lost() {
+    let mut home = Sale::with_item(4, 3).await;
+    let mut other = home.bucket(1, 0, 3).await;
+    let (from, to) = (home.item.clone(), other.item.clone());
+    assert_eq!(other.reserve("alice", 1).await, reply!["sold_out", 0]);
+
+    assert_eq!(home.transfer_out("t1", 3, &to).await, reply!["taken", 3, 1]);
+    // In transit: out of the donor's share, not yet in the destination's.
+    assert_eq!(
+        home.item_field("stock_total").await + other.item_field("stock_total").await,
+        1
+    );
+    assert_eq!(other.transfer_in("t1", 3, &from).await, reply!["credited", 3]);
+    assert_eq!(other.item_field("stock_total").await, 3);
+    let xin = other.xin_key();
+    assert_fields(&other.hash(&xin).await, &[("t1", &format!("3|{from}|{NOW}"))]);
+    let events = other.transfer_events().await;
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].0, format!("in|t1|{to}|{from}|3|{NOW}"));
+
+    // The replay of a recovery that found the donor's record still there: nothing.
+    let before = other.snapshot().await;
+    assert_eq!(other.transfer_in("t1", 3, &from).await, reply!["already", 3]);
+    assert_eq!(other.snapshot().await, before);
+
+    // Forgotten in order: the donor's record first, then the destination's.
+    let xout = home.xout_key();
+    assert_eq!(home.forget(&xout, "t1").await, reply!["forgotten", 1]);
+    assert_eq!(other.forget(&xin, "t1").await, reply!["forgotten", 1]);
+    assert_eq!(other.forget(&xin, "t1").await, reply!["forgotten", 0]);
+    assert_eq!(
+        home.item_field("stock_total").await + other.item_field("stock_total").await,
+        4
+    );
+
+    // The destination sells what it was given, and a cancel gives it back to it.
+    let order = other.reserved("alice", 2).await;
+    other.reserved("bob", 1).await;
+    assert_eq!(other.reserve("carol", 1).await, reply!["sold_out", 0]);
+    assert_eq!(other.cancel(&order, "alice", NOW + 1).await[0], R::from("ok"));
+    assert_eq!(other.item_field("stock").await, 2);
+    home.assert_invariants().await;
+    other.assert_invariants().await;
+
+    // A destination that does not exist: nothing credited (the units stay recorded at the donor).
+    let mut ghost = home.bucket(2, 0, 3).await;
+    let key = ghost.item_key();
+    let _: i64 = ghost.cmd(&["DEL", &key]).await;
+    let before = ghost.snapshot().await;
+    assert_eq!(ghost.transfer_in("t2", 1, &from).await, reply!["unknown_item"]);
+    assert_eq!(ghost.snapshot().await, before);
+}
+
+#[tokio::test]
+async fn transfers_are_refused_on_a_fenced_shard() {
+    let mut home = Sale::with_item(4, 3).await;
+    let mut other = home.bucket(1, 0, 3).await;
+    let (from, to) = (home.item.clone(), other.item.clone());
+    for sale in [&mut home, &mut other] {
+        let key = sale.seq_key();
+        let _: i64 = sale.cmd(&["HSET", &key, "fence", "being rebuilt"]).await;
+    }
+    let before = home.snapshot().await;
+    let err = home.try_transfer_out("t1", 1, &to).await.expect_err("fenced");
+    assert_eq!(err.code(), Some("FENCED"), "{err}");
+    let err = other.try_transfer_in("t1", 1, &from).await.expect_err("fenced");
+    assert_eq!(err.code(), Some("FENCED"), "{err}");
+    assert_eq!(home.snapshot().await, before);
 }

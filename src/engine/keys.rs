@@ -34,6 +34,18 @@ pub fn buyers(item_id: &str) -> String {
     format!("sk:{}:buyers:{item_id}", tag(shard_of(item_id)))
 }
 
+/// A stock bucket's transfers out that the destination may not hold yet: transfer id →
+/// `<units>|<to bucket>|<at_ms>` (`lua/transfer_out.lua`). `bucket` is a bucket id
+/// ([`crate::ids::bucket_id`]), so the key is on the bucket's shard.
+pub fn transfers_out(bucket: &str) -> String {
+    format!("sk:{}:xout:{bucket}", tag(shard_of(bucket)))
+}
+
+/// The transfers a stock bucket has been credited, by id (`lua/transfer_in.lua`).
+pub fn transfers_in(bucket: &str) -> String {
+    format!("sk:{}:xin:{bucket}", tag(shard_of(bucket)))
+}
+
 /// `None` when the id is not one of ours (so the order is unknown without asking Redis).
 pub fn order(order_id: &str) -> Option<String> {
     order_shard(order_id).map(|s| format!("sk:{}:order:{order_id}", tag(s)))

@@ -4,11 +4,11 @@
 //! and sharing code between scripts in Redis takes Redis Functions (`FUNCTION LOAD`, 7.0+),
 //! which this engine does not use. So shared code lives once in a prelude joined in front of
 //! the scripts here, at build time: `lua/lib/seq.lua` (the shard's write sequence) in front of
-//! every script that writes events, and `lua/lib/order.lua` in front of `pay.lua`,
+//! every script that writes events (reserve, pay, cancel, expire, transfer_out, transfer_in), and `lua/lib/order.lua` in front of `pay.lua`,
 //! `cancel.lua` and `expire.lua`. The preludes only define functions, so each script's own
 //! argument-count asserts still run first.
 //!
-//! `put_item.lua` takes no prelude. The load kit joins `lua/lib/seq.lua` and `lua/reserve.lua`
+//! `put_item.lua` and `transfer_forget.lua` take no prelude. The load kit joins `lua/lib/seq.lua` and `lua/reserve.lua`
 //! the same way for `redis-benchmark` (`loadtest/README.md`).
 
 /// Reserve units of an item (`lua/lib/seq.lua` + `lua/reserve.lua`).
@@ -38,6 +38,21 @@ pub const EXPIRE: &str = concat!(
     include_str!("../../lua/expire.lua")
 );
 
+/// Take units out of a stock bucket for a transfer (`lua/lib/seq.lua` + `lua/transfer_out.lua`).
+pub const TRANSFER_OUT: &str = concat!(
+    include_str!("../../lua/lib/seq.lua"),
+    include_str!("../../lua/transfer_out.lua")
+);
+
+/// Credit a transfer to its destination bucket, once (`lua/lib/seq.lua` + `lua/transfer_in.lua`).
+pub const TRANSFER_IN: &str = concat!(
+    include_str!("../../lua/lib/seq.lua"),
+    include_str!("../../lua/transfer_in.lua")
+);
+
+/// Drop a transfer record (`lua/transfer_forget.lua`, self-contained).
+pub const TRANSFER_FORGET: &str = include_str!("../../lua/transfer_forget.lua");
+
 /// Create or replace an item (`lua/put_item.lua`, self-contained).
 pub const PUT_ITEM: &str = include_str!("../../lua/put_item.lua");
 
@@ -55,6 +70,14 @@ mod tests {
         assert_eq!(
             RESERVE,
             format!("{SEQ_PRELUDE}{}", include_str!("../../lua/reserve.lua"))
+        );
+        assert_eq!(
+            TRANSFER_OUT,
+            format!("{SEQ_PRELUDE}{}", include_str!("../../lua/transfer_out.lua"))
+        );
+        assert_eq!(
+            TRANSFER_IN,
+            format!("{SEQ_PRELUDE}{}", include_str!("../../lua/transfer_in.lua"))
         );
         for (script, own) in [
             (PAY, include_str!("../../lua/pay.lua")),
