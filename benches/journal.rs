@@ -60,6 +60,7 @@ fn main() {
                 per_user_limit: 1,
                 starts_ms: now - 60_000,
                 ends_ms: now + 7_200_000,
+                buckets: 1,
             })
             .await
             .expect("item");

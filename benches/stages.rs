@@ -40,6 +40,7 @@ fn spec(id: &str, stock: i64) -> ItemSpec {
         per_user_limit: 1,
         starts_ms: 0,
         ends_ms: i64::MAX / 2,
+        buckets: 1,
     }
 }
 

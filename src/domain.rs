@@ -20,6 +20,15 @@ pub struct ItemSpec {
     pub per_user_limit: i64,
     pub starts_ms: Millis,
     pub ends_ms: Millis,
+    /// Stock buckets, 1–[`crate::ids::MAX_BUCKETS`]: the stock split over this many
+    /// engine items on different shards (`docs/internals.md`, "Stock buckets"). The
+    /// embedded engine keeps one counter whatever the number.
+    #[serde(default = "one_bucket")]
+    pub buckets: u32,
+}
+
+fn one_bucket() -> u32 {
+    1
 }
 
 /// An item with its live counters (units).

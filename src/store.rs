@@ -132,6 +132,7 @@ where
         per_user_limit: row.try_get("per_user_limit")?,
         starts_ms: row.try_get("starts_ms")?,
         ends_ms: row.try_get("ends_ms")?,
+        buckets: u32::try_from(row.try_get::<i64, _>("buckets")?).unwrap_or(1).max(1),
     })
 }
 
@@ -335,11 +336,12 @@ impl Store {
         with_writer!(self, pool => {
             self.bounded(
                 sqlx::query(
-                    "INSERT INTO items (item_id, name, price_cents, stock_total, per_user_limit, starts_ms, ends_ms, updated_ms) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+                    "INSERT INTO items (item_id, name, price_cents, stock_total, per_user_limit, starts_ms, ends_ms, updated_ms, buckets) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
                      ON CONFLICT (item_id) DO UPDATE SET name = excluded.name, price_cents = excluded.price_cents, \
                      stock_total = excluded.stock_total, per_user_limit = excluded.per_user_limit, \
-                     starts_ms = excluded.starts_ms, ends_ms = excluded.ends_ms, updated_ms = excluded.updated_ms",
+                     starts_ms = excluded.starts_ms, ends_ms = excluded.ends_ms, updated_ms = excluded.updated_ms, \
+                     buckets = excluded.buckets",
                 )
                 .bind(&spec.item_id)
                 .bind(&spec.name)
@@ -349,6 +351,7 @@ impl Store {
                 .bind(spec.starts_ms)
                 .bind(spec.ends_ms)
                 .bind(now_ms)
+                .bind(i64::from(spec.buckets))
                 .execute(pool),
             )
             .await
@@ -358,7 +361,7 @@ impl Store {
 
     pub async fn items(&self) -> Result<Vec<ItemSpec>, Error> {
         const SQL: &str =
-            "SELECT item_id, name, price_cents, stock_total, per_user_limit, starts_ms, ends_ms FROM items";
+            "SELECT item_id, name, price_cents, stock_total, per_user_limit, starts_ms, ends_ms, buckets FROM items";
         with_pool!(self, pool => {
             let rows = self.bounded(sqlx::query(SQL).fetch_all(pool)).await?;
             rows.iter().map(item_from_row).collect()

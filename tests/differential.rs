@@ -217,6 +217,7 @@ fn spec(p: &Put, now: Millis) -> ItemSpec {
         per_user_limit: p.limit,
         starts_ms,
         ends_ms,
+        buckets: 1,
     }
 }
 

@@ -608,6 +608,7 @@ mod tests {
             per_user_limit: 5,
             starts_ms: 0,
             ends_ms: i64::MAX / 2,
+            buckets: 1,
         };
         e.put_item(&spec).await.unwrap();
         let mut ids = Vec::new();

@@ -112,6 +112,9 @@ pub enum PutReply {
     BelowHeld {
         held: i64,
     },
+    /// More than one stock bucket, which this engine cannot sell yet (the Redis engine,
+    /// until issue 13's reserve path exists); nothing changed.
+    BucketsUnavailable,
 }
 
 #[derive(Clone, Debug)]

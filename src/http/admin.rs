@@ -14,6 +14,7 @@ use crate::domain::ItemSpec;
 use crate::engine::PutReply;
 use crate::error::{Error, Reject};
 use crate::identity::is_admin;
+use crate::ids::MAX_BUCKETS;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -24,6 +25,9 @@ struct ItemBody {
     per_user_limit: i64,
     starts_at: String,
     ends_at: String,
+    /// Stock buckets (1–64, default 1).
+    #[serde(default)]
+    buckets: Option<i64>,
 }
 
 /// Lua numbers are doubles: integers above 2^53 would be stored imprecisely, so every count
@@ -52,6 +56,10 @@ impl ItemBody {
         if starts_ms >= ends_ms {
             return bad("starts_at must be before ends_at");
         }
+        let buckets = self.buckets.unwrap_or(1);
+        if !(1..=i64::from(MAX_BUCKETS)).contains(&buckets) {
+            return bad("buckets must be 1..=64");
+        }
         Ok(ItemSpec {
             item_id: item_id.to_owned(),
             name: self.name,
@@ -60,6 +68,7 @@ impl ItemBody {
             per_user_limit: self.per_user_limit,
             starts_ms,
             ends_ms,
+            buckets: buckets as u32,
         })
     }
 }
@@ -81,6 +90,9 @@ pub async fn put_item(ctx: &Ctx<'_>, req: Request<Incoming>) -> Answer {
         PutReply::BelowHeld { held } => Err(Reject::BadRequest(format!(
             "stock below the {held} units already reserved or paid"
         ))),
+        PutReply::BucketsUnavailable => Err(Reject::BadRequest(
+            "buckets above 1 are not available with Redis yet; leave buckets out or set it to 1".into(),
+        )),
     }
 }
 
@@ -105,6 +117,7 @@ pub async fn stats(ctx: &Ctx<'_>, req: Request<Incoming>) -> Answer {
         "expired": state.expired,
         "persisted": units,
         "persisted_orders": rows,
+        "buckets": state.spec.buckets,
     })))
 }
 
