@@ -555,11 +555,31 @@ async fn put_item_creates_an_item_with_zero_counters() {
             ("paid", "0"),
             ("cancelled", "0"),
             ("expired", "0"),
+            // Without the optional 8th argument: one stock bucket.
+            ("buckets", "1"),
         ],
     );
     assert_eq!(sale.ttl(&key).await, -1, "items never expire");
     // Only the item hash: put_item touches nothing else.
     assert_eq!(sale.snapshot().await.len(), 1);
+
+    // With it: kept as given; 0 is refused and changes nothing.
+    for (buckets, ok) in [(6, true), (0, false)] {
+        let res: redis::RedisResult<Value> = PUT_ITEM
+            .key(sale.item_key())
+            .arg(&sale.item)
+            .arg("Phone")
+            .arg(99_900)
+            .arg(10)
+            .arg(2)
+            .arg(STARTS)
+            .arg(ENDS)
+            .arg(buckets)
+            .invoke_async(&mut sale.con)
+            .await;
+        assert_eq!(res.is_ok(), ok, "buckets {buckets}: {res:?}");
+        assert_eq!(sale.item_field("buckets").await, 6);
+    }
 }
 
 #[tokio::test]
@@ -1361,15 +1381,19 @@ async fn wrong_argument_counts_are_errors_and_change_nothing() {
     let order = sale.reserved("alice", 1).await;
     let before = sale.snapshot().await;
     let item_key = sale.item_key();
-    let calls: [(&Script, usize, usize); 5] = [
-        (&RESERVE, 7, 9),
-        (&PAY, 6, 6),
-        (&CANCEL, 6, 6),
-        (&EXPIRE, 6, 5),
-        (&PUT_ITEM, 1, 7),
+    // (script, KEYS, fewest ARGV, most ARGV)
+    let calls: [(&Script, usize, usize, usize); 8] = [
+        (&RESERVE, 7, 9, 9),
+        (&PAY, 6, 6, 6),
+        (&CANCEL, 6, 6, 6),
+        (&EXPIRE, 6, 5, 5),
+        (&PUT_ITEM, 1, 7, 8),
+        (&TRANSFER_OUT, 4, 5, 5),
+        (&TRANSFER_IN, 4, 5, 5),
+        (&TRANSFER_FORGET, 1, 1, 1),
     ];
-    for (script, keys, args) in calls {
-        for (k, a) in [(keys - 1, args), (keys, args - 1), (keys, args + 1)] {
+    for (script, keys, fewest, most) in calls {
+        for (k, a) in [(keys - 1, fewest), (keys, fewest - 1), (keys, most + 1)] {
             let mut inv = script.prepare_invoke();
             for _ in 0..k {
                 inv.key(&item_key);
