@@ -253,6 +253,79 @@ impl OrderEvent {
 /// The one field of a packed stream entry.
 pub const PACKED: &str = "o";
 
+/// The field of a stream entry that records one step of a transfer between two stock
+/// buckets of an item (`lua/transfer_out.lua`, `lua/transfer_in.lua`).
+pub const TRANSFER: &str = "x";
+
+/// Which step of a transfer between stock buckets an event records.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TransferSide {
+    /// Units taken out of the donor bucket.
+    Out,
+    /// Units credited to the destination bucket.
+    In,
+}
+
+/// One step of a transfer between two stock buckets of an item, as its stream entry
+/// carries it: `x` = `out|<id>|<bucket>|<to>|<units>|<at_ms>` or
+/// `in|<id>|<bucket>|<from>|<units>|<at_ms>` (`docs/internals.md`, "Stock buckets").
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TransferEvent {
+    pub side: TransferSide,
+    pub transfer_id: String,
+    /// The item (not a bucket id).
+    pub item_id: String,
+    pub from_bucket: u32,
+    pub to_bucket: u32,
+    pub units: i64,
+    pub at_ms: Millis,
+}
+
+impl TransferEvent {
+    /// The transfer step of a stream entry: `None` when the entry is not one (it holds
+    /// order events), `Some(Err)` naming what is wrong with it (a poison entry).
+    pub fn from_fields(f: &HashMap<String, String>) -> Option<Result<Self, String>> {
+        f.get(TRANSFER).map(|x| Self::unpack(x))
+    }
+
+    fn unpack(x: &str) -> Result<Self, String> {
+        let parts: Vec<&str> = x.split('|').collect();
+        let [side, id, here, there, units, at] = parts[..] else {
+            return Err(format!("transfer event has {} parts, not 6", parts.len()));
+        };
+        let side = match side {
+            "out" => TransferSide::Out,
+            "in" => TransferSide::In,
+            other => return Err(format!("transfer side {other:?}")),
+        };
+        let (item, here) = crate::ids::split_bucket(here);
+        let (other_item, there) = crate::ids::split_bucket(there);
+        if item != other_item {
+            return Err("a transfer between buckets of two items".into());
+        }
+        if !crate::ids::valid_id(id) || !crate::ids::valid_id(item) {
+            return Err("malformed id".into());
+        }
+        let units: i64 = units.parse().map_err(|_| "units is not a number".to_owned())?;
+        if units < 1 {
+            return Err("units below 1".into());
+        }
+        let (from_bucket, to_bucket) = match side {
+            TransferSide::Out => (here, there),
+            TransferSide::In => (there, here),
+        };
+        Ok(TransferEvent {
+            side,
+            transfer_id: id.to_owned(),
+            item_id: item.to_owned(),
+            from_bucket,
+            to_bucket,
+            units,
+            at_ms: at.parse().map_err(|_| "at_ms is not a number".to_owned())?,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -282,6 +355,46 @@ mod tests {
             assert_eq!(ev.to_fields().len(), 1, "one packed field");
             assert_eq!(OrderEvent::from_fields(&map(ev.to_fields())), Ok(vec![ev.clone()]));
             assert_eq!(OrderEvent::from_fields(&map(ev.named_fields())), Ok(vec![ev]));
+        }
+    }
+
+    #[test]
+    fn transfer_entries_decode_both_steps_and_refuse_what_is_malformed() {
+        let out = map(vec![
+            (TRANSFER, "out|t-1|hot|hot#3|5|1700000000000".into()),
+            ("q", "0:7".into()),
+        ]);
+        let ev = TransferEvent::from_fields(&out)
+            .expect("a transfer entry")
+            .expect("well formed");
+        assert_eq!(
+            ev,
+            TransferEvent {
+                side: TransferSide::Out,
+                transfer_id: "t-1".into(),
+                item_id: "hot".into(),
+                from_bucket: 0,
+                to_bucket: 3,
+                units: 5,
+                at_ms: 1_700_000_000_000,
+            }
+        );
+        let credit = map(vec![(TRANSFER, "in|t-1|hot#3|hot|5|1700000000001".into())]);
+        let ev = TransferEvent::from_fields(&credit).unwrap().unwrap();
+        assert_eq!((ev.side, ev.from_bucket, ev.to_bucket), (TransferSide::In, 0, 3));
+        // Order entries are not transfers.
+        assert!(TransferEvent::from_fields(&map(event("").to_fields())).is_none());
+        for bad in [
+            "out|t-1|hot|hot#3|5",
+            "sideways|t-1|hot|hot#3|5|1",
+            "out|t-1|hot|cold#3|5|1",
+            "out|t 1|hot|hot#3|5|1",
+            "out|t-1|hot|hot#3|0|1",
+            "out|t-1|hot|hot#3|x|1",
+            "out|t-1|hot|hot#3|5|soon",
+        ] {
+            let f = map(vec![(TRANSFER, bad.into())]);
+            assert!(TransferEvent::from_fields(&f).unwrap().is_err(), "{bad}");
         }
     }
 

@@ -23,7 +23,7 @@ use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{QueryBuilder, Row};
 
-use crate::domain::{ItemSpec, Order, OrderEvent, OrderStatus};
+use crate::domain::{ItemSpec, Order, OrderEvent, OrderStatus, TransferEvent, TransferSide};
 use crate::engine::seq::Mark;
 use crate::error::Error;
 use crate::metrics;
@@ -134,6 +134,18 @@ where
         ends_ms: row.try_get("ends_ms")?,
         buckets: u32::try_from(row.try_get::<i64, _>("buckets")?).unwrap_or(1).max(1),
     })
+}
+
+/// A row of `bucket_transfers`: one transfer between two stock buckets of an item, with
+/// when each of its steps reached the database (`None`: not yet).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TransferRecord {
+    pub transfer_id: String,
+    pub from_bucket: i64,
+    pub to_bucket: i64,
+    pub units: i64,
+    pub out_ms: Option<i64>,
+    pub in_ms: Option<i64>,
 }
 
 /// Rows of one `INSERT … ON CONFLICT` in [`Store::apply_marked`]: 12 parameters a row, so
@@ -289,14 +301,21 @@ impl Store {
 
     /// Apply a batch of events in one transaction. Returns the rows inserted or moved forward.
     pub async fn apply(&self, events: &[OrderEvent]) -> Result<u64, Error> {
-        self.apply_marked(events, &[]).await
+        self.apply_marked(events, &[], &[]).await
     }
 
-    /// [`Self::apply`], and in the same transaction raise the shards' write marks to
-    /// `marks` (the highest mark among the events' stream entries, per shard).
-    pub async fn apply_marked(&self, events: &[OrderEvent], marks: &[(u32, Mark)]) -> Result<u64, Error> {
+    /// [`Self::apply`], and in the same transaction record the steps of transfers between
+    /// stock buckets (each step once, whatever the redeliveries) and raise the shards'
+    /// write marks to `marks` (the highest mark among the entries, per shard). Returns the
+    /// order rows written.
+    pub async fn apply_marked(
+        &self,
+        events: &[OrderEvent],
+        transfers: &[TransferEvent],
+        marks: &[(u32, Mark)],
+    ) -> Result<u64, Error> {
         let events = dedupe(events);
-        if events.is_empty() {
+        if events.is_empty() && transfers.is_empty() && marks.is_empty() {
             return Ok(0);
         }
         with_writer!(self, pool => {
@@ -305,13 +324,35 @@ impl Store {
                 // embedded journal's every commit) is one round trip to the database instead
                 // of three (BEGIN, INSERT, COMMIT), and SQLite's connection thread answers
                 // each with a wake-up of this task that waits its turn among the requests'.
-                if events.len() <= APPLY_CHUNK && marks.is_empty() {
+                if !events.is_empty() && events.len() <= APPLY_CHUNK && transfers.is_empty() && marks.is_empty() {
                     return Ok(upsert_orders(&events).build().execute(pool).await?.rows_affected());
                 }
                 let mut tx = pool.begin().await?;
                 let mut affected = 0;
                 for chunk in events.chunks(APPLY_CHUNK) {
                     affected += upsert_orders(chunk).build().execute(&mut *tx).await?.rows_affected();
+                }
+                for t in transfers {
+                    let (out_ms, in_ms) = match t.side {
+                        TransferSide::Out => (Some(t.at_ms), None),
+                        TransferSide::In => (None, Some(t.at_ms)),
+                    };
+                    sqlx::query(
+                        "INSERT INTO bucket_transfers (transfer_id, item_id, from_bucket, to_bucket, units, out_ms, in_ms) \
+                         VALUES ($1, $2, $3, $4, $5, $6, $7) \
+                         ON CONFLICT (transfer_id) DO UPDATE SET \
+                         out_ms = COALESCE(bucket_transfers.out_ms, excluded.out_ms), \
+                         in_ms = COALESCE(bucket_transfers.in_ms, excluded.in_ms)",
+                    )
+                    .bind(&t.transfer_id)
+                    .bind(&t.item_id)
+                    .bind(i64::from(t.from_bucket))
+                    .bind(i64::from(t.to_bucket))
+                    .bind(t.units)
+                    .bind(out_ms)
+                    .bind(in_ms)
+                    .execute(&mut *tx)
+                    .await?;
                 }
                 for (shard, mark) in marks {
                     sqlx::query(
@@ -356,6 +397,28 @@ impl Store {
             )
             .await
             .map(|_| ())
+        })
+    }
+
+    /// The transfers between an item's stock buckets the database holds, by id.
+    pub async fn transfers(&self, item_id: &str) -> Result<Vec<TransferRecord>, Error> {
+        const SQL: &str = "SELECT transfer_id, from_bucket, to_bucket, units, out_ms, in_ms \
+                           FROM bucket_transfers WHERE item_id = $1 ORDER BY transfer_id";
+        with_pool!(self, pool => {
+            let rows = self.bounded(sqlx::query(SQL).bind(item_id).fetch_all(pool)).await?;
+            rows.iter()
+                .map(|r| {
+                    Ok(TransferRecord {
+                        transfer_id: r.try_get("transfer_id")?,
+                        from_bucket: r.try_get("from_bucket")?,
+                        to_bucket: r.try_get("to_bucket")?,
+                        units: r.try_get("units")?,
+                        out_ms: r.try_get("out_ms")?,
+                        in_ms: r.try_get("in_ms")?,
+                    })
+                })
+                .collect::<Result<_, sqlx::Error>>()
+                .map_err(Error::from)
         })
     }
 

@@ -3,7 +3,8 @@
 //! other (one counter: every unit sells, then `sold_out`), the database keeps the number,
 //! and the Redis engine refuses more than one bucket, changing nothing, until its reserve
 //! path can move units between buckets. The transfer scripts themselves are tested in
-//! `tests/lua_scripts.rs`.
+//! `tests/lua_scripts.rs`; here the persistence worker takes both steps of a transfer from
+//! the streams into the database, once.
 
 mod common;
 
@@ -11,9 +12,13 @@ use std::time::Duration;
 
 use common::gateway::{Gateway, on_redis};
 use common::http::{Api, item_body, send};
-use common::{shared_pg, unique};
+use common::{poll, shared_pg, unique};
+use redis::Script;
 use seckill_gateway::domain::ItemSpec;
+use seckill_gateway::engine::{keys, scripts};
+use seckill_gateway::ids::{bucket_id, shard_of};
 use seckill_gateway::store::Store;
+use seckill_gateway::store::TransferRecord;
 use serde_json::{Value, json};
 
 const HOUR_MS: i64 = 3_600_000;
@@ -146,5 +151,82 @@ async fn the_store_keeps_the_bucket_count() {
         };
         store.put_item(&fewer, 2).await.unwrap();
         assert!(store.items().await.unwrap().contains(&fewer), "{url}");
+    }
+}
+
+/// Both steps of a transfer reach the database as one row, once, whatever the replays, and
+/// the write marks of both buckets' shards with them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_worker_records_both_steps_of_a_transfer_once() {
+    let (redis, _rd, gw) = on_redis(|b| b.database(&shared_pg())).await;
+    let item = unique("hot");
+    gw.put_item(&item, 10, 1).await.assert_ok();
+    let (donor, dest) = (bucket_id(&item, 0), bucket_id(&item, 1));
+    assert_ne!(shard_of(&donor), shard_of(&dest));
+    let mut con = redis.client().get_multiplexed_async_connection().await.unwrap();
+    // The second bucket, as the Redis engine will write it (its API does not yet).
+    let now = gw.now_ms();
+    let stored: redis::Value = Script::new(scripts::PUT_ITEM)
+        .key(keys::item(&dest))
+        .arg(&dest)
+        .arg("hot")
+        .arg(100)
+        .arg(0)
+        .arg(1)
+        .arg(now - 1_000)
+        .arg(now + HOUR_MS)
+        .invoke_async(&mut con)
+        .await
+        .unwrap();
+    assert!(format!("{stored:?}").contains("ok"), "{stored:?}");
+
+    let (take, credit) = (Script::new(scripts::TRANSFER_OUT), Script::new(scripts::TRANSFER_IN));
+    fn step<'a>(script: &'a Script, bucket: &str, xkey: String, other: &str, now: i64) -> redis::ScriptInvocation<'a> {
+        let mut inv = script.prepare_invoke();
+        inv.key(keys::item(bucket))
+            .key(xkey)
+            .key(keys::events(shard_of(bucket)))
+            .key(keys::seq(shard_of(bucket)))
+            .arg("t-1")
+            .arg(4)
+            .arg(other)
+            .arg(now)
+            .arg("");
+        inv
+    }
+    for _ in 0..2 {
+        // The second time is a replay: nothing new is written.
+        let _: redis::Value = step(&take, &donor, keys::transfers_out(&donor), &dest, now)
+            .invoke_async(&mut con)
+            .await
+            .unwrap();
+        let _: redis::Value = step(&credit, &dest, keys::transfers_in(&dest), &donor, now)
+            .invoke_async(&mut con)
+            .await
+            .unwrap();
+    }
+
+    let store = gw.running().app.store.clone();
+    let want = vec![TransferRecord {
+        transfer_id: "t-1".into(),
+        from_bucket: 0,
+        to_bucket: 1,
+        units: 4,
+        out_ms: Some(now),
+        in_ms: Some(now),
+    }];
+    let got = poll(Duration::from_secs(10), async || {
+        let rows = store.transfers(&item).await.ok()?;
+        (rows == want).then_some(rows)
+    })
+    .await;
+    assert_eq!(got, Some(want), "both steps in the database, as one row");
+    let marks = store.marks().await.unwrap();
+    for bucket in [&donor, &dest] {
+        let shard = shard_of(bucket);
+        assert!(
+            marks.iter().any(|(s, m)| *s == shard && m.seq >= 1),
+            "shard {shard}'s mark recorded: {marks:?}"
+        );
     }
 }

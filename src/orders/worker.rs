@@ -33,7 +33,7 @@ use tokio::sync::watch;
 
 use crate::clock::system_now_ms;
 use crate::config::Config;
-use crate::domain::OrderEvent;
+use crate::domain::{OrderEvent, TransferEvent};
 use crate::engine::conn::{Pool, RedisConn};
 use crate::engine::keys;
 use crate::engine::redis::{RedisEngine, text};
@@ -260,22 +260,27 @@ impl ShardWorker {
             return Ok(0);
         }
         let mut events = Vec::with_capacity(batch.len());
+        let mut transfers = Vec::new();
         let mut ids = Vec::with_capacity(batch.len());
         let mut poison = Vec::new();
         // Entries written before the marks existed have none.
         let mut mark: Option<Mark> = None;
         for e in &batch {
-            match OrderEvent::from_fields(&e.fields) {
-                Ok(evs) => {
-                    events.extend(evs);
+            // An entry is a transfer step between stock buckets (field `x`) or order events.
+            let decoded = match TransferEvent::from_fields(&e.fields) {
+                Some(t) => t.map(|t| transfers.push(t)),
+                None => OrderEvent::from_fields(&e.fields).map(|evs| events.extend(evs)),
+            };
+            match decoded {
+                Ok(()) => {
                     ids.push(e.id.clone());
                     mark = mark.max(e.fields.get("q").and_then(|q| Mark::parse(q)));
                 }
                 Err(why) => poison.push((e, why)),
             }
         }
-        if !events.is_empty() {
-            self.write(&events, mark, shutdown).await?;
+        if !ids.is_empty() {
+            self.write(&events, &transfers, mark, shutdown).await?;
             if let Some(mark) = mark {
                 self.floors.raise(self.shard, mark);
             }
@@ -319,13 +324,14 @@ impl ShardWorker {
     async fn write(
         &self,
         events: &[OrderEvent],
+        transfers: &[TransferEvent],
         mark: Option<Mark>,
         shutdown: &watch::Receiver<bool>,
     ) -> Result<(), Error> {
         let marks: Vec<(u32, Mark)> = mark.map(|m| (self.shard, m)).into_iter().collect();
         let mut delays = backoff();
         loop {
-            match self.store.apply_marked(events, &marks).await {
+            match self.store.apply_marked(events, transfers, &marks).await {
                 Ok(_) => return Ok(()),
                 Err(e) => {
                     tracing::warn!(shard = self.shard, events = events.len(), cause = %e, "persisting a batch failed; retrying");
