@@ -194,15 +194,6 @@ where
 }
 
 impl Store {
-    /// How many writing transactions are worth running at once: SQLite has one writer;
-    /// PostgreSQL commits several together (each waiting for its WAL flush).
-    pub fn writers(&self) -> usize {
-        match &self.pool {
-            Pool::Postgres(_) => 4,
-            Pool::Sqlite { .. } => 1,
-        }
-    }
-
     /// Connect and run the embedded migrations.
     pub async fn connect(url: &str, timeout: Duration) -> Result<Self, Error> {
         let mut background = None;

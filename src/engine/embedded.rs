@@ -24,7 +24,9 @@ use crate::error::Error;
 
 /// Where the embedded engine makes its changes durable.
 pub trait Journal: Send + Sync {
-    /// Commit these events; resolve only once they are durable.
+    /// Enqueue these events at once (the engine calls it under its lock, so the journal
+    /// commits changes in the order they were made); the future resolves once they are
+    /// durable.
     fn append(&self, events: Vec<OrderEvent>) -> BoxFuture<'static, Result<(), Error>>;
     /// Store an item definition durably.
     fn put_item(&self, spec: ItemSpec) -> BoxFuture<'static, Result<(), Error>>;
@@ -181,10 +183,12 @@ impl EmbeddedEngine {
             .unwrap_or(0)
     }
 
-    async fn journal(&self, events: Vec<OrderEvent>) -> Result<(), Error> {
+    /// Hand `events` to the journal now — call it under the lock, right after the change
+    /// it records — and wait for them to be durable by awaiting the answer.
+    fn journal(&self, events: Vec<OrderEvent>) -> BoxFuture<'static, Result<(), Error>> {
         match &self.journal {
-            Some(j) => j.append(events).await,
-            None => Ok(()),
+            Some(j) => j.append(events),
+            None => Box::pin(std::future::ready(Ok(()))),
         }
     }
 }
@@ -282,7 +286,7 @@ impl StockEngine for EmbeddedEngine {
         let now = self.clock.now_ms();
         let idem_key = cmd.idem_key.clone().unwrap_or_default();
         let idem = (cmd.item_id.clone(), cmd.user_id.clone(), idem_key.clone());
-        let (order, reply) = {
+        let (order, reply, durable) = {
             let mut s = self.lock();
             let duplicate = |s: &State, id: &str| match s.orders.get(id) {
                 Some(o) => ReserveReply::Duplicate {
@@ -366,12 +370,11 @@ impl StockEngine for EmbeddedEngine {
                 pay_before_ms,
                 stock_after,
             };
-            (order, reply)
+            // Enqueued before the lock is let go: the journal commits in this order.
+            let durable = self.journal(vec![OrderEvent::of(&order, OrderStatus::Reserved, now)]);
+            (order, reply, durable)
         };
-        if let Err(e) = self
-            .journal(vec![OrderEvent::of(&order, OrderStatus::Reserved, now)])
-            .await
-        {
+        if let Err(e) = durable.await {
             // Not durable: undo, so nothing is sold that was not answered 200.
             let mut s = self.lock();
             if s.orders
@@ -403,7 +406,7 @@ impl StockEngine for EmbeddedEngine {
 
     async fn transition(&self, t: Transition, order_id: &str, user_id: &str) -> Result<TransitionReply, Error> {
         let now = self.clock.now_ms();
-        let (prev, event, reply) = {
+        let (prev, event, reply, durable) = {
             let mut s = self.lock();
             let Some(order) = s.orders.get(order_id).cloned() else {
                 return Ok(TransitionReply::UnknownOrder);
@@ -427,7 +430,7 @@ impl StockEngine for EmbeddedEngine {
                 }
                 _ => {}
             }
-            if order.pay_before_ms <= now {
+            let (prev, event, reply) = if order.pay_before_ms <= now {
                 release(&mut s, order_id, OrderStatus::Expired, now);
                 let ev = OrderEvent::of(&order, OrderStatus::Expired, now);
                 (
@@ -467,10 +470,13 @@ impl StockEngine for EmbeddedEngine {
                         stock_after,
                     },
                 )
-            }
+            };
+            // Enqueued before the lock is let go: the journal commits in this order.
+            let durable = self.journal(vec![event.clone()]);
+            (prev, event, reply, durable)
         };
         let to = event.status;
-        if let Err(e) = self.journal(vec![event]).await {
+        if let Err(e) = durable.await {
             let mut s = self.lock();
             if s.orders.get(order_id).is_some_and(|o| o.status == to) {
                 if to == OrderStatus::Paid {
@@ -505,7 +511,7 @@ impl StockEngine for EmbeddedEngine {
 
     async fn expire(&self, order_id: &str, _item_id: &str) -> Result<ExpireReply, Error> {
         let now = self.clock.now_ms();
-        let (prev, stock_after) = {
+        let (prev, stock_after, durable) = {
             let mut s = self.lock();
             let Some(order) = s.orders.get(order_id) else {
                 return Ok(ExpireReply::UnknownOrder);
@@ -518,12 +524,12 @@ impl StockEngine for EmbeddedEngine {
                     pay_before_ms: order.pay_before_ms,
                 });
             }
-            release(&mut s, order_id, OrderStatus::Expired, now).expect("present")
+            let (prev, stock_after) = release(&mut s, order_id, OrderStatus::Expired, now).expect("present");
+            // Enqueued before the lock is let go: the journal commits in this order.
+            let durable = self.journal(vec![OrderEvent::of(&prev, OrderStatus::Expired, now)]);
+            (prev, stock_after, durable)
         };
-        if let Err(e) = self
-            .journal(vec![OrderEvent::of(&prev, OrderStatus::Expired, now)])
-            .await
-        {
+        if let Err(e) = durable.await {
             let mut s = self.lock();
             if s.orders.get(order_id).is_some_and(|o| o.status == OrderStatus::Expired) {
                 unrelease(&mut s, &prev, OrderStatus::Expired);

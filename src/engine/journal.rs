@@ -21,7 +21,9 @@ enum Job {
 }
 
 pub struct SqliteJournal {
-    jobs: mpsc::Sender<Job>,
+    /// Unbounded, so that [`Journal::append`] enqueues at once, under the engine's lock
+    /// (what is in flight is bounded by the requests in flight).
+    jobs: mpsc::UnboundedSender<Job>,
 }
 
 /// Most events one commit takes.
@@ -29,7 +31,7 @@ const MAX_GROUP: usize = 4096;
 
 impl SqliteJournal {
     pub fn start(store: Arc<Store>, clock: Clock) -> Self {
-        let (jobs, rx) = mpsc::channel::<Job>(MAX_GROUP);
+        let (jobs, rx) = mpsc::unbounded_channel::<Job>();
         // The journal runs on a thread and a runtime of its own. A commit is a few round
         // trips to the database's connection thread (acquire, execute, the connection's
         // return to the pool, a task sqlx spawns), and on the server's runtime each answer
@@ -52,22 +54,14 @@ impl SqliteJournal {
 
     /// Take everything queued, commit it as one transaction, answer every waiter; again.
     ///
-    /// PostgreSQL takes [`Store::writers`] commits at once (each waits for its WAL flush;
-    /// one at a time, the flushes set the pace with the CPU idle). That is safe because an
-    /// event commit's order does not matter: an order's row only moves forward, whichever of
-    /// its events lands first (`Store::apply`). Item definitions do depend on order, so they
-    /// are written here, in turn, before the group's events are handed on.
-    async fn run(mut rx: mpsc::Receiver<Job>, store: Arc<Store>, clock: Clock) {
-        let commits = Arc::new(tokio::sync::Semaphore::new(store.writers()));
-        loop {
-            // A permit first, then the queue: while every commit is busy, the queue grows
-            // into the next group.
-            let Ok(permit) = commits.clone().acquire_owned().await else {
-                return;
-            };
-            let Some(first) = rx.recv().await else {
-                return;
-            };
+    /// One commit at a time, in the order the events were enqueued, which is the order the
+    /// engine made the changes (it enqueues under its lock): the database always holds a
+    /// prefix of the engine's history. Were a later group committed first (two commits at
+    /// once), a kill in between could leave a reservation of a unit in the database
+    /// without the cancellation that had freed it: an oversold item after the restart
+    /// (`tests/embedded_crash.rs` caught exactly that).
+    async fn run(mut rx: mpsc::UnboundedReceiver<Job>, store: Arc<Store>, clock: Clock) {
+        while let Some(first) = rx.recv().await {
             let mut group = vec![first];
             while group.len() < MAX_GROUP {
                 match rx.try_recv() {
@@ -88,14 +82,9 @@ impl SqliteJournal {
                     }
                 }
             }
-            if events.is_empty() {
-                continue;
-            }
-            let store = store.clone();
-            tokio::spawn(async move {
+            if !events.is_empty() {
                 Self::commit(&store, events, waiters).await;
-                drop(permit);
-            });
+            }
         }
     }
 
@@ -124,26 +113,26 @@ impl SqliteJournal {
         }
     }
 
-    async fn submit(
-        jobs: mpsc::Sender<Job>,
+    /// Enqueue now; the future resolves once the job is done.
+    fn submit(
+        &self,
         job: impl FnOnce(oneshot::Sender<Result<(), Error>>) -> Job,
-    ) -> Result<(), Error> {
+    ) -> BoxFuture<'static, Result<(), Error>> {
         let (tx, rx) = oneshot::channel();
-        jobs.send(job(tx))
-            .await
-            .map_err(|_| Error::Internal("journal stopped".into()))?;
-        rx.await.map_err(|_| Error::Internal("journal stopped".into()))?
+        let sent = self.jobs.send(job(tx));
+        Box::pin(async move {
+            sent.map_err(|_| Error::Internal("journal stopped".into()))?;
+            rx.await.map_err(|_| Error::Internal("journal stopped".into()))?
+        })
     }
 }
 
 impl Journal for SqliteJournal {
     fn append(&self, events: Vec<OrderEvent>) -> BoxFuture<'static, Result<(), Error>> {
-        let jobs = self.jobs.clone();
-        Box::pin(Self::submit(jobs, move |tx| Job::Events(events, tx)))
+        self.submit(move |tx| Job::Events(events, tx))
     }
 
     fn put_item(&self, spec: ItemSpec) -> BoxFuture<'static, Result<(), Error>> {
-        let jobs = self.jobs.clone();
-        Box::pin(Self::submit(jobs, move |tx| Job::Item(spec, tx)))
+        self.submit(move |tx| Job::Item(spec, tx))
     }
 }
