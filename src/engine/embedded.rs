@@ -406,7 +406,7 @@ impl StockEngine for EmbeddedEngine {
 
     async fn transition(&self, t: Transition, order_id: &str, user_id: &str) -> Result<TransitionReply, Error> {
         let now = self.clock.now_ms();
-        let (prev, event, reply, durable) = {
+        let (prev, to, reply, durable) = {
             let mut s = self.lock();
             let Some(order) = s.orders.get(order_id).cloned() else {
                 return Ok(TransitionReply::UnknownOrder);
@@ -472,10 +472,10 @@ impl StockEngine for EmbeddedEngine {
                 )
             };
             // Enqueued before the lock is let go: the journal commits in this order.
-            let durable = self.journal(vec![event.clone()]);
-            (prev, event, reply, durable)
+            let to = event.status;
+            let durable = self.journal(vec![event]);
+            (prev, to, reply, durable)
         };
-        let to = event.status;
         if let Err(e) = durable.await {
             let mut s = self.lock();
             if s.orders.get(order_id).is_some_and(|o| o.status == to) {
