@@ -105,6 +105,7 @@ fn stages(c: &mut Criterion) {
                 qty: 1,
                 order_id: new_order_id("bench-item"),
                 idem_key: None,
+                buckets: 1,
             };
             let r = rt.block_on(engine.reserve(&cmd)).unwrap();
             serde_json::to_vec(&format!("{r:?}")).unwrap()
@@ -126,6 +127,7 @@ fn stages(c: &mut Criterion) {
                 qty: 1,
                 order_id: new_order_id("bench-item"),
                 idem_key: None,
+                buckets: 1,
             };
             rt.block_on(engine.reserve(&cmd)).unwrap()
         })

@@ -145,9 +145,13 @@ impl OrderEvent {
         }
     }
 
+    /// The ids are the contract's; an event's item may be a stock bucket of one
+    /// (`<item>#<b>`, 1 ≤ b ≤ [`crate::ids::MAX_BUCKETS`]): its row is the item's, with the bucket.
     fn checked(self) -> Result<Self, String> {
+        let (item, bucket) = crate::ids::split_bucket(&self.item_id);
         if !crate::ids::valid_id(&self.order_id)
-            || !crate::ids::valid_id(&self.item_id)
+            || !crate::ids::valid_id(item)
+            || bucket > crate::ids::MAX_BUCKETS
             || !crate::ids::valid_id(&self.user_id)
         {
             return Err("malformed id".into());

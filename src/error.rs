@@ -152,6 +152,11 @@ pub enum Error {
     /// or is being rebuilt ([`crate::engine::seq`]): `FENCED <why>`.
     #[error("redis shard fenced: {0}")]
     Fenced(String),
+    /// A bucketed item's stock is on its way between buckets (a transfer not yet credited,
+    /// e.g. of a gateway that died between its two steps) and the request's time ran out
+    /// before it arrived: neither a reservation nor a true `sold_out` can be answered.
+    #[error("stock in transit between buckets")]
+    InTransit,
     #[error("store: {0}")]
     Store(String),
     #[error("internal: {0}")]
@@ -168,6 +173,7 @@ impl Error {
             | Error::CircuitOpen
             | Error::Shed
             | Error::NotReplicated { .. }
+            | Error::InTransit
             | Error::Fenced(_) => Side::Redis,
             Error::Store(_) => Side::Store,
             Error::Internal(_) => Side::Internal,
@@ -186,6 +192,7 @@ impl Error {
             Error::Shed => Some("shed"),
             Error::NotReplicated { .. } => Some("not_replicated"),
             Error::Fenced(_) => Some("fenced"),
+            Error::InTransit => Some("in_transit"),
             _ => None,
         }
     }
@@ -212,6 +219,10 @@ impl Error {
             Error::Store(_) => Reject::Unavailable {
                 retry_after_s: 1,
                 reason: "order store unreachable",
+            },
+            Error::InTransit => Reject::Unavailable {
+                retry_after_s: 1,
+                reason: "stock moving between buckets",
             },
             Error::Fenced(_) => Reject::Unavailable {
                 retry_after_s: 2,

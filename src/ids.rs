@@ -20,13 +20,32 @@ pub fn valid_id(s: &str) -> bool {
 /// The shard of an item: CRC-32 of its id modulo [`SHARDS`]. Stable across instances and
 /// releases (the Lua scripts never compute it; Rust builds every key).
 ///
-/// A stock bucket's id ([`bucket_id`]) `<item>#<b>` lies `b` shards after its item's, so
-/// the buckets of an item are on different slots (and, on a cluster whose slots are split
-/// evenly, on different masters in turn).
+/// A stock bucket's id ([`bucket_id`]) `<item>#<b>` lies [`BUCKET_OFFSETS`]`[b]` shards
+/// after its item's, so the buckets of an item are on different slots and spread over the
+/// whole ring of shards (and so over every master of a cluster).
 pub fn shard_of(item_id: &str) -> u32 {
     let (item, bucket) = split_bucket(item_id);
-    (crc32fast::hash(item.as_bytes()) % SHARDS + bucket % SHARDS) % SHARDS
+    bucket_shard(item, bucket)
 }
+
+/// The shard of bucket `bucket` of an item (`shard_of(&bucket_id(item, bucket))`, without
+/// building the id).
+pub fn bucket_shard(item_id: &str, bucket: u32) -> u32 {
+    let offset = if bucket == 0 {
+        0
+    } else {
+        BUCKET_OFFSETS[((bucket - 1) % SHARDS) as usize]
+    };
+    (crc32fast::hash(item_id.as_bytes()) % SHARDS + offset) % SHARDS
+}
+
+/// How many shards after its item's bucket b (1-based: index b − 1) lies: `⌊frac(b·φ)·16⌋`,
+/// the golden-ratio sequence, a permutation of the 16 shards whose every prefix is spread
+/// over the whole ring (the first 6: 9, 3, 13, 7, 1, 11, at most 4 apart). A cluster gives
+/// each master a contiguous run of shards (`{s<N>.<k>}` tags, [`crate::engine::keys`]), so
+/// the first B buckets of an item fall on every master as soon as B allows: consecutive
+/// shards would put 6 buckets on 2 masters of 3. Buckets past 16 repeat the sequence.
+pub const BUCKET_OFFSETS: [u32; SHARDS as usize] = [9, 3, 13, 7, 1, 11, 5, 15, 8, 2, 12, 6, 0, 10, 4, 14];
 
 /// Most stock buckets an item may have (the contract's `buckets`: 1–64).
 pub const MAX_BUCKETS: u32 = 64;
@@ -56,22 +75,36 @@ pub fn split_bucket(id: &str) -> (&str, u32) {
     (id, 0)
 }
 
-/// A shopper's home bucket among `buckets`: where their reservations of the item are made
-/// and their per-user limit is counted, so it holds exactly. A stable hash (CRC-32 of the
-/// user id, a different input from the item's), the same on every instance and release.
+/// The buckets an item's stock lies in: bucket 0 (the item's own keys) for an item of one
+/// bucket; buckets 1..=B for an item of B > 1, whose own keys then hold its definition only
+/// (no stock), so every order of a bucketed item names its bucket (`<item>#<b>`) and any id
+/// tells whether a count it carries is a whole item's or a bucket's.
+pub fn stock_buckets(buckets: u32) -> std::ops::RangeInclusive<u32> {
+    if buckets <= 1 { 0..=0 } else { 1..=buckets }
+}
+
+/// A shopper's home bucket among `buckets` ([`stock_buckets`]): where their reservations of
+/// the item are made and their per-user limit is counted, so it holds exactly. A stable
+/// hash (CRC-32 of the user id, a different input from the item's), the same on every
+/// instance and release.
 pub fn home_bucket(user_id: &str, buckets: u32) -> u32 {
     if buckets <= 1 {
         return 0;
     }
-    crc32fast::hash(user_id.as_bytes()) % buckets
+    1 + crc32fast::hash(user_id.as_bytes()) % buckets
 }
 
 /// A new order id for an item: a UUIDv7 (time-ordered, unique across instances without
 /// coordination) whose last hex digit is replaced by the item's shard, so that the order's
 /// Redis slot can be found from the id alone. 74 random bits remain, less 4: 70.
 pub fn new_order_id(item_id: &str) -> String {
+    new_order_id_on(shard_of(item_id))
+}
+
+/// A new order id carrying `shard` (that of the bucket the order is made in).
+pub fn new_order_id_on(shard: u32) -> String {
     let mut bytes = *uuid::Uuid::now_v7().as_bytes();
-    bytes[15] = (bytes[15] & 0xf0) | shard_of(item_id) as u8;
+    bytes[15] = (bytes[15] & 0xf0) | (shard % SHARDS) as u8;
     uuid::Uuid::from_bytes(bytes).hyphenated().to_string()
 }
 
@@ -101,7 +134,7 @@ mod tests {
     }
 
     #[test]
-    fn buckets_are_named_apart_from_items_and_lie_on_consecutive_shards() {
+    fn buckets_are_named_apart_from_items_and_spread_over_the_shards() {
         assert_eq!(bucket_id("sku", 0), "sku");
         assert_eq!(bucket_id("sku", 3), "sku#3");
         assert!(!valid_id(&bucket_id("sku", 3)), "no outside id names a bucket");
@@ -116,19 +149,31 @@ mod tests {
         assert_eq!(split_bucket("sku#"), ("sku#", 0));
         for item in ["demo", "sku-1", "hot"] {
             let first = shard_of(item);
-            let shards: Vec<u32> = (0..SHARDS).map(|b| shard_of(&bucket_id(item, b))).collect();
-            for (b, s) in shards.iter().enumerate() {
-                assert_eq!(*s, (first + b as u32) % SHARDS, "{item} bucket {b}");
-            }
+            let shards: Vec<u32> = (1..=SHARDS).map(|b| shard_of(&bucket_id(item, b))).collect();
             let mut distinct = shards.clone();
             distinct.sort_unstable();
             distinct.dedup();
             assert_eq!(distinct.len(), SHARDS as usize, "16 buckets, 16 shards");
-            // An order id of a bucket carries the bucket's shard.
             assert_eq!(
-                order_shard(&new_order_id(&bucket_id(item, 5))),
-                Some((first + 5) % SHARDS)
+                shard_of(&bucket_id(item, 17)),
+                shards[0],
+                "past 16 the sequence repeats"
             );
+            for b in 1..=SHARDS {
+                assert_eq!(bucket_shard(item, b), shard_of(&bucket_id(item, b)));
+            }
+            // Any 6 buckets leave no run of 4 shards empty: on 3 masters (runs of 5, 5, 6
+            // shards) each gets one.
+            let mut six: Vec<u32> = shards[..6].iter().map(|s| (s + SHARDS - first) % SHARDS).collect();
+            six.sort_unstable();
+            let gaps: Vec<u32> = six
+                .windows(2)
+                .map(|w| w[1] - w[0])
+                .chain([six[0] + SHARDS - six[5]])
+                .collect();
+            assert!(gaps.iter().all(|&g| g <= 4), "{item}: {six:?}");
+            // An order id of a bucket carries the bucket's shard.
+            assert_eq!(order_shard(&new_order_id(&bucket_id(item, 5))), Some(shards[4]));
         }
     }
 
@@ -136,15 +181,19 @@ mod tests {
     fn a_home_bucket_is_stable_and_spreads_users() {
         assert_eq!(home_bucket("anyone", 1), 0);
         assert_eq!(home_bucket("anyone", 0), 0);
-        let mut per_bucket = [0u32; 6];
+        assert_eq!(stock_buckets(1), 0..=0);
+        assert_eq!(stock_buckets(6), 1..=6);
+        let mut per_bucket = [0u32; 7];
         for u in 0..60_000 {
             let user = format!("u{u}");
             let b = home_bucket(&user, 6);
             assert_eq!(b, home_bucket(&user, 6), "stable");
+            assert!(stock_buckets(6).contains(&b), "bucket {b} holds no stock");
             per_bucket[b as usize] += 1;
         }
-        for n in per_bucket {
-            assert!((9_000..11_000).contains(&n), "uneven: {per_bucket:?}");
+        assert_eq!(per_bucket[0], 0, "a bucketed item's own keys hold no stock");
+        for n in &per_bucket[1..] {
+            assert!((9_000..11_000).contains(n), "uneven: {per_bucket:?}");
         }
     }
 

@@ -177,7 +177,16 @@ pub const OUTCOMES: &[&str] = &[
     "internal",
 ];
 const CACHES: &[&str] = &["item", "sold_out", "not_found", "bloom"];
-const SCRIPTS: &[&str] = &["reserve", "pay", "cancel", "expire", "put_item"];
+const SCRIPTS: &[&str] = &[
+    "reserve",
+    "pay",
+    "cancel",
+    "expire",
+    "put_item",
+    "transfer_out",
+    "transfer_in",
+    "transfer_forget",
+];
 const EVENTS: &[&str] = &["reserved", "paid", "cancelled", "expired"];
 const REDIS_ERROR_KINDS: &[&str] = &[
     "timeout",
@@ -187,6 +196,7 @@ const REDIS_ERROR_KINDS: &[&str] = &[
     "shed",
     "not_replicated",
     "fenced",
+    "in_transit",
 ];
 
 /// The maps of [`Handles`]: their keys are this module's own `&'static str`s, so a fixed,

@@ -26,6 +26,7 @@ use sqlx::{QueryBuilder, Row};
 use crate::domain::{ItemSpec, Order, OrderEvent, OrderStatus, TransferEvent, TransferSide};
 use crate::engine::seq::Mark;
 use crate::error::Error;
+use crate::ids::split_bucket;
 use crate::metrics;
 
 enum Pool {
@@ -164,13 +165,16 @@ where
     i32: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
 {
     let mut q = QueryBuilder::new(
-        "INSERT INTO orders (order_id, item_id, user_id, qty, status, idem_key, created_ms, \
+        "INSERT INTO orders (order_id, item_id, bucket, user_id, qty, status, idem_key, created_ms, \
          pay_before_ms, updated_ms, paid_ms, cancelled_ms, expired_ms) ",
     );
     q.push_values(events, |mut b, ev| {
         let at = |s: OrderStatus| (ev.status == s).then_some(ev.at_ms);
+        // A bucket's order (`<item>#<b>`): the item's row, with its bucket.
+        let (item, bucket) = split_bucket(&ev.item_id);
         b.push_bind(ev.order_id.clone())
-            .push_bind(ev.item_id.clone())
+            .push_bind(item.to_owned())
+            .push_bind(i64::from(bucket))
             .push_bind(ev.user_id.clone())
             .push_bind(ev.qty)
             .push_bind(ev.status.as_str())
@@ -445,6 +449,24 @@ impl Store {
             }
             let rows = self.bounded(q.fetch_all(pool)).await?;
             rows.iter().map(order_from_row).collect()
+        })
+    }
+
+    /// The orders an engine item holds: those of an item of one bucket, or of one bucket
+    /// (`<item>#<b>`) of a bucketed item (reconcile and repair work per engine item).
+    pub async fn orders_in(&self, engine_id: &str) -> Result<Vec<Order>, Error> {
+        let (item, bucket) = split_bucket(engine_id);
+        let sql = format!("SELECT {ORDER_COLUMNS} FROM orders WHERE item_id = $1 AND bucket = $2 ORDER BY order_id");
+        with_pool!(self, pool => {
+            let q = sqlx::query(&sql).bind(item).bind(i64::from(bucket));
+            let rows = self.bounded(q.fetch_all(pool)).await?;
+            rows.iter()
+                .map(|r| {
+                    let mut o = order_from_row(r)?;
+                    o.item_id = engine_id.to_owned();
+                    Ok(o)
+                })
+                .collect()
         })
     }
 

@@ -338,6 +338,7 @@ async fn run_case(server: &RedisServer, seen: &Seen, puts: Vec<Put>, ops: Vec<Op
                     qty: *qty,
                     order_id: new_order_id(ITEMS[*item]),
                     idem_key: key.map(|k| KEYS[k].to_owned()),
+                    buckets: 1,
                 };
                 let out = (
                     format!("reserve {c:?}"),

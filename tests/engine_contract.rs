@@ -168,6 +168,7 @@ fn cmd(item: &str, user: &str, qty: i64, key: Option<&str>) -> ReserveCmd {
         qty,
         order_id: new_order_id(item),
         idem_key: key.map(str::to_owned),
+        buckets: 1,
     }
 }
 

@@ -38,8 +38,8 @@ OUTCOMES = {"ok", "bad_request", "unauthenticated", "forbidden", "unknown_item",
             "payload_too_large", "rate_limited", "unavailable", "internal",
             # route-level refusals outside the design's table (docs/contract.md: deviations)
             "not_found", "method_not_allowed"}
-SCRIPTS = {"reserve", "pay", "cancel", "expire", "put_item"}
-REDIS_ERROR_KINDS = {"timeout", "connection", "script", "circuit_open", "shed", "not_replicated", "fenced"}
+SCRIPTS = {"reserve", "pay", "cancel", "expire", "put_item", "transfer_out", "transfer_in", "transfer_forget"}
+REDIS_ERROR_KINDS = {"timeout", "connection", "script", "circuit_open", "shed", "not_replicated", "fenced", "in_transit"}
 CACHES = {"item", "sold_out", "not_found", "bloom"}
 CACHE_RESULTS = {"hit", "miss"}
 ORDER_EVENTS = {"reserved", "paid", "cancelled", "expired"}

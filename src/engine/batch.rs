@@ -165,6 +165,7 @@ mod tests {
             qty: 1,
             order_id: format!("o{user}"),
             idem_key: None,
+            buckets: 1,
         }
     }
 

@@ -16,12 +16,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwapOption;
+
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
 use redis::{Cmd, RedisFuture, Value};
-use tokio::sync::OnceCell;
 
 use crate::config::RedisMode;
 use crate::error::Error;
@@ -85,10 +86,9 @@ impl Target {
                     .map_err(|e| Error::RedisConnection(e.to_string()))?;
                 Ok(RedisConn::Single(conn))
             }
-            RedisMode::Cluster => Ok(RedisConn::Cluster(Arc::new(LazyCluster {
-                client: Some(self.cluster_client(self.timeout)?),
-                conn: OnceCell::new(),
-            }))),
+            RedisMode::Cluster => Ok(RedisConn::Cluster(Arc::new(LazyCluster::new(
+                self.cluster_client(self.timeout)?,
+            )))),
         }
     }
 
@@ -141,33 +141,62 @@ impl Target {
 }
 
 /// A cluster connection made on first use; a failed attempt is retried by the next use.
+/// [`LazyCluster::reset`] drops it, so the next use connects afresh from the seed nodes.
 pub struct LazyCluster {
     /// `None` when made ready ([`Target::dedicated`]).
     client: Option<ClusterClient>,
-    conn: OnceCell<ClusterConnection>,
+    conn: ArcSwapOption<ClusterConnection>,
+    /// Connecting, one at a time.
+    connecting: tokio::sync::Mutex<()>,
 }
 
 impl LazyCluster {
+    fn new(client: ClusterClient) -> Self {
+        LazyCluster {
+            client: Some(client),
+            conn: ArcSwapOption::empty(),
+            connecting: tokio::sync::Mutex::new(()),
+        }
+    }
+
     fn ready(conn: ClusterConnection) -> Self {
         LazyCluster {
             client: None,
-            conn: OnceCell::new_with(Some(conn)),
+            conn: ArcSwapOption::new(Some(Arc::new(conn))),
+            connecting: tokio::sync::Mutex::new(()),
         }
     }
 
     async fn get(&self) -> redis::RedisResult<ClusterConnection> {
-        self.conn
-            .get_or_try_init(|| async {
-                match &self.client {
-                    Some(client) => client.get_async_connection().await,
-                    None => Err(redis::RedisError::from((
-                        redis::ErrorKind::Client,
-                        "a dedicated cluster connection is made connected",
-                    ))),
-                }
-            })
-            .await
-            .cloned()
+        if let Some(c) = self.conn.load_full() {
+            return Ok((*c).clone());
+        }
+        let _one = self.connecting.lock().await;
+        if let Some(c) = self.conn.load_full() {
+            return Ok((*c).clone());
+        }
+        let conn = match &self.client {
+            Some(client) => client.get_async_connection().await?,
+            None => {
+                return Err(redis::RedisError::from((
+                    redis::ErrorKind::Client,
+                    "a dedicated cluster connection is made connected",
+                )));
+            }
+        };
+        self.conn.store(Some(Arc::new(conn.clone())));
+        Ok(conn)
+    }
+
+    /// Forget the connection: the next use makes a new one, with the topology read again
+    /// from the seed nodes. After a failover redis-rs' cluster connection was seen to time
+    /// out on some slots for a minute and more (its slot refresh failing while a node was
+    /// down, and not retried); a new connection serves them at once. A dedicated connection
+    /// (no client to connect with) is kept.
+    pub fn reset(&self) {
+        if self.client.is_some() && self.conn.swap(None).is_some() {
+            tracing::warn!("redis cluster connection reset: a shard's calls kept failing");
+        }
     }
 }
 
@@ -182,6 +211,14 @@ pub enum RedisConn {
 }
 
 impl RedisConn {
+    /// A cluster connection: forget it, so the next call connects afresh
+    /// ([`LazyCluster::reset`]); one server's `ConnectionManager` reconnects by itself.
+    pub fn reset(&self) {
+        if let RedisConn::Cluster(c) = self {
+            c.reset();
+        }
+    }
+
     /// Run `cmd` on the primary that owns `key`'s slot, for commands whose keys Redis does
     /// not name (`SCAN … MATCH sk:{tag}:…`, `WAIT`). Standalone: the one server.
     pub async fn query_on_slot_of<T: redis::FromRedisValue>(&mut self, key: &str, cmd: &Cmd) -> redis::RedisResult<T> {

@@ -242,6 +242,16 @@ impl StockEngine for EmbeddedEngine {
         let previous = {
             let mut s = self.lock();
             let prev = s.items.get(&spec.item_id).cloned();
+            // The Redis engine's rule (its stock lies in its buckets there): the buckets of
+            // an existing item never change, and one of several buckets only takes its own
+            // definition again.
+            if let Some(p) = &prev
+                && (p.spec.buckets != spec.buckets || (spec.buckets > 1 && p.spec != *spec))
+            {
+                return Ok(PutReply::BucketsFixed {
+                    buckets: p.spec.buckets,
+                });
+            }
             let (reserved, paid, cancelled, expired) = prev
                 .as_ref()
                 .map_or((0, 0, 0, 0), |p| (p.reserved, p.paid, p.cancelled, p.expired));
@@ -625,6 +635,7 @@ mod tests {
                 qty: 1,
                 order_id: format!("o{n}"),
                 idem_key: Some(format!("k{n}")),
+                buckets: 1,
             };
             e.reserve(&cmd).await.unwrap();
             ids.push(cmd.order_id);

@@ -4,6 +4,7 @@
 //! [`Clock`]: production passes `Clock::system()`, tests a manual clock they advance.
 
 use std::future::Future;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, Ordering};
 use std::time::Duration;
 
@@ -19,6 +20,9 @@ pub struct Guard {
     inflight: Semaphore,
     breaker: Breaker,
     timeout: Duration,
+    /// Run when the circuit's probe fails (the failure outlasted a cool-down): a cluster
+    /// connection is then made anew ([`super::conn::RedisConn::reset`]).
+    on_stuck: Option<Arc<dyn Fn() + Send + Sync>>,
 }
 
 impl Guard {
@@ -31,6 +35,21 @@ impl Guard {
             // A real probe ends within `timeout`; one silent for longer was abandoned.
             breaker: Breaker::new(failures, cooldown, timeout + Duration::from_millis(100), clock),
             timeout,
+            on_stuck: None,
+        }
+    }
+
+    /// What to do when a failure outlasts a cool-down (its probe fails too).
+    pub fn on_stuck(mut self, f: Arc<dyn Fn() + Send + Sync>) -> Self {
+        self.on_stuck = Some(f);
+        self
+    }
+
+    fn failed(&self) {
+        if self.breaker.failure()
+            && let Some(f) = &self.on_stuck
+        {
+            f();
         }
     }
 
@@ -64,13 +83,13 @@ impl Guard {
         self.breaker.allow()?;
         match tokio::time::timeout(self.timeout, f).await {
             Err(_) => {
-                self.breaker.failure();
+                self.failed();
                 Err(Error::RedisTimeout)
             }
             Ok(Err(e)) => {
                 let e = Error::from(e);
                 if matches!(e, Error::RedisTimeout | Error::RedisConnection(_)) {
-                    self.breaker.failure();
+                    self.failed();
                 } else {
                     // Redis answered: the connection is fine even if the reply was an error.
                     self.breaker.success();
@@ -178,7 +197,8 @@ impl Breaker {
         }
     }
 
-    fn failure(&self) {
+    /// Count a failure; true when it was the probe's (the circuit opens again).
+    fn failure(&self) -> bool {
         let open = |why: &str| {
             self.open_until
                 .store(self.now() + self.cooldown.as_millis() as i64, Ordering::Release);
@@ -193,12 +213,13 @@ impl Breaker {
         };
         if self.probing.load(Ordering::Acquire) {
             open("probe failed");
-            return;
+            return true;
         }
         let n = self.failures.fetch_add(1, Ordering::AcqRel) + 1;
         if n >= self.threshold && !self.is_open() {
             open("consecutive failures");
         }
+        false
     }
 }
 
@@ -260,6 +281,29 @@ mod tests {
         assert!(probe.now_or_never().is_none());
         // Another probe only once the first one has been out longer than the probe timeout.
         refuses_for_then_closes(&g, &clock, 121).await;
+    }
+
+    #[tokio::test]
+    async fn a_failed_probe_and_only_that_runs_the_stuck_hook() {
+        let (g, clock) = guard(10, Duration::from_secs(1), 2, Duration::from_millis(50));
+        let runs = Arc::new(AtomicU32::new(0));
+        let counter = runs.clone();
+        let g = g.on_stuck(Arc::new(move || {
+            counter.fetch_add(1, Ordering::SeqCst);
+        }));
+        for _ in 0..2 {
+            assert!(g.call(async { fail() }).await.is_err());
+        }
+        assert_eq!(
+            runs.load(Ordering::SeqCst),
+            0,
+            "opening on consecutive failures is not stuck yet"
+        );
+        clock.advance(50);
+        assert!(g.call(async { fail() }).await.is_err(), "the probe fails");
+        assert_eq!(runs.load(Ordering::SeqCst), 1, "a failure outlasting a cool-down");
+        refuses_for_then_closes(&g, &clock, 50).await;
+        assert_eq!(runs.load(Ordering::SeqCst), 1);
     }
 
     #[tokio::test]

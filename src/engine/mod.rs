@@ -19,6 +19,7 @@
 //!   (pub/sub and clock sync with Redis).
 
 pub mod batch;
+pub mod buckets;
 pub mod conn;
 pub mod embedded;
 pub mod guard;
@@ -112,9 +113,12 @@ pub enum PutReply {
     BelowHeld {
         held: i64,
     },
-    /// More than one stock bucket, which this engine cannot sell yet (the Redis engine,
-    /// until issue 13's reserve path exists); nothing changed.
-    BucketsUnavailable,
+    /// The item exists and has stock buckets, or is asked to get them: its buckets and
+    /// its stock stay as they are (only the same definition again is accepted); nothing
+    /// changed.
+    BucketsFixed {
+        buckets: u32,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -125,6 +129,10 @@ pub struct ReserveCmd {
     /// Chosen by the caller ([`crate::ids::new_order_id`]) so the engine stays deterministic.
     pub order_id: String,
     pub idem_key: Option<String>,
+    /// The item's stock buckets (its definition's `buckets`, from the caller's cache): the
+    /// Redis engine makes the order in the shopper's home bucket
+    /// ([`crate::ids::home_bucket`]); the embedded engine keeps one counter.
+    pub buckets: u32,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -419,7 +427,10 @@ impl Engine {
             && let Ok(Some(row)) = self.inner.store.order(order_id).await
             && row.status == OrderStatus::Reserved
         {
-            redis.alarms().raise(crate::ids::shard_of(&row.item_id));
+            // The order's shard is its bucket's (the id carries it), not always its item's.
+            redis
+                .alarms()
+                .raise(crate::ids::order_shard(order_id).unwrap_or_else(|| crate::ids::shard_of(&row.item_id)));
             return Err(Error::Fenced(format!(
                 "order {order_id} is open in the database but not in Redis"
             )));
@@ -437,6 +448,15 @@ impl Engine {
 
     pub async fn catalog(&self) -> Result<Vec<String>, Error> {
         delegate!(self, e => e.catalog())
+    }
+
+    /// Each stock bucket of an item read as `item` (Redis, `buckets` > 1); none otherwise
+    /// (the embedded engine keeps one counter).
+    pub async fn buckets(&self, item: &ItemState) -> Result<Vec<buckets::BucketState>, Error> {
+        match &self.inner.kind {
+            Kind::Redis(r) if item.spec.buckets > 1 => r.bucket_states(item).await,
+            _ => Ok(Vec::new()),
+        }
     }
 
     pub async fn ping(&self) -> Result<(), Error> {
@@ -462,9 +482,15 @@ impl Engine {
     pub fn spawn_background(&self, shutdown: watch::Receiver<bool>) -> Vec<tokio::task::JoinHandle<()>> {
         match &self.inner.kind {
             Kind::Redis(_) => {
-                let (a, b) = (self.clone(), self.clone());
+                let (a, b, c) = (self.clone(), self.clone(), self.clone());
                 let stop = shutdown.clone();
+                let stop_c = shutdown.clone();
                 vec![
+                    tokio::spawn(async move {
+                        if let Some(r) = c.redis() {
+                            r.keep_transfers_moving(stop_c).await;
+                        }
+                    }),
                     tokio::spawn(async move {
                         if let Some(r) = a.redis() {
                             r.follow_changes(stop).await;

@@ -22,6 +22,7 @@ use futures_util::StreamExt;
 use tokio::sync::watch;
 
 use super::batch::{BatchCall, Batches};
+use super::buckets::whole_item_of;
 use super::conn::{RedisConn, Target};
 use super::guard::Guard;
 use super::keys;
@@ -38,23 +39,29 @@ use crate::metrics;
 use crate::shutdown::stopped;
 
 /// The Lua scripts, each loaded once.
-struct Scripts {
+pub(super) struct Scripts {
     reserve: Script,
     pay: Script,
     cancel: Script,
     expire: Script,
-    put_item: Script,
+    pub(super) put_item: Script,
+    pub(super) transfer_out: Script,
+    pub(super) transfer_in: Script,
+    pub(super) transfer_forget: Script,
 }
 
 impl Scripts {
     fn load() -> Self {
-        use super::scripts::{CANCEL, EXPIRE, PAY, PUT_ITEM, RESERVE};
+        use super::scripts::{CANCEL, EXPIRE, PAY, PUT_ITEM, RESERVE, TRANSFER_FORGET, TRANSFER_IN, TRANSFER_OUT};
         Scripts {
             reserve: Script::new(RESERVE),
             pay: Script::new(PAY),
             cancel: Script::new(CANCEL),
             expire: Script::new(EXPIRE),
             put_item: Script::new(PUT_ITEM),
+            transfer_out: Script::new(TRANSFER_OUT),
+            transfer_in: Script::new(TRANSFER_IN),
+            transfer_forget: Script::new(TRANSFER_FORGET),
         }
     }
 }
@@ -62,7 +69,7 @@ impl Scripts {
 /// Run a prepared script invocation of `shard` under its guard, timing it; its reply must
 /// be a non-empty array. A `FENCED` answer wakes the repair task
 /// ([`crate::orders::repair`]).
-async fn run_script(
+pub(super) async fn run_script(
     conn: &RedisConn,
     guards: &Guards,
     alarms: &Alarms,
@@ -90,7 +97,7 @@ async fn run_script(
 /// What a shard's batch driver needs to call `reserve.lua`: cheap clones of the engine's
 /// connection, scripts, guard and clock.
 #[derive(Clone)]
-struct ReserveCaller {
+pub(super) struct ReserveCaller {
     conn: RedisConn,
     scripts: Arc<Scripts>,
     guards: Guards,
@@ -261,13 +268,13 @@ impl ReserveCaller {
 /// (the same connection: one `WAIT` covers every write sent on it before) until this many
 /// replicas have the change, or answer 503.
 #[derive(Clone, Copy, Debug)]
-struct Replicas {
+pub(super) struct Replicas {
     wanted: u32,
     timeout: Duration,
 }
 
 impl Replicas {
-    async fn wait(&self, conn: &RedisConn, guard: &Guard, shard: u32) -> Result<(), Error> {
+    pub(super) async fn wait(&self, conn: &RedisConn, guard: &Guard, shard: u32) -> Result<(), Error> {
         if self.wanted == 0 {
             return Ok(());
         }
@@ -325,13 +332,19 @@ impl RedisSettings {
 /// alone), one for everything standalone; `other` guards calls of no shard (catalogue,
 /// pub/sub, TIME, PING).
 #[derive(Clone)]
-struct Guards {
+pub(super) struct Guards {
     shards: Arc<Vec<Arc<Guard>>>,
     other: Arc<Guard>,
 }
 
 impl Guards {
-    fn new(redis: &RedisSettings) -> Self {
+    /// On a cluster, a shard whose calls keep failing past a cool-down makes `conn` anew
+    /// ([`RedisConn::reset`]).
+    fn new(redis: &RedisSettings, conn: &RedisConn) -> Self {
+        let reset: Arc<dyn Fn() + Send + Sync> = {
+            let conn = conn.clone();
+            Arc::new(move || conn.reset())
+        };
         let guard = || {
             Guard::new(
                 redis.max_inflight,
@@ -340,6 +353,7 @@ impl Guards {
                 redis.circuit_cooldown,
                 Clock::system(),
             )
+            .on_stuck(reset.clone())
         };
         let other = Arc::new(guard());
         let shards = match redis.mode {
@@ -352,7 +366,7 @@ impl Guards {
         }
     }
 
-    fn shard(&self, shard: u32) -> &Guard {
+    pub(super) fn shard(&self, shard: u32) -> &Guard {
         &self.shards[shard as usize]
     }
 
@@ -363,18 +377,18 @@ impl Guards {
 
 pub struct RedisEngine {
     target: Target,
-    conn: RedisConn,
-    scripts: Arc<Scripts>,
-    guards: Guards,
+    pub(super) conn: RedisConn,
+    pub(super) scripts: Arc<Scripts>,
+    pub(super) guards: Guards,
     /// Reservations, batched per shard ([`super::batch`]).
-    batches: Batches<ReserveCaller>,
-    replicas: Replicas,
-    clock: Clock,
-    redis: RedisSettings,
+    pub(super) batches: Batches<ReserveCaller>,
+    pub(super) replicas: Replicas,
+    pub(super) clock: Clock,
+    pub(super) redis: RedisSettings,
     settings: EngineSettings,
-    listener: Arc<dyn Listener>,
-    floors: Arc<Floors>,
-    alarms: Arc<Alarms>,
+    pub(super) listener: Arc<dyn Listener>,
+    pub(super) floors: Arc<Floors>,
+    pub(super) alarms: Arc<Alarms>,
 }
 
 impl RedisEngine {
@@ -382,7 +396,7 @@ impl RedisEngine {
     pub fn new(redis: RedisSettings, settings: EngineSettings, clock: Clock) -> Result<Self, Error> {
         let target = Target::new(&redis.url, redis.mode, redis.timeout);
         let conn = target.shared()?;
-        let guards = Guards::new(&redis);
+        let guards = Guards::new(&redis, &conn);
         let scripts = Arc::new(Scripts::load());
         let floors = Arc::new(Floors::default());
         let alarms = Arc::new(Alarms::default());
@@ -459,7 +473,7 @@ impl RedisEngine {
     }
 
     /// Run a plain command of a shard's keys under its guard.
-    async fn query_shard<T: redis::FromRedisValue>(&self, shard: u32, cmd: &redis::Cmd) -> Result<T, Error> {
+    pub(super) async fn query_shard<T: redis::FromRedisValue>(&self, shard: u32, cmd: &redis::Cmd) -> Result<T, Error> {
         self.query_in(self.guards.shard(shard), cmd).await
     }
 
@@ -510,7 +524,7 @@ impl RedisEngine {
     }
 
     /// Tell every instance that an item changed (added, replaced, stock back).
-    async fn publish_changed(&self, item_id: &str) -> Result<(), Error> {
+    pub(super) async fn publish_changed(&self, item_id: &str) -> Result<(), Error> {
         self.query::<i64>(
             redis::cmd("PUBLISH")
                 .arg(keys::BUS)
@@ -577,6 +591,9 @@ impl RedisEngine {
     /// A failed publish is logged, not returned: the change is made, and the other
     /// instances' flags expire by their TTL.
     async fn moved(&self, item_id: &str, event: OrderStatus, stock: Option<i64>) {
+        // A bucket's order: the news is the item's, without the bucket's stock figure.
+        let (item_id, bucket) = whole_item_of(item_id);
+        let stock = if bucket { None } else { stock };
         self.listener.news(ItemNews::Order {
             item: item_id,
             event,
@@ -586,6 +603,30 @@ impl RedisEngine {
             && let Err(e) = self.publish_changed(item_id).await
         {
             tracing::warn!(item = %item_id, cause = %e, "stock came back but other instances were not told");
+        }
+    }
+
+    /// `put_item.lua` for an item of one bucket.
+    async fn put_whole(&self, spec: &ItemSpec) -> Result<PutReply, Error> {
+        let mut inv = self.scripts.put_item.prepare_invoke();
+        inv.key(keys::item(&spec.item_id))
+            .arg(&spec.item_id)
+            .arg(&spec.name)
+            .arg(spec.price_cents)
+            .arg(spec.stock_total)
+            .arg(spec.per_user_limit)
+            .arg(spec.starts_ms)
+            .arg(spec.ends_ms)
+            .arg(spec.buckets);
+        let parts = self.run(&spec.item_id, "put_item", inv).await?;
+        let r = Reply {
+            script: "put_item",
+            parts: &parts,
+        };
+        match r.status()?.as_str() {
+            "ok" => Ok(PutReply::Stored { stock: r.int(1)? }),
+            "below_held" => Ok(PutReply::BelowHeld { held: r.int(1)? }),
+            other => Err(Error::ScriptReply(format!("put_item: unknown reply {other}"))),
         }
     }
 
@@ -607,7 +648,7 @@ pub(crate) fn text(v: &Value) -> Option<String> {
     }
 }
 
-fn int(v: &Value) -> Option<i64> {
+pub(super) fn int(v: &Value) -> Option<i64> {
     match v {
         Value::Int(i) => Some(*i),
         Value::BulkString(b) => std::str::from_utf8(b).ok()?.parse().ok(),
@@ -617,19 +658,19 @@ fn int(v: &Value) -> Option<i64> {
 }
 
 /// Positional access to a script reply, failing with the script's name.
-struct Reply<'a> {
-    script: &'static str,
-    parts: &'a [Value],
+pub(super) struct Reply<'a> {
+    pub(super) script: &'static str,
+    pub(super) parts: &'a [Value],
 }
 
 impl Reply<'_> {
-    fn status(&self) -> Result<String, Error> {
+    pub(super) fn status(&self) -> Result<String, Error> {
         self.text(0)
     }
-    fn text(&self, i: usize) -> Result<String, Error> {
+    pub(super) fn text(&self, i: usize) -> Result<String, Error> {
         self.parts.get(i).and_then(text).ok_or_else(|| self.bad(i))
     }
-    fn int(&self, i: usize) -> Result<i64, Error> {
+    pub(super) fn int(&self, i: usize) -> Result<i64, Error> {
         self.parts.get(i).and_then(int).ok_or_else(|| self.bad(i))
     }
     fn order_status(&self, i: usize) -> Result<OrderStatus, Error> {
@@ -769,43 +810,27 @@ pub(crate) fn item_from_hash(item_id: &str, h: &HashMap<String, String>) -> Resu
 
 impl StockEngine for RedisEngine {
     async fn put_item(&self, spec: &ItemSpec) -> Result<PutReply, Error> {
-        if spec.buckets > 1 {
-            // Issue 13 in progress: the scripts and ids of buckets exist, the reserve path
-            // that moves units between them does not yet; a bucketed sale without it would
-            // answer sold_out while other buckets hold stock.
-            return Ok(PutReply::BucketsUnavailable);
-        }
-        let mut inv = self.scripts.put_item.prepare_invoke();
-        inv.key(keys::item(&spec.item_id))
-            .arg(&spec.item_id)
-            .arg(&spec.name)
-            .arg(spec.price_cents)
-            .arg(spec.stock_total)
-            .arg(spec.per_user_limit)
-            .arg(spec.starts_ms)
-            .arg(spec.ends_ms)
-            .arg(spec.buckets);
-        let parts = self.run(&spec.item_id, "put_item", inv).await?;
-        let r = Reply {
-            script: "put_item",
-            parts: &parts,
-        };
-        let reply = match r.status()?.as_str() {
-            "ok" => PutReply::Stored { stock: r.int(1)? },
-            "below_held" => return Ok(PutReply::BelowHeld { held: r.int(1)? }),
-            other => {
-                return Err(Error::ScriptReply(format!("put_item: unknown reply {other}")));
+        // Buckets are fixed once an item exists: its stock lies in them (`super::buckets`).
+        let existing = self.item(&spec.item_id).await?;
+        let reply = match &existing {
+            Some(current) if current.spec.buckets != spec.buckets => {
+                return Ok(PutReply::BucketsFixed {
+                    buckets: current.spec.buckets,
+                });
             }
+            _ if spec.buckets > 1 => self.put_bucketed(spec, existing).await?,
+            _ => self.put_whole(spec).await?,
+        };
+        let PutReply::Stored { stock } = reply else {
+            return Ok(reply);
         };
         self.query::<i64>(redis::cmd("SADD").arg(keys::CATALOG).arg(&spec.item_id))
             .await?;
-        if let PutReply::Stored { stock } = reply {
-            self.listener.news(ItemNews::Put {
-                item: &spec.item_id,
-                stock,
-                total: spec.stock_total,
-            });
-        }
+        self.listener.news(ItemNews::Put {
+            item: &spec.item_id,
+            stock,
+            total: spec.stock_total,
+        });
         self.publish_changed(&spec.item_id).await?;
         Ok(reply)
     }
@@ -817,10 +842,19 @@ impl StockEngine for RedisEngine {
         if h.is_empty() {
             return Ok(None);
         }
-        item_from_hash(item_id, &h).map(Some)
+        let head = item_from_hash(item_id, &h)?;
+        if head.spec.buckets > 1 {
+            return self.whole_item(head, &h).await.map(Some);
+        }
+        Ok(Some(head))
     }
 
     async fn reserve(&self, cmd: &ReserveCmd) -> Result<ReserveReply, Error> {
+        if cmd.buckets > 1 {
+            let reply = self.reserve_bucketed(cmd).await?;
+            self.tell_bucketed(&cmd.item_id, &reply);
+            return Ok(reply);
+        }
         let reply = self.batches.reserve(cmd.clone()).await?;
         if let Some(news) = reply.news(&cmd.item_id) {
             self.listener.news(news);
@@ -904,10 +938,11 @@ impl StockEngine for RedisEngine {
         }
         if let ExpireReply::Expired { stock_after } = reply {
             // Other instances hear it once per item per sweep ([`Self::expire_due`]).
+            let (item, bucket) = whole_item_of(item_id);
             self.listener.news(ItemNews::Order {
-                item: item_id,
+                item,
                 event: OrderStatus::Expired,
-                stock: Some(stock_after),
+                stock: (!bucket).then_some(stock_after),
             });
         }
         Ok(reply)
@@ -944,7 +979,7 @@ impl StockEngine for RedisEngine {
                 }
             }
         }
-        let mut changed: Vec<&str> = expired.iter().map(|e| e.item_id.as_str()).collect();
+        let mut changed: Vec<&str> = expired.iter().map(|e| whole_item_of(&e.item_id).0).collect();
         changed.sort_unstable();
         changed.dedup();
         for item_id in changed {
@@ -963,7 +998,13 @@ impl StockEngine for RedisEngine {
         if h.is_empty() {
             return Ok(None);
         }
-        order_from_hash(order_id, &h).map(Some)
+        let mut order = order_from_hash(order_id, &h)?;
+        // A bucket's order (`<item>#<b>`) is the item's to the outside.
+        let (item, bucket) = whole_item_of(&order.item_id);
+        if bucket {
+            order.item_id = item.to_owned();
+        }
+        Ok(Some(order))
     }
 
     async fn catalog(&self) -> Result<Vec<String>, Error> {

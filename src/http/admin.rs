@@ -90,9 +90,10 @@ pub async fn put_item(ctx: &Ctx<'_>, req: Request<Incoming>) -> Answer {
         PutReply::BelowHeld { held } => Err(Reject::BadRequest(format!(
             "stock below the {held} units already reserved or paid"
         ))),
-        PutReply::BucketsUnavailable => Err(Reject::BadRequest(
-            "buckets above 1 are not available with Redis yet; leave buckets out or set it to 1".into(),
-        )),
+        PutReply::BucketsFixed { buckets } => Err(Reject::BadRequest(format!(
+            "the item exists with {buckets} stock bucket(s): its buckets cannot change, and an item with more than one \
+             keeps its stock and definition (create a new item id instead)"
+        ))),
     }
 }
 
@@ -107,6 +108,25 @@ pub async fn stats(ctx: &Ctx<'_>, req: Request<Incoming>) -> Answer {
         .map_err(|e| ctx.failed("stats", e))?
         .ok_or(Reject::UnknownItem)?;
     let (rows, units) = ctx.app.store.count(ctx.id).await.map_err(|e| ctx.failed("stats", e))?;
+    let per_bucket: Vec<serde_json::Value> = ctx
+        .engine()
+        .buckets(&state)
+        .await
+        .map_err(|e| ctx.failed("stats", e))?
+        .iter()
+        .map(|b| {
+            serde_json::json!({
+                "bucket": b.bucket,
+                "stock_total": b.state.spec.stock_total,
+                "stock_remaining": b.state.stock,
+                "reserved": b.state.reserved,
+                "paid": b.state.paid,
+                "cancelled": b.state.cancelled,
+                "expired": b.state.expired,
+                "in_transit": b.in_transit,
+            })
+        })
+        .collect();
     Ok(reply::ok(&serde_json::json!({
         "item_id": ctx.id,
         "stock_total": state.spec.stock_total,
@@ -118,6 +138,7 @@ pub async fn stats(ctx: &Ctx<'_>, req: Request<Incoming>) -> Answer {
         "persisted": units,
         "persisted_orders": rows,
         "buckets": state.spec.buckets,
+        "per_bucket": per_bucket,
     })))
 }
 

@@ -11,7 +11,7 @@ use super::views::{ItemView, ReservationView};
 use crate::clock::rfc3339;
 use crate::engine::{ReserveCmd, ReserveReply};
 use crate::error::Reject;
-use crate::ids::{new_order_id, valid_id};
+use crate::ids::{bucket_shard, home_bucket, new_order_id_on, valid_id};
 
 /// `GET /api/v1/items/{id}`: browsing needs no identity; it is limited per IP.
 pub async fn get(ctx: &Ctx<'_>, req: Request<Incoming>) -> Answer {
@@ -41,7 +41,7 @@ pub async fn reserve(ctx: &Ctx<'_>, req: Request<Incoming>) -> Answer {
         .cache
         .early_answer(&item.spec, ctx.now(), ask.qty, ask.idem_key.is_some())?; // qty ≤ limit, sold-out flag, sale window
     let qty = ask.qty;
-    let cmd = ask.into_cmd(ctx.id, user.clone()); // a new order id, only for a request that goes on
+    let cmd = ask.into_cmd(ctx.id, user.clone(), item.spec.buckets); // a new order id, only for a request that goes on
     // Boxed: the engine's future (a script call, its resends) would make every reserve
     // request's future that much larger, and a sold-out answer moves it too.
     let reply = Box::pin(ctx.engine().reserve(cmd))
@@ -86,13 +86,16 @@ impl Ask {
     }
 
     /// The engine's command, with a fresh order id.
-    fn into_cmd(self, item_id: &str, user_id: String) -> ReserveCmd {
+    fn into_cmd(self, item_id: &str, user_id: String, buckets: u32) -> ReserveCmd {
+        // Made in the shopper's home bucket: the id carries that bucket's shard.
+        let order_id = new_order_id_on(bucket_shard(item_id, home_bucket(&user_id, buckets)));
         ReserveCmd {
             item_id: item_id.to_owned(),
             user_id,
             qty: self.qty,
-            order_id: new_order_id(item_id),
+            order_id,
             idem_key: self.idem_key,
+            buckets,
         }
     }
 }

@@ -148,6 +148,21 @@ pub async fn reconcile(
             v
         }
     };
+    // A bucketed item is checked as the engine items it lies in: its own hash and each bucket.
+    let mut engine_ids = Vec::with_capacity(items.len());
+    for item in items {
+        let buckets: Option<u32> = redis::cmd("HGET")
+            .arg(keys::item(&item))
+            .arg("buckets")
+            .query_async(conn)
+            .await?;
+        let buckets = buckets.unwrap_or(1);
+        if buckets > 1 {
+            engine_ids.extend(crate::ids::stock_buckets(buckets).map(|b| crate::ids::bucket_id(&item, b)));
+        }
+        engine_ids.push(item);
+    }
+    let items = engine_ids;
     let mut report = Report {
         items: items.len(),
         ..Report::default()
@@ -221,7 +236,7 @@ pub async fn reconcile(
             }
         }
         let rows: HashMap<String, Order> = store
-            .orders(Some(item_id))
+            .orders_in(item_id)
             .await?
             .into_iter()
             .map(|o| (o.order_id.clone(), o))

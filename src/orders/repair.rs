@@ -28,12 +28,13 @@ use tokio::sync::watch;
 use crate::clock::system_now_ms;
 use crate::config::Config;
 use crate::domain::{ItemSpec, Order, OrderStatus};
+use crate::engine::buckets::engine_items;
 use crate::engine::conn::RedisConn;
 use crate::engine::keys;
 use crate::engine::redis::{RedisEngine, item_from_hash};
 use crate::engine::seq::{Alarms, Floors, Mark};
 use crate::error::Error;
-use crate::ids::shard_of;
+use crate::ids::{bucket_id, shard_of, split_bucket};
 use crate::metrics;
 use crate::shutdown::stopped;
 use crate::store::Store;
@@ -177,14 +178,88 @@ async fn rebuild(
             specs.insert(item_id, state.spec);
         }
     }
-    // The database's description wins: it outlives Redis.
-    for spec in store
-        .items()
-        .await?
-        .into_iter()
-        .filter(|s| shard_of(&s.item_id) == shard)
-    {
-        specs.insert(spec.item_id.clone(), spec);
+    // The database's description wins: it outlives Redis. A bucketed item is several
+    // engine items (its own hash and its buckets, on their shards), and its transfers:
+    // those out of a bucket of this shard not yet credited are in transit again (their
+    // donor records rebuilt, so that any gateway finishes them), and those credited to one
+    // are remembered (so that no replay credits them twice).
+    let mut totals: HashMap<String, i64> = HashMap::new();
+    let mut transfer_records: Vec<redis::Cmd> = Vec::new();
+    // Transfer steps the database holds, by transfer id: (given, credited).
+    let mut persisted: HashMap<String, (bool, bool)> = HashMap::new();
+    for spec in store.items().await? {
+        let transfers = if spec.buckets > 1 {
+            store.transfers(&spec.item_id).await?
+        } else {
+            Vec::new()
+        };
+        for t in &transfers {
+            persisted.insert(t.transfer_id.clone(), (t.out_ms.is_some(), t.in_ms.is_some()));
+        }
+        for (engine_spec, total) in engine_items(&spec, &transfers) {
+            if shard_of(&engine_spec.item_id) != shard {
+                continue;
+            }
+            if let Some(total) = total {
+                totals.insert(engine_spec.item_id.clone(), total);
+            }
+            specs.insert(engine_spec.item_id.clone(), engine_spec);
+        }
+        for t in &transfers {
+            let from = bucket_id(&spec.item_id, t.from_bucket as u32);
+            let to = bucket_id(&spec.item_id, t.to_bucket as u32);
+            if let (Some(out_ms), None) = (t.out_ms, t.in_ms)
+                && shard_of(&from) == shard
+            {
+                transfer_records.push(
+                    redis::cmd("HSET")
+                        .arg(keys::transfers_out(&from))
+                        .arg(&t.transfer_id)
+                        .arg(format!("{}|{to}|{out_ms}", t.units))
+                        .clone(),
+                );
+            }
+            if let Some(in_ms) = t.in_ms
+                && shard_of(&to) == shard
+            {
+                transfer_records.push(
+                    redis::cmd("HSET")
+                        .arg(keys::transfers_in(&to))
+                        .arg(&t.transfer_id)
+                        .arg(format!("{}|{from}|{in_ms}", t.units))
+                        .clone(),
+                );
+            }
+        }
+    }
+    // Transfer steps Redis still holds that the database does not have yet (their events
+    // not persisted): the units left or reached the bucket all the same.
+    for (id, spec) in specs.iter_mut() {
+        if split_bucket(id).1 == 0 {
+            continue;
+        }
+        let out: HashMap<String, String> = redis::cmd("HGETALL")
+            .arg(keys::transfers_out(id))
+            .query_async(conn)
+            .await?;
+        for (tid, raw) in &out {
+            if !persisted.get(tid).is_some_and(|p| p.0)
+                && let Some(units) = raw.split('|').next().and_then(|u| u.parse::<i64>().ok())
+            {
+                spec.stock_total -= units;
+            }
+        }
+        let credited: HashMap<String, String> = redis::cmd("HGETALL")
+            .arg(keys::transfers_in(id))
+            .query_async(conn)
+            .await?;
+        for (tid, raw) in &credited {
+            if !persisted.get(tid).is_some_and(|p| p.1)
+                && let Some(units) = raw.split('|').next().and_then(|u| u.parse::<i64>().ok())
+            {
+                spec.stock_total += units;
+            }
+        }
     }
     let mut orders: HashMap<String, Order> = HashMap::new();
     for o in super::reconcile::shard_orders(conn, shard).await? {
@@ -195,7 +270,7 @@ async fn rebuild(
     let mut items: Vec<&String> = specs.keys().collect();
     items.sort();
     for item_id in &items {
-        for row in store.orders(Some(item_id)).await? {
+        for row in store.orders_in(item_id).await? {
             match orders.remove(&row.order_id) {
                 Some(cached) => {
                     orders.insert(row.order_id.clone(), furthest(row, cached));
@@ -268,9 +343,23 @@ async fn rebuild(
                 .arg(u.cancelled)
                 .arg("expired")
                 .arg(u.expired)
+                .arg("buckets")
+                .arg(spec.buckets)
                 .clone(),
         );
-        resets.push(redis::cmd("SADD").arg(keys::CATALOG).arg(item_id.as_str()).clone());
+        if let Some(total) = totals.get(item_id.as_str()) {
+            resets.push(
+                redis::cmd("HSET")
+                    .arg(keys::item(item_id))
+                    .arg("item_total")
+                    .arg(total)
+                    .clone(),
+            );
+        }
+        // Buckets are not in the catalogue: their item is.
+        if split_bucket(item_id).1 == 0 {
+            resets.push(redis::cmd("SADD").arg(keys::CATALOG).arg(item_id.as_str()).clone());
+        }
     }
     let now = system_now_ms();
     let closed_ttl_ms = settings.closed_order_ttl.as_millis() as i64;
@@ -346,6 +435,7 @@ async fn rebuild(
         }
         per_order.push(cmds);
     }
+    resets.extend(transfer_records);
     for c in resets {
         let _: Value = c.query_async(conn).await?;
     }

@@ -10,6 +10,7 @@
 //! | [`binary`] | the real-binary launcher: [`binary::Binary::builder`] (cleared environment, explicit flags, readiness, SIGTERM/SIGKILL by PID, logs) |
 //! | [`inspect`] | Redis read directly: [`inspect::Redis`] |
 //! | [`engines`] | every stock engine tests and benches build: [`engines::redis_engine`], [`engines::embedded_engine`] |
+//! | [`buckets`] | stock buckets: [`buckets::bucketed`] bodies, [`buckets::per_bucket`] figures and their invariants, [`buckets::users_at_home`] |
 //! | [`poll`] | the one poller: [`poll::poll`] |
 //! | [`on_both!`] | a test run on one `redis-server` and on a Redis Cluster |
 //!
@@ -42,6 +43,7 @@ macro_rules! on_both {
 pub use on_both;
 
 pub mod binary;
+pub mod buckets;
 pub mod cluster;
 pub mod engines;
 pub mod gateway;
