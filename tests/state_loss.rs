@@ -362,3 +362,91 @@ async fn replica_caught_up(cluster: &common::RedisCluster, master: u16) {
     .await
     .expect("the replica caught up");
 }
+
+/// Issue 13: a bucketed item sold through transfers (every shopper's home is bucket 1, a
+/// quarter of the stock), then Redis restarted from a snapshot older than some of the sales
+/// and transfers. Each bucket's shard is rebuilt from the database when first touched: its
+/// share from its initial share and the transfers the database holds, its orders and
+/// buyers; afterwards exactly the units that were left are sold, nothing is in transit,
+/// the shares add up to the stock, and reconcile is clean bucket by bucket.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_bucketed_item_is_rebuilt_bucket_by_bucket_with_its_transfers() {
+    use common::buckets::{bucketed, per_bucket, users_at_home};
+    const STOCK: i64 = 120;
+    let mut redis = RedisServer::start();
+    let db = shared_pg();
+    let store = Store::connect(&db, Duration::from_secs(5)).await.expect("store");
+    let gw = Gateway::builder(&redis.url())
+        .database(&db)
+        .flag("--rate-per-user", "0")
+        .start()
+        .await;
+    let item = unique("bucketloss");
+    gw.put_item_body(&item, &bucketed(&gw, STOCK, serde_json::json!(4)))
+        .await
+        .assert_ok();
+    let users = users_at_home(1, 4, 2_000);
+
+    let (first, _) = reserve_all(&gw, &item, users[..40].iter().cloned()).await;
+    assert_eq!(first.len(), 40, "30 from bucket 1, 10 moved there");
+    persisted(&store, &item, 40, 0, 0).await;
+    let moved = async |n: i64| {
+        poll(Duration::from_secs(30), async || {
+            let t = store.transfers(&item).await.ok()?;
+            let units: i64 = t.iter().filter(|t| t.in_ms.is_some()).map(|t| t.units).sum();
+            (units == n).then_some(())
+        })
+        .await
+        .unwrap_or_else(|| panic!("{n} units' transfers in the database"));
+    };
+    moved(10).await;
+    let snapshot = redis.snapshot();
+
+    let (second, _) = reserve_all(&gw, &item, users[40..90].iter().cloned()).await;
+    assert_eq!(second.len(), 50);
+    persisted(&store, &item, 90, 0, 0).await;
+    moved(60).await;
+
+    redis.restart_from(&snapshot);
+    let mut rd = Redis::connect(&redis).await;
+    assert_eq!(
+        rd.item_field(&seckill_gateway::ids::bucket_id(&item, 1), "reserved")
+            .await,
+        40,
+        "the restarted Redis forgot the later sales"
+    );
+
+    // New shoppers until the sale is over: exactly the 30 units left are sold.
+    let mut made_after = Vec::new();
+    let mut unavailable = 0;
+    let mut next = 90;
+    for _round in 0..40 {
+        let (made, refused) = reserve_all(&gw, &item, users[next..next + 40].iter().cloned()).await;
+        next += 40;
+        made_after.extend(made);
+        unavailable += refused;
+        if refused == 0 && made_after.len() as i64 >= STOCK - 90 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(unavailable > 0, "the shards behind the database refused first");
+    assert_eq!(
+        made_after.len() as i64,
+        STOCK - 90,
+        "exactly the units left ({unavailable} 503s)"
+    );
+    let (none, _) = reserve_all(&gw, &item, users[next..next + 40].iter().cloned()).await;
+    assert!(none.is_empty(), "sold out");
+
+    let buckets = per_bucket(&gw, &item).await;
+    assert!(buckets.iter().all(|b| b.1 == 0 && b.2 == 0), "{buckets:?}");
+    assert_eq!(buckets[0].0, STOCK, "every unit ended in bucket 1: {buckets:?}");
+    persisted(&store, &item, STOCK as usize, 0, 0).await;
+    let rows = store.orders(Some(&item)).await.expect("orders");
+    let ids: HashSet<&str> = rows.iter().map(|o| o.order_id.as_str()).collect();
+    for (_, order) in first.iter().chain(second.iter()).chain(made_after.iter()) {
+        assert!(ids.contains(order.as_str()), "order {order} answered 200 is a row");
+    }
+    reconcile_is_clean(&mut rd, &store, &item).await;
+}
