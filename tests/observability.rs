@@ -94,7 +94,19 @@ const OUTCOMES: &[&str] = &[
 
 /// Bounded label values of the other labels.
 const LABEL_VALUES: &[(&str, &[&str])] = &[
-    ("script", &["reserve", "pay", "cancel", "expire", "put_item"]),
+    (
+        "script",
+        &[
+            "reserve",
+            "pay",
+            "cancel",
+            "expire",
+            "put_item",
+            "transfer_out",
+            "transfer_in",
+            "transfer_forget",
+        ],
+    ),
     (
         "kind",
         &[
@@ -105,6 +117,7 @@ const LABEL_VALUES: &[(&str, &[&str])] = &[
             "shed",
             "not_replicated",
             "fenced",
+            "in_transit",
         ],
     ),
     ("cache", &["item", "sold_out", "not_found", "bloom"]),
