@@ -284,7 +284,8 @@ impl ShardWorker {
             if let Some(mark) = mark {
                 self.floors.raise(self.shard, mark);
             }
-            metrics::histogram!(metrics::PERSIST_BATCH_SIZE).record(events.len() as f64);
+            // Rows: order events and transfer steps alike (a transfer-only batch is not empty).
+            metrics::histogram!(metrics::PERSIST_BATCH_SIZE).record((events.len() + transfers.len()) as f64);
             self.ack(&ids).await?;
         }
         if !poison.is_empty() {
