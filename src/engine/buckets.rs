@@ -1,6 +1,7 @@
 //! Stock buckets on Redis (issue 13; `docs/internals.md`, "Stock buckets"): an item of
 //! `buckets: B > 1` keeps its stock in buckets 1..=B, each an item of its own to the scripts
-//! (`<item>#<b>`, on shard `shard(item) + b`), so one hot item sells on several Redis cores.
+//! (`<item>#<b>`, spread over the shards: [`crate::ids::BUCKET_OFFSETS`]), so one hot item
+//! sells on several Redis cores.
 //! The item's own hash keeps its definition, `stock 0` (nothing can be sold there) and the
 //! whole stock in `item_total`.
 //!
@@ -15,7 +16,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 use super::keys;
-use super::redis::{RedisEngine, Reply, item_from_hash, run_script};
+use super::redis::{RedisEngine, Reply, item_from_hash};
 use super::{ItemNews, ItemSpec, ItemState, OrderStatus, PutReply, ReserveCmd, ReserveReply};
 use crate::error::Error;
 use crate::ids::{bucket_id, home_bucket, shard_of, split_bucket, stock_buckets};
@@ -64,8 +65,8 @@ enum Out {
     Empty { in_transit: i64 },
 }
 
-/// A transfer record: `<units>|<other bucket>|<at_ms>`.
-fn record(raw: &str) -> Option<(i64, &str, i64)> {
+/// A transfer record (`xout` or `xin`): `<units>|<other bucket>|<at_ms>`.
+pub(crate) fn record(raw: &str) -> Option<(i64, &str, i64)> {
     let mut parts = raw.splitn(3, '|');
     let units = parts.next()?.parse().ok()?;
     let other = parts.next()?;
@@ -109,30 +110,12 @@ impl RedisEngine {
 
     /// `put_item.lua` on one bucket (or the item's own hash) with `stock_total`.
     async fn put_one(&self, id: &str, spec: &ItemSpec, stock_total: i64) -> Result<(), Error> {
-        let mut inv = self.scripts.put_item.prepare_invoke();
-        inv.key(keys::item(id))
-            .arg(id)
-            .arg(&spec.name)
-            .arg(spec.price_cents)
-            .arg(stock_total)
-            .arg(spec.per_user_limit)
-            .arg(spec.starts_ms)
-            .arg(spec.ends_ms)
-            .arg(spec.buckets);
-        let parts = run_script(&self.conn, &self.guards, &self.alarms, shard_of(id), "put_item", inv).await?;
-        let r = Reply {
-            script: "put_item",
-            parts: &parts,
-        };
-        match r.status()?.as_str() {
-            "ok" => Ok(()),
+        match self.put_script(id, spec, stock_total).await? {
+            PutReply::Stored { .. } => Ok(()),
             // A new item's bucket holds nothing yet, unless a half-done PUT left one with
             // orders (then its share cannot go below them).
-            "below_held" => Err(Error::Internal(format!(
-                "bucket {id} already holds {} units",
-                r.int(1)?
-            ))),
-            other => Err(Error::ScriptReply(format!("put_item: unknown reply {other}"))),
+            PutReply::BelowHeld { held } => Err(Error::Internal(format!("bucket {id} already holds {held} units"))),
+            other => Err(Error::ScriptReply(format!("put_item on {id}: {other:?}"))),
         }
     }
 
@@ -284,7 +267,7 @@ impl RedisEngine {
             .arg(&dest)
             .arg(self.clock.now_ms()) // the transfer scripts take a time, never Redis TIME: it is their record's
             .arg(self.floors.arg(d_shard));
-        let parts = run_script(&self.conn, &self.guards, &self.alarms, d_shard, "transfer_out", inv).await?;
+        let parts = self.run(&donor, "transfer_out", inv).await?;
         let r = Reply {
             script: "transfer_out",
             parts: &parts,
@@ -296,17 +279,13 @@ impl RedisEngine {
             "unknown_item" => return Ok(Some(Out::Empty { in_transit: 0 })),
             other => return Err(Error::ScriptReply(format!("transfer_out: unknown reply {other}"))),
         };
-        self.replicas
-            .wait(&self.conn, self.guards.shard(d_shard), d_shard)
-            .await?;
+        self.wait_replicas(d_shard).await?;
         if started.elapsed() >= stale_after(self.redis.timeout) / 2 {
             return Ok(None);
         }
         self.credit(&id, &donor, &dest, units).await?;
-        self.replicas
-            .wait(&self.conn, self.guards.shard(t_shard), t_shard)
-            .await?;
-        self.forget(&keys::transfers_out(&donor), d_shard, &id).await?;
+        self.wait_replicas(t_shard).await?;
+        self.forget(&keys::transfers_out(&donor), &donor, &id).await?;
         Ok(Some(Out::Taken))
     }
 
@@ -323,7 +302,7 @@ impl RedisEngine {
             .arg(donor)
             .arg(self.clock.now_ms()) // the transfer scripts take a time, never Redis TIME: it is their record's
             .arg(self.floors.arg(shard));
-        let parts = run_script(&self.conn, &self.guards, &self.alarms, shard, "transfer_in", inv).await?;
+        let parts = self.run(dest, "transfer_in", inv).await?;
         match (Reply {
             script: "transfer_in",
             parts: &parts,
@@ -337,10 +316,11 @@ impl RedisEngine {
         }
     }
 
-    async fn forget(&self, key: &str, shard: u32, id: &str) -> Result<(), Error> {
+    /// `transfer_forget.lua`: drop record `id` from `key`, a transfer hash of `bucket`.
+    async fn forget(&self, key: &str, bucket: &str, id: &str) -> Result<(), Error> {
         let mut inv = self.scripts.transfer_forget.prepare_invoke();
         inv.key(key).arg(id);
-        run_script(&self.conn, &self.guards, &self.alarms, shard, "transfer_forget", inv).await?;
+        self.run(bucket, "transfer_forget", inv).await?;
         Ok(())
     }
 
@@ -371,10 +351,8 @@ impl RedisEngine {
                 tracing::info!(transfer = %tid, from = %id, to = %dest, units, "finishing a transfer left in transit");
                 self.credit(tid, &id, dest, units).await?;
                 let t_shard = shard_of(dest);
-                self.replicas
-                    .wait(&self.conn, self.guards.shard(t_shard), t_shard)
-                    .await?;
-                self.forget(&keys::transfers_out(&id), shard, tid).await?;
+                self.wait_replicas(t_shard).await?;
+                self.forget(&keys::transfers_out(&id), &id, tid).await?;
                 finished += 1;
             }
             let credited: HashMap<String, String> = self
@@ -392,7 +370,7 @@ impl RedisEngine {
                     )
                     .await?;
                 if !open {
-                    self.forget(&keys::transfers_in(&id), shard, tid).await?;
+                    self.forget(&keys::transfers_in(&id), &id, tid).await?;
                 }
             }
         }

@@ -168,8 +168,10 @@ impl LazyCluster {
     }
 
     async fn get(&self) -> redis::RedisResult<ClusterConnection> {
-        if let Some(c) = self.conn.load_full() {
-            return Ok((*c).clone());
+        // Every command passes here: `load` takes no reference count on the Arc; what is
+        // cloned is the connection's own cheap handle.
+        if let Some(c) = self.conn.load().as_ref() {
+            return Ok(ClusterConnection::clone(c));
         }
         let _one = self.connecting.lock().await;
         if let Some(c) = self.conn.load_full() {

@@ -423,14 +423,12 @@ impl Engine {
         let reply = delegate!(self, e => e.transition(t, order_id, user_id))?;
         // Only an id of ours can be a row: a made-up one costs no database query.
         if let (TransitionReply::UnknownOrder, Some(redis)) = (&reply, self.redis())
-            && crate::ids::order_shard(order_id).is_some()
+            && let Some(shard) = crate::ids::order_shard(order_id)
             && let Ok(Some(row)) = self.inner.store.order(order_id).await
             && row.status == OrderStatus::Reserved
         {
-            // The order's shard is its bucket's (the id carries it), not always its item's.
-            redis
-                .alarms()
-                .raise(crate::ids::order_shard(order_id).unwrap_or_else(|| crate::ids::shard_of(&row.item_id)));
+            // The order's shard, which its id carries: its bucket's, not always its item's.
+            redis.alarms().raise(shard);
             return Err(Error::Fenced(format!(
                 "order {order_id} is open in the database but not in Redis"
             )));

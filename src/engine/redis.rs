@@ -44,7 +44,7 @@ pub(super) struct Scripts {
     pay: Script,
     cancel: Script,
     expire: Script,
-    pub(super) put_item: Script,
+    put_item: Script,
     pub(super) transfer_out: Script,
     pub(super) transfer_in: Script,
     pub(super) transfer_forget: Script,
@@ -69,7 +69,7 @@ impl Scripts {
 /// Run a prepared script invocation of `shard` under its guard, timing it; its reply must
 /// be a non-empty array. A `FENCED` answer wakes the repair task
 /// ([`crate::orders::repair`]).
-pub(super) async fn run_script(
+async fn run_script(
     conn: &RedisConn,
     guards: &Guards,
     alarms: &Alarms,
@@ -268,13 +268,13 @@ impl ReserveCaller {
 /// (the same connection: one `WAIT` covers every write sent on it before) until this many
 /// replicas have the change, or answer 503.
 #[derive(Clone, Copy, Debug)]
-pub(super) struct Replicas {
+struct Replicas {
     wanted: u32,
     timeout: Duration,
 }
 
 impl Replicas {
-    pub(super) async fn wait(&self, conn: &RedisConn, guard: &Guard, shard: u32) -> Result<(), Error> {
+    async fn wait(&self, conn: &RedisConn, guard: &Guard, shard: u32) -> Result<(), Error> {
         if self.wanted == 0 {
             return Ok(());
         }
@@ -332,7 +332,7 @@ impl RedisSettings {
 /// alone), one for everything standalone; `other` guards calls of no shard (catalogue,
 /// pub/sub, TIME, PING).
 #[derive(Clone)]
-pub(super) struct Guards {
+struct Guards {
     shards: Arc<Vec<Arc<Guard>>>,
     other: Arc<Guard>,
 }
@@ -366,7 +366,7 @@ impl Guards {
         }
     }
 
-    pub(super) fn shard(&self, shard: u32) -> &Guard {
+    fn shard(&self, shard: u32) -> &Guard {
         &self.shards[shard as usize]
     }
 
@@ -377,18 +377,18 @@ impl Guards {
 
 pub struct RedisEngine {
     target: Target,
-    pub(super) conn: RedisConn,
+    conn: RedisConn,
     pub(super) scripts: Arc<Scripts>,
-    pub(super) guards: Guards,
+    guards: Guards,
     /// Reservations, batched per shard ([`super::batch`]).
     pub(super) batches: Batches<ReserveCaller>,
-    pub(super) replicas: Replicas,
+    replicas: Replicas,
     pub(super) clock: Clock,
     pub(super) redis: RedisSettings,
     settings: EngineSettings,
     pub(super) listener: Arc<dyn Listener>,
     pub(super) floors: Arc<Floors>,
-    pub(super) alarms: Arc<Alarms>,
+    alarms: Arc<Alarms>,
 }
 
 impl RedisEngine {
@@ -482,8 +482,9 @@ impl RedisEngine {
         guard.call(cmd.query_async(&mut conn)).await
     }
 
-    /// Run a prepared script invocation of an item's shard under its guard, timing it.
-    async fn run(
+    /// Run a prepared script invocation of an item's (or a bucket's) shard under its guard,
+    /// timing it.
+    pub(super) async fn run(
         &self,
         item_id: &str,
         name: &'static str,
@@ -524,7 +525,7 @@ impl RedisEngine {
     }
 
     /// Tell every instance that an item changed (added, replaced, stock back).
-    pub(super) async fn publish_changed(&self, item_id: &str) -> Result<(), Error> {
+    async fn publish_changed(&self, item_id: &str) -> Result<(), Error> {
         self.query::<i64>(
             redis::cmd("PUBLISH")
                 .arg(keys::BUS)
@@ -606,19 +607,20 @@ impl RedisEngine {
         }
     }
 
-    /// `put_item.lua` for an item of one bucket.
-    async fn put_whole(&self, spec: &ItemSpec) -> Result<PutReply, Error> {
+    /// `put_item.lua` on one engine item (an item of one bucket, a bucket, or a bucketed
+    /// item's own hash) with `stock_total` units.
+    pub(super) async fn put_script(&self, id: &str, spec: &ItemSpec, stock_total: i64) -> Result<PutReply, Error> {
         let mut inv = self.scripts.put_item.prepare_invoke();
-        inv.key(keys::item(&spec.item_id))
-            .arg(&spec.item_id)
+        inv.key(keys::item(id))
+            .arg(id)
             .arg(&spec.name)
             .arg(spec.price_cents)
-            .arg(spec.stock_total)
+            .arg(stock_total)
             .arg(spec.per_user_limit)
             .arg(spec.starts_ms)
             .arg(spec.ends_ms)
             .arg(spec.buckets);
-        let parts = self.run(&spec.item_id, "put_item", inv).await?;
+        let parts = self.run(id, "put_item", inv).await?;
         let r = Reply {
             script: "put_item",
             parts: &parts,
@@ -628,6 +630,12 @@ impl RedisEngine {
             "below_held" => Ok(PutReply::BelowHeld { held: r.int(1)? }),
             other => Err(Error::ScriptReply(format!("put_item: unknown reply {other}"))),
         }
+    }
+
+    /// `WAIT` for `SECKILL_REDIS_WAIT_REPLICAS` replicas of `shard`'s primary (nothing
+    /// without the setting).
+    pub(super) async fn wait_replicas(&self, shard: u32) -> Result<(), Error> {
+        self.replicas.wait(&self.conn, self.guards.shard(shard), shard).await
     }
 
     fn now_arg(&self) -> String {
@@ -648,7 +656,7 @@ pub(crate) fn text(v: &Value) -> Option<String> {
     }
 }
 
-pub(super) fn int(v: &Value) -> Option<i64> {
+fn int(v: &Value) -> Option<i64> {
     match v {
         Value::Int(i) => Some(*i),
         Value::BulkString(b) => std::str::from_utf8(b).ok()?.parse().ok(),
@@ -819,7 +827,7 @@ impl StockEngine for RedisEngine {
                 });
             }
             _ if spec.buckets > 1 => self.put_bucketed(spec, existing).await?,
-            _ => self.put_whole(spec).await?,
+            _ => self.put_script(&spec.item_id, spec, spec.stock_total).await?,
         };
         let PutReply::Stored { stock } = reply else {
             return Ok(reply);
@@ -898,7 +906,7 @@ impl StockEngine for RedisEngine {
             parts: &parts,
         })?;
         if matches!(reply, TransitionReply::Done { .. }) {
-            self.replicas.wait(&self.conn, self.guards.shard(shard), shard).await?;
+            self.wait_replicas(shard).await?;
         }
         match reply {
             TransitionReply::Done { status, stock_after } => self.moved(&item_id, status, Some(stock_after)).await,
@@ -934,7 +942,7 @@ impl StockEngine for RedisEngine {
             parts: &parts,
         })?;
         if matches!(reply, ExpireReply::Expired { .. }) {
-            self.replicas.wait(&self.conn, self.guards.shard(shard), shard).await?;
+            self.wait_replicas(shard).await?;
         }
         if let ExpireReply::Expired { stock_after } = reply {
             // Other instances hear it once per item per sweep ([`Self::expire_due`]).

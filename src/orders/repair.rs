@@ -28,7 +28,7 @@ use tokio::sync::watch;
 use crate::clock::system_now_ms;
 use crate::config::Config;
 use crate::domain::{ItemSpec, Order, OrderStatus};
-use crate::engine::buckets::engine_items;
+use crate::engine::buckets::{engine_items, record};
 use crate::engine::conn::RedisConn;
 use crate::engine::keys;
 use crate::engine::redis::{RedisEngine, item_from_hash};
@@ -185,8 +185,8 @@ async fn rebuild(
     // are remembered (so that no replay credits them twice).
     let mut totals: HashMap<String, i64> = HashMap::new();
     let mut transfer_records: Vec<redis::Cmd> = Vec::new();
-    // Transfer steps the database holds, by transfer id: (given, credited).
-    let mut persisted: HashMap<String, (bool, bool)> = HashMap::new();
+    // Transfer steps the database holds, by transfer id: [given, credited].
+    let mut persisted: HashMap<String, [bool; 2]> = HashMap::new();
     for spec in store.items().await? {
         let transfers = if spec.buckets > 1 {
             store.transfers(&spec.item_id).await?
@@ -194,7 +194,7 @@ async fn rebuild(
             Vec::new()
         };
         for t in &transfers {
-            persisted.insert(t.transfer_id.clone(), (t.out_ms.is_some(), t.in_ms.is_some()));
+            persisted.insert(t.transfer_id.clone(), [t.out_ms.is_some(), t.in_ms.is_some()]);
         }
         for (engine_spec, total) in engine_items(&spec, &transfers) {
             if shard_of(&engine_spec.item_id) != shard {
@@ -238,26 +238,15 @@ async fn rebuild(
         if split_bucket(id).1 == 0 {
             continue;
         }
-        let out: HashMap<String, String> = redis::cmd("HGETALL")
-            .arg(keys::transfers_out(id))
-            .query_async(conn)
-            .await?;
-        for (tid, raw) in &out {
-            if !persisted.get(tid).is_some_and(|p| p.0)
-                && let Some(units) = raw.split('|').next().and_then(|u| u.parse::<i64>().ok())
-            {
-                spec.stock_total -= units;
-            }
-        }
-        let credited: HashMap<String, String> = redis::cmd("HGETALL")
-            .arg(keys::transfers_in(id))
-            .query_async(conn)
-            .await?;
-        for (tid, raw) in &credited {
-            if !persisted.get(tid).is_some_and(|p| p.1)
-                && let Some(units) = raw.split('|').next().and_then(|u| u.parse::<i64>().ok())
-            {
-                spec.stock_total += units;
+        // Out of the bucket (the donor's step, given) and into it (the destination's, credited).
+        for (step, key, sign) in [(0, keys::transfers_out(id), -1), (1, keys::transfers_in(id), 1)] {
+            let records: HashMap<String, String> = redis::cmd("HGETALL").arg(&key).query_async(conn).await?;
+            for (tid, raw) in &records {
+                if !persisted.get(tid).is_some_and(|p| p[step])
+                    && let Some((units, _, _)) = record(raw)
+                {
+                    spec.stock_total += sign * units;
+                }
             }
         }
     }
