@@ -3,7 +3,7 @@
 
 use serde_json::Value;
 
-use super::http::{Api, item_body, send};
+use super::http::{Api, item_body};
 use seckill_gateway::ids::home_bucket;
 
 const HOUR_MS: i64 = 3_600_000;
@@ -18,10 +18,7 @@ pub fn bucketed(api: &Api, stock: i64, buckets: Value) -> Value {
 
 /// The admin stats of an item (200).
 pub async fn stats(api: &Api, item: &str) -> Value {
-    send(api.admin(api.get(&format!("/admin/v1/items/{item}/stats"))))
-        .await
-        .assert_ok()
-        .clone()
+    api.stats(item).await.assert_ok().clone()
 }
 
 /// Users whose home bucket among `buckets` is `home`.
@@ -38,20 +35,26 @@ pub fn users_at_home(home: u32, buckets: u32, n: usize) -> Vec<String> {
 /// forgotten at its donor). [`per_bucket`] checks them at a quiet point. `None` while the
 /// stats route answers anything but 200 (503 while Redis fails over).
 pub async fn per_bucket_now(api: &Api, item: &str) -> Option<Vec<(i64, i64, i64)>> {
-    let r = send(api.admin(api.get(&format!("/admin/v1/items/{item}/stats")))).await;
+    let r = api.stats(item).await;
     if r.status != 200 {
         return None;
     }
-    let s = r.assert_ok();
-    let n = |b: &Value, k: &str| b[k].as_i64().unwrap_or_else(|| panic!("{k} in {b}"));
-    Some(
-        s["per_bucket"]
-            .as_array()
-            .expect("per_bucket")
-            .iter()
-            .map(|b| (n(b, "stock_total"), n(b, "stock_remaining"), n(b, "in_transit")))
-            .collect(),
-    )
+    Some(figures(r.assert_ok()))
+}
+
+/// A field of a stats answer, which must be there.
+fn n(v: &Value, k: &str) -> i64 {
+    v[k].as_i64().unwrap_or_else(|| panic!("{k} in {v}"))
+}
+
+/// Each bucket's `(stock_total, stock_remaining, in_transit)` of a stats answer.
+fn figures(s: &Value) -> Vec<(i64, i64, i64)> {
+    s["per_bucket"]
+        .as_array()
+        .expect("per_bucket")
+        .iter()
+        .map(|b| (n(b, "stock_total"), n(b, "stock_remaining"), n(b, "in_transit")))
+        .collect()
 }
 
 /// The per-bucket figures of stats at a quiet point (no transfer under way), and their
@@ -62,9 +65,7 @@ pub async fn per_bucket(api: &Api, item: &str) -> Vec<(i64, i64, i64)> {
     let s = stats(api, item).await;
     let buckets = s["per_bucket"].as_array().expect("per_bucket").clone();
     assert_eq!(buckets.len() as u64, s["buckets"].as_u64().unwrap(), "{s}");
-    let n = |b: &Value, k: &str| b[k].as_i64().unwrap_or_else(|| panic!("{k} in {b}"));
     let mut shares = 0;
-    let mut out = Vec::new();
     for b in &buckets {
         assert_eq!(
             n(b, "stock_remaining"),
@@ -73,7 +74,6 @@ pub async fn per_bucket(api: &Api, item: &str) -> Vec<(i64, i64, i64)> {
         );
         assert!(n(b, "stock_remaining") >= 0, "{b}");
         shares += n(b, "stock_total") + n(b, "in_transit");
-        out.push((n(b, "stock_total"), n(b, "stock_remaining"), n(b, "in_transit")));
     }
     assert_eq!(
         shares,
@@ -84,5 +84,5 @@ pub async fn per_bucket(api: &Api, item: &str) -> Vec<(i64, i64, i64)> {
     for k in ["stock_remaining", "reserved", "paid", "cancelled", "expired"] {
         assert_eq!(sum(k), n(&s, k), "{k}: the item's is the sum of its buckets': {s}");
     }
-    out
+    figures(&s)
 }
