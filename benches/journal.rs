@@ -61,6 +61,7 @@ fn main() {
                 starts_ms: now - 60_000,
                 ends_ms: now + 7_200_000,
                 buckets: 1,
+                paused: false,
             })
             .await
             .expect("item");

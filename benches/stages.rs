@@ -41,6 +41,7 @@ fn spec(id: &str, stock: i64) -> ItemSpec {
         starts_ms: 0,
         ends_ms: i64::MAX / 2,
         buckets: 1,
+        paused: false,
     }
 }
 

@@ -11,9 +11,11 @@
 -- ``KEYS``: 3 shared, then 4 per request (request i at 3 + 4(i-1) + 1..4):
 --  1. [zset]   sk:T:deadlines            "<order_id>|<item_id>" scored by pay_before_ms
 --  2. [stream] sk:T:events               order events
---  3. [hash]   sk:T:seq                  the shard's write sequence (lua/lib/seq.lua)
+--  3. [hash]   sk:T:seq                  the shard's write sequence (lua/lib/seq.lua),
+--              and its field `paused` ("1": every sale is paused)
 --  then per request:
---  +1 [hash]   sk:T:item:<item>          the item (stock and counters)
+--  +1 [hash]   sk:T:item:<item>          the item (stock and counters; field
+--              `paused` = "1" while the operator has paused it)
 --  +2 [hash]   sk:T:buyers:<item>        user id -> units held (reserved + paid)
 --  +3 [hash]   sk:T:order:<order_id>     the new order (must not exist yet)
 --  +4 [string] sk:T:idem:<item>:<user>:<key>  idempotency key; not touched when
@@ -40,6 +42,7 @@
 --      changed. If the idempotency key outlived its order hash:
 --      {"duplicate", order_id, 0, "", 0, 0}.
 --  * {"unknown_item"}
+--  * {"paused"}                          the item, or every sale, is paused
 --  * {"not_started", starts_ms}          now < starts_ms
 --  * {"ended", ends_ms}                  now >= ends_ms
 --  * {"bad_qty", per_user_limit}         qty not an integer in 1..per_user_limit
@@ -84,7 +87,7 @@ end
 local now_s, pay_before = int(now), now + timeout_ms
 local pay_before_s = int(pay_before)
 
-local epoch, fenced = check_seq(KEYS[3], ARGV[4])
+local epoch, fenced, all_paused = check_seq(KEYS[3], ARGV[4])
 if fenced then
   return fenced
 end
@@ -112,10 +115,10 @@ local deadlines, events = {}, {}
 local function item_of(item_key)
   local it = items[item_key]
   if it == nil then
-    local h = redis.call("HMGET", item_key, "stock", "per_user_limit", "starts_ms", "ends_ms", "reserved")
+    local h = redis.call("HMGET", item_key, "stock", "per_user_limit", "starts_ms", "ends_ms", "reserved", "paused")
     if h[1] then
       it = {stock = tonumber(h[1]), limit = tonumber(h[2]), starts_ms = tonumber(h[3]), ends_ms = tonumber(h[4]),
-        reserved = tonumber(h[5] or "0")}
+        reserved = tonumber(h[5] or "0"), paused = h[6] == "1"}
     else
       it = false
     end
@@ -159,6 +162,9 @@ local function reserve(kb, ab)
   local item = item_of(item_key)
   if not item then
     return {"unknown_item"}
+  end
+  if all_paused or item.paused then
+    return {"paused"}
   end
   local limit = item.limit
   if now < item.starts_ms then

@@ -8,6 +8,7 @@
 //! missed message.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use crate::clock::Millis;
@@ -22,6 +23,9 @@ type Hasher = foldhash::fast::RandomState;
 pub struct LocalCache {
     items: moka::sync::Cache<String, Arc<ItemSpec>, Hasher>,
     sold_out: moka::sync::Cache<String, (), Hasher>,
+    /// Every sale paused by the operator, as this instance last heard (the engine's
+    /// scripts enforce it whatever this says; this answers early and shows `paused`).
+    all_paused: AtomicBool,
 }
 
 impl LocalCache {
@@ -35,6 +39,7 @@ impl LocalCache {
                 .max_capacity(100_000)
                 .time_to_live(sold_out_ttl)
                 .build_with_hasher(Hasher::default()),
+            all_paused: AtomicBool::new(false),
         }
     }
 
@@ -49,8 +54,8 @@ impl LocalCache {
     }
 
     /// Answer a reservation of `qty` locally when the answer is certain: a quantity over the
-    /// per-user limit (400), a sold-out flag (410), a sale that ended (410) or is clearly
-    /// yet to start (425). A retry carrying an idempotency key (`keyed`) goes on to the
+    /// per-user limit (400), a paused sale (503), a sold-out flag (410), a sale that ended
+    /// (410) or is clearly yet to start (425). A retry carrying an idempotency key (`keyed`) goes on to the
     /// engine, which returns the order it already made even after the item sold out or the
     /// sale ended.
     pub fn early_answer(&self, spec: &ItemSpec, now: Millis, qty: i64, keyed: bool) -> Result<(), Reject> {
@@ -62,6 +67,9 @@ impl LocalCache {
         }
         if keyed {
             return Ok(());
+        }
+        if self.is_paused(spec) {
+            return Err(Reject::Paused);
         }
         if self.is_sold_out(&spec.item_id) {
             return Err(Reject::SoldOut);
@@ -84,6 +92,15 @@ impl LocalCache {
         let hit = self.sold_out.contains_key(item_id);
         metrics::cache("sold_out", hit);
         hit
+    }
+
+    /// Whether the sale of `spec` is paused, by its own switch or the one of every sale.
+    pub fn is_paused(&self, spec: &ItemSpec) -> bool {
+        spec.paused || self.all_paused.load(Ordering::Relaxed)
+    }
+
+    pub fn set_all_paused(&self, paused: bool) {
+        self.all_paused.store(paused, Ordering::Relaxed);
     }
 
     pub fn mark_sold_out(&self, item_id: &str) {

@@ -25,6 +25,10 @@ pub struct ItemSpec {
     /// embedded engine keeps one counter whatever the number.
     #[serde(default = "one_bucket")]
     pub buckets: u32,
+    /// The operator's pause switch (`POST /admin/v1/items/{id}/pause`, `…/resume`): while
+    /// set, reserve answers 503 `paused`. Not a field of `PUT`: a replacement keeps it.
+    #[serde(default)]
+    pub paused: bool,
 }
 
 fn one_bucket() -> u32 {

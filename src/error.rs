@@ -33,6 +33,8 @@ pub enum Reject {
     RateLimited {
         retry_after_s: u64,
     },
+    /// The operator paused this sale, or every sale.
+    Paused,
     /// Redis or the store unreachable, circuit open, or shedding load.
     Unavailable {
         retry_after_s: u64,
@@ -59,6 +61,7 @@ impl Reject {
             Reject::Ended => "ended",
             Reject::PayloadTooLarge => "payload_too_large",
             Reject::RateLimited { .. } => "rate_limited",
+            Reject::Paused => "paused",
             Reject::Unavailable { .. } => "unavailable",
             Reject::NotFound => "not_found",
             Reject::MethodNotAllowed => "method_not_allowed",
@@ -78,7 +81,7 @@ impl Reject {
             Reject::NotStarted { .. } => StatusCode::TOO_EARLY,
             Reject::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Reject::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
-            Reject::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Reject::Unavailable { .. } | Reject::Paused => StatusCode::SERVICE_UNAVAILABLE,
             Reject::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Reject::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -88,6 +91,7 @@ impl Reject {
     pub fn retry_after(&self) -> Option<u64> {
         match self {
             Reject::RateLimited { retry_after_s } | Reject::Unavailable { retry_after_s, .. } => Some(*retry_after_s),
+            Reject::Paused => Some(PAUSED_RETRY_AFTER_S),
             _ => None,
         }
     }
@@ -111,6 +115,7 @@ impl Reject {
             Reject::Ended => "the sale has ended".to_owned(),
             Reject::PayloadTooLarge => "request body over 4 KiB".to_owned(),
             Reject::RateLimited { .. } => "too many requests; retry later".to_owned(),
+            Reject::Paused => "the sale is paused by the operator; retry later".to_owned(),
             Reject::Unavailable { reason, .. } => format!("temporarily unavailable: {reason}"),
             Reject::NotFound => "no such route".to_owned(),
             Reject::MethodNotAllowed => "method not allowed on this route".to_owned(),
@@ -118,6 +123,10 @@ impl Reject {
         }
     }
 }
+
+/// `Retry-After` of a paused sale: a pause is an operator's decision of unknown length, so
+/// shoppers' retries are spread over a few seconds rather than hammering the gateway.
+pub const PAUSED_RETRY_AFTER_S: u64 = 5;
 
 /// Which side a failure came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -322,6 +331,7 @@ mod tests {
                 503,
                 "unavailable",
             ),
+            (Reject::Paused, 503, "paused"),
         ];
         for (r, status, code) in cases {
             assert_eq!(r.status().as_u16(), status, "{code}");
@@ -329,5 +339,6 @@ mod tests {
         }
         assert!(Reject::RateLimited { retry_after_s: 3 }.retry_after() == Some(3));
         assert!(Reject::SoldOut.retry_after().is_none());
+        assert_eq!(Reject::Paused.retry_after(), Some(PAUSED_RETRY_AFTER_S));
     }
 }

@@ -152,6 +152,10 @@ pub const ROUTES: &[&str] = &[
     "admin_item_put",
     "admin_stats",
     "admin_orders_csv",
+    "admin_item_pause",
+    "admin_item_resume",
+    "admin_pause_all",
+    "admin_resume_all",
     "metrics",
     "healthz",
     "readyz",
@@ -171,6 +175,7 @@ pub const OUTCOMES: &[&str] = &[
     "ended",
     "payload_too_large",
     "rate_limited",
+    "paused",
     "unavailable",
     "not_found",
     "method_not_allowed",
@@ -183,6 +188,7 @@ const SCRIPTS: &[&str] = &[
     "cancel",
     "expire",
     "put_item",
+    "pause",
     "transfer_out",
     "transfer_in",
     "transfer_forget",
@@ -355,6 +361,19 @@ pub fn stock(item: &str, remaining: i64, total: Option<i64>) {
         .write()
         .unwrap_or_else(|p| p.into_inner())
         .insert(item.to_owned(), (r, t));
+}
+
+/// The items whose stock gauges this process publishes (with their total known), for the
+/// refresh that keeps them true when another instance changed the stock.
+pub fn stock_items() -> Vec<String> {
+    HANDLES.get().map_or_else(Vec::new, |h| {
+        h.stock
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .cloned()
+            .collect()
+    })
 }
 
 /// Publish the circuit breaker state.

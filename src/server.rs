@@ -111,6 +111,7 @@ async fn preload_demo(app: &App) {
         starts_ms: now - 60_000,
         ends_ms: now + 24 * 3600 * 1000,
         buckets: 1,
+        paused: false,
     };
     if let Err(e) = app.engine.put_item(&spec, now).await {
         tracing::warn!(cause = %e, "demo item not loaded");

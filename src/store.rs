@@ -124,6 +124,7 @@ where
     for<'a> &'a str: sqlx::ColumnIndex<R>,
     for<'a> String: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
     for<'a> i64: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
+    for<'a> bool: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
 {
     Ok(ItemSpec {
         item_id: row.try_get("item_id")?,
@@ -134,6 +135,7 @@ where
         starts_ms: row.try_get("starts_ms")?,
         ends_ms: row.try_get("ends_ms")?,
         buckets: u32::try_from(row.try_get::<i64, _>("buckets")?).unwrap_or(1).max(1),
+        paused: row.try_get("paused")?,
     })
 }
 
@@ -372,8 +374,8 @@ impl Store {
         with_writer!(self, pool => {
             self.bounded(
                 sqlx::query(
-                    "INSERT INTO items (item_id, name, price_cents, stock_total, per_user_limit, starts_ms, ends_ms, updated_ms, buckets) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
+                    "INSERT INTO items (item_id, name, price_cents, stock_total, per_user_limit, starts_ms, ends_ms, updated_ms, buckets, paused) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
                      ON CONFLICT (item_id) DO UPDATE SET name = excluded.name, price_cents = excluded.price_cents, \
                      stock_total = excluded.stock_total, per_user_limit = excluded.per_user_limit, \
                      starts_ms = excluded.starts_ms, ends_ms = excluded.ends_ms, updated_ms = excluded.updated_ms, \
@@ -388,10 +390,51 @@ impl Store {
                 .bind(spec.ends_ms)
                 .bind(now_ms)
                 .bind(i64::from(spec.buckets))
+                .bind(spec.paused)
                 .execute(pool),
             )
             .await
             .map(|_| ())
+        })
+    }
+
+    /// Record an item's pause switch (`Some`), or the one of every sale (`None`). Returns
+    /// false when the item has no row. (`put_item` never changes `paused`: a replacement
+    /// keeps it.)
+    pub async fn set_paused(&self, item_id: Option<&str>, paused: bool, now_ms: i64) -> Result<bool, Error> {
+        with_writer!(self, pool => {
+            let done = match item_id {
+                Some(id) => self.bounded(
+                    sqlx::query("UPDATE items SET paused = $1, updated_ms = $2 WHERE item_id = $3")
+                        .bind(paused)
+                        .bind(now_ms)
+                        .bind(id)
+                        .execute(pool),
+                ),
+                None => self.bounded(
+                    sqlx::query(
+                        "INSERT INTO controls (name, value, updated_ms) VALUES ('paused_all', $1, $2) \
+                         ON CONFLICT (name) DO UPDATE SET value = excluded.value, updated_ms = excluded.updated_ms",
+                    )
+                    .bind(if paused { "1" } else { "0" })
+                    .bind(now_ms)
+                    .execute(pool),
+                ),
+            }
+            .await?;
+            Ok(done.rows_affected() > 0)
+        })
+    }
+
+    /// Whether every sale is paused (`POST /admin/v1/pause`), as the database records it.
+    pub async fn all_paused(&self) -> Result<bool, Error> {
+        with_pool!(self, pool => {
+            let value: Option<String> = self
+                .bounded(
+                    sqlx::query_scalar("SELECT value FROM controls WHERE name = 'paused_all'").fetch_optional(pool),
+                )
+                .await?;
+            Ok(value.as_deref() == Some("1"))
         })
     }
 
@@ -418,8 +461,7 @@ impl Store {
     }
 
     pub async fn items(&self) -> Result<Vec<ItemSpec>, Error> {
-        const SQL: &str =
-            "SELECT item_id, name, price_cents, stock_total, per_user_limit, starts_ms, ends_ms, buckets FROM items";
+        const SQL: &str = "SELECT item_id, name, price_cents, stock_total, per_user_limit, starts_ms, ends_ms, buckets, paused FROM items";
         with_pool!(self, pool => {
             let rows = self.bounded(sqlx::query(SQL).fetch_all(pool)).await?;
             rows.iter().map(item_from_row).collect()

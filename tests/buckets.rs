@@ -108,11 +108,13 @@ async fn the_store_keeps_the_bucket_count() {
             starts_ms: 0,
             ends_ms: HOUR_MS,
             buckets: 6,
+            paused: false,
         };
         store.put_item(&spec, 1).await.unwrap();
         let single = ItemSpec {
             item_id: unique("single"),
             buckets: 1,
+            paused: false,
             ..spec.clone()
         };
         store.put_item(&single, 1).await.unwrap();
@@ -122,6 +124,7 @@ async fn the_store_keeps_the_bucket_count() {
         // Replaced with another count: the new one.
         let fewer = ItemSpec {
             buckets: 2,
+            paused: false,
             ..spec.clone()
         };
         store.put_item(&fewer, 2).await.unwrap();

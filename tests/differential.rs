@@ -4,7 +4,8 @@
 //! limit 1..3, sale windows open, upcoming, over or closing soon), reserve (a few users,
 //! qty 0..4, idempotency keys from a small set or none, replays of earlier calls with the
 //! same order id), pay and cancel (by the owner, by someone else, on unknown ids), expire,
-//! clock advances (some past the payment timeout) and `expire_due` — and applies each
+//! clock advances (some past the payment timeout), `expire_due`, and the pause switches
+//! (an item's, an unknown item's, every sale's; on and off) — and applies each
 //! one to the Redis engine (the Lua scripts, on one throwaway `redis-server` flushed
 //! between cases) and to the embedded engine (with its SQLite journal), on one shared
 //! manual clock. Every reply must be identical, and so must the final state: each item's
@@ -108,6 +109,8 @@ enum Op {
     Expire(Target),
     Advance(Millis),
     ExpireDue,
+    /// An item's pause switch (`Some`), or every sale's (`None`), on or off.
+    Pause(Option<usize>, bool),
 }
 
 fn put_strategy(items: usize) -> impl Strategy<Value = Put> {
@@ -153,6 +156,8 @@ fn op_strategy() -> impl Strategy<Value = Op> {
         3 => target.prop_map(Op::Expire),
         4 => advance.prop_map(Op::Advance),
         2 => Just(Op::ExpireDue),
+        2 => (proptest::option::weighted(0.7, 0..ITEMS.len()), any::<bool>())
+            .prop_map(|(item, on)| Op::Pause(item, on)),
     ]
 }
 
@@ -218,6 +223,7 @@ fn spec(p: &Put, now: Millis) -> ItemSpec {
         starts_ms,
         ends_ms,
         buckets: 1,
+        paused: false,
     }
 }
 
@@ -278,6 +284,7 @@ fn kind(op: &Op, reply: &str) -> String {
         Op::Expire(_) => "expire",
         Op::Advance(_) => "advance",
         Op::ExpireDue => "expire_due",
+        Op::Pause(..) => "pause",
     };
     let name = match reply {
         "[]" => "[]",
@@ -382,6 +389,14 @@ async fn run_case(server: &RedisServer, seen: &Seen, puts: Vec<Put>, ops: Vec<Op
                     format!("expire {id} {item}"),
                     norm(r.expire(&id, &item).await),
                     norm(m.expire(&id, &item).await),
+                )
+            }
+            Op::Pause(item, on) => {
+                let item = item.map(|i| ITEMS[i]);
+                (
+                    format!("pause {item:?} {on}"),
+                    norm(r.pause(item, *on).await),
+                    norm(m.pause(item, *on).await),
                 )
             }
             Op::Advance(ms) => {
@@ -494,6 +509,9 @@ const EXPECTED_KINDS: &[&str] = &[
     "reserve:BadQty",
     "reserve:LimitReached",
     "reserve:SoldOut",
+    "reserve:Paused",
+    "pause:true",
+    "pause:false",
     "transition:Done",
     "transition:Already",
     "transition:Closed",

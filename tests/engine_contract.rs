@@ -158,6 +158,7 @@ fn spec(item: &str, stock: i64, limit: i64) -> ItemSpec {
         starts_ms: NOW - 1_000,
         ends_ms: NOW + 3_600_000,
         buckets: 1,
+        paused: false,
     }
 }
 

@@ -27,6 +27,7 @@ static PAY: LazyLock<Script> = LazyLock::new(|| Script::new(scripts::PAY));
 static CANCEL: LazyLock<Script> = LazyLock::new(|| Script::new(scripts::CANCEL));
 static EXPIRE: LazyLock<Script> = LazyLock::new(|| Script::new(scripts::EXPIRE));
 static PUT_ITEM: LazyLock<Script> = LazyLock::new(|| Script::new(scripts::PUT_ITEM));
+static PAUSE: LazyLock<Script> = LazyLock::new(|| Script::new(scripts::PAUSE));
 static TRANSFER_OUT: LazyLock<Script> = LazyLock::new(|| Script::new(scripts::TRANSFER_OUT));
 static TRANSFER_IN: LazyLock<Script> = LazyLock::new(|| Script::new(scripts::TRANSFER_IN));
 static TRANSFER_FORGET: LazyLock<Script> = LazyLock::new(|| Script::new(scripts::TRANSFER_FORGET));
@@ -757,6 +758,77 @@ async fn unknown_item_changes_nothing() {
     let order = sale.new_order_id();
     let reply = sale.reserve_with("alice", "1", &order, "k-1", &NOW.to_string()).await;
     assert_eq!(reply, reply!["unknown_item"]);
+    assert!(sale.snapshot().await.is_empty(), "no key was created");
+}
+
+/// pause.lua on the sale's item: "1" pauses, "0" resumes.
+async fn pause(sale: &mut Sale, flag: &str) -> Vec<R> {
+    let res = PAUSE
+        .key(sale.item_key())
+        .arg(&sale.item)
+        .arg(flag)
+        .invoke_async(&mut sale.con)
+        .await;
+    decode(res.expect("pause.lua"))
+}
+
+#[tokio::test]
+async fn a_paused_item_sells_nothing_and_changes_nothing_until_resumed() {
+    let mut sale = Sale::with_item(5, 3).await;
+    let keyed = sale.new_order_id();
+    let now = NOW.to_string();
+    sale.reserve_with("alice", "1", &keyed, "k-1", &now).await;
+    assert_eq!(pause(&mut sale, "1").await, reply!["ok"]);
+    assert_eq!(sale.hash(&sale.item_key()).await["paused"], "1");
+
+    let before = sale.snapshot().await;
+    assert_eq!(sale.reserve("bob", 1).await, reply!["paused"]);
+    assert_eq!(sale.snapshot().await, before, "a paused reserve changes nothing");
+    // A retry of an order made before the pause still finds it (no unit moves).
+    let retry = sale.new_order_id();
+    let reply = sale.reserve_with("alice", "1", &retry, "k-1", &now).await;
+    assert_eq!(reply, reply!["duplicate", &keyed, 1, "reserved", NOW, NOW + TIMEOUT_MS]);
+    // In a batch, every request of the paused item is refused.
+    let (o1, o2) = (sale.new_order_id(), sale.new_order_id());
+    let replies = sale
+        .reserve_batch(&[("carol", "1", &o1, ""), ("dave", "1", &o2, "")])
+        .await;
+    assert_eq!(replies, vec![reply!["paused"], reply!["paused"]]);
+    assert_eq!(sale.snapshot().await, before);
+    // Orders made before the pause are still paid.
+    assert_eq!(sale.pay(&keyed, "alice", NOW + 1).await[0], R::from("ok"));
+
+    // A replacement of the item keeps the switch.
+    assert_eq!(sale.put(5, 3, STARTS, ENDS).await[0], R::from("ok"));
+    assert_eq!(sale.reserve("bob", 1).await, reply!["paused"]);
+
+    assert_eq!(pause(&mut sale, "0").await, reply!["ok"]);
+    assert!(!sale.hash(&sale.item_key()).await.contains_key("paused"));
+    assert_eq!(sale.reserve("bob", 1).await[0], R::from("ok"));
+    assert_eq!(sale.counters().await, [3, 1, 1, 0, 0]);
+    sale.assert_invariants().await;
+}
+
+#[tokio::test]
+async fn a_shard_paused_for_every_sale_refuses_every_reserve_on_it() {
+    let mut sale = Sale::with_item(5, 3).await;
+    let seq = sale.seq_key();
+    let _: i64 = sale.cmd(&["HSET", &seq, "paused", "1"]).await;
+    let before = sale.snapshot().await;
+    assert_eq!(sale.reserve("bob", 1).await, reply!["paused"]);
+    assert_eq!(sale.snapshot().await, before);
+    // An unknown item is still unknown (the item check comes first).
+    let mut other = Sale::new().await;
+    let _: i64 = other.cmd(&["HSET", &other.seq_key(), "paused", "1"]).await;
+    assert_eq!(other.reserve("bob", 1).await, reply!["unknown_item"]);
+    let _: i64 = sale.cmd(&["HDEL", &seq, "paused"]).await;
+    assert_eq!(sale.reserve("bob", 1).await[0], R::from("ok"));
+}
+
+#[tokio::test]
+async fn pausing_an_unknown_item_creates_nothing() {
+    let mut sale = Sale::new().await;
+    assert_eq!(pause(&mut sale, "1").await, reply!["unknown_item"]);
     assert!(sale.snapshot().await.is_empty(), "no key was created");
 }
 

@@ -450,3 +450,58 @@ async fn a_bucketed_item_is_rebuilt_bucket_by_bucket_with_its_transfers() {
     }
     reconcile_is_clean(&mut rd, &store, &item).await;
 }
+
+/// The pause switches outlive a Redis state loss: paused after the snapshot, the item and
+/// every sale are paused again once the shard is rebuilt from the database (which records
+/// both), so the rebuild never reopens a sale the operator stopped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pause_switches_survive_a_rebuild_from_the_database() {
+    let (mut redis, store, gw, item) = sale("pauseloss", 10, 1).await;
+    let snapshot = redis.snapshot();
+    let (made, _) = reserve_all(&gw, &item, (0..2).map(|i| format!("p{i}"))).await;
+    assert_eq!(made.len(), 2);
+    persisted(&store, &item, 2, 0, 0).await;
+    let admin = |path: String| gw.admin(gw.post(&path));
+    common::http::send(admin(format!("/admin/v1/items/{item}/pause")))
+        .await
+        .assert_ok();
+    common::http::send(admin("/admin/v1/pause".into())).await.assert_ok();
+    redis.restart_from(&snapshot);
+    let mut rd = Redis::connect(&redis).await;
+    assert!(
+        !rd.item(&item).await.contains_key("paused"),
+        "the snapshot predates the pause"
+    );
+
+    // A payment of a forgotten order starts the rebuild; it pays once the shard is back.
+    let (u, order) = &made[0];
+    poll(Duration::from_secs(10), async || {
+        let r = gw.pay(order, u).await;
+        (r.status.as_u16() == 200).then_some(())
+    })
+    .await
+    .expect("the order is payable once its shard is rebuilt");
+    assert_eq!(rd.item(&item).await.get("paused").map(String::as_str), Some("1"));
+    let shard = seckill_gateway::ids::shard_of(&item);
+    let all: Option<String> = redis::cmd("HGET")
+        .arg(seckill_gateway::engine::keys::seq(shard))
+        .arg("paused")
+        .query_async(&mut rd.conn)
+        .await
+        .unwrap();
+    assert_eq!(
+        all.as_deref(),
+        Some("1"),
+        "every sale's switch is back on the rebuilt shard"
+    );
+    // A gateway that starts now, with nothing cached, is refused by Redis itself.
+    let fresh = Gateway::builder(&redis.url()).database(&shared_pg()).start().await;
+    fresh.reserve(&item, "late").await.assert_refused(503, "paused");
+    common::http::send(fresh.admin(fresh.post("/admin/v1/resume")))
+        .await
+        .assert_ok();
+    common::http::send(fresh.admin(fresh.post(&format!("/admin/v1/items/{item}/resume"))))
+        .await
+        .assert_ok();
+    fresh.reserve_ok(&item, "late").await;
+}

@@ -32,13 +32,14 @@ DEFAULT_DASHBOARD = os.path.join(HERE, "seckill.json")
 DEFAULT_ALERTS = os.path.join(HERE, "..", "prometheus", "alerts.yml")
 
 ROUTES = {"item_get", "reserve", "pay", "cancel", "order_get", "orders_list", "admin_item_put",
-          "admin_stats", "admin_orders_csv", "metrics", "healthz", "readyz", "not_found"}
+          "admin_stats", "admin_orders_csv", "admin_item_pause", "admin_item_resume",
+          "admin_pause_all", "admin_resume_all", "metrics", "healthz", "readyz", "not_found"}
 OUTCOMES = {"ok", "bad_request", "unauthenticated", "forbidden", "unknown_item", "unknown_order",
             "limit_reached", "order_closed", "sold_out", "not_started", "ended",
-            "payload_too_large", "rate_limited", "unavailable", "internal",
+            "payload_too_large", "rate_limited", "paused", "unavailable", "internal",
             # route-level refusals outside the design's table (docs/contract.md: deviations)
             "not_found", "method_not_allowed"}
-SCRIPTS = {"reserve", "pay", "cancel", "expire", "put_item", "transfer_out", "transfer_in", "transfer_forget"}
+SCRIPTS = {"reserve", "pay", "cancel", "expire", "put_item", "pause", "transfer_out", "transfer_in", "transfer_forget"}
 REDIS_ERROR_KINDS = {"timeout", "connection", "script", "circuit_open", "shed", "not_replicated", "fenced", "in_transit"}
 CACHES = {"item", "sold_out", "not_found", "bloom"}
 CACHE_RESULTS = {"hit", "miss"}

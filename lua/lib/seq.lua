@@ -6,15 +6,18 @@
 -- [hash] sk:T:seq   e      epoch: raised by each repair (absent = 0)
 --                   s      writes of this epoch: one per call that wrote events
 --                   fence  present while the shard must not change: why, as text
+--                   paused "1" while the operator has paused every sale
+--                          (POST /admin/v1/pause); only reserve.lua reads it
 --
 -- A gateway passes a floor "E:S": the highest (epoch, seq) it knows was written
 -- (carried by the persisted events). A shard below it has lost writes.
 
 -- Refuses while the shard is fenced or behind `floor` ("" = no floor): returns
 -- nil and an error reply `FENCED <why>` (a shard found behind is fenced first, so
--- every gateway refuses until the repair lifts it). Else returns the epoch.
+-- every gateway refuses until the repair lifts it). Else returns the epoch, nil,
+-- and whether every sale is paused (read in the same call: free for reserve.lua).
 local function check_seq(seq_key, floor)
-  local q = redis.call("HMGET", seq_key, "e", "s", "fence")
+  local q = redis.call("HMGET", seq_key, "e", "s", "fence", "paused")
   if q[3] then
     return nil, redis.error_reply("FENCED " .. q[3])
   end
@@ -29,7 +32,7 @@ local function check_seq(seq_key, floor)
       return nil, redis.error_reply("FENCED " .. why)
     end
   end
-  return e
+  return e, nil, q[4] == "1"
 end
 
 -- The sequence of this call's events, "E:S" (their stream entries' field `q`):

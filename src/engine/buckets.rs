@@ -82,7 +82,12 @@ impl RedisEngine {
     /// answered as stored.
     pub(super) async fn put_bucketed(&self, spec: &ItemSpec, existing: Option<ItemState>) -> Result<PutReply, Error> {
         if let Some(current) = existing {
-            return Ok(if current.spec == *spec {
+            // The same definition again (the pause switch is not part of one).
+            let same = ItemSpec {
+                paused: current.spec.paused,
+                ..spec.clone()
+            };
+            return Ok(if current.spec == same {
                 PutReply::Stored { stock: current.stock }
             } else {
                 PutReply::BucketsFixed {

@@ -30,6 +30,8 @@ pub trait Journal: Send + Sync {
     fn append(&self, events: Vec<OrderEvent>) -> BoxFuture<'static, Result<(), Error>>;
     /// Store an item definition durably.
     fn put_item(&self, spec: ItemSpec) -> BoxFuture<'static, Result<(), Error>>;
+    /// Store an item's pause switch (`Some`), or every sale's (`None`), durably.
+    fn set_paused(&self, item_id: Option<String>, paused: bool) -> BoxFuture<'static, Result<(), Error>>;
 }
 
 /// Everything the engine decides on, behind its one lock. The maps that grow with every
@@ -53,6 +55,8 @@ struct State {
     closed: BTreeSet<(Millis, String)>,
     /// (expires at, key) of idempotency keys, for the same reason.
     idem_expiry: BTreeSet<(Millis, (String, String, String))>,
+    /// Every sale paused by the operator (each item's own switch is in its spec).
+    all_paused: bool,
 }
 
 pub struct EmbeddedEngine {
@@ -174,6 +178,11 @@ impl EmbeddedEngine {
         }
     }
 
+    /// Every sale was paused when the engine stopped (the store says so).
+    pub fn restore_all_paused(&self) {
+        self.lock().all_paused = true;
+    }
+
     /// The units a user holds of an item (for tests and the differential check).
     pub fn held(&self, item_id: &str, user_id: &str) -> i64 {
         self.lock()
@@ -239,14 +248,17 @@ fn unrelease(s: &mut State, prev: &Order, from: OrderStatus) {
 
 impl StockEngine for EmbeddedEngine {
     async fn put_item(&self, spec: &ItemSpec) -> Result<PutReply, Error> {
+        let mut spec = spec.clone();
         let previous = {
             let mut s = self.lock();
             let prev = s.items.get(&spec.item_id).cloned();
+            // A replacement keeps the pause switch (as put_item.lua leaves the field).
+            spec.paused = prev.as_ref().is_some_and(|p| p.spec.paused);
             // The Redis engine's rule (its stock lies in its buckets there): the buckets of
             // an existing item never change, and one of several buckets only takes its own
             // definition again.
             if let Some(p) = &prev
-                && (p.spec.buckets != spec.buckets || (spec.buckets > 1 && p.spec != *spec))
+                && (p.spec.buckets != spec.buckets || (spec.buckets > 1 && p.spec != spec))
             {
                 return Ok(PutReply::BucketsFixed {
                     buckets: p.spec.buckets,
@@ -292,6 +304,43 @@ impl StockEngine for EmbeddedEngine {
         Ok(self.lock().items.get(item_id).cloned())
     }
 
+    async fn pause(&self, item_id: Option<&str>, paused: bool) -> Result<bool, Error> {
+        let (before, durable) = {
+            let mut s = self.lock();
+            let before = match item_id {
+                Some(id) => match s.items.get_mut(id) {
+                    Some(item) => std::mem::replace(&mut item.spec.paused, paused),
+                    None => return Ok(false),
+                },
+                None => std::mem::replace(&mut s.all_paused, paused),
+            };
+            let durable = self
+                .journal
+                .as_ref()
+                .map(|j| j.set_paused(item_id.map(str::to_owned), paused));
+            (before, durable)
+        };
+        if let Some(durable) = durable
+            && let Err(e) = durable.await
+        {
+            let mut s = self.lock();
+            match item_id {
+                Some(id) => {
+                    if let Some(item) = s.items.get_mut(id) {
+                        item.spec.paused = before;
+                    }
+                }
+                None => s.all_paused = before,
+            }
+            return Err(e);
+        }
+        self.listener.news(match item_id {
+            Some(item) => ItemNews::Remote { item },
+            None => ItemNews::AllPaused(paused),
+        });
+        Ok(true)
+    }
+
     async fn reserve(&self, cmd: &ReserveCmd) -> Result<ReserveReply, Error> {
         let now = self.clock.now_ms();
         let idem_key = cmd.idem_key.clone().unwrap_or_default();
@@ -328,6 +377,9 @@ impl StockEngine for EmbeddedEngine {
             let Some(item) = s.items.get(&cmd.item_id) else {
                 return Ok(ReserveReply::UnknownItem);
             };
+            if s.all_paused || item.spec.paused {
+                return Ok(ReserveReply::Paused);
+            }
             let (stock, limit) = (item.stock, item.spec.per_user_limit);
             if now < item.spec.starts_ms {
                 return Ok(ReserveReply::NotStarted {
@@ -625,6 +677,7 @@ mod tests {
             starts_ms: 0,
             ends_ms: i64::MAX / 2,
             buckets: 1,
+            paused: false,
         };
         e.put_item(&spec).await.unwrap();
         let mut ids = Vec::new();

@@ -18,6 +18,8 @@ use crate::store::Store;
 enum Job {
     Events(Vec<OrderEvent>, oneshot::Sender<Result<(), Error>>),
     Item(ItemSpec, oneshot::Sender<Result<(), Error>>),
+    /// An item's pause switch (`Some`), or every sale's (`None`).
+    Pause(Option<String>, bool, oneshot::Sender<Result<(), Error>>),
 }
 
 pub struct SqliteJournal {
@@ -75,6 +77,10 @@ impl SqliteJournal {
                 match job {
                     Job::Item(spec, done) => {
                         let _ = done.send(store.put_item(&spec, clock.now_ms()).await);
+                    }
+                    Job::Pause(item, paused, done) => {
+                        let set = store.set_paused(item.as_deref(), paused, clock.now_ms()).await;
+                        let _ = done.send(set.map(|_| ()));
                     }
                     Job::Events(evs, done) => {
                         events.extend(evs);
@@ -134,5 +140,9 @@ impl Journal for SqliteJournal {
 
     fn put_item(&self, spec: ItemSpec) -> BoxFuture<'static, Result<(), Error>> {
         self.submit(move |tx| Job::Item(spec, tx))
+    }
+
+    fn set_paused(&self, item_id: Option<String>, paused: bool) -> BoxFuture<'static, Result<(), Error>> {
+        self.submit(move |tx| Job::Pause(item_id, paused, tx))
     }
 }

@@ -7,8 +7,15 @@ use crate::ids::{SHARDS, order_shard, shard_of};
 pub const CATALOG: &str = "sk:catalog";
 /// The pub/sub channel of cache invalidations.
 pub const BUS: &str = "sk:bus";
-/// The one message on [`BUS`]: `item_changed <item id>` (created, replaced, or stock back).
+/// A message on [`BUS`]: `item_changed <item id>` (created, replaced, paused, resumed, or
+/// stock back).
 pub const ITEM_CHANGED: &str = "item_changed ";
+/// `"1"` while every sale is paused (`POST /admin/v1/pause`): what a gateway reads after
+/// (re)subscribing to [`BUS`]. The scripts read each shard's own copy, the field `paused` of
+/// [`seq`].
+pub const PAUSED_ALL: &str = "sk:paused_all";
+/// The message on [`BUS`] when every sale is paused or resumed: `all_paused 1` or `all_paused 0`.
+pub const ALL_PAUSED: &str = "all_paused ";
 /// The consumer group of the persistence worker.
 pub const GROUP: &str = "persist";
 

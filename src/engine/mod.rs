@@ -89,6 +89,9 @@ pub enum ItemNews<'a> {
     Remote { item: &'a str },
     /// Every item id, after a reconnect to the change feed (messages may have been missed).
     Catalog(Vec<String>),
+    /// Every sale paused (`true`) or resumed, here or by another instance; also told after
+    /// every reconnect to the change feed, with what Redis holds.
+    AllPaused(bool),
 }
 
 /// Receives every [`ItemNews`]; called synchronously on the path that caused it, so a
@@ -152,6 +155,8 @@ pub enum ReserveReply {
         pay_before_ms: Millis,
     },
     UnknownItem,
+    /// The item, or every sale, is paused by the operator.
+    Paused,
     NotStarted {
         starts_ms: Millis,
     },
@@ -181,6 +186,9 @@ impl ReserveReply {
             }),
             ReserveReply::SoldOut { stock: 0 } => Some(ItemNews::SoldOut { item }),
             ReserveReply::UnknownItem => Some(ItemNews::Missing { item }),
+            // Paused where this instance had not heard of it yet (a pause message still on
+            // its way, or missed): forget the cached definition, so the next read sees it.
+            ReserveReply::Paused => Some(ItemNews::Remote { item }),
             _ => None,
         }
     }
@@ -242,6 +250,10 @@ pub trait StockEngine: Send + Sync {
     fn put_item(&self, spec: &ItemSpec) -> impl Future<Output = Result<PutReply, Error>> + Send;
     /// An item with its counters, or `None`.
     fn item(&self, item_id: &str) -> impl Future<Output = Result<Option<ItemState>, Error>> + Send;
+    /// Pause (`paused`) or resume the sale of an item (`Some`) or of every item (`None`):
+    /// once this returns, no reserve of it succeeds (`pause.lua`; every shard's `paused`
+    /// field for every item). `false` when the item does not exist.
+    fn pause(&self, item_id: Option<&str>, paused: bool) -> impl Future<Output = Result<bool, Error>> + Send;
     /// Take stock for a shopper (`reserve.lua`).
     fn reserve(&self, cmd: &ReserveCmd) -> impl Future<Output = Result<ReserveReply, Error>> + Send;
     /// Pay or cancel an order of `user_id` (`pay.lua`, `cancel.lua`).
@@ -326,6 +338,10 @@ impl Engine {
                 let engine = embedded::EmbeddedEngine::new(settings, clock, Some(Box::new(journal)))
                     .with_listener(listener.clone());
                 engine.restore(store.items().await?, store.orders(None).await?);
+                if store.all_paused().await? {
+                    engine.restore_all_paused();
+                    listener.news(ItemNews::AllPaused(true));
+                }
                 Kind::Embedded(engine)
             }
         };
@@ -367,6 +383,19 @@ impl Engine {
             tracing::warn!(item = %spec.item_id, cause = %e, "item stored in the engine but not in the database");
         }
         Ok(reply)
+    }
+
+    /// Pause or resume the sale of an item (`Some`) or of every item (`None`); `false` when
+    /// the item does not exist. With Redis the database records the switch too (the
+    /// embedded journal did before answering), so that a rebuild of Redis keeps it: a
+    /// failure to record it is an error after the switch took effect (sending it again
+    /// is harmless).
+    pub async fn pause(&self, item_id: Option<&str>, paused: bool, now_ms: Millis) -> Result<bool, Error> {
+        let known = delegate!(self, e => e.pause(item_id, paused))?;
+        if known && let Kind::Redis(_) = &self.inner.kind {
+            self.inner.store.set_paused(item_id, paused, now_ms).await?;
+        }
+        Ok(known)
     }
 
     /// An item with its counters (the stock gauge follows what was read).

@@ -34,7 +34,7 @@ use super::{
 use crate::clock::{Clock, system_now_ms};
 use crate::config::{Config, RedisMode};
 use crate::error::Error;
-use crate::ids::{order_shard, shard_of};
+use crate::ids::{bucket_id, order_shard, shard_of, stock_buckets};
 use crate::metrics;
 use crate::shutdown::stopped;
 
@@ -45,6 +45,7 @@ pub(super) struct Scripts {
     cancel: Script,
     expire: Script,
     put_item: Script,
+    pause: Script,
     pub(super) transfer_out: Script,
     pub(super) transfer_in: Script,
     pub(super) transfer_forget: Script,
@@ -52,13 +53,16 @@ pub(super) struct Scripts {
 
 impl Scripts {
     fn load() -> Self {
-        use super::scripts::{CANCEL, EXPIRE, PAY, PUT_ITEM, RESERVE, TRANSFER_FORGET, TRANSFER_IN, TRANSFER_OUT};
+        use super::scripts::{
+            CANCEL, EXPIRE, PAUSE, PAY, PUT_ITEM, RESERVE, TRANSFER_FORGET, TRANSFER_IN, TRANSFER_OUT,
+        };
         Scripts {
             reserve: Script::new(RESERVE),
             pay: Script::new(PAY),
             cancel: Script::new(CANCEL),
             expire: Script::new(EXPIRE),
             put_item: Script::new(PUT_ITEM),
+            pause: Script::new(PAUSE),
             transfer_out: Script::new(TRANSFER_OUT),
             transfer_in: Script::new(TRANSFER_IN),
             transfer_forget: Script::new(TRANSFER_FORGET),
@@ -556,6 +560,9 @@ impl RedisEngine {
                     .await
                     .map_err(|_| Error::RedisTimeout)??;
                 self.listener.news(ItemNews::Catalog(self.catalog().await?));
+                let paused_all: Option<String> = self.query(redis::cmd("GET").arg(keys::PAUSED_ALL)).await?;
+                self.listener
+                    .news(ItemNews::AllPaused(paused_all.as_deref() == Some("1")));
                 connected.store(true, std::sync::atomic::Ordering::Relaxed);
                 tracing::debug!(channel = keys::BUS, node = %url, "subscribed");
                 let mut messages = pubsub.on_message();
@@ -565,6 +572,8 @@ impl RedisEngine {
                     };
                     if let Some(item) = payload.strip_prefix(keys::ITEM_CHANGED) {
                         self.listener.news(ItemNews::Remote { item });
+                    } else if let Some(flag) = payload.strip_prefix(keys::ALL_PAUSED) {
+                        self.listener.news(ItemNews::AllPaused(flag == "1"));
                     }
                 }
                 Ok::<(), Error>(())
@@ -630,6 +639,52 @@ impl RedisEngine {
             "below_held" => Ok(PutReply::BelowHeld { held: r.int(1)? }),
             other => Err(Error::ScriptReply(format!("put_item: unknown reply {other}"))),
         }
+    }
+
+    /// `pause.lua` on one engine item; `false` when it does not exist.
+    async fn pause_one(&self, id: &str, paused: bool) -> Result<bool, Error> {
+        let mut inv = self.scripts.pause.prepare_invoke();
+        inv.key(keys::item(id)).arg(id).arg(if paused { "1" } else { "0" });
+        let parts = self.run(id, "pause", inv).await?;
+        let r = Reply {
+            script: "pause",
+            parts: &parts,
+        };
+        match r.status()?.as_str() {
+            "ok" => Ok(true),
+            "unknown_item" => Ok(false),
+            other => Err(Error::ScriptReply(format!("pause: unknown reply {other}"))),
+        }
+    }
+
+    /// Every sale's switch: each shard's copy, which the scripts read (all of them before
+    /// this returns), then the one gateways read on (re)connecting, then the news.
+    async fn pause_all(&self, paused: bool) -> Result<(), Error> {
+        let sets = (0..crate::ids::SHARDS).map(|shard| async move {
+            let mut cmd = if paused { redis::cmd("HSET") } else { redis::cmd("HDEL") };
+            cmd.arg(keys::seq(shard)).arg("paused");
+            if paused {
+                cmd.arg("1");
+            }
+            self.query_shard::<i64>(shard, &cmd).await
+        });
+        for set in futures_util::future::join_all(sets).await {
+            set?;
+        }
+        self.query::<()>(
+            redis::cmd("SET")
+                .arg(keys::PAUSED_ALL)
+                .arg(if paused { "1" } else { "0" }),
+        )
+        .await?;
+        self.listener.news(ItemNews::AllPaused(paused));
+        self.query::<i64>(redis::cmd("PUBLISH").arg(keys::BUS).arg(format!(
+            "{}{}",
+            keys::ALL_PAUSED,
+            if paused { "1" } else { "0" }
+        )))
+        .await?;
+        Ok(())
     }
 
     /// `WAIT` for `SECKILL_REDIS_WAIT_REPLICAS` replicas of `shard`'s primary (nothing
@@ -754,6 +809,7 @@ fn reserve_reply(parts: &[Value]) -> Result<ReserveReply, Error> {
             pay_before_ms: r.int(5)?,
         },
         "unknown_item" => ReserveReply::UnknownItem,
+        "paused" => ReserveReply::Paused,
         "not_started" => ReserveReply::NotStarted { starts_ms: r.int(1)? },
         "ended" => ReserveReply::Ended { ends_ms: r.int(1)? },
         "bad_qty" => ReserveReply::BadQty { limit: r.int(1)? },
@@ -807,6 +863,7 @@ pub(crate) fn item_from_hash(item_id: &str, h: &HashMap<String, String>) -> Resu
             ends_ms: field(h, "ends_ms")?,
             // Absent in items written before buckets existed: one.
             buckets: h.get("buckets").and_then(|v| v.parse().ok()).unwrap_or(1),
+            paused: h.get("paused").is_some_and(|v| v == "1"),
         },
         stock: field(h, "stock")?,
         reserved: field(h, "reserved")?,
@@ -855,6 +912,27 @@ impl StockEngine for RedisEngine {
             return self.whole_item(head, &h).await.map(Some);
         }
         Ok(Some(head))
+    }
+
+    async fn pause(&self, item_id: Option<&str>, paused: bool) -> Result<bool, Error> {
+        let Some(item) = item_id else {
+            self.pause_all(paused).await?;
+            return Ok(true);
+        };
+        // A bucketed item's reservations are made in its buckets: each of them first, then
+        // the item's own hash (which GET item reads).
+        let buckets: Option<u32> = self
+            .query_shard(shard_of(item), redis::cmd("HGET").arg(keys::item(item)).arg("buckets"))
+            .await?;
+        for bucket in stock_buckets(buckets.unwrap_or(1)).filter(|b| *b > 0) {
+            self.pause_one(&bucket_id(item, bucket), paused).await?;
+        }
+        if !self.pause_one(item, paused).await? {
+            return Ok(false);
+        }
+        self.listener.news(ItemNews::Remote { item });
+        self.publish_changed(item).await?;
+        Ok(true)
     }
 
     async fn reserve(&self, cmd: &ReserveCmd) -> Result<ReserveReply, Error> {

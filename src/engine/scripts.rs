@@ -8,7 +8,7 @@
 //! `cancel.lua` and `expire.lua`. The preludes only define functions, so each script's own
 //! argument-count asserts still run first.
 //!
-//! `put_item.lua` and `transfer_forget.lua` take no prelude. The load kit joins `lua/lib/seq.lua` and `lua/reserve.lua`
+//! `put_item.lua`, `pause.lua` and `transfer_forget.lua` take no prelude. The load kit joins `lua/lib/seq.lua` and `lua/reserve.lua`
 //! the same way for `redis-benchmark` (`loadtest/README.md`).
 
 /// Reserve units of an item (`lua/lib/seq.lua` + `lua/reserve.lua`).
@@ -52,6 +52,9 @@ pub const TRANSFER_IN: &str = concat!(
 
 /// Drop a transfer record (`lua/transfer_forget.lua`, self-contained).
 pub const TRANSFER_FORGET: &str = include_str!("../../lua/transfer_forget.lua");
+
+/// Pause or resume the sale of one engine item (`lua/pause.lua`, self-contained).
+pub const PAUSE: &str = include_str!("../../lua/pause.lua");
 
 /// Create or replace an item (`lua/put_item.lua`, self-contained).
 pub const PUT_ITEM: &str = include_str!("../../lua/put_item.lua");

@@ -1,5 +1,6 @@
 //! The operator's routes, behind `Authorization: Bearer $SECKILL_ADMIN_TOKEN`:
-//! `PUT /admin/v1/items/{id}`, `GET …/stats`, `GET …/orders.csv`.
+//! `PUT /admin/v1/items/{id}`, `GET …/stats`, `GET …/orders.csv`, the pause switches
+//! (`POST …/pause`, `…/resume`, of an item or of every sale).
 
 use http::header::CONTENT_DISPOSITION;
 use http::{HeaderValue, Request, StatusCode};
@@ -69,6 +70,8 @@ impl ItemBody {
             starts_ms,
             ends_ms,
             buckets: buckets as u32,
+            // The switch has its own routes; a replacement keeps it.
+            paused: false,
         })
     }
 }
@@ -86,7 +89,15 @@ pub async fn put_item(ctx: &Ctx<'_>, req: Request<Incoming>) -> Answer {
         .await
         .map_err(|e| ctx.failed("put item", e))?;
     match reply {
-        PutReply::Stored { stock } => Ok(reply::ok(&ItemView::new(&spec, stock, ctx.now()))),
+        PutReply::Stored { stock } => {
+            // The body does not carry the pause switch; a replacement keeps the item's.
+            let kept = match ctx.engine().item(ctx.id).await {
+                Ok(Some(state)) => state.spec.paused,
+                _ => false,
+            };
+            let paused = kept || ctx.app.cache.is_paused(&spec);
+            Ok(reply::ok(&ItemView::new(&spec, stock, ctx.now(), paused)))
+        }
         PutReply::BelowHeld { held } => Err(Reject::BadRequest(format!(
             "stock below the {held} units already reserved or paid"
         ))),
@@ -95,6 +106,26 @@ pub async fn put_item(ctx: &Ctx<'_>, req: Request<Incoming>) -> Answer {
              keeps its stock and definition (create a new item id instead)"
         ))),
     }
+}
+
+/// `POST /admin/v1/items/{id}/pause` (`paused`) and `…/resume` (`item` is the id), and
+/// `POST /admin/v1/pause` and `/resume` for every sale (`item` is `None`): once answered,
+/// no reservation succeeds on any instance (the engine enforces it in the script), and
+/// every instance shows and answers `paused` within about a second (the change feed).
+pub async fn pause(ctx: &Ctx<'_>, req: Request<Incoming>, item: Option<&str>, paused: bool) -> Answer {
+    is_admin(req.headers(), ctx.app.config.admin_token.as_deref())?;
+    let known = ctx
+        .engine()
+        .pause(item, paused, ctx.now())
+        .await
+        .map_err(|e| ctx.failed(if paused { "pause" } else { "resume" }, e))?;
+    if !known {
+        return Err(Reject::UnknownItem);
+    }
+    Ok(reply::ok(&match item {
+        Some(id) => serde_json::json!({ "item_id": id, "paused": paused }),
+        None => serde_json::json!({ "all_items": true, "paused": paused }),
+    }))
 }
 
 /// `GET /admin/v1/items/{id}/stats`: the engine's counters (units) and what the database
@@ -138,6 +169,7 @@ pub async fn stats(ctx: &Ctx<'_>, req: Request<Incoming>) -> Answer {
         "persisted": units,
         "persisted_orders": rows,
         "buckets": state.spec.buckets,
+        "paused": ctx.app.cache.is_paused(&state.spec),
         "per_bucket": per_bucket,
     })))
 }

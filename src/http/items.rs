@@ -18,7 +18,8 @@ pub async fn get(ctx: &Ctx<'_>, req: Request<Incoming>) -> Answer {
     ctx.app.limiter.check_ip(ctx.client_ip(&req))?; // limiter (ip)
     let item = ctx.item(ctx.id).await?; // Bloom filter → cache → engine
     if ctx.app.cache.is_sold_out(ctx.id) {
-        return Ok(reply::ok(&ItemView::new(&item.spec, 0, ctx.now()))); // sold-out flag: no engine read
+        let paused = ctx.app.cache.is_paused(&item.spec);
+        return Ok(reply::ok(&ItemView::new(&item.spec, 0, ctx.now(), paused))); // sold-out flag: no engine read
     }
     let state = match item.fresh {
         Some(state) => state,
@@ -29,7 +30,8 @@ pub async fn get(ctx: &Ctx<'_>, req: Request<Incoming>) -> Answer {
             .map_err(|e| ctx.failed("item lookup", e))?
             .ok_or(Reject::UnknownItem)?,
     };
-    Ok(reply::ok(&ItemView::new(&state.spec, state.stock, ctx.now())))
+    let paused = ctx.app.cache.is_paused(&state.spec);
+    Ok(reply::ok(&ItemView::new(&state.spec, state.stock, ctx.now(), paused)))
 }
 
 /// `POST /api/v1/items/{id}/reserve`: the hot path.
@@ -130,6 +132,7 @@ fn answer(item_id: &str, user_id: &str, asked_qty: i64, reply: ReserveReply) -> 
             pay_before: rfc3339(pay_before_ms),
         })),
         ReserveReply::UnknownItem => Err(Reject::UnknownItem),
+        ReserveReply::Paused => Err(Reject::Paused),
         ReserveReply::NotStarted { starts_ms } => Err(Reject::NotStarted {
             starts_at_ms: starts_ms,
         }),

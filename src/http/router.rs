@@ -36,6 +36,10 @@ enum Route {
     AdminItemPut,
     AdminStats,
     AdminOrdersCsv,
+    AdminItemPause,
+    AdminItemResume,
+    AdminPauseAll,
+    AdminResumeAll,
     Metrics,
     Healthz,
     Readyz,
@@ -54,6 +58,10 @@ impl Route {
             Route::AdminItemPut => "admin_item_put",
             Route::AdminStats => "admin_stats",
             Route::AdminOrdersCsv => "admin_orders_csv",
+            Route::AdminItemPause => "admin_item_pause",
+            Route::AdminItemResume => "admin_item_resume",
+            Route::AdminPauseAll => "admin_pause_all",
+            Route::AdminResumeAll => "admin_resume_all",
             Route::Metrics => "metrics",
             Route::Healthz => "healthz",
             Route::Readyz => "readyz",
@@ -78,6 +86,10 @@ fn route(path: &str) -> (Route, Method, Option<&str>) {
         ["admin", "v1", "items", id] => (Route::AdminItemPut, Method::PUT, Some(id)),
         ["admin", "v1", "items", id, "stats"] => (Route::AdminStats, Method::GET, Some(id)),
         ["admin", "v1", "items", id, "orders.csv"] => (Route::AdminOrdersCsv, Method::GET, Some(id)),
+        ["admin", "v1", "items", id, "pause"] => (Route::AdminItemPause, Method::POST, Some(id)),
+        ["admin", "v1", "items", id, "resume"] => (Route::AdminItemResume, Method::POST, Some(id)),
+        ["admin", "v1", "pause"] => (Route::AdminPauseAll, Method::POST, None),
+        ["admin", "v1", "resume"] => (Route::AdminResumeAll, Method::POST, None),
         ["metrics"] => (Route::Metrics, Method::GET, None),
         ["healthz"] => (Route::Healthz, Method::GET, None),
         ["readyz"] => (Route::Readyz, Method::GET, None),
@@ -231,6 +243,10 @@ pub async fn handle(app: &Arc<App>, req: Request<Incoming>, peer: SocketAddr) ->
                 Route::AdminItemPut => Box::pin(admin::put_item(&ctx, req)).await,
                 Route::AdminStats => Box::pin(admin::stats(&ctx, req)).await,
                 Route::AdminOrdersCsv => Box::pin(admin::orders_csv(&ctx, req)).await,
+                Route::AdminItemPause => Box::pin(admin::pause(&ctx, req, Some(ctx.id), true)).await,
+                Route::AdminItemResume => Box::pin(admin::pause(&ctx, req, Some(ctx.id), false)).await,
+                Route::AdminPauseAll => Box::pin(admin::pause(&ctx, req, None, true)).await,
+                Route::AdminResumeAll => Box::pin(admin::pause(&ctx, req, None, false)).await,
                 Route::Metrics => health::metrics(&ctx),
                 Route::Healthz => health::healthz(),
                 Route::Readyz => health::readyz(&ctx).await,
@@ -279,6 +295,14 @@ mod tests {
             (Route::OrdersList, Method::GET, None)
         ));
         assert!(matches!(route("//metrics"), (Route::Metrics, _, None)));
+        assert!(matches!(
+            route("/admin/v1/items/x1/pause"),
+            (Route::AdminItemPause, Method::POST, Some("x1"))
+        ));
+        assert!(matches!(
+            route("/admin/v1/resume"),
+            (Route::AdminResumeAll, Method::POST, None)
+        ));
         assert!(matches!(route("/api/v1/items/x1/"), (Route::NotFound, _, None)));
         assert!(matches!(route("/a/b/c/d/e/f"), (Route::NotFound, _, None)));
         assert!(matches!(route("/"), (Route::NotFound, _, None)));

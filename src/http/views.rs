@@ -20,12 +20,15 @@ pub struct ItemView<'a> {
 }
 
 impl<'a> ItemView<'a> {
-    /// The item as a shopper sees it at `now`, with `remaining` units left.
-    pub fn new(spec: &'a ItemSpec, remaining: i64, now: Millis) -> Self {
-        let state = if now < spec.starts_ms {
-            "upcoming"
-        } else if now >= spec.ends_ms {
+    /// The item as a shopper sees it at `now`, with `remaining` units left; `paused` when
+    /// its sale or every sale is paused (an ended sale stays `ended`).
+    pub fn new(spec: &'a ItemSpec, remaining: i64, now: Millis, paused: bool) -> Self {
+        let state = if now >= spec.ends_ms {
             "ended"
+        } else if paused {
+            "paused"
+        } else if now < spec.starts_ms {
+            "upcoming"
         } else if remaining <= 0 {
             "sold_out"
         } else {

@@ -307,6 +307,12 @@ async fn rebuild(
             tracing::error!(shard, item = %item_id, oversold = -stock, "item oversold before the Redis loss was found");
         }
         resets.push(redis::cmd("DEL").arg(keys::buyers(item_id)).clone());
+        // The pause switch as the database records it (a bucket's is its item's).
+        resets.push(if spec.paused {
+            redis::cmd("HSET").arg(keys::item(item_id)).arg("paused").arg(1).clone()
+        } else {
+            redis::cmd("HDEL").arg(keys::item(item_id)).arg("paused").clone()
+        });
         resets.push(
             redis::cmd("HSET")
                 .arg(keys::item(item_id))
@@ -445,7 +451,23 @@ async fn rebuild(
         r?;
     }
 
-    // 4. A new epoch, above anything any gateway has seen, and selling resumes.
+    // 4. Every sale's pause switch as the database records it; a new epoch, above anything
+    // any gateway has seen, and selling resumes.
+    let paused_all = store.all_paused().await?;
+    let _: i64 = if paused_all {
+        redis::cmd("HSET")
+            .arg(keys::seq(shard))
+            .arg("paused")
+            .arg(1)
+            .query_async(conn)
+            .await?
+    } else {
+        redis::cmd("HDEL")
+            .arg(keys::seq(shard))
+            .arg("paused")
+            .query_async(conn)
+            .await?
+    };
     let epoch = before.epoch.max(floor.epoch) + 1;
     let _: i64 = redis::cmd("HSET")
         .arg(keys::seq(shard))
