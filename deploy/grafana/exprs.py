@@ -32,7 +32,8 @@ DEFAULT_DASHBOARD = os.path.join(HERE, "seckill.json")
 DEFAULT_ALERTS = os.path.join(HERE, "..", "prometheus", "alerts.yml")
 
 ROUTES = {"item_get", "reserve", "pay", "cancel", "order_get", "orders_list", "admin_item_put",
-          "admin_stats", "admin_orders_csv", "metrics", "healthz", "readyz", "not_found"}
+          "admin_stats", "admin_orders_csv", "admin_limits", "metrics", "healthz", "readyz",
+          "not_found"}
 OUTCOMES = {"ok", "bad_request", "unauthenticated", "forbidden", "unknown_item", "unknown_order",
             "limit_reached", "order_closed", "sold_out", "not_started", "ended",
             "payload_too_large", "rate_limited", "unavailable", "internal",
@@ -63,6 +64,7 @@ CONTRACT_METRICS = {
     "seckill_store_up": {},
     "seckill_redis_fenced": {"shard": None},
     "seckill_redis_repairs_total": {},
+    "seckill_rate_limit": {"kind": {"global", "global_share", "per_user", "per_ip"}},
     "up": {},  # Prometheus' own per-target series
 }
 HISTOGRAMS = {"seckill_request_duration_seconds", "seckill_redis_script_duration_seconds",

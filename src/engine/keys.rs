@@ -9,6 +9,15 @@ pub const CATALOG: &str = "sk:catalog";
 pub const BUS: &str = "sk:bus";
 /// The one message on [`BUS`]: `item_changed <item id>` (created, replaced, or stock back).
 pub const ITEM_CHANGED: &str = "item_changed ";
+/// The other message on [`BUS`]: the shared rate limits ([`LIMITS`]) changed.
+pub const LIMITS_CHANGED: &str = "limits_changed";
+/// The rate limits shared by `PUT /admin/v1/limits`: a hash of `rate_global`,
+/// `rate_per_user`, `rate_per_ip` (a field absent: each instance's configured value). A
+/// plain key (no hash tag): no script touches it.
+pub const LIMITS: &str = "sk:limits";
+/// The live instances: a sorted set of instance id → the last heartbeat (ms since the
+/// epoch, Redis-corrected). A plain key, like [`LIMITS`].
+pub const INSTANCES: &str = "sk:instances";
 /// The consumer group of the persistence worker.
 pub const GROUP: &str = "persist";
 

@@ -39,6 +39,7 @@ use crate::clock::{Clock, Millis};
 use crate::config::Config;
 pub use crate::domain::{ItemSpec, ItemState, Order, OrderStatus};
 use crate::error::Error;
+use crate::limiter::LimitsChange;
 use crate::store::Store;
 
 /// What both engines are told by the configuration (one struct, not positional arguments).
@@ -91,10 +92,24 @@ pub enum ItemNews<'a> {
     Catalog(Vec<String>),
 }
 
+/// What an engine tells the gateway about the rate limits it shares between instances
+/// ([`crate::limiter`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LimitsNews {
+    /// The shared limits changed (`PUT /admin/v1/limits` here or, with Redis, on any
+    /// instance), or were read again after a reconnect: apply the change.
+    Shared(LimitsChange),
+    /// The live instances sharing the global limit (with Redis: the heartbeats).
+    Instances(u32),
+}
+
 /// Receives every [`ItemNews`]; called synchronously on the path that caused it, so a
 /// sold-out flag is set before the reply that sold the last unit leaves.
 pub trait Listener: Send + Sync {
     fn news(&self, news: ItemNews<'_>);
+
+    /// The rate limits' news (ignored by default: engines built by tests and tools).
+    fn limits(&self, _news: LimitsNews) {}
 }
 
 /// A listener that ignores everything (engines built by tests and tools).
@@ -461,6 +476,27 @@ impl Engine {
         delegate!(self, e => e.ping())
     }
 
+    /// Change the shared rate limits (`PUT /admin/v1/limits`). With Redis: stored in
+    /// `sk:limits` and announced on the change feed, so every instance applies them (this
+    /// one before answering); embedded: applied here, until the process stops.
+    pub async fn share_limits(&self, change: LimitsChange) -> Result<(), Error> {
+        match &self.inner.kind {
+            Kind::Redis(r) => r.share_limits(change).await,
+            Kind::Embedded(_) => {
+                self.inner.listener.limits(LimitsNews::Shared(change));
+                Ok(())
+            }
+        }
+    }
+
+    /// Read the shared rate limits at start-up (Redis; the embedded engine shares none yet).
+    pub async fn load_limits(&self) -> Result<(), Error> {
+        match &self.inner.kind {
+            Kind::Redis(r) => r.load_limits().await,
+            Kind::Embedded(_) => Ok(()),
+        }
+    }
+
     /// One sweeper pass: forget what is past its TTL, then expire every reservation whose
     /// deadline passed, in batches. Returns the orders expired.
     pub async fn sweep(&self) -> Result<usize, Error> {
@@ -475,15 +511,21 @@ impl Engine {
         }
     }
 
-    /// The engine's own background tasks (with Redis: the change feed and the clock sync);
-    /// they end when `shutdown` turns true.
+    /// The engine's own background tasks (with Redis: the change feed, the clock sync and
+    /// the instance heartbeat); they end when `shutdown` turns true.
     pub fn spawn_background(&self, shutdown: watch::Receiver<bool>) -> Vec<tokio::task::JoinHandle<()>> {
         match &self.inner.kind {
             Kind::Redis(_) => {
-                let (a, b, c) = (self.clone(), self.clone(), self.clone());
+                let (a, b, c, d) = (self.clone(), self.clone(), self.clone(), self.clone());
                 let stop = shutdown.clone();
                 let stop_c = shutdown.clone();
+                let stop_d = shutdown.clone();
                 vec![
+                    tokio::spawn(async move {
+                        if let Some(r) = d.redis() {
+                            r.keep_heartbeat(stop_d).await;
+                        }
+                    }),
                     tokio::spawn(async move {
                         if let Some(r) = c.redis() {
                             r.keep_transfers_moving(stop_c).await;

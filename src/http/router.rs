@@ -36,6 +36,7 @@ enum Route {
     AdminItemPut,
     AdminStats,
     AdminOrdersCsv,
+    AdminLimits,
     Metrics,
     Healthz,
     Readyz,
@@ -54,6 +55,7 @@ impl Route {
             Route::AdminItemPut => "admin_item_put",
             Route::AdminStats => "admin_stats",
             Route::AdminOrdersCsv => "admin_orders_csv",
+            Route::AdminLimits => "admin_limits",
             Route::Metrics => "metrics",
             Route::Healthz => "healthz",
             Route::Readyz => "readyz",
@@ -78,6 +80,7 @@ fn route(path: &str) -> (Route, Method, Option<&str>) {
         ["admin", "v1", "items", id] => (Route::AdminItemPut, Method::PUT, Some(id)),
         ["admin", "v1", "items", id, "stats"] => (Route::AdminStats, Method::GET, Some(id)),
         ["admin", "v1", "items", id, "orders.csv"] => (Route::AdminOrdersCsv, Method::GET, Some(id)),
+        ["admin", "v1", "limits"] => (Route::AdminLimits, Method::PUT, None),
         ["metrics"] => (Route::Metrics, Method::GET, None),
         ["healthz"] => (Route::Healthz, Method::GET, None),
         ["readyz"] => (Route::Readyz, Method::GET, None),
@@ -231,6 +234,7 @@ pub async fn handle(app: &Arc<App>, req: Request<Incoming>, peer: SocketAddr) ->
                 Route::AdminItemPut => Box::pin(admin::put_item(&ctx, req)).await,
                 Route::AdminStats => Box::pin(admin::stats(&ctx, req)).await,
                 Route::AdminOrdersCsv => Box::pin(admin::orders_csv(&ctx, req)).await,
+                Route::AdminLimits => Box::pin(admin::put_limits(&ctx, req)).await,
                 Route::Metrics => health::metrics(&ctx),
                 Route::Healthz => health::healthz(),
                 Route::Readyz => health::readyz(&ctx).await,
@@ -279,6 +283,10 @@ mod tests {
             (Route::OrdersList, Method::GET, None)
         ));
         assert!(matches!(route("//metrics"), (Route::Metrics, _, None)));
+        assert!(matches!(
+            route("/admin/v1/limits"),
+            (Route::AdminLimits, Method::PUT, None)
+        ));
         assert!(matches!(route("/api/v1/items/x1/"), (Route::NotFound, _, None)));
         assert!(matches!(route("/a/b/c/d/e/f"), (Route::NotFound, _, None)));
         assert!(matches!(route("/"), (Route::NotFound, _, None)));
