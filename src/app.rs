@@ -94,9 +94,14 @@ impl App {
         id
     }
 
-    /// Start the background tasks (the limiter pruner, and the engine's own); they end when
-    /// `shutdown` turns true.
-    pub fn spawn_background(self: &Arc<Self>, shutdown: watch::Receiver<bool>) -> Vec<tokio::task::JoinHandle<()>> {
+    /// Start the background tasks (the limiter pruner, the engine's own, and, for an
+    /// instance that serves shoppers, the heartbeat that shares the global rate: a `worker`
+    /// takes no share); they end when `shutdown` turns true.
+    pub fn spawn_background(
+        self: &Arc<Self>,
+        shutdown: watch::Receiver<bool>,
+        serves_http: bool,
+    ) -> Vec<tokio::task::JoinHandle<()>> {
         let app = self.clone();
         let mut stop = shutdown.clone();
         let mut tasks = vec![tokio::spawn(async move {
@@ -108,6 +113,9 @@ impl App {
                 }
             }
         })];
+        if serves_http {
+            tasks.extend(self.engine.spawn_heartbeat(shutdown.clone()));
+        }
         tasks.extend(self.engine.spawn_background(shutdown));
         tasks
     }

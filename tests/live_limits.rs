@@ -1,7 +1,8 @@
 //! Live limits, on the real binary: a SIGHUP reloads the `--config` file (the rate limits
 //! and the log filter at once; other settings logged as needing a restart; a broken file
 //! changes nothing) and never stops the process; `PUT /admin/v1/limits` reaches every
-//! instance on one `redis-server`; the global rate is shared by the live instances.
+//! instance on one `redis-server`; the global rate is shared by the live instances (those
+//! serving HTTP, not a `worker`).
 //!
 //! Rates are measured with `POST /api/v1/items/<unknown>/reserve`: the limiter runs before
 //! the item lookup, so a request the limiter lets through is a 404 (no stock is touched)
@@ -307,8 +308,15 @@ async fn the_global_rate_is_shared_by_the_live_instances() {
     let redis = RedisServer::start();
     let mut a = on_redis(&redis, 20, 0);
     let mut b = on_redis(&redis, 20, 0);
+    // A `worker` serves no shopper: it takes no share.
+    let worker = Binary::builder()
+        .arg("worker")
+        .flag("--redis-url", &redis.url())
+        .flag("--rate-global", "20")
+        .spawn();
     a.ready().await;
     b.ready().await;
+    logged(&worker, "worker running", 1).await;
     // Both heartbeat within a second or two: each takes half.
     let share = |api: &Api, instances: u64, share: u64| {
         let api = Api::new(api.url.clone());
@@ -353,7 +361,10 @@ async fn the_global_rate_is_shared_by_the_live_instances() {
     // B leaves (SIGTERM): A takes the whole rate again.
     b.terminate();
     assert_eq!(b.wait_exit(Duration::from_secs(15)).and_then(|s| s.code()), Some(0));
-    share(&a, 1, 40).await.expect("A alone takes all 40/s");
+    share(&a, 1, 40)
+        .await
+        .expect("A alone takes all 40/s (the worker is no instance)");
+    assert!(worker.log_text().contains("worker running"), "{}", worker.log_text());
     a.terminate();
     a.wait_exit(Duration::from_secs(15)).expect("A exits");
 }

@@ -511,21 +511,15 @@ impl Engine {
         }
     }
 
-    /// The engine's own background tasks (with Redis: the change feed, the clock sync and
-    /// the instance heartbeat); they end when `shutdown` turns true.
+    /// The engine's own background tasks (with Redis: the change feed and the clock sync);
+    /// they end when `shutdown` turns true.
     pub fn spawn_background(&self, shutdown: watch::Receiver<bool>) -> Vec<tokio::task::JoinHandle<()>> {
         match &self.inner.kind {
             Kind::Redis(_) => {
-                let (a, b, c, d) = (self.clone(), self.clone(), self.clone(), self.clone());
+                let (a, b, c) = (self.clone(), self.clone(), self.clone());
                 let stop = shutdown.clone();
                 let stop_c = shutdown.clone();
-                let stop_d = shutdown.clone();
                 vec![
-                    tokio::spawn(async move {
-                        if let Some(r) = d.redis() {
-                            r.keep_heartbeat(stop_d).await;
-                        }
-                    }),
                     tokio::spawn(async move {
                         if let Some(r) = c.redis() {
                             r.keep_transfers_moving(stop_c).await;
@@ -545,5 +539,18 @@ impl Engine {
             }
             Kind::Embedded(_) => Vec::new(),
         }
+    }
+
+    /// With Redis, the heartbeat of an instance that serves shoppers: it takes its share of
+    /// the global rate ([`redis::RedisEngine::keep_heartbeat`]) until `shutdown` turns true.
+    /// Embedded: one instance, nothing to share.
+    pub fn spawn_heartbeat(&self, shutdown: watch::Receiver<bool>) -> Option<tokio::task::JoinHandle<()>> {
+        self.redis()?;
+        let engine = self.clone();
+        Some(tokio::spawn(async move {
+            if let Some(r) = engine.redis() {
+                r.keep_heartbeat(shutdown).await;
+            }
+        }))
     }
 }
