@@ -18,7 +18,7 @@ use seckill_gateway::clock::Clock;
 use seckill_gateway::engine::{ItemSpec, ReserveCmd, StockEngine};
 use seckill_gateway::filter::ItemFilter;
 use seckill_gateway::ids::new_order_id;
-use seckill_gateway::limiter::Limiter;
+use seckill_gateway::limiter::{Limiter, Limits};
 
 /// Both engines: the gateway's default timeouts and TTLs, a guard that never sheds here.
 const SETTINGS: EngineSettings = EngineSettings {
@@ -46,7 +46,11 @@ fn spec(id: &str, stock: i64) -> ItemSpec {
 }
 
 fn stages(c: &mut Criterion) {
-    let limiter = Limiter::new(0, 1_000_000, 0);
+    let limiter = Limiter::new(Limits {
+        global: 0,
+        per_user: 1_000_000,
+        per_ip: 0,
+    });
     let users: Vec<String> = (0..10_000).map(|i| format!("user-{i}")).collect();
     let n = AtomicU64::new(0);
     c.bench_function("limiter: per-user bucket check", |b| {

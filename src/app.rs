@@ -12,7 +12,7 @@ use tokio::sync::watch;
 use crate::cache::LocalCache;
 use crate::clock::Clock;
 use crate::config::Config;
-use crate::engine::{Engine, ItemNews, Listener, OrderStatus};
+use crate::engine::{Engine, ItemNews, LimitsNews, Listener, OrderStatus};
 use crate::filter::ItemFilter;
 use crate::identity::Identity;
 use crate::limiter::Limiter;
@@ -29,7 +29,9 @@ pub struct App {
     /// The order database (the same one the engine falls back to).
     pub store: Arc<Store>,
     pub identity: Identity,
-    pub limiter: Limiter,
+    /// Shared with the engine's listener, which applies the limits shared by
+    /// `PUT /admin/v1/limits` and the live instance count; and with the SIGHUP reloader.
+    pub limiter: Arc<Limiter>,
     /// Shared with the engine's listener, which keeps it current.
     pub filter: Arc<ItemFilter>,
     /// Shared with the engine's listener, which keeps it current.
@@ -49,9 +51,11 @@ impl App {
         let store = Arc::new(Store::connect(&config.database_url, config.store_timeout).await?);
         let filter = Arc::new(ItemFilter::new(Vec::new()));
         let cache = Arc::new(LocalCache::new(config.item_cache_ttl, config.sold_out_ttl));
+        let limiter = Arc::new(Limiter::new(config.limits()));
         let view = Arc::new(LocalView {
             filter: filter.clone(),
             cache: cache.clone(),
+            limiter: limiter.clone(),
         });
         let engine = Engine::from_config(&config, store.clone(), clock.clone(), view).await?;
         // The Bloom filter starts from the catalogue; an unreachable Redis leaves it empty
@@ -60,12 +64,16 @@ impl App {
             Ok(ids) => filter.replace_all(ids),
             Err(e) => tracing::warn!(cause = %e, "catalogue not loaded at start-up; will retry"),
         }
+        // The limits shared by `PUT /admin/v1/limits` win over the configured ones.
+        if let Err(e) = engine.load_limits().await {
+            tracing::warn!(cause = %e, "shared rate limits not read at start-up; will retry");
+        }
         if config.jwt_secret.is_none() {
             tracing::warn!("SECKILL_JWT_SECRET unset: trusting the X-User-Id header (run behind a proxy that sets it)");
         }
         Ok(Arc::new(App {
             identity: Identity::new(config.jwt_secret.as_deref()),
-            limiter: Limiter::new(config.rate_global, config.rate_per_user, config.rate_per_ip),
+            limiter,
             filter,
             cache,
             request_prefix: format!("{:08x}", rand::random::<u32>()),
@@ -103,9 +111,14 @@ impl App {
         id
     }
 
-    /// Start the background tasks (the limiter pruner, the stock gauges' refresh, and the
-    /// engine's own); they end when `shutdown` turns true.
-    pub fn spawn_background(self: &Arc<Self>, shutdown: watch::Receiver<bool>) -> Vec<tokio::task::JoinHandle<()>> {
+    /// Start the background tasks (the limiter pruner, the stock gauges' refresh, the
+    /// engine's own, and, for an instance that serves shoppers, the heartbeat that shares
+    /// the global rate: a `worker` takes no share); they end when `shutdown` turns true.
+    pub fn spawn_background(
+        self: &Arc<Self>,
+        shutdown: watch::Receiver<bool>,
+        serves_http: bool,
+    ) -> Vec<tokio::task::JoinHandle<()>> {
         let app = self.clone();
         let mut stop = shutdown.clone();
         let mut tasks = vec![tokio::spawn(async move {
@@ -128,16 +141,21 @@ impl App {
                 }
             }
         }));
+        if serves_http {
+            tasks.extend(self.engine.spawn_heartbeat(shutdown.clone()));
+        }
         tasks.extend(self.engine.spawn_background(shutdown));
         tasks
     }
 }
 
 /// What this instance knows locally about items, kept current by the engine's news: the
-/// only place that sets the sold-out flag, the stock gauge and the order counters.
+/// only place that sets the sold-out flag, the stock gauge and the order counters; and the
+/// rate limits the engine shares between instances.
 pub struct LocalView {
     filter: Arc<ItemFilter>,
     cache: Arc<LocalCache>,
+    limiter: Arc<Limiter>,
 }
 
 impl Listener for LocalView {
@@ -179,5 +197,12 @@ impl Listener for LocalView {
             }
             ItemNews::AllPaused(paused) => self.cache.set_all_paused(paused),
         }
+    }
+
+    fn limits(&self, news: LimitsNews) {
+        match news {
+            LimitsNews::Shared(change) => self.limiter.share(change),
+            LimitsNews::Instances(n) => self.limiter.instances(n),
+        };
     }
 }

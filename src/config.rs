@@ -1,7 +1,12 @@
 //! Configuration: one struct, flags with environment fallbacks (`--help` lists them all),
 //! documented defaults, and [`Config::validate`], which fails at start-up naming the field.
+//! A TOML file (`--config`, [`file`]) may hold any setting under its environment name; a
+//! flag or an environment variable wins over it.
+
+pub mod file;
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -56,6 +61,12 @@ pub enum RedisMode {
 
 #[derive(Debug, Clone, Args)]
 pub struct Config {
+    /// TOML file of settings under their environment names (`SECKILL_RATE_GLOBAL = 500`);
+    /// a flag or environment variable wins over it. SIGHUP reloads it: the rate limits and
+    /// SECKILL_LOG change at once, other changes are logged as needing a restart.
+    #[arg(long = "config", global = true, env = "SECKILL_CONFIG", value_name = "FILE")]
+    pub config_file: Option<PathBuf>,
+
     /// Address the HTTP front door listens on.
     #[arg(long, global = true, env = "SECKILL_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
@@ -92,15 +103,18 @@ pub struct Config {
     #[arg(long, global = true, env = "SECKILL_JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: Option<String>,
 
-    /// Requests per second for the whole instance (0: no global limit).
+    /// Requests per second for the whole deployment, shared by the live instances (with
+    /// Redis each takes `ceil(rate / instances)`); 0: no global limit. Live: SIGHUP,
+    /// `PUT /admin/v1/limits`.
     #[arg(long, global = true, env = "SECKILL_RATE_GLOBAL", default_value_t = 0)]
     pub rate_global: u32,
 
-    /// Requests per second per user; the burst is the same number (0: off).
+    /// Requests per second per user; the burst is the same number (0: off). Live: SIGHUP,
+    /// `PUT /admin/v1/limits`.
     #[arg(long, global = true, env = "SECKILL_RATE_PER_USER", default_value_t = 10)]
     pub rate_per_user: u32,
 
-    /// Requests per second per client IP (0: off).
+    /// Requests per second per client IP (0: off). Live: SIGHUP, `PUT /admin/v1/limits`.
     #[arg(long, global = true, env = "SECKILL_RATE_PER_IP", default_value_t = 1000)]
     pub rate_per_ip: u32,
 
@@ -119,6 +133,11 @@ pub struct Config {
     /// Log format.
     #[arg(long, global = true, env = "SECKILL_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
+
+    /// Log filter, RUST_LOG syntax (`info`, `warn,seckill_gateway::orders=debug`); reloaded
+    /// on SIGHUP. Unset: RUST_LOG, else `info`.
+    #[arg(long, global = true, env = "SECKILL_LOG", value_name = "FILTER")]
+    pub log: Option<String>,
 
     /// Timeout of every Redis command (connect and response).
     #[arg(long, global = true, env = "SECKILL_REDIS_TIMEOUT", default_value = "1s", value_parser = humantime::parse_duration)]
@@ -275,7 +294,29 @@ impl Config {
         if self.max_deliveries == 0 {
             return bad("SECKILL_MAX_DELIVERIES", "must be at least 1");
         }
+        if let Some(log) = &self.log
+            && let Err(e) = tracing_subscriber::EnvFilter::try_new(log)
+        {
+            return bad("SECKILL_LOG", &format!("not a log filter: {e}"));
+        }
         Ok(())
+    }
+
+    /// The log filter in force: `SECKILL_LOG`, else `RUST_LOG`, else `info`.
+    pub fn log_filter(&self) -> String {
+        self.log
+            .clone()
+            .or_else(|| std::env::var("RUST_LOG").ok().filter(|v| !v.trim().is_empty()))
+            .unwrap_or_else(|| "info".to_owned())
+    }
+
+    /// The rate limits these settings configure (shared ones may win: [`crate::limiter`]).
+    pub fn limits(&self) -> crate::limiter::Limits {
+        crate::limiter::Limits {
+            global: self.rate_global,
+            per_user: self.rate_per_user,
+            per_ip: self.rate_per_ip,
+        }
     }
 
     /// Embedded mode: no Redis configured.

@@ -24,7 +24,8 @@
 //! mapping), [`metrics`] (every metric name), [`ids`] (ids, shards, order ids), [`clock`]
 //! (injectable time), [`store`] (PostgreSQL or SQLite), [`app`] (shared state, and the one
 //! place an engine's item news becomes local state), [`server`] (start and stop a gateway),
-//! [`shutdown`] and [`retry`] (the background tasks' stop signal and reconnect delays).
+//! [`shutdown`] and [`retry`] (the background tasks' stop signal and reconnect delays),
+//! [`reload`] (SIGHUP: the `--config` file read again, rate limits and log filter applied).
 //! The Redis key layout and script interfaces are in `docs/internals.md`.
 
 pub mod app;
@@ -41,6 +42,7 @@ pub mod ids;
 pub mod limiter;
 pub mod metrics;
 pub mod orders;
+pub mod reload;
 pub mod retry;
 pub mod server;
 pub mod shutdown;

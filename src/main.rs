@@ -1,8 +1,7 @@
-//! Parse the configuration, start tracing, run the gateway until SIGTERM or ctrl-c.
+//! Parse the configuration, start tracing, run the gateway until SIGTERM or ctrl-c;
+//! reload the config file on SIGHUP.
 
-use std::io::IsTerminal;
-
-use clap::Parser;
+use std::ffi::OsString;
 
 /// mimalloc, not glibc's malloc: under load the gateway allocates from both cores at once,
 /// and glibc's arenas spent ~20% of its CPU in malloc/free (measured with perf on the
@@ -10,22 +9,9 @@ use clap::Parser;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use seckill_gateway::clock::Clock;
-use seckill_gateway::config::{Cli, Command, LogFormat};
-use tracing_subscriber::EnvFilter;
-
-fn init_tracing(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    // Logs go to stderr; stdout carries only the start-up banner. Colour codes only on a
-    // terminal: in a file, a pipe or a log collector they are noise.
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal());
-    match format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.init(),
-    }
-}
+use seckill_gateway::config::Command;
+use seckill_gateway::config::file::{Settings, SettingsError};
+use seckill_gateway::reload::{Reloader, init_tracing};
 
 /// Resolves on SIGTERM or Ctrl-C. The handlers are installed when this is called, not when
 /// the future is first polled: called before start-up, so a SIGTERM that arrives right
@@ -52,24 +38,45 @@ fn shutdown_signal() -> impl std::future::Future<Output = ()> {
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
-    init_tracing(cli.config.log_format);
-    if let Err(e) = cli.config.validate() {
+    // Installed first, like SIGTERM's before start-up: from here on SIGHUP reloads (at
+    // once, or once start-up is done) and never terminates the process.
+    #[cfg(unix)]
+    let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).expect("install SIGHUP handler");
+    let args: Vec<OsString> = std::env::args_os().collect();
+    let mut settings = match Settings::load(&args) {
+        Ok(s) => s,
+        Err(SettingsError::Cli(e)) => e.exit(),
+        Err(e) => {
+            eprintln!("{e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    let config = &settings.cli.config;
+    let log = init_tracing(config.log_format, &config.log_filter());
+    if let Err(e) = config.validate() {
         eprintln!("{e}");
         return std::process::ExitCode::from(2);
     }
-    let result = match cli.command.unwrap_or(Command::Serve) {
-        Command::Serve => run(cli.config, true).await,
-        Command::Worker if cli.config.embedded() => {
+    for setting in &settings.overridden {
+        tracing::info!(setting = %setting, "set by a flag or the environment: the config file's value is not used");
+    }
+    let config = config.clone();
+    let command = settings.cli.command.take();
+    let reloader = Reloader::new(args, settings, log);
+    #[cfg(unix)]
+    let reloader = (reloader, hup);
+    let result = match command {
+        None | Some(Command::Serve) => run(config, true, reloader).await,
+        Some(Command::Worker) if config.embedded() => {
             // The worker carries events from the Redis streams to the database; embedded
             // mode has neither stream nor worker. Refuse before anything (./seckill.db) is
             // created, as `reconcile` does.
             eprintln!("worker carries order events from Redis to the database: set REDIS_URL");
             return std::process::ExitCode::from(2);
         }
-        Command::Worker => run(cli.config, false).await,
-        Command::Reconcile { item, repair } => {
-            return seckill_gateway::orders::reconcile::main(cli.config, item, repair).await;
+        Some(Command::Worker) => run(config, false, reloader).await,
+        Some(Command::Reconcile { item, repair }) => {
+            return seckill_gateway::orders::reconcile::main(config, item, repair).await;
         }
     };
     match result {
@@ -81,10 +88,24 @@ async fn main() -> std::process::ExitCode {
     }
 }
 
-async fn run(config: seckill_gateway::config::Config, http: bool) -> anyhow::Result<()> {
+/// The reloader, and the SIGHUP stream it follows.
+#[cfg(unix)]
+type OnSighup = (Reloader, tokio::signal::unix::Signal);
+#[cfg(not(unix))]
+type OnSighup = Reloader;
+
+async fn run(config: seckill_gateway::config::Config, http: bool, reload: OnSighup) -> anyhow::Result<()> {
     let stop = shutdown_signal();
     let embedded = config.embedded();
     let running = seckill_gateway::server::start(config, Clock::system(), http).await?;
+    #[cfg(unix)]
+    tokio::spawn(seckill_gateway::reload::on_sighup(
+        reload.1,
+        reload.0,
+        running.app.limiter.clone(),
+    ));
+    #[cfg(not(unix))]
+    drop(reload);
     if http {
         let url = running.url();
         println!(

@@ -48,6 +48,9 @@ pub const STORE_UP: &str = "seckill_store_up";
 pub const REDIS_FENCED: &str = "seckill_redis_fenced";
 /// Redis shards rebuilt from the database after Redis lost writes.
 pub const REDIS_REPAIRS: &str = "seckill_redis_repairs_total";
+/// Rate limits in force, requests per second (0: off), by kind: global (the deployment's),
+/// global_share (this instance's own bucket), per_user, per_ip.
+pub const RATE_LIMIT: &str = "seckill_rate_limit";
 
 const LATENCY_BUCKETS: &[f64] = &[
     0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
@@ -139,6 +142,10 @@ fn describe() {
         REDIS_REPAIRS,
         "Redis shards rebuilt from the database after Redis lost writes."
     );
+    describe_gauge!(
+        RATE_LIMIT,
+        "Rate limits in force, requests per second (0: off), by kind: global (the deployment's), global_share (this instance's bucket), per_user, per_ip."
+    );
 }
 
 /// Route templates (the `route` label) and outcomes (`ok` or an error code): bounded sets.
@@ -156,6 +163,7 @@ pub const ROUTES: &[&str] = &[
     "admin_item_resume",
     "admin_pause_all",
     "admin_resume_all",
+    "admin_limits",
     "metrics",
     "healthz",
     "readyz",
@@ -374,6 +382,18 @@ pub fn stock_items() -> Vec<String> {
             .cloned()
             .collect()
     })
+}
+
+/// Publish the rate limits in force (a change is rare: the macros' lookup is fine).
+pub fn rate_limits(l: &crate::limiter::InForce) {
+    for (kind, v) in [
+        ("global", l.rate_global),
+        ("global_share", l.rate_global_share),
+        ("per_user", l.rate_per_user),
+        ("per_ip", l.rate_per_ip),
+    ] {
+        ::metrics::gauge!(RATE_LIMIT, "kind" => kind).set(f64::from(v));
+    }
 }
 
 /// Publish the circuit breaker state.

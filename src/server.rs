@@ -46,7 +46,7 @@ pub async fn start(config: Config, clock: Clock, serve_http: bool) -> anyhow::Re
         preload_demo(&app).await;
     }
     let (shutdown, rx) = watch::channel(false);
-    let mut tasks = app.spawn_background(rx.clone());
+    let mut tasks = app.spawn_background(rx.clone(), serve_http);
     tasks.extend(spawn_workers(&app, rx.clone()));
     let (addr, server) = if serve_http {
         let listener = crate::http::bind(listen).await?;

@@ -76,6 +76,8 @@ fn help_lists_the_contract_settings() {
         "SECKILL_PAYMENT_TIMEOUT",
         "SECKILL_DEMO",
         "SECKILL_LOG_FORMAT",
+        "SECKILL_LOG",
+        "SECKILL_CONFIG",
     ] {
         assert!(help.contains(var), "--help mentions {var}");
     }

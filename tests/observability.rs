@@ -54,6 +54,7 @@ const CONTRACT: &[(&str, &str)] = &[
     (seckill_gateway::metrics::DEAD_LETTERS, "counter"),
     (seckill_gateway::metrics::STOCK_TOTAL, "gauge"),
     (seckill_gateway::metrics::STORE_UP, "gauge"),
+    (seckill_gateway::metrics::RATE_LIMIT, "gauge"),
 ];
 
 /// Route templates: the only values of the `route` label.
@@ -71,6 +72,7 @@ const ROUTES: &[&str] = &[
     "admin_item_resume",
     "admin_pause_all",
     "admin_resume_all",
+    "admin_limits",
     "metrics",
     "healthz",
     "readyz",
@@ -130,6 +132,9 @@ const LABEL_VALUES: &[(&str, &[&str])] = &[
     ("result", &["hit", "miss"]),
     ("event", &["reserved", "paid", "cancelled", "expired"]),
 ];
+
+/// The `kind` label of `seckill_rate_limit`.
+const RATE_LIMIT_KINDS: &[&str] = &["global", "global_share", "per_user", "per_ip"];
 
 fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -496,6 +501,11 @@ async fn metrics_pass_promtool_lint() {
                 "le" => assert!(
                     v == "+Inf" || v.parse::<f64>().is_ok(),
                     "le={v:?} is not a number: {line}"
+                ),
+                // The one `kind` that is not a Redis error's.
+                "kind" if s.name == seckill_gateway::metrics::RATE_LIMIT => assert!(
+                    RATE_LIMIT_KINDS.contains(&v.as_str()),
+                    "rate limit kind {v:?} unknown: {line}"
                 ),
                 other => {
                     let allowed = LABEL_VALUES

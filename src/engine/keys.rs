@@ -16,6 +16,15 @@ pub const ITEM_CHANGED: &str = "item_changed ";
 pub const PAUSED_ALL: &str = "sk:paused_all";
 /// The message on [`BUS`] when every sale is paused or resumed: `all_paused 1` or `all_paused 0`.
 pub const ALL_PAUSED: &str = "all_paused ";
+/// The other message on [`BUS`]: the shared rate limits ([`LIMITS`]) changed.
+pub const LIMITS_CHANGED: &str = "limits_changed";
+/// The rate limits shared by `PUT /admin/v1/limits`: a hash of `rate_global`,
+/// `rate_per_user`, `rate_per_ip` (a field absent: each instance's configured value). A
+/// plain key (no hash tag): no script touches it.
+pub const LIMITS: &str = "sk:limits";
+/// The live instances: a sorted set of instance id → the last heartbeat (ms since the
+/// epoch, Redis-corrected). A plain key, like [`LIMITS`].
+pub const INSTANCES: &str = "sk:instances";
 /// The consumer group of the persistence worker.
 pub const GROUP: &str = "persist";
 

@@ -39,6 +39,7 @@ use crate::clock::{Clock, Millis};
 use crate::config::Config;
 pub use crate::domain::{ItemSpec, ItemState, Order, OrderStatus};
 use crate::error::Error;
+use crate::limiter::LimitsChange;
 use crate::store::Store;
 
 /// What both engines are told by the configuration (one struct, not positional arguments).
@@ -94,10 +95,24 @@ pub enum ItemNews<'a> {
     AllPaused(bool),
 }
 
+/// What an engine tells the gateway about the rate limits it shares between instances
+/// ([`crate::limiter`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LimitsNews {
+    /// The shared limits changed (`PUT /admin/v1/limits` here or, with Redis, on any
+    /// instance), or were read again after a reconnect: apply the change.
+    Shared(LimitsChange),
+    /// The live instances sharing the global limit (with Redis: the heartbeats).
+    Instances(u32),
+}
+
 /// Receives every [`ItemNews`]; called synchronously on the path that caused it, so a
 /// sold-out flag is set before the reply that sold the last unit leaves.
 pub trait Listener: Send + Sync {
     fn news(&self, news: ItemNews<'_>);
+
+    /// The rate limits' news (ignored by default: engines built by tests and tools).
+    fn limits(&self, _news: LimitsNews) {}
 }
 
 /// A listener that ignores everything (engines built by tests and tools).
@@ -490,6 +505,27 @@ impl Engine {
         delegate!(self, e => e.ping())
     }
 
+    /// Change the shared rate limits (`PUT /admin/v1/limits`). With Redis: stored in
+    /// `sk:limits` and announced on the change feed, so every instance applies them (this
+    /// one before answering); embedded: applied here, until the process stops.
+    pub async fn share_limits(&self, change: LimitsChange) -> Result<(), Error> {
+        match &self.inner.kind {
+            Kind::Redis(r) => r.share_limits(change).await,
+            Kind::Embedded(_) => {
+                self.inner.listener.limits(LimitsNews::Shared(change));
+                Ok(())
+            }
+        }
+    }
+
+    /// Read the shared rate limits at start-up (Redis; the embedded engine shares none yet).
+    pub async fn load_limits(&self) -> Result<(), Error> {
+        match &self.inner.kind {
+            Kind::Redis(r) => r.load_limits().await,
+            Kind::Embedded(_) => Ok(()),
+        }
+    }
+
     /// One sweeper pass: forget what is past its TTL, then expire every reservation whose
     /// deadline passed, in batches. Returns the orders expired.
     pub async fn sweep(&self) -> Result<usize, Error> {
@@ -532,5 +568,18 @@ impl Engine {
             }
             Kind::Embedded(_) => Vec::new(),
         }
+    }
+
+    /// With Redis, the heartbeat of an instance that serves shoppers: it takes its share of
+    /// the global rate ([`redis::RedisEngine::keep_heartbeat`]) until `shutdown` turns true.
+    /// Embedded: one instance, nothing to share.
+    pub fn spawn_heartbeat(&self, shutdown: watch::Receiver<bool>) -> Option<tokio::task::JoinHandle<()>> {
+        self.redis()?;
+        let engine = self.clone();
+        Some(tokio::spawn(async move {
+            if let Some(r) = engine.redis() {
+                r.keep_heartbeat(shutdown).await;
+            }
+        }))
     }
 }

@@ -28,13 +28,14 @@ use super::guard::Guard;
 use super::keys;
 use super::seq::{Alarms, Floors};
 use super::{
-    Deaf, EngineSettings, ExpireReply, Expired, ItemNews, ItemSpec, ItemState, Listener, Order, OrderStatus, PutReply,
-    ReserveCmd, ReserveReply, StockEngine, Transition, TransitionReply,
+    Deaf, EngineSettings, ExpireReply, Expired, ItemNews, ItemSpec, ItemState, LimitsNews, Listener, Order,
+    OrderStatus, PutReply, ReserveCmd, ReserveReply, StockEngine, Transition, TransitionReply,
 };
 use crate::clock::{Clock, system_now_ms};
 use crate::config::{Config, RedisMode};
 use crate::error::Error;
 use crate::ids::{bucket_id, order_shard, shard_of, stock_buckets};
+use crate::limiter::{LimitsChange, SharedLimits};
 use crate::metrics;
 use crate::shutdown::stopped;
 
@@ -393,7 +394,15 @@ pub struct RedisEngine {
     pub(super) listener: Arc<dyn Listener>,
     pub(super) floors: Arc<Floors>,
     alarms: Arc<Alarms>,
+    /// This instance's member of [`keys::INSTANCES`]: random, so two instances never share one.
+    instance_id: String,
 }
+
+/// How often an instance says it is alive in [`keys::INSTANCES`].
+const HEARTBEAT: Duration = Duration::from_secs(1);
+/// A heartbeat older than this is a dead instance (three missed beats): its share of the
+/// global rate goes to the others.
+const HEARTBEAT_STALE: Duration = Duration::from_secs(3);
 
 impl RedisEngine {
     /// Connects lazily: the gateway starts (and answers 503) while Redis is still down.
@@ -436,6 +445,7 @@ impl RedisEngine {
             listener: Arc::new(Deaf),
             floors,
             alarms,
+            instance_id: uuid::Uuid::now_v7().simple().to_string(),
         })
     }
 
@@ -540,8 +550,8 @@ impl RedisEngine {
     }
 
     /// Follow the change feed (`sk:bus`), reconnecting with backoff, until shutdown. After
-    /// every (re)connect the listener gets the whole catalogue: messages may have been
-    /// missed while disconnected. On a cluster the subscription is on one node (a classic
+    /// every (re)connect the listener gets the whole catalogue and the shared rate limits:
+    /// messages may have been missed while disconnected. On a cluster the subscription is on one node (a classic
     /// `PUBLISH` reaches every node's subscribers); each reconnect tries the next URL of
     /// `REDIS_URL`, so a dead node is left for a live one.
     pub async fn follow_changes(&self, mut shutdown: watch::Receiver<bool>) {
@@ -563,6 +573,7 @@ impl RedisEngine {
                 let paused_all: Option<String> = self.query(redis::cmd("GET").arg(keys::PAUSED_ALL)).await?;
                 self.listener
                     .news(ItemNews::AllPaused(paused_all.as_deref() == Some("1")));
+                self.load_limits().await?;
                 connected.store(true, std::sync::atomic::Ordering::Relaxed);
                 tracing::debug!(channel = keys::BUS, node = %url, "subscribed");
                 let mut messages = pubsub.on_message();
@@ -574,6 +585,9 @@ impl RedisEngine {
                         self.listener.news(ItemNews::Remote { item });
                     } else if let Some(flag) = payload.strip_prefix(keys::ALL_PAUSED) {
                         self.listener.news(ItemNews::AllPaused(flag == "1"));
+                    } else if payload == keys::LIMITS_CHANGED {
+                        // A failed read ends the subscription: the reconnect reads again.
+                        self.load_limits().await?;
                     }
                 }
                 Ok::<(), Error>(())
@@ -594,6 +608,112 @@ impl RedisEngine {
                 _ = stopped(&mut shutdown) => return,
             }
         }
+    }
+
+    /// Change the shared rate limits: set and clear the fields of [`keys::LIMITS`], tell
+    /// every instance ([`keys::LIMITS_CHANGED`] on the bus), and apply what the key now
+    /// holds here before answering (other changes may have landed in between).
+    pub async fn share_limits(&self, change: LimitsChange) -> Result<(), Error> {
+        let fields = [
+            ("rate_global", change.global),
+            ("rate_per_user", change.per_user),
+            ("rate_per_ip", change.per_ip),
+        ];
+        let mut set = redis::cmd("HSET");
+        set.arg(keys::LIMITS);
+        let mut clear = redis::cmd("HDEL");
+        clear.arg(keys::LIMITS);
+        let (mut sets, mut clears) = (0, 0);
+        for (field, value) in fields {
+            match value {
+                Some(Some(rate)) => {
+                    set.arg(field).arg(rate);
+                    sets += 1;
+                }
+                Some(None) => {
+                    clear.arg(field);
+                    clears += 1;
+                }
+                None => {}
+            }
+        }
+        if sets > 0 {
+            self.query::<i64>(&set).await?;
+        }
+        if clears > 0 {
+            self.query::<i64>(&clear).await?;
+        }
+        self.query::<i64>(redis::cmd("PUBLISH").arg(keys::BUS).arg(keys::LIMITS_CHANGED))
+            .await?;
+        self.load_limits().await
+    }
+
+    /// Read [`keys::LIMITS`] and apply it: each rate it holds wins over the configured one,
+    /// each it does not hold is the configured one again. A field that is not a rate is
+    /// logged and left out.
+    pub async fn load_limits(&self) -> Result<(), Error> {
+        let h: HashMap<String, String> = self.query(redis::cmd("HGETALL").arg(keys::LIMITS)).await?;
+        let rate = |field: &str| {
+            let v = h.get(field)?;
+            let parsed = v.parse::<u32>().ok();
+            if parsed.is_none() {
+                tracing::warn!(key = keys::LIMITS, field, value = %v, "not a rate; ignored");
+            }
+            parsed
+        };
+        let shared = SharedLimits {
+            global: rate("rate_global"),
+            per_user: rate("rate_per_user"),
+            per_ip: rate("rate_per_ip"),
+        };
+        self.listener.limits(LimitsNews::Shared(LimitsChange::exactly(shared)));
+        Ok(())
+    }
+
+    /// Say this instance is alive every [`HEARTBEAT`] (`ZADD` to [`keys::INSTANCES`]), drop
+    /// the instances silent for [`HEARTBEAT_STALE`], and tell the listener how many are
+    /// left: each takes its share of the global rate. Until shutdown, when this instance
+    /// leaves the set (the others take its share at their next beat). A failed beat keeps
+    /// the last count: an instance that cannot reach Redis cannot sell anyway.
+    pub async fn keep_heartbeat(&self, mut shutdown: watch::Receiver<bool>) {
+        let mut tick = tokio::time::interval(HEARTBEAT);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => match self.heartbeat().await {
+                    Ok(n) => self.listener.limits(LimitsNews::Instances(n)),
+                    Err(e) => tracing::debug!(cause = %e, "heartbeat not sent"),
+                },
+                _ = stopped(&mut shutdown) => break,
+            }
+        }
+        let leave = redis::cmd("ZREM").arg(keys::INSTANCES).arg(&self.instance_id).clone();
+        if let Err(e) = self.query::<i64>(&leave).await {
+            tracing::debug!(cause = %e, "instance not removed from the live set");
+        }
+    }
+
+    /// One beat; returns the live instances, this one included.
+    async fn heartbeat(&self) -> Result<u32, Error> {
+        // Heartbeats of every instance are compared: Redis-corrected time (a test's manual
+        // clock is not the time instances live in).
+        let now = if self.clock.is_manual() {
+            system_now_ms()
+        } else {
+            self.clock.now_ms()
+        };
+        let stale = now - HEARTBEAT_STALE.as_millis() as i64;
+        self.query::<i64>(redis::cmd("ZADD").arg(keys::INSTANCES).arg(now).arg(&self.instance_id))
+            .await?;
+        self.query::<i64>(
+            redis::cmd("ZREMRANGEBYSCORE")
+                .arg(keys::INSTANCES)
+                .arg("-inf")
+                .arg(format!("({stale}")),
+        )
+        .await?;
+        let n: u32 = self.query(redis::cmd("ZCARD").arg(keys::INSTANCES)).await?;
+        Ok(n.max(1))
     }
 
     /// An order moved here: tell the listener, and, when its units came back, every

@@ -1,6 +1,6 @@
 //! The operator's routes, behind `Authorization: Bearer $SECKILL_ADMIN_TOKEN`:
 //! `PUT /admin/v1/items/{id}`, `GET …/stats`, `GET …/orders.csv`, the pause switches
-//! (`POST …/pause`, `…/resume`, of an item or of every sale).
+//! (`POST …/pause`, `…/resume`, of an item or of every sale), `PUT /admin/v1/limits`.
 
 use http::header::CONTENT_DISPOSITION;
 use http::{HeaderValue, Request, StatusCode};
@@ -16,6 +16,7 @@ use crate::engine::PutReply;
 use crate::error::{Error, Reject};
 use crate::identity::is_admin;
 use crate::ids::MAX_BUCKETS;
+use crate::limiter::LimitsChange;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -222,4 +223,96 @@ pub async fn orders_csv(ctx: &Ctx<'_>, req: Request<Incoming>) -> Answer {
         response.headers_mut().insert(CONTENT_DISPOSITION, v);
     }
     Ok(response)
+}
+
+/// The body of `PUT /admin/v1/limits`: an object with any of `rate_global`, `rate_per_user`
+/// and `rate_per_ip`, each a whole number of requests per second (0: off) or `null` (back to
+/// the configured value); a rate left out keeps its value. Read by hand rather than by
+/// serde: its errors would name Rust types (`u32`), not the API's words.
+fn limits_change(body: &serde_json::Value) -> Result<LimitsChange, Reject> {
+    const SHAPE: &str = "the body is a JSON object of rate_global, rate_per_user and/or rate_per_ip";
+    let Some(fields) = body.as_object() else {
+        return Err(Reject::BadRequest(SHAPE.into()));
+    };
+    let mut change = LimitsChange::default();
+    for (name, value) in fields {
+        let slot = match name.as_str() {
+            "rate_global" => &mut change.global,
+            "rate_per_user" => &mut change.per_user,
+            "rate_per_ip" => &mut change.per_ip,
+            _ => return Err(Reject::BadRequest(format!("unknown field {name:?}: {SHAPE}"))),
+        };
+        *slot = Some(match value {
+            serde_json::Value::Null => None,
+            v => Some(v.as_u64().and_then(|n| u32::try_from(n).ok()).ok_or_else(|| {
+                Reject::BadRequest(format!(
+                    "{name} must be a whole number of requests per second, 0..=4294967295 (0: off), or null for the configured value"
+                ))
+            })?),
+        });
+    }
+    Ok(change)
+}
+
+/// `PUT /admin/v1/limits`: change the rate limits of every instance; answers the limits in
+/// force here, with the live instances and this instance's share of the global rate.
+pub async fn put_limits(ctx: &Ctx<'_>, req: Request<Incoming>) -> Answer {
+    is_admin(req.headers(), ctx.app.config.admin_token.as_deref())?;
+    let body = reply::read_body(req, ctx.app.config.header_timeout).await?;
+    let change = limits_change(
+        &reply::parse_json::<serde_json::Value>(&body)?
+            .ok_or_else(|| Reject::BadRequest("a JSON body is required".into()))?,
+    )?;
+    if !change.is_empty() {
+        ctx.engine()
+            .share_limits(change)
+            .await
+            .map_err(|e| ctx.failed("put limits", e))?;
+    }
+    Ok(reply::ok(&ctx.app.limiter.in_force()))
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn refused(body: serde_json::Value) -> String {
+        match limits_change(&body) {
+            Err(Reject::BadRequest(why)) => why,
+            other => panic!("{body}: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_limits_body_sets_clears_and_keeps() {
+        let c = limits_change(&json!({"rate_global": 500, "rate_per_ip": null})).unwrap();
+        assert_eq!(c.global, Some(Some(500)));
+        assert_eq!(c.per_user, None, "left out: kept");
+        assert_eq!(c.per_ip, Some(None), "null: back to the configured value");
+        assert!(limits_change(&json!({})).unwrap().is_empty());
+        let c = limits_change(&json!({"rate_per_user": 0, "rate_per_ip": 4294967295u64})).unwrap();
+        assert_eq!((c.per_user, c.per_ip), (Some(Some(0)), Some(Some(u32::MAX))));
+    }
+
+    #[test]
+    fn a_bad_limits_body_is_refused_in_the_apis_words() {
+        for body in [
+            json!({"rate_global": -1}),
+            json!({"rate_global": 4294967296u64}),
+            json!({"rate_global": 1.5}),
+            json!({"rate_global": "10"}),
+            json!({"rate_global": true}),
+            json!({"rate_per_user": [1]}),
+        ] {
+            let why = refused(body.clone());
+            assert!(why.contains("whole number"), "{body}: {why}");
+            assert!(!why.contains("u32") && !why.contains("i64"), "{body}: {why}");
+        }
+        assert!(refused(json!({"rate": 1})).contains("unknown field \"rate\""));
+        for body in [json!([1]), json!(5), json!("x"), json!(null)] {
+            assert!(refused(body.clone()).contains("JSON object"), "{body}");
+        }
+    }
 }

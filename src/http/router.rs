@@ -40,6 +40,7 @@ enum Route {
     AdminItemResume,
     AdminPauseAll,
     AdminResumeAll,
+    AdminLimits,
     Metrics,
     Healthz,
     Readyz,
@@ -62,6 +63,7 @@ impl Route {
             Route::AdminItemResume => "admin_item_resume",
             Route::AdminPauseAll => "admin_pause_all",
             Route::AdminResumeAll => "admin_resume_all",
+            Route::AdminLimits => "admin_limits",
             Route::Metrics => "metrics",
             Route::Healthz => "healthz",
             Route::Readyz => "readyz",
@@ -90,6 +92,7 @@ fn route(path: &str) -> (Route, Method, Option<&str>) {
         ["admin", "v1", "items", id, "resume"] => (Route::AdminItemResume, Method::POST, Some(id)),
         ["admin", "v1", "pause"] => (Route::AdminPauseAll, Method::POST, None),
         ["admin", "v1", "resume"] => (Route::AdminResumeAll, Method::POST, None),
+        ["admin", "v1", "limits"] => (Route::AdminLimits, Method::PUT, None),
         ["metrics"] => (Route::Metrics, Method::GET, None),
         ["healthz"] => (Route::Healthz, Method::GET, None),
         ["readyz"] => (Route::Readyz, Method::GET, None),
@@ -247,6 +250,7 @@ pub async fn handle(app: &Arc<App>, req: Request<Incoming>, peer: SocketAddr) ->
                 Route::AdminItemResume => Box::pin(admin::pause(&ctx, req, Some(ctx.id), false)).await,
                 Route::AdminPauseAll => Box::pin(admin::pause(&ctx, req, None, true)).await,
                 Route::AdminResumeAll => Box::pin(admin::pause(&ctx, req, None, false)).await,
+                Route::AdminLimits => Box::pin(admin::put_limits(&ctx, req)).await,
                 Route::Metrics => health::metrics(&ctx),
                 Route::Healthz => health::healthz(),
                 Route::Readyz => health::readyz(&ctx).await,
@@ -302,6 +306,10 @@ mod tests {
         assert!(matches!(
             route("/admin/v1/resume"),
             (Route::AdminResumeAll, Method::POST, None)
+        ));
+        assert!(matches!(
+            route("/admin/v1/limits"),
+            (Route::AdminLimits, Method::PUT, None)
         ));
         assert!(matches!(route("/api/v1/items/x1/"), (Route::NotFound, _, None)));
         assert!(matches!(route("/a/b/c/d/e/f"), (Route::NotFound, _, None)));
