@@ -496,6 +496,17 @@ impl RedisEngine {
         guard.call(cmd.query_async(&mut conn)).await
     }
 
+    /// Run a plain command of the engine's own bookkeeping (the heartbeat) with the Redis
+    /// timeout but outside the guards: a periodic background call must not take the probe
+    /// of an open circuit from the shoppers' requests, nor open or close their circuit.
+    async fn query_unguarded<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T, Error> {
+        let mut conn = self.conn.clone();
+        match tokio::time::timeout(self.redis.timeout, cmd.query_async(&mut conn)).await {
+            Ok(reply) => Ok(reply?),
+            Err(_) => Err(Error::RedisTimeout),
+        }
+    }
+
     /// Run a prepared script invocation of an item's (or a bucket's) shard under its guard,
     /// timing it.
     pub(super) async fn run(
@@ -674,7 +685,8 @@ impl RedisEngine {
     /// the instances silent for [`HEARTBEAT_STALE`], and tell the listener how many are
     /// left: each takes its share of the global rate. Until shutdown, when this instance
     /// leaves the set (the others take its share at their next beat). A failed beat keeps
-    /// the last count: an instance that cannot reach Redis cannot sell anyway.
+    /// the last count: an instance that cannot reach Redis cannot sell anyway. Its calls
+    /// have the Redis timeout but pass no guard ([`Self::query_unguarded`]).
     pub async fn keep_heartbeat(&self, mut shutdown: watch::Receiver<bool>) {
         let mut tick = tokio::time::interval(HEARTBEAT);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -688,7 +700,7 @@ impl RedisEngine {
             }
         }
         let leave = redis::cmd("ZREM").arg(keys::INSTANCES).arg(&self.instance_id).clone();
-        if let Err(e) = self.query::<i64>(&leave).await {
+        if let Err(e) = self.query_unguarded::<i64>(&leave).await {
             tracing::debug!(cause = %e, "instance not removed from the live set");
         }
     }
@@ -703,16 +715,16 @@ impl RedisEngine {
             self.clock.now_ms()
         };
         let stale = now - HEARTBEAT_STALE.as_millis() as i64;
-        self.query::<i64>(redis::cmd("ZADD").arg(keys::INSTANCES).arg(now).arg(&self.instance_id))
+        self.query_unguarded::<i64>(redis::cmd("ZADD").arg(keys::INSTANCES).arg(now).arg(&self.instance_id))
             .await?;
-        self.query::<i64>(
+        self.query_unguarded::<i64>(
             redis::cmd("ZREMRANGEBYSCORE")
                 .arg(keys::INSTANCES)
                 .arg("-inf")
                 .arg(format!("({stale}")),
         )
         .await?;
-        let n: u32 = self.query(redis::cmd("ZCARD").arg(keys::INSTANCES)).await?;
+        let n: u32 = self.query_unguarded(redis::cmd("ZCARD").arg(keys::INSTANCES)).await?;
         Ok(n.max(1))
     }
 
