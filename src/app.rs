@@ -87,13 +87,13 @@ impl App {
     }
 
     /// Read the stock of every item this instance has a gauge for (the read sets the
-    /// gauge: [`ItemNews::Read`]). The changes this instance makes set its gauges at once;
+    /// gauge: [`ItemNews::Read`]; with Redis outside the guards, as the heartbeat). The changes this instance makes set its gauges at once;
     /// this catches the ones other instances made (a reservation, a cancel, an expiry, a
     /// payment elsewhere), so that every instance's gauge, and the alerts that read it, are
     /// true within [`STOCK_REFRESH`]. One read per item per tick: a sale has few items.
     async fn refresh_stock_gauges(&self) {
         for item in metrics::stock_items() {
-            if let Err(e) = self.engine.item(&item).await {
+            if let Err(e) = self.engine.refresh_stock(&item).await {
                 tracing::debug!(item, cause = %e, "stock gauge not refreshed");
                 return;
             }

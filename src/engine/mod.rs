@@ -400,6 +400,23 @@ impl Engine {
         Ok(reply)
     }
 
+    /// Read an item's stock again for its gauge ([`ItemNews::Read`]); with Redis outside the
+    /// guards ([`redis::RedisEngine::stock_for_gauge`]).
+    pub async fn refresh_stock(&self, item_id: &str) -> Result<(), Error> {
+        let figures = match &self.inner.kind {
+            Kind::Redis(r) => r.stock_for_gauge(item_id).await?,
+            Kind::Embedded(e) => e.item(item_id).await?.map(|s| (s.stock, s.spec.stock_total)),
+        };
+        if let Some((stock, total)) = figures {
+            self.inner.listener.news(ItemNews::Read {
+                item: item_id,
+                stock,
+                total,
+            });
+        }
+        Ok(())
+    }
+
     /// Pause or resume the sale of an item (`Some`) or of every item (`None`); `false` when
     /// the item does not exist. With Redis the database records the switch too (the
     /// embedded journal did before answering), so that a rebuild of Redis keeps it: a

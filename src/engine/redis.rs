@@ -773,6 +773,38 @@ impl RedisEngine {
         }
     }
 
+    /// An item's units left and its total, for the stock gauges' refresh
+    /// ([`crate::app::STOCK_REFRESH`]): read outside the guards, as the heartbeat, so that a
+    /// periodic background read never takes a shopper's in-flight permit or an open
+    /// circuit's probe. A bucketed item sums its buckets. `None`: no such item.
+    pub async fn stock_for_gauge(&self, item: &str) -> Result<Option<(i64, i64)>, Error> {
+        let h: Vec<Option<i64>> = self
+            .query_unguarded(
+                redis::cmd("HMGET")
+                    .arg(keys::item(item))
+                    .arg("stock")
+                    .arg("stock_total")
+                    .arg("buckets")
+                    .arg("item_total"),
+            )
+            .await?;
+        let (Some(stock), Some(total)) = (h[0], h[1]) else {
+            return Ok(None);
+        };
+        let buckets = u32::try_from(h[2].unwrap_or(1)).unwrap_or(1);
+        if buckets <= 1 {
+            return Ok(Some((stock, total)));
+        }
+        let mut left = 0;
+        for b in stock_buckets(buckets) {
+            let s: Option<i64> = self
+                .query_unguarded(redis::cmd("HGET").arg(keys::item(&bucket_id(item, b))).arg("stock"))
+                .await?;
+            left += s.unwrap_or(0);
+        }
+        Ok(Some((left, h[3].unwrap_or(total))))
+    }
+
     /// `pause.lua` on one engine item; `false` when it does not exist.
     async fn pause_one(&self, id: &str, paused: bool) -> Result<bool, Error> {
         let mut inv = self.scripts.pause.prepare_invoke();
