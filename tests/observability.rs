@@ -265,6 +265,11 @@ async fn metrics_pass_promtool_lint() {
     ] {
         gw.put_item_body(item, &body).await.assert_ok();
     }
+    // And one on sale that the operator paused.
+    let held = unique("item");
+    gw.put_item_body(&held, &item_body(10, 1, now - MINUTE_MS, now + HOUR_MS))
+        .await
+        .assert_ok();
 
     // Shoppers. The per-user bucket allows 1 request/s, so a user's second request waits
     // for the next phase (1.1 s later), except where the test wants a 429.
@@ -292,6 +297,7 @@ async fn metrics_pass_promtool_lint() {
         user(),
         user(),
     );
+    let held_by = user();
     let reserve = |item: &str| gw.post(&format!("/api/v1/items/{item}/reserve"));
     let pay = |order: &str| gw.post(&format!("/api/v1/orders/{order}/pay"));
     let cancel = |order: &str| gw.post(&format!("/api/v1/orders/{order}/cancel"));
@@ -331,6 +337,13 @@ async fn metrics_pass_promtool_lint() {
     let od = order_id(&d.expect("ok", reserve(&single).user(&ud)).await);
     d.expect("sold_out", reserve(&single).user(&ue)).await;
     d.expect("not_started", reserve(&upcoming).user(&uf)).await;
+    d.expect(
+        "ok",
+        gw.post(&format!("/admin/v1/items/{held}/pause"))
+            .bearer_auth(ADMIN_TOKEN),
+    )
+    .await;
+    d.expect("paused", reserve(&held).user(&held_by)).await;
     d.expect("ended", reserve(&over).user(&ug)).await;
     d.expect("unknown_item", reserve(&unique("item")).user(&uh)).await;
     d.expect("unauthenticated", reserve(&open)).await;
