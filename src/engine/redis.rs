@@ -825,12 +825,8 @@ impl RedisEngine {
     /// this returns), then the one gateways read on (re)connecting, then the news.
     async fn pause_all(&self, paused: bool) -> Result<(), Error> {
         let sets = (0..crate::ids::SHARDS).map(|shard| async move {
-            let mut cmd = if paused { redis::cmd("HSET") } else { redis::cmd("HDEL") };
-            cmd.arg(keys::seq(shard)).arg("paused");
-            if paused {
-                cmd.arg("1");
-            }
-            self.query_shard::<i64>(shard, &cmd).await
+            self.query_shard::<i64>(shard, &paused_field(keys::seq(shard), paused))
+                .await
         });
         for set in futures_util::future::join_all(sets).await {
             set?;
@@ -986,6 +982,18 @@ fn reserve_reply(parts: &[Value]) -> Result<ReserveReply, Error> {
             return Err(Error::ScriptReply(format!("reserve: unknown reply {other}")));
         }
     })
+}
+
+/// The command that sets (`paused`) or drops the field `paused` of the hash `key`: an
+/// item's or a bucket's switch, or a shard's copy of every sale's (`keys::seq`). As
+/// `lua/pause.lua` writes it: `"1"`, or absent.
+pub(crate) fn paused_field(key: String, paused: bool) -> redis::Cmd {
+    let mut cmd = redis::cmd(if paused { "HSET" } else { "HDEL" });
+    cmd.arg(key).arg("paused");
+    if paused {
+        cmd.arg("1");
+    }
+    cmd
 }
 
 fn field<T: std::str::FromStr>(h: &HashMap<String, String>, k: &str) -> Result<T, Error> {

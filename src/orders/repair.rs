@@ -31,7 +31,7 @@ use crate::domain::{ItemSpec, Order, OrderStatus};
 use crate::engine::buckets::{engine_items, record};
 use crate::engine::conn::RedisConn;
 use crate::engine::keys;
-use crate::engine::redis::{RedisEngine, item_from_hash};
+use crate::engine::redis::{RedisEngine, item_from_hash, paused_field};
 use crate::engine::seq::{Alarms, Floors, Mark};
 use crate::error::Error;
 use crate::ids::{bucket_id, shard_of, split_bucket};
@@ -308,11 +308,7 @@ async fn rebuild(
         }
         resets.push(redis::cmd("DEL").arg(keys::buyers(item_id)).clone());
         // The pause switch as the database records it (a bucket's is its item's).
-        resets.push(if spec.paused {
-            redis::cmd("HSET").arg(keys::item(item_id)).arg("paused").arg(1).clone()
-        } else {
-            redis::cmd("HDEL").arg(keys::item(item_id)).arg("paused").clone()
-        });
+        resets.push(paused_field(keys::item(item_id), spec.paused));
         resets.push(
             redis::cmd("HSET")
                 .arg(keys::item(item_id))
@@ -454,20 +450,7 @@ async fn rebuild(
     // 4. Every sale's pause switch as the database records it; a new epoch, above anything
     // any gateway has seen, and selling resumes.
     let paused_all = store.all_paused().await?;
-    let _: i64 = if paused_all {
-        redis::cmd("HSET")
-            .arg(keys::seq(shard))
-            .arg("paused")
-            .arg(1)
-            .query_async(conn)
-            .await?
-    } else {
-        redis::cmd("HDEL")
-            .arg(keys::seq(shard))
-            .arg("paused")
-            .query_async(conn)
-            .await?
-    };
+    let _: i64 = paused_field(keys::seq(shard), paused_all).query_async(conn).await?;
     let epoch = before.epoch.max(floor.epoch) + 1;
     let _: i64 = redis::cmd("HSET")
         .arg(keys::seq(shard))
