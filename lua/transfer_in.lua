@@ -17,6 +17,8 @@
 --  3. [string] the donor bucket's id
 --  4. [int]    now_ms
 --  5. [string] floor "E:S", "" = none (lua/lib/seq.lua)
+--  6. [string] the donor step's mark "E:S" (transfer_out.lua's reply), "" = not
+--              known (a record written before marks were carried)
 --
 -- An error reply `FENCED <why>` when the shard is fenced or behind the floor.
 -- Else:
@@ -27,12 +29,15 @@
 --                                recorded, a transfer event added
 --
 -- The event: one stream entry, field `x` = "in|<id>|<bucket>|<from>|<units>|<at_ms>"
--- and field `q` = the call's sequence "E:S".
+-- field `q` = the call's sequence "E:S", and field `d` = the donor step's mark when
+-- known: the persistence worker records it as the donor shard's mark, so a Redis that
+-- lost the donor's step (and its event) is found behind the database and rebuilt,
+-- never left holding units the destination was credited with.
 --
 -- Runs after the prelude lua/lib/seq.lua.
 
 assert(#KEYS == 4, "transfer_in.lua: expected 4 KEYS, got " .. #KEYS)
-assert(#ARGV == 5, "transfer_in.lua: expected 5 ARGV, got " .. #ARGV)
+assert(#ARGV == 6, "transfer_in.lua: expected 6 ARGV, got " .. #ARGV)
 
 local id, from = ARGV[1], ARGV[3]
 local units = tonumber(ARGV[2])
@@ -41,6 +46,8 @@ local now = tonumber(ARGV[4])
 assert(now and now == math.floor(now), "transfer_in.lua: now_ms is not an integer")
 assert(id ~= "" and not string.find(id, "|", 1, true), "transfer_in.lua: bad transfer id")
 assert(from ~= "" and not string.find(from, "|", 1, true), "transfer_in.lua: bad donor")
+local donor_mark = ARGV[6]
+assert(donor_mark == "" or string.match(donor_mark, "^%d+:%d+$"), "transfer_in.lua: the donor's mark is not E:S")
 
 local epoch, fenced = check_seq(KEYS[4], ARGV[5])
 if fenced then
@@ -59,7 +66,11 @@ local at = string.format("%d", now)
 local stock = redis.call("HINCRBY", KEYS[1], "stock", units)
 redis.call("HINCRBY", KEYS[1], "stock_total", units)
 redis.call("HSET", KEYS[2], id, units .. "|" .. from .. "|" .. at)
-redis.call("XADD", KEYS[3], "*",
-  "x", "in|" .. id .. "|" .. bucket .. "|" .. from .. "|" .. units .. "|" .. at,
-  "q", next_seq(KEYS[4], epoch))
+local entry = {"x", "in|" .. id .. "|" .. bucket .. "|" .. from .. "|" .. units .. "|" .. at,
+  "q", next_seq(KEYS[4], epoch)}
+if donor_mark ~= "" then
+  entry[#entry + 1] = "d"
+  entry[#entry + 1] = donor_mark
+end
+redis.call("XADD", KEYS[3], "*", unpack(entry))
 return {"credited", stock}

@@ -7,7 +7,9 @@
 --
 -- ``KEYS`` (one slot: the donor bucket's shard):
 --  1. [hash]   sk:T:item:<bucket>        the donor bucket (stock and counters)
---  2. [hash]   sk:T:xout:<bucket>        transfer id -> "<units>|<to bucket>|<at_ms>"
+--  2. [hash]   sk:T:xout:<bucket>        transfer id -> "<units>|<to bucket>|<at_ms>|<E:S>"
+--                                        (E:S: the mark of this step's event; records
+--                                        written before it existed have three parts)
 --  3. [stream] sk:T:events               the shard's events
 --  4. [hash]   sk:T:seq                  the shard's write sequence (lua/lib/seq.lua)
 --
@@ -20,14 +22,18 @@
 --
 -- An error reply `FENCED <why>` when the shard is fenced or behind the floor.
 -- Else, checks in this order; a refusal changes nothing:
---  * {"taken", units, stock}     the id was taken before (a replay): as recorded
+--  * {"taken", units, stock, mark}  the id was taken before (a replay): as recorded
+--                                (mark "" for a record without one)
 --  * {"unknown_item"}
 --  * {"empty", in_transit}       no stock here; `in_transit` = transfers out of
 --                                this bucket not yet forgotten (units may be on
 --                                their way to another bucket)
---  * {"taken", units, stock_after}  units = min(want, stock): stock and
+--  * {"taken", units, stock_after, mark}  units = min(want, stock): stock and
 --                                stock_total (the bucket's share) -= units, the
---                                record written, a transfer event added
+--                                record written, a transfer event added; `mark` is
+--                                the event's "E:S", which the credit carries to the
+--                                destination's event (so the database learns how far
+--                                this shard got even if this event is lost with Redis)
 --
 -- The event: one stream entry, field `x` = "out|<id>|<bucket>|<to>|<units>|<at_ms>"
 -- and field `q` = the call's sequence "E:S".
@@ -53,7 +59,8 @@ end
 local done = redis.call("HGET", KEYS[2], id)
 if done then
   local units = tonumber(string.match(done, "^(%d+)|"))
-  return {"taken", units, tonumber(redis.call("HGET", KEYS[1], "stock") or "0")}
+  local mark = string.match(done, "^%d+|[^|]*|%d+|(%d+:%d+)$") or ""
+  return {"taken", units, tonumber(redis.call("HGET", KEYS[1], "stock") or "0"), mark}
 end
 
 local stock = redis.call("HGET", KEYS[1], "stock")
@@ -68,10 +75,11 @@ end
 local units = math.min(want, stock)
 local bucket = string.match(KEYS[1], "^sk:{[^}]*}:item:(.*)$")
 local at = string.format("%d", now)
+local mark = next_seq(KEYS[4], epoch)
 redis.call("HINCRBY", KEYS[1], "stock", -units)
 redis.call("HINCRBY", KEYS[1], "stock_total", -units)
-redis.call("HSET", KEYS[2], id, units .. "|" .. dest .. "|" .. at)
+redis.call("HSET", KEYS[2], id, units .. "|" .. dest .. "|" .. at .. "|" .. mark)
 redis.call("XADD", KEYS[3], "*",
   "x", "out|" .. id .. "|" .. bucket .. "|" .. dest .. "|" .. units .. "|" .. at,
-  "q", next_seq(KEYS[4], epoch))
-return {"taken", units, stock - units}
+  "q", mark)
+return {"taken", units, stock - units, mark}

@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use serde::{Deserialize, Serialize};
 
 use crate::clock::Millis;
+use crate::engine::seq::Mark;
 
 /// What an operator sells: the fields of `PUT /admin/v1/items/{id}`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -265,6 +266,9 @@ pub const PACKED: &str = "o";
 /// buckets of an item (`lua/transfer_out.lua`, `lua/transfer_in.lua`).
 pub const TRANSFER: &str = "x";
 
+/// The field of a credit's stream entry that carries its donor step's mark.
+pub const DONOR_MARK: &str = "d";
+
 /// Which step of a transfer between stock buckets an event records.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TransferSide {
@@ -276,7 +280,8 @@ pub enum TransferSide {
 
 /// One step of a transfer between two stock buckets of an item, as its stream entry
 /// carries it: `x` = `out|<id>|<bucket>|<to>|<units>|<at_ms>` or
-/// `in|<id>|<bucket>|<from>|<units>|<at_ms>` (`docs/internals.md`, "Stock buckets").
+/// `in|<id>|<bucket>|<from>|<units>|<at_ms>` (`docs/internals.md`, "Stock buckets"), and
+/// on a credit, `d` = the donor step's mark.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TransferEvent {
     pub side: TransferSide,
@@ -287,13 +292,23 @@ pub struct TransferEvent {
     pub to_bucket: u32,
     pub units: i64,
     pub at_ms: Millis,
+    /// On a credit: the mark of its donor's step (`lua/transfer_in.lua`), which the
+    /// database records as the donor shard's, so a Redis that lost that step is found
+    /// behind. `None` on a donor's step and on credits written before marks were carried.
+    pub donor_mark: Option<Mark>,
 }
 
 impl TransferEvent {
     /// The transfer step of a stream entry: `None` when the entry is not one (it holds
     /// order events), `Some(Err)` naming what is wrong with it (a poison entry).
     pub fn from_fields(f: &HashMap<String, String>) -> Option<Result<Self, String>> {
-        f.get(TRANSFER).map(|x| Self::unpack(x))
+        f.get(TRANSFER).map(|x| {
+            let mut ev = Self::unpack(x)?;
+            if let Some(d) = f.get(DONOR_MARK) {
+                ev.donor_mark = Some(Mark::parse(d).ok_or_else(|| format!("donor mark {d:?} is not E:S"))?);
+            }
+            Ok(ev)
+        })
     }
 
     fn unpack(x: &str) -> Result<Self, String> {
@@ -330,6 +345,7 @@ impl TransferEvent {
             to_bucket,
             units,
             at_ms: at.parse().map_err(|_| "at_ms is not a number".to_owned())?,
+            donor_mark: None,
         })
     }
 }
@@ -385,11 +401,27 @@ mod tests {
                 to_bucket: 3,
                 units: 5,
                 at_ms: 1_700_000_000_000,
+                donor_mark: None,
             }
         );
         let credit = map(vec![(TRANSFER, "in|t-1|hot#3|hot|5|1700000000001".into())]);
         let ev = TransferEvent::from_fields(&credit).unwrap().unwrap();
         assert_eq!((ev.side, ev.from_bucket, ev.to_bucket), (TransferSide::In, 0, 3));
+        assert_eq!(ev.donor_mark, None, "a credit written before marks were carried");
+        let marked = map(vec![
+            (TRANSFER, "in|t-1|hot#3|hot|5|1700000000001".into()),
+            (DONOR_MARK, "2:41".into()),
+        ]);
+        let ev = TransferEvent::from_fields(&marked).unwrap().unwrap();
+        assert_eq!(ev.donor_mark, Some(Mark { epoch: 2, seq: 41 }));
+        let bad_mark = map(vec![
+            (TRANSFER, "in|t-1|hot#3|hot|5|1700000000001".into()),
+            (DONOR_MARK, "41".into()),
+        ]);
+        assert!(
+            TransferEvent::from_fields(&bad_mark).unwrap().is_err(),
+            "a donor mark not E:S"
+        );
         // Order entries are not transfers.
         assert!(TransferEvent::from_fields(&map(event("").to_fields())).is_none());
         for bad in [

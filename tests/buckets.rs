@@ -174,11 +174,12 @@ async fn the_worker_records_both_steps_of_a_transfer_once() {
     }
     for _ in 0..2 {
         // The second time is a replay: nothing new is written.
-        let _: redis::Value = step(&take, &donor, keys::transfers_out(&donor), &dest, now)
+        let (_, _, _, mark): (String, i64, i64, String) = step(&take, &donor, keys::transfers_out(&donor), &dest, now)
             .invoke_async(&mut con)
             .await
             .unwrap();
         let _: redis::Value = step(&credit, &dest, keys::transfers_in(&dest), &donor, now)
+            .arg(mark)
             .invoke_async(&mut con)
             .await
             .unwrap();

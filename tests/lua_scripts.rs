@@ -175,8 +175,9 @@ impl Sale {
         decode(self.try_transfer_out(id, want, dest).await.expect("transfer_out.lua"))
     }
 
-    /// transfer_in.lua into this bucket: `units` of transfer `id` from `from`.
-    async fn try_transfer_in(&mut self, id: &str, units: i64, from: &str) -> redis::RedisResult<Value> {
+    /// transfer_in.lua into this bucket: `units` of transfer `id` from `from`, whose step
+    /// had mark `mark` ("" = not known).
+    async fn try_transfer_in(&mut self, id: &str, units: i64, from: &str, mark: &str) -> redis::RedisResult<Value> {
         TRANSFER_IN
             .key(self.item_key())
             .key(self.xin_key())
@@ -187,12 +188,17 @@ impl Sale {
             .arg(from)
             .arg(NOW)
             .arg(&self.floor)
+            .arg(mark)
             .invoke_async(&mut self.con)
             .await
     }
 
-    async fn transfer_in(&mut self, id: &str, units: i64, from: &str) -> Vec<R> {
-        decode(self.try_transfer_in(id, units, from).await.expect("transfer_in.lua"))
+    async fn transfer_in(&mut self, id: &str, units: i64, from: &str, mark: &str) -> Vec<R> {
+        decode(
+            self.try_transfer_in(id, units, from, mark)
+                .await
+                .expect("transfer_in.lua"),
+        )
     }
 
     async fn forget(&mut self, key: &str, id: &str) -> Vec<R> {
@@ -207,7 +213,9 @@ impl Sale {
     }
 
     /// The transfer events of this bucket's shard stream: (field `x`, field `q`).
-    async fn transfer_events(&mut self) -> Vec<(String, String)> {
+    /// The transfer entries of this shard's stream: the event, its mark, and on a credit
+    /// the donor step's mark when it was passed.
+    async fn transfer_events(&mut self) -> Vec<(String, String, Option<String>)> {
         let key = self.events_key();
         let entries: Vec<(String, HashMap<String, String>)> = self.cmd(&["XRANGE", &key, "-", "+"]).await;
         entries
@@ -216,8 +224,10 @@ impl Sale {
                 let x = f.get("x")?.clone();
                 let mut names: Vec<&str> = f.keys().map(String::as_str).collect();
                 names.sort_unstable();
-                assert_eq!(names, ["q", "x"], "a transfer entry is its event and its mark: {f:?}");
-                Some((x, f["q"].clone()))
+                let d = f.get("d").cloned();
+                let expected: &[&str] = if d.is_some() { &["d", "q", "x"] } else { &["q", "x"] };
+                assert_eq!(names, expected, "a transfer entry is its event and its marks: {f:?}");
+                Some((x, f["q"].clone(), d))
             })
             .collect()
     }
@@ -1539,7 +1549,7 @@ async fn transfer_out_takes_what_the_bucket_has_once_per_transfer_id() {
     assert_ne!(home.shard, other.shard, "buckets lie on different shards");
     let to = other.item.clone();
 
-    assert_eq!(home.transfer_out("t1", 3, &to).await, reply!["taken", 3, 2]);
+    assert_eq!(home.transfer_out("t1", 3, &to).await, reply!["taken", 3, 2, "0:1"]);
     assert_eq!(home.item_field("stock").await, 2);
     assert_eq!(
         home.item_field("stock_total").await,
@@ -1547,20 +1557,25 @@ async fn transfer_out_takes_what_the_bucket_has_once_per_transfer_id() {
         "the bucket's share went with the units"
     );
     let xout = home.xout_key();
-    assert_fields(&home.hash(&xout).await, &[("t1", &format!("3|{to}|{NOW}"))]);
+    assert_fields(&home.hash(&xout).await, &[("t1", &format!("3|{to}|{NOW}|0:1"))]);
     let events = home.transfer_events().await;
     assert_eq!(events.len(), 1);
     assert_eq!(events[0].0, format!("out|t1|{}|{to}|3|{NOW}", home.item));
     assert_eq!(events[0].1, "0:1", "a transfer takes a write mark");
     home.assert_invariants().await;
 
-    // A replay (the caller did not see the answer) changes nothing and says the same.
+    // A replay (the caller did not see the answer) changes nothing and says the same,
+    // the step's mark included.
     let before = home.snapshot().await;
-    assert_eq!(home.transfer_out("t1", 3, &to).await, reply!["taken", 3, 2]);
+    assert_eq!(home.transfer_out("t1", 3, &to).await, reply!["taken", 3, 2, "0:1"]);
     assert_eq!(home.snapshot().await, before);
 
     // Less than wanted: what there is.
-    assert_eq!(home.transfer_out("t2", 5, &to).await, reply!["taken", 2, 0]);
+    assert_eq!(home.transfer_out("t2", 5, &to).await, reply!["taken", 2, 0, "0:2"]);
+    // A record written before marks were carried replays without one.
+    let _: i64 = home.cmd(&["HSET", &xout, "t0", &format!("1|{to}|{NOW}")]).await;
+    assert_eq!(home.transfer_out("t0", 1, &to).await, reply!["taken", 1, 0, ""]);
+    let _: i64 = home.cmd(&["HDEL", &xout, "t0"]).await;
     // Nothing left: refused, and the units still in transit out of here are counted.
     let before = home.snapshot().await;
     assert_eq!(home.transfer_out("t3", 1, &to).await, reply!["empty", 2]);
@@ -1607,23 +1622,28 @@ async fn a_transfer_credits_its_destination_once_and_no_unit_is_made_or_lost() {
     let (from, to) = (home.item.clone(), other.item.clone());
     assert_eq!(other.reserve("alice", 1).await, reply!["sold_out", 0]);
 
-    assert_eq!(home.transfer_out("t1", 3, &to).await, reply!["taken", 3, 1]);
+    assert_eq!(home.transfer_out("t1", 3, &to).await, reply!["taken", 3, 1, "0:1"]);
     // In transit: out of the donor's share, not yet in the destination's.
     assert_eq!(
         home.item_field("stock_total").await + other.item_field("stock_total").await,
         1
     );
-    assert_eq!(other.transfer_in("t1", 3, &from).await, reply!["credited", 3]);
+    assert_eq!(other.transfer_in("t1", 3, &from, "0:1").await, reply!["credited", 3]);
     assert_eq!(other.item_field("stock_total").await, 3);
     let xin = other.xin_key();
     assert_fields(&other.hash(&xin).await, &[("t1", &format!("3|{from}|{NOW}"))]);
     let events = other.transfer_events().await;
     assert_eq!(events.len(), 1);
     assert_eq!(events[0].0, format!("in|t1|{to}|{from}|3|{NOW}"));
+    assert_eq!(
+        events[0].2.as_deref(),
+        Some("0:1"),
+        "the credit carries its donor step's mark to the database"
+    );
 
     // The replay of a recovery that found the donor's record still there: nothing.
     let before = other.snapshot().await;
-    assert_eq!(other.transfer_in("t1", 3, &from).await, reply!["already", 3]);
+    assert_eq!(other.transfer_in("t1", 3, &from, "0:1").await, reply!["already", 3]);
     assert_eq!(other.snapshot().await, before);
 
     // Forgotten in order: the donor's record first, then the destination's.
@@ -1650,8 +1670,12 @@ async fn a_transfer_credits_its_destination_once_and_no_unit_is_made_or_lost() {
     let key = ghost.item_key();
     let _: i64 = ghost.cmd(&["DEL", &key]).await;
     let before = ghost.snapshot().await;
-    assert_eq!(ghost.transfer_in("t2", 1, &from).await, reply!["unknown_item"]);
+    assert_eq!(ghost.transfer_in("t2", 1, &from, "").await, reply!["unknown_item"]);
     assert_eq!(ghost.snapshot().await, before);
+    // A donor mark that is not E:S is refused, changing nothing.
+    let before = other.snapshot().await;
+    assert!(other.try_transfer_in("t3", 1, &from, "7").await.is_err());
+    assert_eq!(other.snapshot().await, before);
 }
 
 #[tokio::test]
@@ -1666,7 +1690,7 @@ async fn transfers_are_refused_on_a_fenced_shard() {
     let before = home.snapshot().await;
     let err = home.try_transfer_out("t1", 1, &to).await.expect_err("fenced");
     assert_eq!(err.code(), Some("FENCED"), "{err}");
-    let err = other.try_transfer_in("t1", 1, &from).await.expect_err("fenced");
+    let err = other.try_transfer_in("t1", 1, &from, "").await.expect_err("fenced");
     assert_eq!(err.code(), Some("FENCED"), "{err}");
     assert_eq!(home.snapshot().await, before);
 }

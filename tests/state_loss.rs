@@ -451,6 +451,129 @@ async fn a_bucketed_item_is_rebuilt_bucket_by_bucket_with_its_transfers() {
     reconcile_is_clean(&mut rd, &store, &item).await;
 }
 
+/// The race the bucket rebuild above can meet: a transfer's credit reached the database
+/// while its donor's step (the `out` event, on another shard's stream) had not when Redis
+/// restarted from a snapshot older than both. The donor's Redis forgot giving the units and
+/// the database never heard of it; the destination is rebuilt with the credit. The credit's
+/// event carries the donor step's mark, so the database knows the donor shard got further
+/// than its Redis did: the donor is rebuilt too, having given the units, and no unit sells
+/// twice. The persistence worker runs apart, so the test decides what reaches the database:
+/// it drops the donors' `out` entries before the worker reads them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_credit_persisted_without_its_donors_step_sells_nothing_twice() {
+    use common::buckets::{bucketed, per_bucket, users_at_home};
+    use seckill_gateway::engine::keys;
+    use seckill_gateway::ids::{bucket_id, shard_of};
+    const STOCK: i64 = 40;
+    let mut redis = RedisServer::start();
+    let db = shared_pg();
+    let store = Store::connect(&db, Duration::from_secs(5)).await.expect("store");
+    let builder = || {
+        Gateway::builder(&redis.url())
+            .database(&db)
+            .flag("--rate-per-user", "0")
+    };
+    let gw = builder().flag("--workers", "false").start().await;
+    let item = unique("creditonly");
+    gw.put_item_body(&item, &bucketed(&gw, STOCK, serde_json::json!(4)))
+        .await
+        .assert_ok();
+    let users = users_at_home(1, 4, 200);
+
+    // Bucket 1's own ten units, persisted; the snapshot.
+    let mut worker = builder().worker_only().start().await;
+    let (first, _) = reserve_all(&gw, &item, users[..10].iter().cloned()).await;
+    assert_eq!(first.len(), 10);
+    persisted(&store, &item, 10, 0, 0).await;
+    let snapshot = redis.snapshot();
+    worker.stop().await;
+
+    // Ten more: every one moved to bucket 1 from the other buckets.
+    let (second, _) = reserve_all(&gw, &item, users[10..20].iter().cloned()).await;
+    assert_eq!(second.len(), 10);
+    let mut rd = Redis::connect(&redis).await;
+    let mut dropped = 0;
+    for b in 2..=4 {
+        let stream = keys::events(shard_of(&bucket_id(&item, b)));
+        let entries: Vec<(String, HashMap<String, String>)> = redis::cmd("XRANGE")
+            .arg(&stream)
+            .arg("-")
+            .arg("+")
+            .query_async(&mut rd.conn)
+            .await
+            .unwrap();
+        for (id, fields) in entries {
+            if fields.get("x").is_some_and(|x| x.starts_with("out|")) {
+                let _: i64 = redis::cmd("XDEL")
+                    .arg(&stream)
+                    .arg(&id)
+                    .query_async(&mut rd.conn)
+                    .await
+                    .unwrap();
+                dropped += 1;
+            }
+        }
+    }
+    assert!(dropped > 0, "the donors' steps were in their streams");
+    let worker = builder().worker_only().start().await;
+    persisted(&store, &item, 20, 0, 0).await;
+    let credited = poll(Duration::from_secs(30), async || {
+        let t = store.transfers(&item).await.ok()?;
+        let units: i64 = t.iter().filter(|t| t.in_ms.is_some()).map(|t| t.units).sum();
+        (units == 10).then_some(t)
+    })
+    .await
+    .expect("the credits reach the database");
+    assert!(
+        credited.iter().all(|t| t.out_ms.is_none()),
+        "no donor's step reached it: {credited:?}"
+    );
+
+    let donor_marks = store.marks().await.expect("marks");
+    assert!(
+        (2..=4).any(|b| donor_marks.iter().any(|(s, _)| *s == shard_of(&bucket_id(&item, b)))),
+        "a donor shard's mark came with the credits: {donor_marks:?}"
+    );
+    // The serving gateway learns the database's marks within a second (its repair task):
+    // the loss is noticed from then on.
+    let floors = gw.running().app.engine.redis().expect("redis mode").floors().clone();
+    poll(Duration::from_secs(10), async || {
+        donor_marks.iter().all(|(s, m)| floors.get(*s) >= *m).then_some(())
+    })
+    .await
+    .expect("the gateway learns the marks");
+    redis.restart_from(&snapshot);
+    let mut rd = Redis::connect(&redis).await;
+    for b in 2..=4 {
+        assert_eq!(
+            rd.item_field(&bucket_id(&item, b), "stock").await,
+            10,
+            "the restarted Redis forgot what bucket {b} gave"
+        );
+    }
+
+    // New shoppers until the sale is over: exactly the 20 units left are sold.
+    let mut made_after = Vec::new();
+    let mut next = 20;
+    for _round in 0..40 {
+        let (made, refused) = reserve_all(&gw, &item, users[next..next + 4].iter().cloned()).await;
+        next += 4;
+        made_after.extend(made);
+        if refused == 0 && made_after.len() as i64 >= STOCK - 20 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(made_after.len() as i64, STOCK - 20, "exactly the units left");
+    let (none, _) = reserve_all(&gw, &item, users[next..next + 16].iter().cloned()).await;
+    assert!(none.is_empty(), "sold out: {none:?}");
+    let buckets = per_bucket(&gw, &item).await;
+    assert!(buckets.iter().all(|b| b.1 == 0 && b.2 == 0), "{buckets:?}");
+    assert_eq!(buckets.iter().map(|b| b.0).sum::<i64>(), STOCK, "{buckets:?}");
+    persisted(&store, &item, STOCK as usize, 0, 0).await;
+    drop(worker);
+}
+
 /// The pause switches outlive a Redis state loss: paused after the snapshot, the item and
 /// every sale are paused again once the shard is rebuilt from the database (which records
 /// both), so the rebuild never reopens a sale the operator stopped.

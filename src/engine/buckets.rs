@@ -17,6 +17,7 @@ use tokio::sync::watch;
 
 use super::keys;
 use super::redis::{RedisEngine, Reply, item_from_hash};
+use super::seq::Mark;
 use super::{ItemNews, ItemSpec, ItemState, OrderStatus, PutReply, ReserveCmd, ReserveReply};
 use crate::error::Error;
 use crate::ids::{bucket_id, home_bucket, shard_of, split_bucket, stock_buckets};
@@ -65,13 +66,34 @@ enum Out {
     Empty { in_transit: i64 },
 }
 
-/// A transfer record (`xout` or `xin`): `<units>|<other bucket>|<at_ms>`.
-pub(crate) fn record(raw: &str) -> Option<(i64, &str, i64)> {
-    let mut parts = raw.splitn(3, '|');
+/// A transfer record (`xout` or `xin`): `<units>|<other bucket>|<at_ms>`, and on a donor's
+/// record written since marks were carried, `|<E:S>` (the mark of the donor's step).
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct Record<'a> {
+    pub units: i64,
+    pub other: &'a str,
+    pub at_ms: i64,
+    pub mark: Option<Mark>,
+}
+
+pub(crate) fn record(raw: &str) -> Option<Record<'_>> {
+    let mut parts = raw.split('|');
     let units = parts.next()?.parse().ok()?;
     let other = parts.next()?;
     let at_ms = parts.next()?.parse().ok()?;
-    Some((units, other, at_ms))
+    let mark = match parts.next() {
+        None => None,
+        Some(m) => Some(Mark::parse(m)?),
+    };
+    if parts.next().is_some() {
+        return None;
+    }
+    Some(Record {
+        units,
+        other,
+        at_ms,
+        mark,
+    })
 }
 
 impl RedisEngine {
@@ -143,7 +165,7 @@ impl RedisEngine {
             Ok(BucketState {
                 bucket: b,
                 state: item_from_hash(&id, &h)?,
-                in_transit: out.iter().filter_map(|r| record(r)).map(|(u, _, _)| u).sum(),
+                in_transit: out.iter().filter_map(|r| record(r)).map(|r| r.units).sum(),
             })
         });
         futures_util::future::join_all(reads).await.into_iter().collect()
@@ -277,8 +299,9 @@ impl RedisEngine {
             script: "transfer_out",
             parts: &parts,
         };
-        let units = match r.status()?.as_str() {
-            "taken" => r.int(1)?,
+        let (units, mark) = match r.status()?.as_str() {
+            // The mark is "" on a replay of a record older than marks.
+            "taken" => (r.int(1)?, r.text(3).ok().and_then(|m| Mark::parse(&m))),
             "empty" => return Ok(Some(Out::Empty { in_transit: r.int(1)? })),
             // A bucket missing: nothing to take from it.
             "unknown_item" => return Ok(Some(Out::Empty { in_transit: 0 })),
@@ -288,14 +311,15 @@ impl RedisEngine {
         if started.elapsed() >= stale_after(self.redis.timeout) / 2 {
             return Ok(None);
         }
-        self.credit(&id, &donor, &dest, units).await?;
+        self.credit(&id, &donor, mark, &dest, units).await?;
         self.wait_replicas(t_shard).await?;
         self.forget(&keys::transfers_out(&donor), &donor, &id).await?;
         Ok(Some(Out::Taken))
     }
 
-    /// `transfer_in.lua`: credit `units` of transfer `id` from `donor` to `dest`, unless done.
-    async fn credit(&self, id: &str, donor: &str, dest: &str, units: i64) -> Result<(), Error> {
+    /// `transfer_in.lua`: credit `units` of transfer `id` from `donor` to `dest`, unless done;
+    /// `mark` is the donor step's, carried in the credit's event (`None`: not known).
+    async fn credit(&self, id: &str, donor: &str, mark: Option<Mark>, dest: &str, units: i64) -> Result<(), Error> {
         let shard = shard_of(dest);
         let mut inv = self.scripts.transfer_in.prepare_invoke();
         inv.key(keys::item(dest))
@@ -306,7 +330,8 @@ impl RedisEngine {
             .arg(units)
             .arg(donor)
             .arg(self.clock.now_ms()) // the transfer scripts take a time, never Redis TIME: it is their record's
-            .arg(self.floors.arg(shard));
+            .arg(self.floors.arg(shard))
+            .arg(mark.map(|m| m.to_string()).unwrap_or_default());
         let parts = self.run(dest, "transfer_in", inv).await?;
         match (Reply {
             script: "transfer_in",
@@ -346,7 +371,13 @@ impl RedisEngine {
                 .query_shard(shard, redis::cmd("HGETALL").arg(keys::transfers_out(&id)))
                 .await?;
             for (tid, raw) in &out {
-                let Some((units, dest, at_ms)) = record(raw) else {
+                let Some(Record {
+                    units,
+                    other: dest,
+                    at_ms,
+                    mark,
+                }) = record(raw)
+                else {
                     tracing::error!(bucket = %id, transfer = %tid, record = %raw, "malformed transfer record left alone");
                     continue;
                 };
@@ -354,7 +385,7 @@ impl RedisEngine {
                     continue;
                 }
                 tracing::info!(transfer = %tid, from = %id, to = %dest, units, "finishing a transfer left in transit");
-                self.credit(tid, &id, dest, units).await?;
+                self.credit(tid, &id, mark, dest, units).await?;
                 let t_shard = shard_of(dest);
                 self.wait_replicas(t_shard).await?;
                 self.forget(&keys::transfers_out(&id), &id, tid).await?;
@@ -364,7 +395,12 @@ impl RedisEngine {
                 .query_shard(shard, redis::cmd("HGETALL").arg(keys::transfers_in(&id)))
                 .await?;
             for (tid, raw) in &credited {
-                let Some((_, donor, at_ms)) = record(raw) else { continue };
+                let Some(Record {
+                    other: donor, at_ms, ..
+                }) = record(raw)
+                else {
+                    continue;
+                };
                 if now - at_ms < kept {
                     continue;
                 }
@@ -460,7 +496,9 @@ pub fn engine_items(spec: &ItemSpec, transfers: &[TransferRecord]) -> Vec<(ItemS
         let moved: i64 = transfers
             .iter()
             .map(|t| {
-                let gave = if t.from_bucket == i64::from(b) && t.out_ms.is_some() {
+                // A credit recorded without its donor's step (that event lost with a Redis
+                // that restarted from an older file) was given all the same.
+                let gave = if t.from_bucket == i64::from(b) && (t.out_ms.is_some() || t.in_ms.is_some()) {
                     t.units
                 } else {
                     0
@@ -490,4 +528,66 @@ pub fn engine_items(spec: &ItemSpec, transfers: &[TransferRecord]) -> Vec<(ItemS
 pub(crate) fn whole_item_of(id: &str) -> (&str, bool) {
     let (item, bucket) = split_bucket(id);
     (item, bucket > 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_transfer_record_reads_with_or_without_its_mark() {
+        let old = record("3|hot#2|1700000000000").expect("a record without a mark");
+        assert_eq!(
+            (old.units, old.other, old.at_ms, old.mark),
+            (3, "hot#2", 1_700_000_000_000, None)
+        );
+        let new = record("3|hot#2|1700000000000|1:42").expect("a record with a mark");
+        assert_eq!(new.mark, Some(Mark { epoch: 1, seq: 42 }));
+        for bad in [
+            "3|hot#2",
+            "x|hot#2|1",
+            "3|hot#2|soon",
+            "3|hot#2|1|42",
+            "3|hot#2|1|1:2|more",
+        ] {
+            assert_eq!(record(bad), None, "{bad}");
+        }
+    }
+
+    /// A credit the database holds without its donor's step (that event lost with a Redis
+    /// that restarted from an older file) is taken from the donor all the same: the units
+    /// are counted once, in the destination.
+    #[test]
+    fn a_bucket_gave_what_any_persisted_step_of_its_transfer_says() {
+        let spec = ItemSpec {
+            item_id: "hot".into(),
+            name: "hot".into(),
+            price_cents: 100,
+            stock_total: 30,
+            per_user_limit: 1,
+            starts_ms: 0,
+            ends_ms: 1,
+            buckets: 3,
+            paused: false,
+        };
+        let step = |id: &str, out_ms: Option<i64>, in_ms: Option<i64>| TransferRecord {
+            transfer_id: id.into(),
+            from_bucket: 2,
+            to_bucket: 1,
+            units: 4,
+            out_ms,
+            in_ms,
+        };
+        let totals = |transfers: &[TransferRecord]| -> Vec<i64> {
+            engine_items(&spec, transfers)
+                .iter()
+                .skip(1)
+                .map(|(s, _)| s.stock_total)
+                .collect()
+        };
+        assert_eq!(totals(&[]), vec![10, 10, 10]);
+        assert_eq!(totals(&[step("both", Some(1), Some(2))]), vec![14, 6, 10]);
+        assert_eq!(totals(&[step("in transit", Some(1), None)]), vec![10, 6, 10]);
+        assert_eq!(totals(&[step("credit only", None, Some(2))]), vec![14, 6, 10]);
+    }
 }

@@ -238,14 +238,16 @@ async fn rebuild(
         if split_bucket(id).1 == 0 {
             continue;
         }
-        // Out of the bucket (the donor's step, given) and into it (the destination's, credited).
-        for (step, key, sign) in [(0, keys::transfers_out(id), -1), (1, keys::transfers_in(id), 1)] {
+        // Out of the bucket (the donor's step, given; counted from the database once either
+        // step is there, [`engine_items`]) and into it (the destination's, credited).
+        for (out, key, sign) in [(true, keys::transfers_out(id), -1), (false, keys::transfers_in(id), 1)] {
             let records: HashMap<String, String> = redis::cmd("HGETALL").arg(&key).query_async(conn).await?;
             for (tid, raw) in &records {
-                if !persisted.get(tid).is_some_and(|p| p[step])
-                    && let Some((units, _, _)) = record(raw)
-                {
-                    spec.stock_total += sign * units;
+                let counted = persisted
+                    .get(tid)
+                    .is_some_and(|[given, credited]| *credited || (out && *given));
+                if !counted && let Some(r) = record(raw) {
+                    spec.stock_total += sign * r.units;
                 }
             }
         }

@@ -39,6 +39,7 @@ use crate::engine::keys;
 use crate::engine::redis::{RedisEngine, text};
 use crate::engine::seq::{Floors, Mark};
 use crate::error::Error;
+use crate::ids::{bucket_id, shard_of};
 use crate::metrics;
 use crate::retry::backoff;
 use crate::shutdown::stopped;
@@ -280,9 +281,16 @@ impl ShardWorker {
             }
         }
         if !ids.is_empty() {
-            self.write(&events, &transfers, mark, shutdown).await?;
-            if let Some(mark) = mark {
-                self.floors.raise(self.shard, mark);
+            // This shard's mark, and those its credits carry for their donors' shards.
+            let mut marks: Vec<(u32, Mark)> = mark.map(|m| (self.shard, m)).into_iter().collect();
+            for t in &transfers {
+                if let Some(m) = t.donor_mark {
+                    marks.push((shard_of(&bucket_id(&t.item_id, t.from_bucket)), m));
+                }
+            }
+            self.write(&events, &transfers, &marks, shutdown).await?;
+            for (shard, mark) in marks {
+                self.floors.raise(shard, mark);
             }
             // Rows: order events and transfer steps alike (a transfer-only batch is not empty).
             metrics::histogram!(metrics::PERSIST_BATCH_SIZE).record((events.len() + transfers.len()) as f64);
@@ -326,13 +334,12 @@ impl ShardWorker {
         &self,
         events: &[OrderEvent],
         transfers: &[TransferEvent],
-        mark: Option<Mark>,
+        marks: &[(u32, Mark)],
         shutdown: &watch::Receiver<bool>,
     ) -> Result<(), Error> {
-        let marks: Vec<(u32, Mark)> = mark.map(|m| (self.shard, m)).into_iter().collect();
         let mut delays = backoff();
         loop {
-            match self.store.apply_marked(events, transfers, &marks).await {
+            match self.store.apply_marked(events, transfers, marks).await {
                 Ok(_) => return Ok(()),
                 Err(e) => {
                     tracing::warn!(shard = self.shard, events = events.len(), cause = %e, "persisting a batch failed; retrying");
