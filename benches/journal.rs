@@ -86,6 +86,8 @@ fn main() {
                         pay_before_ms: now + 900_000,
                         updated_ms: now,
                         idem_key: String::new(),
+                        price_cents: None,
+                        refund: None,
                     };
                     n += 1;
                     let at = Instant::now();

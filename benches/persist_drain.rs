@@ -40,6 +40,8 @@ async fn feed(conn: &mut redis::aio::ConnectionManager, items: &[String], n: usi
             pay_before_ms: now + 900_000,
             updated_ms: now,
             idem_key: String::new(),
+            price_cents: None,
+            refund: None,
         };
         let ev = OrderEvent::of(&order, OrderStatus::Reserved, system_now_ms());
         let cmd = pipe.cmd("XADD").arg(keys::events(shard_of(item))).arg("*");

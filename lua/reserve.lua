@@ -50,8 +50,8 @@
 --  * {"sold_out", stock}                 stock < qty
 --  * {"ok", order_id, created_ms, pay_before_ms, stock_after}
 --      stock -= qty, reserved += qty, buyers[user] += qty, order hash written
---      (item_id, user_id, qty, status, created_ms, pay_before_ms, and idem_key
---      when there is one; no TTL), idempotency key SET EX, deadline added,
+--      (item_id, user_id, qty, status, created_ms, pay_before_ms, price_cents =
+--      the item's unit price now, and idem_key when there is one; no TTL), idempotency key SET EX, deadline added,
 --      `reserved` event added (see docs/internals.md).
 --
 -- Writes per request: the buyer (one HSETNX for a first purchase), the order
@@ -115,10 +115,11 @@ local deadlines, events = {}, {}
 local function item_of(item_key)
   local it = items[item_key]
   if it == nil then
-    local h = redis.call("HMGET", item_key, "stock", "per_user_limit", "starts_ms", "ends_ms", "reserved", "paused")
+    local h = redis.call("HMGET", item_key, "stock", "per_user_limit", "starts_ms", "ends_ms", "reserved", "paused",
+      "price_cents")
     if h[1] then
       it = {stock = tonumber(h[1]), limit = tonumber(h[2]), starts_ms = tonumber(h[3]), ends_ms = tonumber(h[4]),
-        reserved = tonumber(h[5] or "0"), paused = h[6] == "1"}
+        reserved = tonumber(h[5] or "0"), paused = h[6] == "1", price_s = h[7] or ""}
     else
       it = false
     end
@@ -197,11 +198,11 @@ local function reserve(kb, ab)
   -- Writes.
   if idem_key ~= "" then
     redis.call("HSET", order_key, "item_id", item_id, "user_id", user_id, "qty", qty_s, "status", "reserved",
-      "created_ms", now_s, "pay_before_ms", pay_before_s, "idem_key", idem_key)
+      "created_ms", now_s, "pay_before_ms", pay_before_s, "price_cents", item.price_s, "idem_key", idem_key)
     redis.call("SET", idem_key_name, order_id, "EX", int(idem_ttl_s))
   else
     redis.call("HSET", order_key, "item_id", item_id, "user_id", user_id, "qty", qty_s, "status", "reserved",
-      "created_ms", now_s, "pay_before_ms", pay_before_s)
+      "created_ms", now_s, "pay_before_ms", pay_before_s, "price_cents", item.price_s)
   end
   if not item.dirty then
     item.dirty = true
@@ -211,9 +212,10 @@ local function reserve(kb, ab)
   item.reserved = item.reserved + qty
   deadlines[#deadlines + 1] = pay_before_s
   deadlines[#deadlines + 1] = order_id .. "|" .. item_id
-  -- The packed event: status|order_id|item_id|user_id|qty|at_ms|created_ms|pay_before_ms|idem_key
+  -- The packed event: status|order_id|item_id|user_id|qty|at_ms|created_ms|pay_before_ms|idem_key|
+  -- price_cents|refund_of (empty: not a refund)
   events[#events + 1] = table.concat({"reserved", order_id, item_id, user_id, qty_s, now_s, now_s, pay_before_s,
-    idem_key}, "|")
+    idem_key, item.price_s, ""}, "|")
   return {"ok", order_id, now, pay_before, item.stock}
 end
 

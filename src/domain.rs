@@ -49,6 +49,8 @@ pub struct ItemState {
     pub cancelled: i64,
     /// Units returned by expired reservations (cumulative).
     pub expired: i64,
+    /// Units refunded (cumulative; with or without restock).
+    pub refunded: i64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
@@ -58,6 +60,11 @@ pub enum OrderStatus {
     Paid,
     Cancelled,
     Expired,
+    /// Paid for after it closed (a late payment of an expired or cancelled order): the
+    /// money is owed back. Its units were returned when it closed.
+    RefundDue,
+    /// Refunded by the operator, from `paid` or `refund_due`.
+    Refunded,
 }
 
 impl OrderStatus {
@@ -67,6 +74,8 @@ impl OrderStatus {
             OrderStatus::Paid => "paid",
             OrderStatus::Cancelled => "cancelled",
             OrderStatus::Expired => "expired",
+            OrderStatus::RefundDue => "refund_due",
+            OrderStatus::Refunded => "refunded",
         }
     }
 
@@ -76,6 +85,8 @@ impl OrderStatus {
             "paid" => OrderStatus::Paid,
             "cancelled" => OrderStatus::Cancelled,
             "expired" => OrderStatus::Expired,
+            "refund_due" => OrderStatus::RefundDue,
+            "refunded" => OrderStatus::Refunded,
             _ => return None,
         })
     }
@@ -85,9 +96,64 @@ impl OrderStatus {
         matches!(self, OrderStatus::Reserved | OrderStatus::Paid)
     }
 
-    /// Final statuses never change again (invariant 4).
+    /// No longer reserved: closed by payment, cancellation or expiry, or refunded since.
     pub fn is_final(self) -> bool {
         self != OrderStatus::Reserved
+    }
+
+    /// How far along the order's life a status is (invariant 7): `reserved` 0; `paid`,
+    /// `cancelled`, `expired` 1; `refund_due` 2; `refunded` 3. A status only ever moves to
+    /// a higher rank (never between two of rank 1), so the furthest record of an order
+    /// wins wherever two meet (the database's upsert, a rebuild of Redis).
+    pub fn rank(self) -> u8 {
+        match self {
+            OrderStatus::Reserved => 0,
+            OrderStatus::Paid | OrderStatus::Cancelled | OrderStatus::Expired => 1,
+            OrderStatus::RefundDue => 2,
+            OrderStatus::Refunded => 3,
+        }
+    }
+}
+
+/// Where a refund (or a refund owed) came from: the status the order left, and whether
+/// its units returned to the sale with it (always, for a cancelled or expired order: they
+/// came back when it closed).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RefundOf {
+    pub status: OrderStatus,
+    pub restocked: bool,
+}
+
+impl RefundOf {
+    /// `paid`, `paid+restock`, `cancelled`, `expired`: its form in an event and a row.
+    pub fn as_text(self) -> String {
+        if self.restocked && self.status == OrderStatus::Paid {
+            "paid+restock".to_owned()
+        } else {
+            self.status.as_str().to_owned()
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        let (status, restocked) = match s.strip_suffix("+restock") {
+            Some("paid") => (OrderStatus::Paid, true),
+            Some(_) => return None,
+            None => (OrderStatus::parse(s)?, false),
+        };
+        match status {
+            OrderStatus::Paid => Some(RefundOf { status, restocked }),
+            OrderStatus::Cancelled | OrderStatus::Expired => Some(RefundOf {
+                status,
+                restocked: true,
+            }),
+            _ => None,
+        }
+    }
+
+    /// Whether the order's units are out of the sale (counted as sold): a paid order
+    /// refunded without restock.
+    pub fn units_kept(self) -> bool {
+        self.status == OrderStatus::Paid && !self.restocked
     }
 }
 
@@ -103,6 +169,58 @@ pub struct Order {
     pub pay_before_ms: Millis,
     pub updated_ms: Millis,
     pub idem_key: String,
+    /// The unit price when it was reserved (`None`: an order made before prices were kept).
+    #[serde(default)]
+    pub price_cents: Option<i64>,
+    /// For `refund_due` and `refunded`: what the refund came from.
+    #[serde(default)]
+    pub refund: Option<RefundOf>,
+}
+
+impl Order {
+    /// Whether the order holds units of its item's stock and of its buyer's quota:
+    /// reserved, paid, or refunded without restock (those units left the sale).
+    pub fn holds_units(&self) -> bool {
+        match self.status {
+            OrderStatus::Reserved | OrderStatus::Paid => true,
+            OrderStatus::Refunded => self.refund.is_some_and(RefundOf::units_kept),
+            _ => false,
+        }
+    }
+}
+
+/// An item's counters as its orders make them (units): what a rebuild or a restart
+/// writes back, and what the engines keep up as orders change. `stock = stock_total −
+/// reserved − paid`; `paid` keeps the units of orders refunded without restock (they left
+/// the sale), `refunded` counts every refunded unit.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OrderUnits {
+    pub reserved: i64,
+    pub paid: i64,
+    pub cancelled: i64,
+    pub expired: i64,
+    pub refunded: i64,
+}
+
+impl OrderUnits {
+    pub fn add(&mut self, o: &Order) {
+        // Where the units went when the order closed: a refund (owed) keeps its origin.
+        let closed_as = match o.status {
+            OrderStatus::RefundDue | OrderStatus::Refunded => o.refund.map(|r| r.status),
+            other => Some(other),
+        };
+        match closed_as {
+            Some(OrderStatus::Reserved) => self.reserved += o.qty,
+            // A paid order refunded with restock holds nothing any more.
+            Some(OrderStatus::Paid) if o.holds_units() => self.paid += o.qty,
+            Some(OrderStatus::Cancelled) => self.cancelled += o.qty,
+            Some(OrderStatus::Expired) => self.expired += o.qty,
+            _ => {}
+        }
+        if o.status == OrderStatus::Refunded {
+            self.refunded += o.qty;
+        }
+    }
 }
 
 /// An order event: what the scripts XADD to a shard stream (and what the embedded engine
@@ -121,6 +239,10 @@ pub struct OrderEvent {
     pub created_ms: Millis,
     pub pay_before_ms: Millis,
     pub idem_key: String,
+    /// The unit price when it was reserved (`None` in an event of an earlier format).
+    pub price_cents: Option<i64>,
+    /// On `refund_due` and `refunded` events: what the refund came from.
+    pub refund: Option<RefundOf>,
 }
 
 impl OrderEvent {
@@ -135,6 +257,8 @@ impl OrderEvent {
             created_ms: order.created_ms,
             pay_before_ms: order.pay_before_ms,
             idem_key: order.idem_key.clone(),
+            price_cents: order.price_cents,
+            refund: order.refund,
         }
     }
 
@@ -167,12 +291,18 @@ impl OrderEvent {
         Ok(self)
     }
 
-    /// `status|order_id|item_id|user_id|qty|at_ms|created_ms|pay_before_ms|idem_key`: ids
-    /// are `[A-Za-z0-9_.:-]`, so `|` never occurs inside a part; the idempotency key may
-    /// be empty.
+    /// `status|order_id|item_id|user_id|qty|at_ms|created_ms|pay_before_ms|idem_key|
+    /// price_cents|refund_of`: ids are `[A-Za-z0-9_.:-]`, so `|` never occurs inside a
+    /// part; the idempotency key, the price (an order made before prices were kept) and
+    /// `refund_of` ([`RefundOf::as_text`]; only on `refund_due` and `refunded`) may be
+    /// empty. The nine parts of the previous format (no price) are read too.
     fn unpack(packed: &str) -> Result<Self, String> {
         let parts: Vec<&str> = packed.split('|').collect();
-        let [
+        if parts.len() != 9 && parts.len() != 11 {
+            return Err(format!("packed event has {} parts, not 9 or 11", parts.len()));
+        }
+        let (base, extra) = parts.split_at(9);
+        let &[
             status,
             order_id,
             item_id,
@@ -182,12 +312,21 @@ impl OrderEvent {
             created_ms,
             pay_before_ms,
             idem_key,
-        ] = parts[..]
+        ] = base
         else {
-            return Err(format!("packed event has {} parts, not 9", parts.len()));
+            return Err("packed event cut short".into());
         };
         let num = |name: &str, v: &str| -> Result<i64, String> {
             v.parse().map_err(|_| format!("part {name} is not an integer"))
+        };
+        let (price_cents, refund) = match extra {
+            [price, refund] => (
+                (!price.is_empty()).then(|| num("price_cents", price)).transpose()?,
+                (!refund.is_empty())
+                    .then(|| RefundOf::parse(refund).ok_or_else(|| format!("refund_of {refund:?}")))
+                    .transpose()?,
+            ),
+            _ => (None, None),
         };
         Ok(OrderEvent {
             status: OrderStatus::parse(status).ok_or_else(|| format!("unknown event type {status:?}"))?,
@@ -199,6 +338,8 @@ impl OrderEvent {
             created_ms: num("created_ms", created_ms)?,
             pay_before_ms: num("pay_before_ms", pay_before_ms)?,
             idem_key: idem_key.to_owned(),
+            price_cents,
+            refund,
         })
     }
 
@@ -221,13 +362,20 @@ impl OrderEvent {
             created_ms: num("created_ms")?,
             pay_before_ms: num("pay_before_ms")?,
             idem_key: f.get("idem_key").cloned().unwrap_or_default(),
+            price_cents: None,
+            refund: None,
         })
     }
 
     /// The stream fields, as the scripts write them: one packed field (one listpack entry
     /// instead of nine pairs is most of what an XADD costs Redis).
     pub fn to_fields(&self) -> Vec<(&'static str, String)> {
-        let packed = [
+        vec![(PACKED, self.packed())]
+    }
+
+    /// The event as one packed line ([`Self::unpack`]).
+    pub fn packed(&self) -> String {
+        [
             self.status.as_str(),
             &self.order_id,
             &self.item_id,
@@ -237,9 +385,10 @@ impl OrderEvent {
             &self.created_ms.to_string(),
             &self.pay_before_ms.to_string(),
             &self.idem_key,
+            &self.price_cents.map(|p| p.to_string()).unwrap_or_default(),
+            &self.refund.map(RefundOf::as_text).unwrap_or_default(),
         ]
-        .join("|");
-        vec![(PACKED, packed)]
+        .join("|")
     }
 
     /// The event as named fields (the previous release's stream format, still read; also
@@ -365,6 +514,8 @@ mod tests {
             created_ms: 1_700_000_000_000,
             pay_before_ms: 1_700_000_900_000,
             idem_key: idem_key.into(),
+            price_cents: Some(1999),
+            refund: None,
         }
     }
 
@@ -378,7 +529,18 @@ mod tests {
             let ev = event(key);
             assert_eq!(ev.to_fields().len(), 1, "one packed field");
             assert_eq!(OrderEvent::from_fields(&map(ev.to_fields())), Ok(vec![ev.clone()]));
-            assert_eq!(OrderEvent::from_fields(&map(ev.named_fields())), Ok(vec![ev]));
+            // The named fields of the first release carry no price.
+            let named = OrderEvent {
+                price_cents: None,
+                ..ev.clone()
+            };
+            assert_eq!(
+                OrderEvent::from_fields(&map(ev.named_fields())),
+                Ok(vec![named.clone()])
+            );
+            // Nor do the nine packed parts of the release before prices.
+            let nine = ev.packed().rsplitn(3, '|').nth(2).unwrap().to_owned();
+            assert_eq!(OrderEvent::from_fields(&map(vec![(PACKED, nine)])), Ok(vec![named]));
         }
     }
 

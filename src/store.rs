@@ -15,6 +15,7 @@
 //! background task runs `wal_checkpoint(PASSIVE)` on a connection of its own, which does
 //! not block the writer (see [`checkpointer`]).
 
+use std::borrow::Cow;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -23,7 +24,7 @@ use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{QueryBuilder, Row};
 
-use crate::domain::{ItemSpec, Order, OrderEvent, OrderStatus, TransferEvent, TransferSide};
+use crate::domain::{ItemSpec, Order, OrderEvent, OrderStatus, RefundOf, TransferEvent, TransferSide};
 use crate::engine::seq::Mark;
 use crate::error::Error;
 use crate::ids::split_bucket;
@@ -80,30 +81,38 @@ macro_rules! with_writer {
 }
 
 /// The most advanced event of each order in a batch (one row may be touched once per
-/// statement in PostgreSQL): a final status beats `reserved`.
-pub fn dedupe(events: &[OrderEvent]) -> Vec<&OrderEvent> {
-    let mut best: std::collections::HashMap<&str, &OrderEvent> = std::collections::HashMap::new();
+/// statement in PostgreSQL): the furthest status ([`OrderStatus::rank`]), with the price of
+/// any event of the order that has one (an event of the format before prices has none).
+pub fn dedupe(events: &[OrderEvent]) -> Vec<Cow<'_, OrderEvent>> {
+    let mut best: std::collections::HashMap<&str, Cow<'_, OrderEvent>> = std::collections::HashMap::new();
     for ev in events {
         best.entry(ev.order_id.as_str())
             .and_modify(|cur| {
-                if !cur.status.is_final() && ev.status.is_final() {
-                    *cur = ev;
+                let price = cur.price_cents.or(ev.price_cents);
+                if ev.status.rank() > cur.status.rank() {
+                    *cur = Cow::Borrowed(ev);
+                }
+                if cur.price_cents != price {
+                    cur.to_mut().price_cents = price;
                 }
             })
-            .or_insert(ev);
+            .or_insert(Cow::Borrowed(ev));
     }
-    let mut out: Vec<&OrderEvent> = best.into_values().collect();
+    let mut out: Vec<Cow<'_, OrderEvent>> = best.into_values().collect();
     out.sort_by(|a, b| a.order_id.cmp(&b.order_id));
     out
 }
 
-const ORDER_COLUMNS: &str = "order_id, item_id, user_id, qty, status, idem_key, created_ms, pay_before_ms, updated_ms";
+const ORDER_COLUMNS: &str =
+    "order_id, item_id, user_id, qty, status, idem_key, created_ms, pay_before_ms, updated_ms, price_cents, refund_of";
 
 fn order_from_row<R: Row>(row: &R) -> Result<Order, Error>
 where
     for<'a> &'a str: sqlx::ColumnIndex<R>,
     for<'a> String: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
     for<'a> i64: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
+    for<'a> Option<String>: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
+    for<'a> Option<i64>: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
 {
     let status: String = row.try_get("status")?;
     Ok(Order {
@@ -116,6 +125,10 @@ where
         created_ms: row.try_get("created_ms")?,
         pay_before_ms: row.try_get("pay_before_ms")?,
         updated_ms: row.try_get("updated_ms")?,
+        price_cents: row.try_get("price_cents")?,
+        refund: row
+            .try_get::<Option<String>, _>("refund_of")?
+            .and_then(|r| RefundOf::parse(&r)),
     })
 }
 
@@ -151,13 +164,27 @@ pub struct TransferRecord {
     pub in_ms: Option<i64>,
 }
 
+/// An item's orders as the database holds them (`GET …/stats`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ItemTotals {
+    pub orders: i64,
+    pub units: i64,
+    /// Σ qty × unit price of the paid orders.
+    pub revenue_cents: i64,
+    /// Orders paid for after they closed, whose money is owed back.
+    pub refund_due_orders: i64,
+}
+
 /// Rows of one `INSERT … ON CONFLICT` in [`Store::apply_marked`]: 12 parameters a row, so
 /// 1,000 rows stay far below both databases' limits (PostgreSQL 65,535; SQLite 32,766).
 const APPLY_CHUNK: usize = 1000;
 
 /// One statement upserting `events` (at most [`APPLY_CHUNK`]): a new order is inserted, an
 /// existing `reserved` row moves to a final status; a final row never changes.
-fn upsert_orders<'a, DB: sqlx::Database>(events: &'a [&'a OrderEvent]) -> QueryBuilder<'a, DB>
+/// [`OrderStatus::rank`] in SQL, of the column in place of `{}`.
+const STATUS_RANK: &str = "(CASE {} WHEN 'reserved' THEN 0 WHEN 'refund_due' THEN 2 WHEN 'refunded' THEN 3 ELSE 1 END)";
+
+fn upsert_orders<'a, DB: sqlx::Database>(events: &'a [Cow<'a, OrderEvent>]) -> QueryBuilder<'a, DB>
 where
     String: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
     Option<String>: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
@@ -168,7 +195,8 @@ where
 {
     let mut q = QueryBuilder::new(
         "INSERT INTO orders (order_id, item_id, bucket, user_id, qty, status, idem_key, created_ms, \
-         pay_before_ms, updated_ms, paid_ms, cancelled_ms, expired_ms) ",
+         pay_before_ms, updated_ms, paid_ms, cancelled_ms, expired_ms, refund_due_ms, refunded_ms, \
+         price_cents, refund_of) ",
     );
     q.push_values(events, |mut b, ev| {
         let at = |s: OrderStatus| (ev.status == s).then_some(ev.at_ms);
@@ -186,16 +214,28 @@ where
             .push_bind(ev.at_ms)
             .push_bind(at(OrderStatus::Paid))
             .push_bind(at(OrderStatus::Cancelled))
-            .push_bind(at(OrderStatus::Expired));
+            .push_bind(at(OrderStatus::Expired))
+            .push_bind(at(OrderStatus::RefundDue))
+            .push_bind(at(OrderStatus::Refunded))
+            .push_bind(ev.price_cents)
+            .push_bind(ev.refund.map(RefundOf::as_text));
     });
+    // Forward only (invariant 7): a status moves to a higher rank, never back.
     q.push(
         " ON CONFLICT (order_id) DO UPDATE SET status = excluded.status, \
          updated_ms = excluded.updated_ms, \
          paid_ms = COALESCE(excluded.paid_ms, orders.paid_ms), \
          cancelled_ms = COALESCE(excluded.cancelled_ms, orders.cancelled_ms), \
-         expired_ms = COALESCE(excluded.expired_ms, orders.expired_ms) \
-         WHERE orders.status = 'reserved' AND excluded.status <> 'reserved'",
+         expired_ms = COALESCE(excluded.expired_ms, orders.expired_ms), \
+         refund_due_ms = COALESCE(excluded.refund_due_ms, orders.refund_due_ms), \
+         refunded_ms = COALESCE(excluded.refunded_ms, orders.refunded_ms), \
+         price_cents = COALESCE(orders.price_cents, excluded.price_cents), \
+         refund_of = COALESCE(excluded.refund_of, orders.refund_of) \
+         WHERE ",
     );
+    q.push(STATUS_RANK.replace("{}", "orders.status"));
+    q.push(" < ");
+    q.push(STATUS_RANK.replace("{}", "excluded.status"));
     q
 }
 
@@ -529,11 +569,28 @@ impl Store {
     /// What the database holds of an item: `(orders, units)` — rows, and the sum of their
     /// quantities (the stats route's `persisted_orders` and `persisted`).
     pub async fn count(&self, item_id: &str) -> Result<(i64, i64), Error> {
-        const SQL: &str =
-            "SELECT COUNT(*) AS n, CAST(COALESCE(SUM(qty), 0) AS BIGINT) AS units FROM orders WHERE item_id = $1";
+        let t = self.totals(item_id).await?;
+        Ok((t.orders, t.units))
+    }
+
+    /// What the database holds of an item ([`ItemTotals`]).
+    pub async fn totals(&self, item_id: &str) -> Result<ItemTotals, Error> {
+        // Revenue is what paid orders brought in (a refunded order's money went back, a
+        // `refund_due` one's is owed back), at each order's own unit price; an order made
+        // before prices were kept counts at the item's.
+        const SQL: &str = "SELECT COUNT(*) AS n, CAST(COALESCE(SUM(o.qty), 0) AS BIGINT) AS units, \
+             CAST(COALESCE(SUM(CASE WHEN o.status = 'paid' \
+                 THEN o.qty * COALESCE(o.price_cents, i.price_cents, 0) ELSE 0 END), 0) AS BIGINT) AS revenue, \
+             CAST(COALESCE(SUM(CASE WHEN o.status = 'refund_due' THEN 1 ELSE 0 END), 0) AS BIGINT) AS due \
+             FROM orders o LEFT JOIN items i ON i.item_id = o.item_id WHERE o.item_id = $1";
         with_pool!(self, pool => {
             let row = self.bounded(sqlx::query(SQL).bind(item_id).fetch_one(pool)).await?;
-            Ok((row.try_get::<i64, _>("n")?, row.try_get::<i64, _>("units")?))
+            Ok(ItemTotals {
+                orders: row.try_get("n")?,
+                units: row.try_get("units")?,
+                revenue_cents: row.try_get("revenue")?,
+                refund_due_orders: row.try_get("due")?,
+            })
         })
     }
 

@@ -250,7 +250,8 @@ async fn put_item_contract<E: Probe>(e: &E, clock: &Clock) {
             reserved: 0,
             paid: 0,
             cancelled: 0,
-            expired: 0
+            expired: 0,
+            refunded: 0,
         })
     );
 
@@ -293,7 +294,8 @@ async fn put_item_contract<E: Probe>(e: &E, clock: &Clock) {
             reserved: 1,
             paid: 2,
             cancelled: 1,
-            expired: 0
+            expired: 0,
+            refunded: 0,
         })
     );
     // The quotas are kept too.
@@ -349,7 +351,8 @@ async fn put_item_contract<E: Probe>(e: &E, clock: &Clock) {
             reserved: 0,
             paid: 0,
             cancelled: 0,
-            expired: 0
+            expired: 0,
+            refunded: 0,
         })
     );
 }
@@ -376,6 +379,8 @@ async fn reserve_contract<E: Probe>(e: &E, clock: &Clock) {
             pay_before_ms: t0 + TIMEOUT_MS,
             updated_ms: t0,
             idem_key: "k1".into(),
+            price_cents: Some(1_999),
+            refund: None,
         })
     );
     assert_eq!(e.held("sku", "alice").await, 1);
@@ -672,6 +677,8 @@ async fn transition_contract<E: Probe>(e: &E, clock: &Clock) {
             pay_before_ms: created + TIMEOUT_MS,
             updated_ms: paid_at,
             idem_key: String::new(),
+            price_cents: Some(1_999),
+            refund: None,
         }
     );
     assert_eq!(counters(e, "sku").await, (8, 0, 2, 0, 0));
@@ -1054,6 +1061,8 @@ async fn order_contract<E: Probe>(e: &E, clock: &Clock) {
         pay_before_ms: NOW + TIMEOUT_MS,
         updated_ms: NOW,
         idem_key: "key-1".into(),
+        price_cents: Some(1_999),
+        refund: None,
     };
     assert_eq!(e.order(&id).await.unwrap(), Some(want.clone()));
     clock.advance(7);

@@ -466,7 +466,7 @@ async fn stats_and_orders_csv(backend: Backend) {
         Some(format!("attachment; filename=\"{item}-orders.csv\"").as_str()),
         "a browser downloads it"
     );
-    let header = "order_id,item_id,user_id,qty,status,created_at,pay_before,updated_at";
+    let header = "order_id,item_id,user_id,qty,status,created_at,pay_before,updated_at,price_cents";
     assert_eq!(r.text.lines().next(), Some(header));
 
     // Rows appear once the persistence worker has written the events.
@@ -479,7 +479,7 @@ async fn stats_and_orders_csv(backend: Backend) {
             .skip(1)
             .filter_map(|l| {
                 let f: Vec<&str> = l.split(',').collect();
-                (f.len() == 8).then(|| (f[0].to_owned(), f[4].to_owned()))
+                (f.len() == 9).then(|| (f[0].to_owned(), f[4].to_owned()))
             })
             .collect();
         let done = want.iter().all(|(o, s)| rows.get(o).map(String::as_str) == Some(*s));
@@ -491,6 +491,21 @@ async fn stats_and_orders_csv(backend: Backend) {
     let v = gw.stats(&item).await.assert_ok().clone();
     assert_eq!(v["persisted"], json!(3));
     assert_eq!(v["persisted_orders"], json!(3), "rows; persisted counts units");
+    // Each row carries its unit price; revenue is the paid order's.
+    let price = gw.get_item(&item).await.assert_ok()["price_cents"]
+        .as_i64()
+        .expect("price");
+    let r = send(gw.admin(gw.get(&csv_path))).await;
+    assert!(
+        r.text.lines().skip(1).all(|l| l.ends_with(&format!(",{price}"))),
+        "{}",
+        r.text
+    );
+    assert_eq!(v["revenue_cents"], json!(price), "{v}");
+    assert_eq!(
+        (v["refunded"].clone(), v["refund_due_orders"].clone()),
+        (json!(0), json!(0))
+    );
 }
 
 /// Stats count units (`persisted` included) and rows apart (`persisted_orders`): with qty 2,

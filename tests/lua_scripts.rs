@@ -488,10 +488,17 @@ impl Sale {
                 assert_eq!(names, ["o", "q"], "one packed field and the mark per entry: {fields:?}");
                 let evs = OrderEvent::from_fields(&fields).unwrap_or_else(|e| panic!("event {id}: {e}"));
                 evs.into_iter().map(|ev| {
-                    ev.named_fields()
+                    let mut m = ev
+                        .named_fields()
                         .into_iter()
                         .map(|(k, v)| (k.to_owned(), v))
-                        .collect::<HashMap<_, _>>()
+                        .collect::<HashMap<_, _>>();
+                    m.insert(
+                        "price_cents".into(),
+                        ev.price_cents.map(|p| p.to_string()).unwrap_or_default(),
+                    );
+                    m.insert("refund_of".into(), ev.refund.map(|r| r.as_text()).unwrap_or_default());
+                    m
                 })
             })
             .collect()
@@ -651,9 +658,9 @@ async fn reserve_takes_stock_and_records_everything() {
         ("pay_before_ms", pay_before.as_str()),
     ];
     // The hash is lean: its key names the order, `updated_ms` comes when it closes, and
-    // `idem_key` only when there is one.
+    // `idem_key` only when there is one; the unit price is the item's now.
     let mut want = whole_order.to_vec();
-    want.push(("status", "reserved"));
+    want.extend([("status", "reserved"), ("price_cents", "99900")]);
     assert_fields(&sale.hash(&order_key).await, &want);
     assert_eq!(sale.ttl(&order_key).await, -1, "no TTL while reserved");
 
@@ -665,6 +672,8 @@ async fn reserve_takes_stock_and_records_everything() {
         ("order_id", order.as_str()),
         ("at_ms", now.as_str()),
         ("idem_key", ""),
+        ("price_cents", "99900"),
+        ("refund_of", ""),
     ]);
     let events = sale.events().await;
     assert_eq!(events.len(), 1);
@@ -1167,6 +1176,8 @@ async fn pay_moves_units_to_paid_and_closes_the_order() {
             ("created_ms", &now),
             ("pay_before_ms", &pay_before),
             ("idem_key", ""),
+            ("price_cents", "99900"),
+            ("refund_of", ""),
         ],
     );
     sale.assert_invariants().await;
@@ -1348,6 +1359,8 @@ async fn expire_at_the_deadline_returns_stock_and_quota() {
             ("created_ms", &now),
             ("pay_before_ms", &at),
             ("idem_key", ""),
+            ("price_cents", "99900"),
+            ("refund_of", ""),
         ],
     );
     sale.assert_invariants().await;
@@ -1471,7 +1484,7 @@ async fn wrong_argument_counts_are_errors_and_change_nothing() {
         (&EXPIRE, 6, 5, 5),
         (&PUT_ITEM, 1, 7, 8),
         (&TRANSFER_OUT, 4, 5, 5),
-        (&TRANSFER_IN, 4, 5, 5),
+        (&TRANSFER_IN, 4, 6, 6),
         (&TRANSFER_FORGET, 1, 1, 1),
     ];
     for (script, keys, fewest, most) in calls {

@@ -15,7 +15,7 @@ use common::gateway::{Builder, Gateway};
 use common::http::{ADMIN_TOKEN, Api, send, try_send};
 use common::inspect::Redis;
 use common::{PgServer, RedisServer, poll, shared_pg, unique};
-use seckill_gateway::domain::OrderEvent;
+use seckill_gateway::domain::{Order, OrderEvent, RefundOf};
 use seckill_gateway::engine::OrderStatus;
 use seckill_gateway::store::Store;
 use serde_json::json;
@@ -217,6 +217,8 @@ fn event(order: &str, item: &str, status: OrderStatus, at: i64) -> OrderEvent {
         created_ms: 1_000,
         pay_before_ms: 901_000,
         idem_key: String::new(),
+        price_cents: None,
+        refund: None,
     }
 }
 
@@ -260,15 +262,64 @@ async fn redelivered_and_reordered_events_are_idempotent() {
             .await
             .unwrap();
 
-        let got: HashMap<String, OrderStatus> = rows(&store, &item)
+        // Refunds move on from a final status, and never back: `refund_due` (a late
+        // payment of an expired order) before its `expired`; `refunded` of a paid order,
+        // then a redelivered `paid`. The price comes with whichever event has it.
+        let (d, e) = (unique("d"), unique("e"));
+        let refund = |of: OrderStatus, restocked: bool| Some(RefundOf { status: of, restocked });
+        let priced = |mut ev: OrderEvent| {
+            ev.price_cents = Some(1_999);
+            ev
+        };
+        let due = OrderEvent {
+            refund: refund(OrderStatus::Expired, true),
+            ..priced(event(&d, &item, OrderStatus::RefundDue, 8_000))
+        };
+        store.apply(std::slice::from_ref(&due)).await.unwrap();
+        store
+            .apply(&[
+                event(&d, &item, OrderStatus::Reserved, 1_000),
+                event(&d, &item, OrderStatus::Expired, 7_000),
+            ])
+            .await
+            .unwrap();
+        store
+            .apply(&[
+                priced(event(&e, &item, OrderStatus::Reserved, 1_000)),
+                event(&e, &item, OrderStatus::Paid, 2_000),
+            ])
+            .await
+            .unwrap();
+        let refunded = OrderEvent {
+            refund: refund(OrderStatus::Paid, false),
+            ..event(&e, &item, OrderStatus::Refunded, 9_000)
+        };
+        store.apply(&[refunded.clone()]).await.unwrap();
+        store
+            .apply(&[event(&e, &item, OrderStatus::Paid, 2_000), due.clone()])
+            .await
+            .unwrap();
+
+        let orders: HashMap<String, Order> = rows(&store, &item)
             .await
             .into_iter()
-            .map(|o| (o.order_id, o.status))
+            .map(|o| (o.order_id.clone(), o))
             .collect();
-        assert_eq!(got.len(), 3, "{db}: one row per order");
+        let got: HashMap<&String, OrderStatus> = orders.iter().map(|(id, o)| (id, o.status)).collect();
+        assert_eq!(got.len(), 5, "{db}: one row per order");
         assert_eq!(got[&a], OrderStatus::Paid, "{db}");
         assert_eq!(got[&b], OrderStatus::Cancelled, "{db}");
         assert_eq!(got[&c], OrderStatus::Expired, "{db}");
+        assert_eq!(got[&d], OrderStatus::RefundDue, "{db}");
+        assert_eq!(got[&e], OrderStatus::Refunded, "{db}");
+        assert_eq!(orders[&d].refund, refund(OrderStatus::Expired, true), "{db}");
+        assert_eq!(orders[&e].refund, refund(OrderStatus::Paid, false), "{db}");
+        assert_eq!(
+            (orders[&d].price_cents, orders[&e].price_cents),
+            (Some(1_999), Some(1_999)),
+            "{db}"
+        );
+        assert_eq!(orders[&a].price_cents, None, "{db}: an order of events without a price");
     }
 }
 

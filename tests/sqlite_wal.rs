@@ -22,6 +22,8 @@ fn events(from: usize, n: usize, idem_len: usize) -> Vec<OrderEvent> {
                 pay_before_ms: 2,
                 updated_ms: 1,
                 idem_key: "k".repeat(idem_len),
+                price_cents: None,
+                refund: None,
             };
             OrderEvent::of(&order, OrderStatus::Reserved, 1)
         })

@@ -43,13 +43,15 @@ end
 -- The order hash KEYS[1] (fields as stored, `qty_s` is `qty`), or nil.
 local function load_order()
   local o = redis.call("HMGET", KEYS[1], "user_id", "item_id", "qty", "status",
-    "created_ms", "pay_before_ms", "idem_key")
+    "created_ms", "pay_before_ms", "idem_key", "price_cents", "refund_of")
   if not o[4] then
     return nil
   end
-  -- reserve.lua writes `idem_key` only when there is one.
+  -- reserve.lua writes `idem_key` only when there is one; `price_cents` is absent in
+  -- orders made before prices were kept, `refund_of` until a refund (refund.lua).
   return {user_id = o[1], item_id = o[2], qty_s = o[3], status = o[4],
-    created_ms = o[5], pay_before_ms = o[6], idem_key = o[7] or ""}
+    created_ms = o[5], pay_before_ms = o[6], idem_key = o[7] or "", price_s = o[8] or "",
+    refund_of = o[9] or ""}
 end
 
 -- Asserts the order is of the call's item (KEYS 2-3 are built from it), then
@@ -71,16 +73,22 @@ local function give_back(o, counter)
   return stock_after
 end
 
--- Makes the order `final`: status and updated_ms set, order TTL set, deadline
--- member removed, `final` event XADDed (the whole order, as every event, packed
--- into one field `o` as reserve.lua writes it; `q` the call's sequence).
-local function close_order(c, o, final)
+-- Makes the order `final`: status and updated_ms set (and `refund_of` when given:
+-- refund.lua), order TTL set, deadline member removed, `final` event XADDed (the
+-- whole order, as every event, packed into one field `o` as reserve.lua writes it;
+-- `q` the call's sequence).
+local function close_order(c, o, final, refund_of)
   local now_s = int(c.now)
-  redis.call("HSET", KEYS[1], "status", final, "updated_ms", now_s)
+  if refund_of then
+    o.refund_of = refund_of
+    redis.call("HSET", KEYS[1], "status", final, "updated_ms", now_s, "refund_of", refund_of)
+  else
+    redis.call("HSET", KEYS[1], "status", final, "updated_ms", now_s)
+  end
   redis.call("EXPIRE", KEYS[1], int(c.closed_ttl_s))
   redis.call("ZREM", KEYS[4], c.member)
   redis.call("XADD", KEYS[5], "*", "o", table.concat({final, c.order_id, c.item_id, o.user_id, o.qty_s,
-    now_s, o.created_ms, o.pay_before_ms, o.idem_key}, "|"), "q", next_seq(KEYS[6], c.epoch))
+    now_s, o.created_ms, o.pay_before_ms, o.idem_key, o.price_s, o.refund_of}, "|"), "q", next_seq(KEYS[6], c.epoch))
 end
 
 -- Expires a reserved order: its stock and quota come back, exactly once.

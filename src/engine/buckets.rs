@@ -176,7 +176,15 @@ impl RedisEngine {
     /// item of a selling item reads this on every call; stats add the transfer records,
     /// [`Self::bucket_states`]).
     pub(super) async fn whole_item(&self, head: ItemState, h: &HashMap<String, String>) -> Result<ItemState, Error> {
-        const FIELDS: [&str; 6] = ["stock", "reserved", "paid", "cancelled", "expired", "stock_total"];
+        const FIELDS: [&str; 7] = [
+            "stock",
+            "reserved",
+            "paid",
+            "cancelled",
+            "expired",
+            "stock_total",
+            "refunded",
+        ];
         let item = head.spec.item_id.as_str();
         let reads = stock_buckets(head.spec.buckets).map(|b| async move {
             let id = bucket_id(item, b);
@@ -185,7 +193,7 @@ impl RedisEngine {
                 .await?;
             Ok::<_, Error>(v)
         });
-        let mut sums = [0i64; 6];
+        let mut sums = [0i64; 7];
         for r in futures_util::future::join_all(reads).await {
             for (sum, v) in sums.iter_mut().zip(r?) {
                 *sum += v.unwrap_or(0);
@@ -197,6 +205,7 @@ impl RedisEngine {
         whole.paid = sums[2];
         whole.cancelled = sums[3];
         whole.expired = sums[4];
+        whole.refunded = sums[6];
         // Written with the item; a hash without it (a PUT that died before its last step)
         // counts the shares, which leave out units in transit.
         whole.spec.stock_total = h.get("item_total").and_then(|v| v.parse().ok()).unwrap_or(sums[5]);

@@ -19,7 +19,7 @@ use super::{
     ReserveCmd, ReserveReply, StockEngine, Transition, TransitionReply,
 };
 use crate::clock::{Clock, Millis};
-use crate::domain::OrderEvent;
+use crate::domain::{OrderEvent, OrderUnits};
 use crate::error::Error;
 
 /// Where the embedded engine makes its changes durable.
@@ -140,26 +140,30 @@ impl EmbeddedEngine {
                     paid: 0,
                     cancelled: 0,
                     expired: 0,
+                    refunded: 0,
                 },
             );
         }
-        for o in orders {
-            let Some(item) = s.items.get_mut(&o.item_id) else {
+        let mut units: HashMap<String, OrderUnits> = HashMap::new();
+        for o in &orders {
+            units.entry(o.item_id.clone()).or_default().add(o);
+        }
+        for (item_id, u) in units {
+            let Some(item) = s.items.get_mut(&item_id) else {
                 continue;
             };
-            match o.status {
-                OrderStatus::Reserved => {
-                    item.stock -= o.qty;
-                    item.reserved += o.qty;
-                }
-                OrderStatus::Paid => {
-                    item.stock -= o.qty;
-                    item.paid += o.qty;
-                }
-                OrderStatus::Cancelled => item.cancelled += o.qty,
-                OrderStatus::Expired => item.expired += o.qty,
+            item.stock -= u.reserved + u.paid;
+            item.reserved = u.reserved;
+            item.paid = u.paid;
+            item.cancelled = u.cancelled;
+            item.expired = u.expired;
+            item.refunded = u.refunded;
+        }
+        for o in orders {
+            if !s.items.contains_key(&o.item_id) {
+                continue;
             }
-            if !o.status.is_final() || o.status == OrderStatus::Paid {
+            if o.holds_units() {
                 *s.buyers.entry((o.item_id.clone(), o.user_id.clone())).or_default() += o.qty;
             }
             if o.status == OrderStatus::Reserved {
@@ -264,9 +268,9 @@ impl StockEngine for EmbeddedEngine {
                     buckets: p.spec.buckets,
                 });
             }
-            let (reserved, paid, cancelled, expired) = prev
-                .as_ref()
-                .map_or((0, 0, 0, 0), |p| (p.reserved, p.paid, p.cancelled, p.expired));
+            let (reserved, paid, cancelled, expired, refunded) = prev.as_ref().map_or((0, 0, 0, 0, 0), |p| {
+                (p.reserved, p.paid, p.cancelled, p.expired, p.refunded)
+            });
             if spec.stock_total < reserved + paid {
                 return Ok(PutReply::BelowHeld { held: reserved + paid });
             }
@@ -277,6 +281,7 @@ impl StockEngine for EmbeddedEngine {
                 paid,
                 cancelled,
                 expired,
+                refunded,
             };
             s.items.insert(spec.item_id.clone(), state);
             prev
@@ -380,7 +385,7 @@ impl StockEngine for EmbeddedEngine {
             if s.all_paused || item.spec.paused {
                 return Ok(ReserveReply::Paused);
             }
-            let (stock, limit) = (item.stock, item.spec.per_user_limit);
+            let (stock, limit, price_cents) = (item.stock, item.spec.per_user_limit, item.spec.price_cents);
             if now < item.spec.starts_ms {
                 return Ok(ReserveReply::NotStarted {
                     starts_ms: item.spec.starts_ms,
@@ -418,6 +423,8 @@ impl StockEngine for EmbeddedEngine {
                 pay_before_ms,
                 updated_ms: now,
                 idem_key: idem_key.clone(),
+                price_cents: Some(price_cents),
+                refund: None,
             };
             s.orders.insert(order.order_id.clone(), order.clone());
             if !idem_key.is_empty() {

@@ -33,6 +33,7 @@ use super::{
 };
 use crate::clock::{Clock, system_now_ms};
 use crate::config::{Config, RedisMode};
+use crate::domain::RefundOf;
 use crate::error::Error;
 use crate::ids::{bucket_id, order_shard, shard_of, stock_buckets};
 use crate::limiter::{LimitsChange, SharedLimits};
@@ -1020,6 +1021,9 @@ pub(crate) fn order_from_hash(order_id: &str, h: &HashMap<String, String>) -> Re
         pay_before_ms: field(h, "pay_before_ms")?,
         updated_ms: h.get("updated_ms").and_then(|v| v.parse().ok()).unwrap_or(created_ms),
         idem_key: h.get("idem_key").cloned().unwrap_or_default(),
+        // Absent in orders made before prices were kept.
+        price_cents: h.get("price_cents").and_then(|v| v.parse().ok()),
+        refund: h.get("refund_of").and_then(|v| RefundOf::parse(v)),
     })
 }
 
@@ -1042,6 +1046,8 @@ pub(crate) fn item_from_hash(item_id: &str, h: &HashMap<String, String>) -> Resu
         paid: field(h, "paid")?,
         cancelled: field(h, "cancelled")?,
         expired: field(h, "expired")?,
+        // Absent in items written before refunds existed.
+        refunded: h.get("refunded").and_then(|v| v.parse().ok()).unwrap_or(0),
     })
 }
 

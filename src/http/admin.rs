@@ -139,7 +139,7 @@ pub async fn stats(ctx: &Ctx<'_>, req: Request<Incoming>) -> Answer {
         .await
         .map_err(|e| ctx.failed("stats", e))?
         .ok_or(Reject::UnknownItem)?;
-    let (rows, units) = ctx.app.store.count(ctx.id).await.map_err(|e| ctx.failed("stats", e))?;
+    let totals = ctx.app.store.totals(ctx.id).await.map_err(|e| ctx.failed("stats", e))?;
     let per_bucket: Vec<serde_json::Value> = ctx
         .engine()
         .buckets(&state)
@@ -155,6 +155,7 @@ pub async fn stats(ctx: &Ctx<'_>, req: Request<Incoming>) -> Answer {
                 "paid": b.state.paid,
                 "cancelled": b.state.cancelled,
                 "expired": b.state.expired,
+                "refunded": b.state.refunded,
                 "in_transit": b.in_transit,
             })
         })
@@ -167,8 +168,11 @@ pub async fn stats(ctx: &Ctx<'_>, req: Request<Incoming>) -> Answer {
         "paid": state.paid,
         "cancelled": state.cancelled,
         "expired": state.expired,
-        "persisted": units,
-        "persisted_orders": rows,
+        "refunded": state.refunded,
+        "persisted": totals.units,
+        "persisted_orders": totals.orders,
+        "revenue_cents": totals.revenue_cents,
+        "refund_due_orders": totals.refund_due_orders,
         "buckets": state.spec.buckets,
         "paused": ctx.app.cache.is_paused(&state.spec),
         "per_bucket": per_bucket,
@@ -194,6 +198,7 @@ pub async fn orders_csv(ctx: &Ctx<'_>, req: Request<Incoming>) -> Answer {
         "created_at",
         "pay_before",
         "updated_at",
+        "price_cents",
     ];
     let mut write = || -> Result<(), csv::Error> {
         w.write_record(header)?;
@@ -208,6 +213,7 @@ pub async fn orders_csv(ctx: &Ctx<'_>, req: Request<Incoming>) -> Answer {
                 &v.created_at,
                 &v.pay_before,
                 &v.updated_at,
+                &v.price_cents.map(|p| p.to_string()).unwrap_or_default(),
             ])?;
         }
         w.flush()?;

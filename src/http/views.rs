@@ -58,6 +58,12 @@ pub struct OrderView<'a> {
     pub created_at: String,
     pub pay_before: String,
     pub updated_at: String,
+    /// The unit price at reservation, and what the order costs (`qty` × it): the amount a
+    /// payment of it must carry. Absent for an order made before prices were kept.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub price_cents: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub amount_cents: Option<i64>,
 }
 
 impl<'a> OrderView<'a> {
@@ -71,6 +77,8 @@ impl<'a> OrderView<'a> {
             created_at: rfc3339(o.created_ms),
             pay_before: rfc3339(o.pay_before_ms),
             updated_at: rfc3339(o.updated_ms),
+            price_cents: o.price_cents,
+            amount_cents: o.price_cents.map(|p| p * o.qty),
         }
     }
 }

@@ -27,7 +27,7 @@ use tokio::sync::watch;
 
 use crate::clock::system_now_ms;
 use crate::config::Config;
-use crate::domain::{ItemSpec, Order, OrderStatus};
+use crate::domain::{ItemSpec, Order, OrderStatus, OrderUnits, RefundOf};
 use crate::engine::buckets::{engine_items, record};
 use crate::engine::conn::RedisConn;
 use crate::engine::keys;
@@ -109,10 +109,10 @@ pub async fn needs_repair(conn: &mut RedisConn, shard: u32, floor: Mark) -> Resu
     Ok(why_rebuild(mark, fence, floor))
 }
 
-/// Which of two records of one order is further along: a final status beats `reserved`; the
+/// Which of two records of one order is further along ([`OrderStatus::rank`]); the
 /// database wins a tie.
 fn furthest(db: Order, redis: Order) -> Order {
-    if db.status == OrderStatus::Reserved && redis.status != OrderStatus::Reserved {
+    if redis.status.rank() > db.status.rank() {
         redis
     } else {
         db
@@ -267,7 +267,7 @@ async fn rebuild(
                     orders.insert(row.order_id.clone(), furthest(row, cached));
                 }
                 None => {
-                    if row.status.is_live() {
+                    if row.holds_units() {
                         forgotten += 1;
                     }
                     orders.insert(row.order_id.clone(), row);
@@ -277,22 +277,9 @@ async fn rebuild(
     }
 
     // 3. Counters from the orders; then every write.
-    #[derive(Default)]
-    struct Units {
-        reserved: i64,
-        paid: i64,
-        cancelled: i64,
-        expired: i64,
-    }
-    let mut units: HashMap<&str, Units> = HashMap::new();
+    let mut units: HashMap<&str, OrderUnits> = HashMap::new();
     for o in orders.values() {
-        let u = units.entry(o.item_id.as_str()).or_default();
-        match o.status {
-            OrderStatus::Reserved => u.reserved += o.qty,
-            OrderStatus::Paid => u.paid += o.qty,
-            OrderStatus::Cancelled => u.cancelled += o.qty,
-            OrderStatus::Expired => u.expired += o.qty,
-        }
+        units.entry(o.item_id.as_str()).or_default().add(o);
     }
     // First the resets, in order (the deadline set and buyers are rebuilt whole); then each
     // order's writes, in order per order, orders concurrently (their buyer increments and
@@ -336,6 +323,8 @@ async fn rebuild(
                 .arg(u.cancelled)
                 .arg("expired")
                 .arg(u.expired)
+                .arg("refunded")
+                .arg(u.refunded)
                 .arg("buckets")
                 .arg(spec.buckets)
                 .clone(),
@@ -364,7 +353,7 @@ async fn rebuild(
             continue;
         }
         let Some(key) = keys::order(&o.order_id) else { continue };
-        let live = o.status.is_live();
+        let live = o.holds_units();
         // Closed orders answer repeated calls for their TTL; older ones the database answers.
         if !live && o.updated_ms + closed_ttl_ms <= now && !in_redis.contains(&o.order_id) {
             continue;
@@ -389,6 +378,12 @@ async fn rebuild(
             .arg(o.updated_ms);
         if !o.idem_key.is_empty() {
             h.arg("idem_key").arg(&o.idem_key);
+        }
+        if let Some(price) = o.price_cents {
+            h.arg("price_cents").arg(price);
+        }
+        if let Some(refund) = o.refund {
+            h.arg("refund_of").arg(RefundOf::as_text(refund));
         }
         cmds.push(h);
         match o.status {
