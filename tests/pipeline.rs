@@ -294,7 +294,7 @@ async fn redelivered_and_reordered_events_are_idempotent() {
             refund: refund(OrderStatus::Paid, false),
             ..event(&e, &item, OrderStatus::Refunded, 9_000)
         };
-        store.apply(&[refunded.clone()]).await.unwrap();
+        store.apply(std::slice::from_ref(&refunded)).await.unwrap();
         store
             .apply(&[event(&e, &item, OrderStatus::Paid, 2_000), due.clone()])
             .await
