@@ -168,8 +168,11 @@ impl Listener for LocalView {
                 }
                 match event {
                     OrderStatus::Reserved if stock == Some(0) => self.cache.mark_sold_out(item),
-                    // Units came back: the flag no longer holds.
-                    OrderStatus::Cancelled | OrderStatus::Expired => self.cache.invalidate(item),
+                    // Units came back (a refund with restock; a late payment that found its
+                    // order overdue expired it first): the flag no longer holds.
+                    OrderStatus::Cancelled | OrderStatus::Expired | OrderStatus::Refunded | OrderStatus::RefundDue => {
+                        self.cache.invalidate(item)
+                    }
                     _ => {}
                 }
             }

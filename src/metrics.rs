@@ -101,8 +101,8 @@ fn register_zeroes() {
     for kind in REDIS_ERROR_KINDS {
         ::metrics::counter!(REDIS_ERRORS, "kind" => *kind).absolute(0);
     }
-    for event in ["reserved", "paid", "cancelled", "expired"] {
-        ::metrics::counter!(ORDERS, "event" => event).absolute(0);
+    for event in EVENTS {
+        ::metrics::counter!(ORDERS, "event" => *event).absolute(0);
     }
     ::metrics::gauge!(CIRCUIT_OPEN).set(0.0);
     ::metrics::gauge!(STORE_UP).set(1.0);
@@ -164,6 +164,7 @@ pub const ROUTES: &[&str] = &[
     "admin_pause_all",
     "admin_resume_all",
     "admin_limits",
+    "admin_refund",
     "metrics",
     "healthz",
     "readyz",
@@ -200,8 +201,10 @@ const SCRIPTS: &[&str] = &[
     "transfer_out",
     "transfer_in",
     "transfer_forget",
+    "settle",
+    "refund",
 ];
-const EVENTS: &[&str] = &["reserved", "paid", "cancelled", "expired"];
+const EVENTS: &[&str] = &["reserved", "paid", "cancelled", "expired", "refund_due", "refunded"];
 const REDIS_ERROR_KINDS: &[&str] = &[
     "timeout",
     "connection",

@@ -566,6 +566,24 @@ impl Store {
         })
     }
 
+    /// An order as its engine names it: its `item_id` is its stock bucket's
+    /// (`<item>#<b>`) where it was made in one, as in the engine's own record.
+    pub async fn engine_order(&self, order_id: &str) -> Result<Option<Order>, Error> {
+        let sql = format!("SELECT {ORDER_COLUMNS}, bucket FROM orders WHERE order_id = $1");
+        with_pool!(self, pool => {
+            let row = self.bounded(sqlx::query(&sql).bind(order_id).fetch_optional(pool)).await?;
+            row.map(|r| {
+                let mut o = order_from_row(&r)?;
+                let bucket: i64 = r.try_get("bucket")?;
+                if bucket > 0 {
+                    o.item_id = crate::ids::bucket_id(&o.item_id, bucket as u32);
+                }
+                Ok(o)
+            })
+            .transpose()
+        })
+    }
+
     /// What the database holds of an item: `(orders, units)` — rows, and the sum of their
     /// quantities (the stats route's `persisted_orders` and `persisted`).
     pub async fn count(&self, item_id: &str) -> Result<(i64, i64), Error> {

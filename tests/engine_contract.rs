@@ -16,11 +16,12 @@ use common::engines::{
 };
 use common::inspect::Redis;
 use seckill_gateway::clock::{Clock, Millis};
+use seckill_gateway::domain::RefundOf;
 use seckill_gateway::engine::embedded::EmbeddedEngine;
 use seckill_gateway::engine::redis::RedisEngine;
 use seckill_gateway::engine::{
-    ExpireReply, Expired, ItemSpec, ItemState, Order, OrderStatus, PutReply, ReserveCmd, ReserveReply, StockEngine,
-    Transition, TransitionReply,
+    ExpireReply, Expired, ItemSpec, ItemState, Order, OrderStatus, PutReply, ReserveCmd, ReserveReply, Settle,
+    StockEngine, Transition, TransitionReply,
 };
 use seckill_gateway::ids::{new_order_id, shard_of};
 
@@ -44,17 +45,28 @@ const LONG: EngineSettings = EngineSettings {
 /// [`EmbeddedEngine::held`] in-process).
 trait Probe: StockEngine {
     async fn held(&self, item_id: &str, user_id: &str) -> i64;
+    /// Make the engine forget a closed order, as its TTL would (Redis: the hash's key TTL;
+    /// embedded: a prune past the TTL, which the caller's clock has passed).
+    async fn forget_closed(&self, order_id: &str);
 }
 
 impl Probe for RedisEngine {
     async fn held(&self, item_id: &str, user_id: &str) -> i64 {
         Redis::on(self.connection()).held(item_id, user_id).await
     }
+    async fn forget_closed(&self, order_id: &str) {
+        let key = seckill_gateway::engine::keys::order(order_id).expect("an order id of ours");
+        let mut conn = self.connection();
+        let _: i64 = redis::cmd("DEL").arg(key).query_async(&mut conn).await.expect("DEL");
+    }
 }
 
 impl Probe for EmbeddedEngine {
     async fn held(&self, item_id: &str, user_id: &str) -> i64 {
         EmbeddedEngine::held(self, item_id, user_id)
+    }
+    async fn forget_closed(&self, _order_id: &str) {
+        self.prune().await.expect("prune");
     }
 }
 
@@ -120,6 +132,9 @@ contract!(LONG =>
     expire_due_max_is_per_shard_contract,
     order_contract,
     catalog_contract,
+    payment_contract,
+    refund_contract,
+    refund_of_a_forgotten_order_contract,
 );
 
 /// Idempotency keys forgotten after one second.
@@ -1144,4 +1159,241 @@ async fn retry_after_closed_order_forgotten_contract<E: Probe>(e: &E, clock: &Cl
         "idempotent retry after the closed order's TTL: {reply:?}"
     );
     assert_eq!(counters(e, "sku").await, (5, 0, 0, 1, 0));
+}
+
+// ---- payments and refunds (issue 14) -----------------------------------------------------
+
+/// `(refunded units, the order's refund origin)`.
+async fn refund_state<E: Probe>(e: &E, item: &str, order: &str) -> (i64, Option<RefundOf>) {
+    let refunded = e.item(item).await.expect("item").expect("item exists").refunded;
+    let o = e.order(order).await.expect("order").expect("order exists");
+    (refunded, o.refund)
+}
+
+fn done(status: OrderStatus, stock_after: i64) -> TransitionReply {
+    TransitionReply::Done { status, stock_after }
+}
+
+/// A provider's payment: a reserved order is paid (as the shopper's pay); one that closed
+/// before the money came becomes `refund_due` whatever closed it (cancelled, expired by
+/// the sweeper, or overdue: expired by the payment itself), and no unit moves; a repeat
+/// changes nothing.
+async fn payment_contract<E: Probe>(e: &E, clock: &Clock) {
+    put(e, &spec("sku", 10, 5)).await;
+    let a = reserve_ok(e, clock, &cmd("sku", "alice", 2, None), 8).await;
+    let b = reserve_ok(e, clock, &cmd("sku", "bob", 1, None), 7).await;
+    let c = reserve_ok(e, clock, &cmd("sku", "carol", 1, None), 6).await;
+    assert_eq!(
+        e.settle(Settle::Payment, &a, None).await.unwrap(),
+        done(OrderStatus::Paid, 6)
+    );
+    assert_eq!(counters(e, "sku").await, (6, 2, 2, 0, 0));
+    let before = snapshot(e, "sku", "alice").await;
+    assert_eq!(
+        e.settle(Settle::Payment, &a, None).await.unwrap(),
+        TransitionReply::Already {
+            status: OrderStatus::Paid
+        }
+    );
+    assert_eq!(snapshot(e, "sku", "alice").await, before, "a repeat changes nothing");
+
+    // Cancelled, then paid for: owed back; the units stay returned.
+    e.transition(Transition::Cancel, &b, "bob").await.unwrap();
+    assert_eq!(counters(e, "sku").await, (7, 1, 2, 1, 0));
+    assert_eq!(
+        e.settle(Settle::Payment, &b, None).await.unwrap(),
+        done(OrderStatus::RefundDue, 7)
+    );
+    assert_eq!(counters(e, "sku").await, (7, 1, 2, 1, 0));
+    assert_eq!(e.held("sku", "bob").await, 0, "the quota stays returned");
+    let due = e.order(&b).await.unwrap().unwrap();
+    assert_eq!(
+        (due.status, due.refund),
+        (
+            OrderStatus::RefundDue,
+            Some(RefundOf {
+                status: OrderStatus::Cancelled,
+                restocked: true
+            })
+        )
+    );
+    assert_eq!(
+        e.settle(Settle::Payment, &b, None).await.unwrap(),
+        TransitionReply::Already {
+            status: OrderStatus::RefundDue
+        }
+    );
+
+    // Overdue and not yet swept: the payment expires it first, then owes the money back.
+    clock.advance(TIMEOUT_MS);
+    assert_eq!(
+        e.settle(Settle::Payment, &c, None).await.unwrap(),
+        done(OrderStatus::RefundDue, 8)
+    );
+    assert_eq!(counters(e, "sku").await, (8, 0, 2, 1, 1));
+    assert_eq!(
+        e.order(&c).await.unwrap().unwrap().refund,
+        Some(RefundOf {
+            status: OrderStatus::Expired,
+            restocked: true
+        })
+    );
+    assert_eq!(
+        e.settle(Settle::Payment, "0190c1f2-0000-7000-8000-000000000000", None)
+            .await
+            .unwrap(),
+        TransitionReply::UnknownOrder
+    );
+}
+
+/// A refund: `paid` → `refunded` exactly once; with restock the units and the quota return
+/// to the sale, without they stay out of it; a `refund_due` order's units came back when it
+/// closed; nothing else is refunded.
+async fn refund_contract<E: Probe>(e: &E, clock: &Clock) {
+    put(e, &spec("sku", 10, 5)).await;
+    let a = reserve_ok(e, clock, &cmd("sku", "alice", 2, None), 8).await;
+    let b = reserve_ok(e, clock, &cmd("sku", "bob", 3, None), 5).await;
+    let c = reserve_ok(e, clock, &cmd("sku", "carol", 1, None), 4).await;
+    for (o, u) in [(&a, "alice"), (&b, "bob")] {
+        assert!(matches!(
+            e.transition(Transition::Pay, o, u).await.unwrap(),
+            TransitionReply::Done { .. }
+        ));
+    }
+    // Reserved: nothing to refund.
+    let before = snapshot(e, "sku", "carol").await;
+    assert_eq!(
+        e.settle(Settle::Refund { restock: true }, &c, None).await.unwrap(),
+        TransitionReply::Closed {
+            status: OrderStatus::Reserved
+        }
+    );
+    assert_eq!(snapshot(e, "sku", "carol").await, before);
+
+    // With restock: the units and alice's quota come back.
+    assert_eq!(
+        e.settle(Settle::Refund { restock: true }, &a, None).await.unwrap(),
+        done(OrderStatus::Refunded, 6)
+    );
+    assert_eq!(counters(e, "sku").await, (6, 1, 3, 0, 0));
+    assert_eq!(e.held("sku", "alice").await, 0);
+    assert_eq!(
+        refund_state(e, "sku", &a).await,
+        (
+            2,
+            Some(RefundOf {
+                status: OrderStatus::Paid,
+                restocked: true
+            })
+        )
+    );
+    // Exactly once: again (with either flag) changes nothing.
+    let before = snapshot(e, "sku", "alice").await;
+    for restock in [true, false] {
+        assert_eq!(
+            e.settle(Settle::Refund { restock }, &a, None).await.unwrap(),
+            TransitionReply::Already {
+                status: OrderStatus::Refunded
+            }
+        );
+    }
+    assert_eq!(snapshot(e, "sku", "alice").await, before);
+
+    // Without restock: the units stay out of the sale, bob keeps his quota used.
+    assert_eq!(
+        e.settle(Settle::Refund { restock: false }, &b, None).await.unwrap(),
+        done(OrderStatus::Refunded, 6)
+    );
+    assert_eq!(counters(e, "sku").await, (6, 1, 3, 0, 0));
+    assert_eq!(e.held("sku", "bob").await, 3);
+    assert_eq!(
+        refund_state(e, "sku", &b).await,
+        (
+            5,
+            Some(RefundOf {
+                status: OrderStatus::Paid,
+                restocked: false
+            })
+        )
+    );
+
+    // A late payment owed back: refunded; its units came back when it closed.
+    e.transition(Transition::Cancel, &c, "carol").await.unwrap();
+    e.settle(Settle::Payment, &c, None).await.unwrap();
+    assert_eq!(
+        e.settle(Settle::Refund { restock: false }, &c, None).await.unwrap(),
+        done(OrderStatus::Refunded, 7)
+    );
+    assert_eq!(counters(e, "sku").await, (7, 0, 3, 1, 0));
+    assert_eq!(
+        refund_state(e, "sku", &c).await,
+        (
+            6,
+            Some(RefundOf {
+                status: OrderStatus::Cancelled,
+                restocked: true
+            })
+        )
+    );
+    // Cancelled or expired (never paid): nothing to refund.
+    let d = reserve_ok(e, clock, &cmd("sku", "dave", 1, None), 6).await;
+    e.transition(Transition::Cancel, &d, "dave").await.unwrap();
+    assert_eq!(
+        e.settle(Settle::Refund { restock: true }, &d, None).await.unwrap(),
+        TransitionReply::Closed {
+            status: OrderStatus::Cancelled
+        }
+    );
+    assert_eq!(counters(e, "sku").await, (7, 0, 3, 2, 0));
+}
+
+/// An order the engine forgot (closed longer ago than its TTL) is refunded from the
+/// database's record, exactly once; an engine that still has the order ignores a record.
+async fn refund_of_a_forgotten_order_contract<E: Probe>(e: &E, clock: &Clock) {
+    put(e, &spec("sku", 10, 5)).await;
+    let a = reserve_ok(e, clock, &cmd("sku", "alice", 2, None), 8).await;
+    e.transition(Transition::Pay, &a, "alice").await.unwrap();
+    let record = e.order(&a).await.unwrap().unwrap();
+    // The engine still has it: a stale record (claiming `refund_due`) is not used.
+    let stale = Order {
+        status: OrderStatus::RefundDue,
+        ..record.clone()
+    };
+    assert_eq!(
+        e.settle(Settle::Refund { restock: true }, &a, Some(&stale))
+            .await
+            .unwrap(),
+        done(OrderStatus::Refunded, 10)
+    );
+    assert_eq!(counters(e, "sku").await, (10, 0, 0, 0, 0));
+
+    // A paid order forgotten: the record brings it back, then the refund runs once.
+    let b = reserve_ok(e, clock, &cmd("sku", "bob", 1, None), 9).await;
+    e.transition(Transition::Pay, &b, "bob").await.unwrap();
+    let record = e.order(&b).await.unwrap().unwrap();
+    clock.advance(2 * 3_600_000);
+    e.forget_closed(&b).await;
+    assert_eq!(e.order(&b).await.unwrap(), None, "forgotten");
+    assert_eq!(
+        e.settle(Settle::Refund { restock: true }, &b, None).await.unwrap(),
+        TransitionReply::UnknownOrder,
+        "forgotten, and no record"
+    );
+    assert_eq!(
+        e.settle(Settle::Refund { restock: true }, &b, Some(&record))
+            .await
+            .unwrap(),
+        done(OrderStatus::Refunded, 10)
+    );
+    assert_eq!(counters(e, "sku").await, (10, 0, 0, 0, 0));
+    assert_eq!(e.held("sku", "bob").await, 0);
+    assert_eq!(
+        e.settle(Settle::Refund { restock: true }, &b, Some(&record))
+            .await
+            .unwrap(),
+        TransitionReply::Already {
+            status: OrderStatus::Refunded
+        }
+    );
+    assert_eq!(counters(e, "sku").await, (10, 0, 0, 0, 0));
 }

@@ -73,6 +73,7 @@ const ROUTES: &[&str] = &[
     "admin_pause_all",
     "admin_resume_all",
     "admin_limits",
+    "admin_refund",
     "metrics",
     "healthz",
     "readyz",
@@ -113,6 +114,8 @@ const LABEL_VALUES: &[(&str, &[&str])] = &[
             "transfer_out",
             "transfer_in",
             "transfer_forget",
+            "settle",
+            "refund",
         ],
     ),
     (
@@ -130,7 +133,10 @@ const LABEL_VALUES: &[(&str, &[&str])] = &[
     ),
     ("cache", &["item", "sold_out", "not_found", "bloom"]),
     ("result", &["hit", "miss"]),
-    ("event", &["reserved", "paid", "cancelled", "expired"]),
+    (
+        "event",
+        &["reserved", "paid", "cancelled", "expired", "refund_due", "refunded"],
+    ),
 ];
 
 /// The `kind` label of `seckill_rate_limit`.

@@ -33,18 +33,19 @@ DEFAULT_ALERTS = os.path.join(HERE, "..", "prometheus", "alerts.yml")
 
 ROUTES = {"item_get", "reserve", "pay", "cancel", "order_get", "orders_list", "admin_item_put",
           "admin_stats", "admin_orders_csv", "admin_item_pause", "admin_item_resume",
-          "admin_pause_all", "admin_resume_all", "admin_limits", "metrics", "healthz", "readyz",
+          "admin_pause_all", "admin_resume_all", "admin_limits", "admin_refund", "metrics", "healthz", "readyz",
           "not_found"}
 OUTCOMES = {"ok", "bad_request", "unauthenticated", "forbidden", "unknown_item", "unknown_order",
             "limit_reached", "order_closed", "sold_out", "not_started", "ended",
             "payload_too_large", "rate_limited", "paused", "unavailable", "internal",
             # route-level refusals outside the design's table (docs/contract.md: deviations)
             "not_found", "method_not_allowed"}
-SCRIPTS = {"reserve", "pay", "cancel", "expire", "put_item", "pause", "transfer_out", "transfer_in", "transfer_forget"}
+SCRIPTS = {"reserve", "pay", "cancel", "expire", "put_item", "pause", "transfer_out", "transfer_in", "transfer_forget",
+           "settle", "refund"}
 REDIS_ERROR_KINDS = {"timeout", "connection", "script", "circuit_open", "shed", "not_replicated", "fenced", "in_transit"}
 CACHES = {"item", "sold_out", "not_found", "bloom"}
 CACHE_RESULTS = {"hit", "miss"}
-ORDER_EVENTS = {"reserved", "paid", "cancelled", "expired"}
+ORDER_EVENTS = {"reserved", "paid", "cancelled", "expired", "refund_due", "refunded"}
 
 # metric name -> {label: allowed values, or None for free-form values}. Histograms are listed
 # by their base name; their _bucket/_sum/_count series are accepted (with `le` on _bucket).

@@ -54,6 +54,50 @@ local function load_order()
     refund_of = o[9] or ""}
 end
 
+-- Splits the text `s` at every `|` (empty parts kept).
+local function split_bars(s)
+  local parts, i = {}, 1
+  while true do
+    local j = string.find(s, "|", i, true)
+    if not j then
+      parts[#parts + 1] = string.sub(s, i)
+      return parts
+    end
+    parts[#parts + 1] = string.sub(s, i, j - 1)
+    i = j + 1
+  end
+end
+
+-- The order hash KEYS[1] as load_order() reads it; when there is none and the
+-- caller passed the database's record of the order (`record`, non-empty: a closed
+-- order whose hash outlived its TTL, packed as an event: status|order_id|item_id|
+-- user_id|qty|updated_ms|created_ms|pay_before_ms|idem_key|price_cents|refund_of),
+-- the hash is written back from it first, with the closed TTL. Its effects on the
+-- item's counters and buyers are already there: only the hash comes back. Only a
+-- closed order is restored (an open one missing from Redis is a state loss:
+-- lua/lib/seq.lua, the gateway fences its shard instead).
+local function load_or_restore(c, record)
+  local o = load_order()
+  if o or record == "" then
+    return o
+  end
+  local r = split_bars(record)
+  assert(#r == 11, c.script .. ": the order record has " .. #r .. " parts, not 11")
+  assert(r[2] == c.order_id and r[3] == c.item_id, c.script .. ": the record is of another order or item")
+  assert(r[1] ~= "reserved", c.script .. ": an open order is never restored from a record")
+  local fields = {"item_id", r[3], "user_id", r[4], "qty", r[5], "status", r[1], "updated_ms", r[6],
+    "created_ms", r[7], "pay_before_ms", r[8]}
+  for i, name in ipairs({"idem_key", "price_cents", "refund_of"}) do
+    if r[8 + i] ~= "" then
+      fields[#fields + 1] = name
+      fields[#fields + 1] = r[8 + i]
+    end
+  end
+  redis.call("HSET", KEYS[1], unpack(fields))
+  redis.call("EXPIRE", KEYS[1], int(c.closed_ttl_s))
+  return load_order()
+end
+
 -- Asserts the order is of the call's item (KEYS 2-3 are built from it), then
 -- reads the numbers the checks and writes use.
 local function check_item(c, o)

@@ -16,10 +16,10 @@ use sharded_map::ShardedMap;
 
 use super::{
     Deaf, EngineSettings, ExpireReply, Expired, ItemNews, ItemSpec, ItemState, Listener, Order, OrderStatus, PutReply,
-    ReserveCmd, ReserveReply, StockEngine, Transition, TransitionReply,
+    ReserveCmd, ReserveReply, Settle, StockEngine, Transition, TransitionReply,
 };
 use crate::clock::{Clock, Millis};
-use crate::domain::{OrderEvent, OrderUnits};
+use crate::domain::{OrderEvent, OrderUnits, RefundOf};
 use crate::error::Error;
 
 /// Where the embedded engine makes its changes durable.
@@ -248,6 +248,53 @@ fn unrelease(s: &mut State, prev: &Order, from: OrderStatus) {
         .or_default() += prev.qty;
     s.deadlines.insert((prev.pay_before_ms, prev.order_id.clone()));
     s.orders.insert(prev.order_id.clone(), prev.clone());
+}
+
+/// What a settle changed, to put back if the journal refuses it: the order, its item's
+/// counters, its buyer's units, and whether it had a deadline.
+struct Undo {
+    order: Order,
+    item: Option<ItemState>,
+    buyer: Option<i64>,
+    deadline: bool,
+}
+
+impl Undo {
+    fn take(s: &State, order: &Order) -> Self {
+        Undo {
+            order: order.clone(),
+            item: s.items.get(&order.item_id).cloned(),
+            buyer: s.buyers.get(&(order.item_id.clone(), order.user_id.clone())).copied(),
+            deadline: s.deadlines.contains(&(order.pay_before_ms, order.order_id.clone())),
+        }
+    }
+
+    fn put_back(self, s: &mut State) {
+        let o = self.order;
+        if let Some(item) = self.item {
+            s.items.insert(o.item_id.clone(), item);
+        }
+        let buyer = (o.item_id.clone(), o.user_id.clone());
+        match self.buyer {
+            Some(n) => s.buyers.insert(buyer, n),
+            None => s.buyers.remove(&buyer),
+        };
+        if self.deadline {
+            s.deadlines.insert((o.pay_before_ms, o.order_id.clone()));
+        }
+        s.orders.insert(o.order_id.clone(), o);
+    }
+}
+
+/// Close `order_id` as `status` (a refund or one owed), recording where it came from.
+fn close_as(s: &mut State, order_id: &str, status: OrderStatus, refund: RefundOf, now: Millis) -> Order {
+    let o = s.orders.get_mut(order_id).expect("present");
+    o.status = status;
+    o.refund = Some(refund);
+    o.updated_ms = now;
+    let closed = o.clone();
+    s.closed.insert((now, order_id.to_owned()));
+    closed
 }
 
 impl StockEngine for EmbeddedEngine {
@@ -574,6 +621,125 @@ impl StockEngine for EmbeddedEngine {
                 stock: None,
             }),
             _ => {}
+        }
+        Ok(reply)
+    }
+
+    async fn settle(&self, op: Settle, order_id: &str, record: Option<&Order>) -> Result<TransitionReply, Error> {
+        let now = self.clock.now_ms();
+        let (undo, events, reply) = {
+            let mut s = self.lock();
+            if !s.orders.contains_key(order_id) {
+                // Forgotten (closed longer ago than its TTL): the database's record back.
+                match record {
+                    Some(r) if r.status.is_final() => {
+                        s.closed.insert((r.updated_ms, r.order_id.clone()));
+                        s.orders.insert(r.order_id.clone(), r.clone());
+                    }
+                    _ => return Ok(TransitionReply::UnknownOrder),
+                }
+            }
+            let order = s.orders.get(order_id).cloned().expect("present");
+            let undo = Undo::take(&s, &order);
+            let mut events = Vec::new();
+            let reply = match (op, order.status) {
+                (Settle::Payment, OrderStatus::Reserved) if order.pay_before_ms > now => {
+                    let o = s.orders.get_mut(order_id).expect("present");
+                    o.status = OrderStatus::Paid;
+                    o.updated_ms = now;
+                    s.closed.insert((now, order_id.to_owned()));
+                    s.deadlines.remove(&(order.pay_before_ms, order.order_id.clone()));
+                    let item = s.items.get_mut(&order.item_id).expect("an order's item exists");
+                    item.reserved -= order.qty;
+                    item.paid += order.qty;
+                    events.push(OrderEvent::of(&order, OrderStatus::Paid, now));
+                    TransitionReply::Done {
+                        status: OrderStatus::Paid,
+                        stock_after: item.stock,
+                    }
+                }
+                // Paid for after it closed: the money is owed back; its units came back
+                // when it closed (an overdue one is expired here first, as expire.lua).
+                (Settle::Payment, OrderStatus::Reserved | OrderStatus::Cancelled | OrderStatus::Expired) => {
+                    let from = if order.status == OrderStatus::Reserved {
+                        let (prev, _) = release(&mut s, order_id, OrderStatus::Expired, now).expect("present");
+                        events.push(OrderEvent::of(&prev, OrderStatus::Expired, now));
+                        OrderStatus::Expired
+                    } else {
+                        order.status
+                    };
+                    let refund = RefundOf {
+                        status: from,
+                        restocked: true,
+                    };
+                    let due = close_as(&mut s, order_id, OrderStatus::RefundDue, refund, now);
+                    events.push(OrderEvent::of(&due, OrderStatus::RefundDue, now));
+                    TransitionReply::Done {
+                        status: OrderStatus::RefundDue,
+                        stock_after: s.items.get(&order.item_id).map_or(0, |i| i.stock),
+                    }
+                }
+                (Settle::Payment, status) => TransitionReply::Already { status },
+                (Settle::Refund { .. }, OrderStatus::Refunded) => TransitionReply::Already {
+                    status: OrderStatus::Refunded,
+                },
+                (Settle::Refund { restock }, OrderStatus::Paid | OrderStatus::RefundDue) => {
+                    let refund = match order.refund {
+                        // A late payment's units came back when the order closed.
+                        Some(r) if order.status == OrderStatus::RefundDue => r,
+                        _ => RefundOf {
+                            status: OrderStatus::Paid,
+                            restocked: restock,
+                        },
+                    };
+                    let item = s.items.get_mut(&order.item_id).expect("an order's item exists");
+                    item.refunded += order.qty;
+                    if order.status == OrderStatus::Paid && restock {
+                        item.stock += order.qty;
+                        item.paid -= order.qty;
+                        let key = (order.item_id.clone(), order.user_id.clone());
+                        if let Some(h) = s.buyers.get_mut(&key) {
+                            *h -= order.qty;
+                            if *h <= 0 {
+                                s.buyers.remove(&key);
+                            }
+                        }
+                    }
+                    let refunded = close_as(&mut s, order_id, OrderStatus::Refunded, refund, now);
+                    events.push(OrderEvent::of(&refunded, OrderStatus::Refunded, now));
+                    TransitionReply::Done {
+                        status: OrderStatus::Refunded,
+                        stock_after: s.items.get(&order.item_id).map_or(0, |i| i.stock),
+                    }
+                }
+                (Settle::Refund { .. }, status) => TransitionReply::Closed { status },
+            };
+            if events.is_empty() {
+                return Ok(reply);
+            }
+            // Enqueued before the lock is let go: the journal commits in this order.
+            let durable = self.journal(events.clone());
+            (undo, (events, durable), reply)
+        };
+        let (events, durable) = events;
+        if let Err(e) = durable.await {
+            let mut s = self.lock();
+            let last = events.last().map(|ev| ev.status);
+            if s.orders.get(order_id).map(|o| o.status) == last {
+                undo.put_back(&mut s);
+            }
+            return Err(e);
+        }
+        for ev in &events {
+            let stock = match (&reply, ev.status) {
+                (TransitionReply::Done { status, stock_after }, s) if *status == s => Some(*stock_after),
+                _ => None,
+            };
+            self.listener.news(ItemNews::Order {
+                item: &ev.item_id,
+                event: ev.status,
+                stock,
+            });
         }
         Ok(reply)
     }

@@ -224,6 +224,19 @@ impl Transition {
     }
 }
 
+/// What a payment provider or the operator does to an order ([`StockEngine::settle`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Settle {
+    /// The provider confirmed a payment (`settle.lua`): a reserved order is paid; one that
+    /// closed before the money came (cancelled, expired, or overdue: expired first) becomes
+    /// `refund_due`.
+    Payment,
+    /// The operator refunds (`refund.lua`): `paid` or `refund_due` becomes `refunded`, with
+    /// the units and the buyer's quota back in the sale when `restock` (a paid order's; a
+    /// `refund_due` one's came back when it closed).
+    Refund { restock: bool },
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum TransitionReply {
     /// Transitioned by this call.
@@ -277,6 +290,18 @@ pub trait StockEngine: Send + Sync {
         t: Transition,
         order_id: &str,
         user_id: &str,
+    ) -> impl Future<Output = Result<TransitionReply, Error>> + Send;
+    /// A provider's payment or an operator's refund of an order (`settle.lua`,
+    /// `refund.lua`): `Done` with the status reached, `Already` when the order is there
+    /// already (paid, refund_due or refunded for a payment; refunded for a refund),
+    /// `Closed` when a refund finds nothing to refund (reserved, cancelled, expired).
+    /// `record` is the database's copy of a closed order the engine may have forgotten
+    /// (its engine item id: a bucket's where it has one): the engine takes it back first.
+    fn settle(
+        &self,
+        op: Settle,
+        order_id: &str,
+        record: Option<&Order>,
     ) -> impl Future<Output = Result<TransitionReply, Error>> + Send;
     /// Expire one reservation if its deadline passed (`expire.lua`).
     fn expire(&self, order_id: &str, item_id: &str) -> impl Future<Output = Result<ExpireReply, Error>> + Send;
@@ -495,6 +520,31 @@ impl Engine {
             )));
         }
         Ok(reply)
+    }
+
+    /// A provider's payment or an operator's refund of an order ([`StockEngine::settle`]).
+    /// An order the engine has forgotten (closed longer ago than its TTL) is taken back
+    /// from the database's record; one the database holds open and Redis does not was lost
+    /// by Redis: 503 while its shard is rebuilt, as for pay and cancel.
+    pub async fn settle(&self, op: Settle, order_id: &str) -> Result<TransitionReply, Error> {
+        let reply = delegate!(self, e => e.settle(op, order_id, None))?;
+        // Only an id of ours can be a row: a made-up one costs no database query.
+        let (TransitionReply::UnknownOrder, Some(shard)) = (&reply, crate::ids::order_shard(order_id)) else {
+            return Ok(reply);
+        };
+        let Some(record) = self.inner.store.engine_order(order_id).await? else {
+            return Ok(reply);
+        };
+        if record.status == OrderStatus::Reserved {
+            if let Some(redis) = self.redis() {
+                redis.alarms().raise(shard);
+                return Err(Error::Fenced(format!(
+                    "order {order_id} is open in the database but not in Redis"
+                )));
+            }
+            return Ok(reply);
+        }
+        delegate!(self, e => e.settle(op, order_id, Some(&record)))
     }
 
     /// An order: from the engine while it holds it, else from the database.

@@ -29,11 +29,11 @@ use super::keys;
 use super::seq::{Alarms, Floors};
 use super::{
     Deaf, EngineSettings, ExpireReply, Expired, ItemNews, ItemSpec, ItemState, LimitsNews, Listener, Order,
-    OrderStatus, PutReply, ReserveCmd, ReserveReply, StockEngine, Transition, TransitionReply,
+    OrderStatus, PutReply, ReserveCmd, ReserveReply, Settle, StockEngine, Transition, TransitionReply,
 };
 use crate::clock::{Clock, system_now_ms};
 use crate::config::{Config, RedisMode};
-use crate::domain::RefundOf;
+use crate::domain::{OrderEvent, RefundOf};
 use crate::error::Error;
 use crate::ids::{bucket_id, order_shard, shard_of, stock_buckets};
 use crate::limiter::{LimitsChange, SharedLimits};
@@ -48,6 +48,8 @@ pub(super) struct Scripts {
     expire: Script,
     put_item: Script,
     pause: Script,
+    settle: Script,
+    refund: Script,
     pub(super) transfer_out: Script,
     pub(super) transfer_in: Script,
     pub(super) transfer_forget: Script,
@@ -56,7 +58,7 @@ pub(super) struct Scripts {
 impl Scripts {
     fn load() -> Self {
         use super::scripts::{
-            CANCEL, EXPIRE, PAUSE, PAY, PUT_ITEM, RESERVE, TRANSFER_FORGET, TRANSFER_IN, TRANSFER_OUT,
+            CANCEL, EXPIRE, PAUSE, PAY, PUT_ITEM, REFUND, RESERVE, SETTLE, TRANSFER_FORGET, TRANSFER_IN, TRANSFER_OUT,
         };
         Scripts {
             reserve: Script::new(RESERVE),
@@ -65,6 +67,8 @@ impl Scripts {
             expire: Script::new(EXPIRE),
             put_item: Script::new(PUT_ITEM),
             pause: Script::new(PAUSE),
+            settle: Script::new(SETTLE),
+            refund: Script::new(REFUND),
             transfer_out: Script::new(TRANSFER_OUT),
             transfer_in: Script::new(TRANSFER_IN),
             transfer_forget: Script::new(TRANSFER_FORGET),
@@ -742,9 +746,13 @@ impl RedisEngine {
             event,
             stock,
         });
-        if matches!(event, OrderStatus::Cancelled | OrderStatus::Expired)
-            && let Err(e) = self.publish_changed(item_id).await
-        {
+        // Units came back (a refund with restock; a late payment of an overdue order, which
+        // expired it first): every instance forgets what it cached.
+        let returned = matches!(
+            event,
+            OrderStatus::Cancelled | OrderStatus::Expired | OrderStatus::Refunded | OrderStatus::RefundDue
+        );
+        if returned && let Err(e) = self.publish_changed(item_id).await {
             tracing::warn!(item = %item_id, cause = %e, "stock came back but other instances were not told");
         }
     }
@@ -1171,6 +1179,50 @@ impl StockEngine for RedisEngine {
                 status: OrderStatus::Expired,
             } => self.moved(&item_id, OrderStatus::Expired, None).await,
             _ => {}
+        }
+        Ok(reply)
+    }
+
+    async fn settle(&self, op: Settle, order_id: &str, record: Option<&Order>) -> Result<TransitionReply, Error> {
+        let (Some(order_key), Some(order_shard)) = (keys::order(order_id), order_shard(order_id)) else {
+            return Ok(TransitionReply::UnknownOrder);
+        };
+        let item_id: Option<String> = self
+            .query_shard(order_shard, redis::cmd("HGET").arg(&order_key).arg("item_id"))
+            .await?;
+        let Some(item_id) = item_id.or_else(|| record.map(|r| r.item_id.clone())) else {
+            return Ok(TransitionReply::UnknownOrder);
+        };
+        let record = record.map_or_else(String::new, |r| OrderEvent::of(r, r.status, r.updated_ms).packed());
+        let shard = shard_of(&item_id);
+        let (name, script) = match op {
+            Settle::Payment => ("settle", &self.scripts.settle),
+            Settle::Refund { .. } => ("refund", &self.scripts.refund),
+        };
+        let mut inv = script.prepare_invoke();
+        inv.key(&order_key)
+            .key(keys::item(&item_id))
+            .key(keys::buyers(&item_id))
+            .key(keys::deadlines(shard))
+            .key(keys::events(shard))
+            .key(keys::seq(shard))
+            .arg(order_id)
+            .arg(&item_id);
+        if let Settle::Refund { restock } = op {
+            inv.arg(if restock { "1" } else { "0" });
+        }
+        inv.arg(self.settings.closed_order_ttl.as_secs().max(1))
+            .arg(self.now_arg())
+            .arg(self.floors.arg(shard))
+            .arg(record);
+        let parts = self.run(&item_id, name, inv).await?;
+        let reply = transition_reply(&Reply {
+            script: name,
+            parts: &parts,
+        })?;
+        if let TransitionReply::Done { status, stock_after } = reply {
+            self.wait_replicas(shard).await?;
+            self.moved(&item_id, status, Some(stock_after)).await;
         }
         Ok(reply)
     }

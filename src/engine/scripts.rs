@@ -4,8 +4,8 @@
 //! and sharing code between scripts in Redis takes Redis Functions (`FUNCTION LOAD`, 7.0+),
 //! which this engine does not use. So shared code lives once in a prelude joined in front of
 //! the scripts here, at build time: `lua/lib/seq.lua` (the shard's write sequence) in front of
-//! every script that writes events (reserve, pay, cancel, expire, transfer_out, transfer_in), and `lua/lib/order.lua` in front of `pay.lua`,
-//! `cancel.lua` and `expire.lua`. The preludes only define functions, so each script's own
+//! every script that writes events (reserve, pay, cancel, expire, settle, refund, transfer_out, transfer_in), and `lua/lib/order.lua` in front of `pay.lua`,
+//! `cancel.lua`, `expire.lua`, `settle.lua` and `refund.lua`. The preludes only define functions, so each script's own
 //! argument-count asserts still run first.
 //!
 //! `put_item.lua`, `pause.lua` and `transfer_forget.lua` take no prelude. The load kit joins `lua/lib/seq.lua` and `lua/reserve.lua`
@@ -36,6 +36,22 @@ pub const EXPIRE: &str = concat!(
     include_str!("../../lua/lib/seq.lua"),
     include_str!("../../lua/lib/order.lua"),
     include_str!("../../lua/expire.lua")
+);
+
+/// A payment provider's payment of an order (`lua/lib/seq.lua` + `lua/lib/order.lua` +
+/// `lua/settle.lua`).
+pub const SETTLE: &str = concat!(
+    include_str!("../../lua/lib/seq.lua"),
+    include_str!("../../lua/lib/order.lua"),
+    include_str!("../../lua/settle.lua")
+);
+
+/// Refund a paid (or refund-due) order (`lua/lib/seq.lua` + `lua/lib/order.lua` +
+/// `lua/refund.lua`).
+pub const REFUND: &str = concat!(
+    include_str!("../../lua/lib/seq.lua"),
+    include_str!("../../lua/lib/order.lua"),
+    include_str!("../../lua/refund.lua")
 );
 
 /// Take units out of a stock bucket for a transfer (`lua/lib/seq.lua` + `lua/transfer_out.lua`).

@@ -12,7 +12,7 @@ use super::router::{Answer, Ctx};
 use super::views::{ItemView, OrderView};
 use crate::clock::parse_rfc3339;
 use crate::domain::ItemSpec;
-use crate::engine::PutReply;
+use crate::engine::{PutReply, Settle, TransitionReply};
 use crate::error::{Error, Reject};
 use crate::identity::is_admin;
 use crate::ids::MAX_BUCKETS;
@@ -320,5 +320,37 @@ mod tests {
         for body in [json!([1]), json!(5), json!("x"), json!(null)] {
             assert!(refused(body.clone()).contains("JSON object"), "{body}");
         }
+    }
+}
+
+/// The body of `POST /admin/v1/orders/{id}/refund`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RefundBody {
+    /// Whether a paid order's units and its buyer's quota return to the sale.
+    restock: bool,
+}
+
+/// `POST /admin/v1/orders/{id}/refund` `{"restock": bool}`: a `paid` or `refund_due` order
+/// becomes `refunded`, exactly once (one script call; a repeat answers the same). 409
+/// `order_closed` for an order with nothing to refund (reserved, cancelled, expired).
+pub async fn refund(ctx: &Ctx<'_>, req: Request<Incoming>) -> Answer {
+    is_admin(req.headers(), ctx.app.config.admin_token.as_deref())?;
+    let body = reply::read_body(req, ctx.app.config.header_timeout).await?;
+    let RefundBody { restock } = reply::parse_json::<RefundBody>(&body)?
+        .ok_or_else(|| Reject::BadRequest("a JSON body {\"restock\": true|false} is required".into()))?;
+    let reply = ctx
+        .engine()
+        .settle(Settle::Refund { restock }, ctx.id)
+        .await
+        .map_err(|e| ctx.failed("refund", e))?;
+    match reply {
+        TransitionReply::Done { status, .. } | TransitionReply::Already { status } => Ok(reply::ok(
+            &serde_json::json!({"order_id": ctx.id, "status": status.as_str()}),
+        )),
+        TransitionReply::Closed { status } => Err(Reject::OrderClosed {
+            status: status.as_str(),
+        }),
+        TransitionReply::Forbidden | TransitionReply::UnknownOrder => Err(Reject::UnknownOrder),
     }
 }

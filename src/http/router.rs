@@ -41,6 +41,7 @@ enum Route {
     AdminPauseAll,
     AdminResumeAll,
     AdminLimits,
+    AdminRefund,
     Metrics,
     Healthz,
     Readyz,
@@ -64,6 +65,7 @@ impl Route {
             Route::AdminPauseAll => "admin_pause_all",
             Route::AdminResumeAll => "admin_resume_all",
             Route::AdminLimits => "admin_limits",
+            Route::AdminRefund => "admin_refund",
             Route::Metrics => "metrics",
             Route::Healthz => "healthz",
             Route::Readyz => "readyz",
@@ -93,6 +95,7 @@ fn route(path: &str) -> (Route, Method, Option<&str>) {
         ["admin", "v1", "pause"] => (Route::AdminPauseAll, Method::POST, None),
         ["admin", "v1", "resume"] => (Route::AdminResumeAll, Method::POST, None),
         ["admin", "v1", "limits"] => (Route::AdminLimits, Method::PUT, None),
+        ["admin", "v1", "orders", id, "refund"] => (Route::AdminRefund, Method::POST, Some(id)),
         ["metrics"] => (Route::Metrics, Method::GET, None),
         ["healthz"] => (Route::Healthz, Method::GET, None),
         ["readyz"] => (Route::Readyz, Method::GET, None),
@@ -251,6 +254,7 @@ pub async fn handle(app: &Arc<App>, req: Request<Incoming>, peer: SocketAddr) ->
                 Route::AdminPauseAll => Box::pin(admin::pause(&ctx, req, None, true)).await,
                 Route::AdminResumeAll => Box::pin(admin::pause(&ctx, req, None, false)).await,
                 Route::AdminLimits => Box::pin(admin::put_limits(&ctx, req)).await,
+                Route::AdminRefund => Box::pin(admin::refund(&ctx, req)).await,
                 Route::Metrics => health::metrics(&ctx),
                 Route::Healthz => health::healthz(),
                 Route::Readyz => health::readyz(&ctx).await,
@@ -310,6 +314,10 @@ mod tests {
         assert!(matches!(
             route("/admin/v1/limits"),
             (Route::AdminLimits, Method::PUT, None)
+        ));
+        assert!(matches!(
+            route("/admin/v1/orders/o1/refund"),
+            (Route::AdminRefund, Method::POST, Some("o1"))
         ));
         assert!(matches!(route("/api/v1/items/x1/"), (Route::NotFound, _, None)));
         assert!(matches!(route("/a/b/c/d/e/f"), (Route::NotFound, _, None)));
