@@ -163,6 +163,9 @@ impl Listener for LocalView {
         match news {
             ItemNews::Order { item, event, stock } => {
                 metrics::order_event(event.as_str());
+                if event == OrderStatus::RefundDue {
+                    metrics::counter!(metrics::REFUND_DUE).increment(1);
+                }
                 if let Some(stock) = stock {
                     metrics::stock(item, stock, None);
                 }

@@ -99,6 +99,12 @@ pub struct Config {
     #[arg(long, global = true, env = "SECKILL_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
 
+    /// HMAC-SHA256 secret of the payment provider's callbacks (`POST /webhooks/payments`).
+    /// Set: only the provider pays (the shopper's `…/pay` answers 403); unset: callbacks
+    /// are refused and shoppers pay with a bare `POST` (demo, load tests).
+    #[arg(long, global = true, env = "SECKILL_PAYMENT_SECRET", hide_env_values = true)]
+    pub payment_secret: Option<String>,
+
     /// HS256 secret of shopper JWTs (`sub` = user id). Unset: trust `X-User-Id`.
     #[arg(long, global = true, env = "SECKILL_JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: Option<String>,
@@ -269,6 +275,9 @@ impl Config {
         }
         if matches!(&self.admin_token, Some(t) if t.len() < 8) {
             return bad("SECKILL_ADMIN_TOKEN", "must be at least 8 characters");
+        }
+        if matches!(&self.payment_secret, Some(s) if s.len() < 16) {
+            return bad("SECKILL_PAYMENT_SECRET", "must be at least 16 characters");
         }
         if matches!(&self.jwt_secret, Some(s) if s.len() < 16) {
             return bad("SECKILL_JWT_SECRET", "must be at least 16 bytes");

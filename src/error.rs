@@ -40,6 +40,13 @@ pub enum Reject {
         retry_after_s: u64,
         reason: &'static str,
     },
+    /// A payment callback without a valid signature (missing, wrong, stale or future).
+    BadSignature(&'static str),
+    /// A payment callback whose amount is not what the order costs.
+    AmountMismatch {
+        expected_cents: i64,
+        got_cents: i64,
+    },
     NotFound,
     MethodNotAllowed,
     Internal,
@@ -63,6 +70,8 @@ impl Reject {
             Reject::RateLimited { .. } => "rate_limited",
             Reject::Paused => "paused",
             Reject::Unavailable { .. } => "unavailable",
+            Reject::BadSignature(_) => "bad_signature",
+            Reject::AmountMismatch { .. } => "amount_mismatch",
             Reject::NotFound => "not_found",
             Reject::MethodNotAllowed => "method_not_allowed",
             Reject::Internal => "internal",
@@ -73,10 +82,12 @@ impl Reject {
     pub fn status(&self) -> StatusCode {
         match self {
             Reject::BadRequest(_) => StatusCode::BAD_REQUEST,
-            Reject::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
+            Reject::Unauthenticated(_) | Reject::BadSignature(_) => StatusCode::UNAUTHORIZED,
             Reject::Forbidden(_) => StatusCode::FORBIDDEN,
             Reject::UnknownItem | Reject::UnknownOrder | Reject::NotFound => StatusCode::NOT_FOUND,
-            Reject::LimitReached { .. } | Reject::OrderClosed { .. } => StatusCode::CONFLICT,
+            Reject::LimitReached { .. } | Reject::OrderClosed { .. } | Reject::AmountMismatch { .. } => {
+                StatusCode::CONFLICT
+            }
             Reject::SoldOut | Reject::Ended => StatusCode::GONE,
             Reject::NotStarted { .. } => StatusCode::TOO_EARLY,
             Reject::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
@@ -117,6 +128,11 @@ impl Reject {
             Reject::RateLimited { .. } => "too many requests; retry later".to_owned(),
             Reject::Paused => "the sale is paused by the operator; retry later".to_owned(),
             Reject::Unavailable { reason, .. } => format!("temporarily unavailable: {reason}"),
+            Reject::BadSignature(why) => format!("payment callback refused: {why}"),
+            Reject::AmountMismatch {
+                expected_cents,
+                got_cents,
+            } => format!("the order costs {expected_cents} cents, the payment is of {got_cents}"),
             Reject::NotFound => "no such route".to_owned(),
             Reject::MethodNotAllowed => "method not allowed on this route".to_owned(),
             Reject::Internal => "internal error".to_owned(),

@@ -42,6 +42,7 @@ pub mod ids;
 pub mod limiter;
 pub mod metrics;
 pub mod orders;
+pub mod payments;
 pub mod reload;
 pub mod retry;
 pub mod server;

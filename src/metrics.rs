@@ -36,6 +36,8 @@ pub const PERSIST_LAG: &str = "seckill_persist_lag_seconds";
 pub const STREAM_PENDING: &str = "seckill_stream_pending";
 /// Events moved to the dead-letter stream.
 pub const DEAD_LETTERS: &str = "seckill_dead_letters_total";
+/// Orders paid for after they closed (expired or cancelled): money owed back.
+pub const REFUND_DUE: &str = "seckill_refund_due_total";
 /// Units left per item.
 pub const STOCK_REMAINING: &str = "seckill_stock_remaining";
 /// Units configured per item (so alerts can say "below 10% of stock").
@@ -97,6 +99,7 @@ pub fn install() -> PrometheusHandle {
 /// Series that alerts and `rate()` need to exist before their first event.
 fn register_zeroes() {
     ::metrics::counter!(DEAD_LETTERS).absolute(0);
+    ::metrics::counter!(REFUND_DUE).absolute(0);
     ::metrics::counter!(REDIS_REPAIRS).absolute(0);
     for kind in REDIS_ERROR_KINDS {
         ::metrics::counter!(REDIS_ERRORS, "kind" => *kind).absolute(0);
@@ -127,6 +130,10 @@ fn describe() {
         "Order events not yet acknowledged by the persistence worker."
     );
     describe_counter!(DEAD_LETTERS, "Order events moved to the dead-letter stream.");
+    describe_counter!(
+        REFUND_DUE,
+        "Orders paid for after they closed (expired or cancelled): the money is owed back."
+    );
     describe_gauge!(STOCK_REMAINING, "Units left per item.");
     describe_gauge!(STOCK_TOTAL, "Units configured per item.");
     describe_gauge!(
@@ -165,6 +172,7 @@ pub const ROUTES: &[&str] = &[
     "admin_resume_all",
     "admin_limits",
     "admin_refund",
+    "payment_webhook",
     "metrics",
     "healthz",
     "readyz",
@@ -186,6 +194,8 @@ pub const OUTCOMES: &[&str] = &[
     "rate_limited",
     "paused",
     "unavailable",
+    "bad_signature",
+    "amount_mismatch",
     "not_found",
     "method_not_allowed",
     "internal",

@@ -584,6 +584,49 @@ impl Store {
         })
     }
 
+    /// The answer given to a payment callback before (`POST /webhooks/payments`): its HTTP
+    /// status and body.
+    pub async fn payment_answer(&self, payment_id: &str) -> Result<Option<(u16, String)>, Error> {
+        const SQL: &str = "SELECT http_status, answer FROM payments WHERE payment_id = $1";
+        with_pool!(self, pool => {
+            let row = self.bounded(sqlx::query(SQL).bind(payment_id).fetch_optional(pool)).await?;
+            row.map(|r| Ok((r.try_get::<i64, _>("http_status")? as u16, r.try_get::<String, _>("answer")?)))
+                .transpose()
+        })
+    }
+
+    /// Record a payment callback and its answer, unless its id is recorded already; returns
+    /// the answer recorded for the id (this one, or the first: every retry of one payment
+    /// gets the same answer).
+    pub async fn record_payment(
+        &self,
+        p: &crate::payments::Payment,
+        http_status: u16,
+        answer: &str,
+        now_ms: i64,
+    ) -> Result<(u16, String), Error> {
+        const SQL: &str = "INSERT INTO payments (payment_id, order_id, amount_cents, status, http_status, answer, \
+                           received_ms) VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (payment_id) DO NOTHING";
+        with_writer!(self, pool => {
+            self.bounded(
+                sqlx::query(SQL)
+                    .bind(&p.payment_id)
+                    .bind(&p.order_id)
+                    .bind(p.amount_cents)
+                    .bind(p.status.as_str())
+                    .bind(i64::from(http_status))
+                    .bind(answer)
+                    .bind(now_ms)
+                    .execute(pool),
+            )
+            .await?;
+        });
+        Ok(self
+            .payment_answer(&p.payment_id)
+            .await?
+            .unwrap_or((http_status, answer.to_owned())))
+    }
+
     /// What the database holds of an item: `(orders, units)` — rows, and the sum of their
     /// quantities (the stats route's `persisted_orders` and `persisted`).
     pub async fn count(&self, item_id: &str) -> Result<(i64, i64), Error> {

@@ -31,6 +31,8 @@ static PAUSE: LazyLock<Script> = LazyLock::new(|| Script::new(scripts::PAUSE));
 static TRANSFER_OUT: LazyLock<Script> = LazyLock::new(|| Script::new(scripts::TRANSFER_OUT));
 static TRANSFER_IN: LazyLock<Script> = LazyLock::new(|| Script::new(scripts::TRANSFER_IN));
 static TRANSFER_FORGET: LazyLock<Script> = LazyLock::new(|| Script::new(scripts::TRANSFER_FORGET));
+static SETTLE: LazyLock<Script> = LazyLock::new(|| Script::new(scripts::SETTLE));
+static REFUND: LazyLock<Script> = LazyLock::new(|| Script::new(scripts::REFUND));
 
 /// The injected clock of these tests: 2023-11-14T22:13:20Z.
 const NOW: i64 = 1_700_000_000_000;
@@ -391,6 +393,25 @@ impl Sale {
             .arg(&self.floor)
             .invoke_async(&mut self.con)
             .await
+    }
+
+    /// settle.lua (`restock` None) or refund.lua of `order`, with the database's `record`.
+    async fn try_settle(&mut self, order: &str, restock: Option<bool>, record: &str) -> redis::RedisResult<Value> {
+        let script: &Script = if restock.is_some() { &REFUND } else { &SETTLE };
+        let mut inv = script.prepare_invoke();
+        inv.key(self.order_key(order))
+            .key(self.item_key())
+            .key(self.buyers_key())
+            .key(self.deadlines_key())
+            .key(self.events_key())
+            .key(self.seq_key())
+            .arg(order)
+            .arg(&self.item);
+        if let Some(r) = restock {
+            inv.arg(if r { "1" } else { "0" });
+        }
+        inv.arg(CLOSED_TTL_S).arg(NOW).arg(&self.floor).arg(record);
+        inv.invoke_async(&mut self.con).await
     }
 
     async fn pay(&mut self, order: &str, user: &str, now: i64) -> Vec<R> {
@@ -1477,7 +1498,9 @@ async fn wrong_argument_counts_are_errors_and_change_nothing() {
     let before = sale.snapshot().await;
     let item_key = sale.item_key();
     // (script, KEYS, fewest ARGV, most ARGV)
-    let calls: [(&Script, usize, usize, usize); 8] = [
+    let calls: [(&Script, usize, usize, usize); 10] = [
+        (&SETTLE, 6, 6, 6),
+        (&REFUND, 6, 7, 7),
         (&RESERVE, 7, 9, 9),
         (&PAY, 6, 6, 6),
         (&CANCEL, 6, 6, 6),
@@ -1706,4 +1729,66 @@ async fn transfers_are_refused_on_a_fenced_shard() {
     let err = other.try_transfer_in("t1", 1, &from, "").await.expect_err("fenced");
     assert_eq!(err.code(), Some("FENCED"), "{err}");
     assert_eq!(home.snapshot().await, before);
+}
+
+// ---------------------------------------------------------------------------
+// settle.lua / refund.lua (the engines' contract covers their semantics:
+// tests/engine_contract.rs; here what only the scripts can get wrong)
+
+/// A closed order whose hash is gone comes back from the database's record, once, and the
+/// refund runs on it; a record of an open order, of another order, or malformed, is an
+/// error that changes nothing; a record is ignored while the hash exists.
+#[tokio::test]
+async fn a_forgotten_order_is_taken_back_from_its_record_only_when_closed() {
+    let mut sale = Sale::with_item(5, 3).await;
+    let order = sale.reserved("alice", 2).await;
+    assert_eq!(sale.pay(&order, "alice", NOW).await[0], R::from("ok"));
+    let key = sale.order_key(&order);
+    let hash = sale.hash(&key).await;
+    let _: i64 = sale.cmd(&["DEL", &key]).await;
+    let record = |status: &str, id: &str, item: &str| {
+        format!(
+            "{status}|{id}|{item}|alice|2|{NOW}|{}|{}||99900|",
+            hash["created_ms"], hash["pay_before_ms"]
+        )
+    };
+    let item = sale.item.clone();
+    let before = sale.snapshot().await;
+    for bad in [
+        record("reserved", &order, &item),
+        record("paid", "0190c1f2-0000-7000-8000-000000000000", &item),
+        record("paid", &order, "another"),
+        "paid|too|few".to_owned(),
+    ] {
+        assert!(sale.try_settle(&order, Some(true), &bad).await.is_err(), "{bad}");
+        assert_eq!(sale.snapshot().await, before, "{bad}");
+    }
+    assert_eq!(
+        decode(sale.try_settle(&order, Some(true), "").await.unwrap()),
+        reply!["unknown_order"]
+    );
+    let paid = record("paid", &order, &item);
+    assert_eq!(
+        decode(sale.try_settle(&order, Some(true), &paid).await.unwrap()),
+        reply!["ok", "refunded", 5]
+    );
+    let back = sale.hash(&key).await;
+    assert_eq!(back["status"], "refunded");
+    assert_eq!(back["refund_of"], "paid+restock");
+    assert_eq!(back["price_cents"], "99900");
+    assert!(sale.ttl(&key).await > 0, "a closed order's TTL");
+    // Again, record or not: already.
+    for r in [paid.as_str(), ""] {
+        assert_eq!(
+            decode(sale.try_settle(&order, Some(true), r).await.unwrap()),
+            reply!["already", "refunded"]
+        );
+    }
+    assert_eq!(sale.counters().await, [5, 0, 0, 0, 0]);
+    sale.assert_invariants().await;
+    // A late payment of it is left as it is.
+    assert_eq!(
+        decode(sale.try_settle(&order, None, "").await.unwrap()),
+        reply!["already", "refunded"]
+    );
 }

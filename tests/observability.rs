@@ -50,6 +50,7 @@ const CONTRACT: &[(&str, &str)] = &[
     ("seckill_stream_pending", "gauge"),
     ("seckill_stock_remaining", "gauge"),
     ("seckill_circuit_open", "gauge"),
+    ("seckill_refund_due_total", "counter"),
     // Not in the contract; the alerts and the dashboard use them. Names from src/metrics.rs.
     (seckill_gateway::metrics::DEAD_LETTERS, "counter"),
     (seckill_gateway::metrics::STOCK_TOTAL, "gauge"),
@@ -74,6 +75,7 @@ const ROUTES: &[&str] = &[
     "admin_resume_all",
     "admin_limits",
     "admin_refund",
+    "payment_webhook",
     "metrics",
     "healthz",
     "readyz",
@@ -97,6 +99,8 @@ const OUTCOMES: &[&str] = &[
     "rate_limited",
     "paused",
     "unavailable",
+    "bad_signature",
+    "amount_mismatch",
     "internal",
 ];
 
@@ -401,6 +405,34 @@ async fn metrics_pass_promtool_lint() {
     })
     .await
     .expect("no seckill_persist_batch_size after 10 s: the persistence worker wrote no batch");
+
+    // The payment callback: refused unsigned here (no secret configured: callbacks off);
+    // on a gateway with a secret (same process, same metrics), a signed payment of the
+    // wrong amount.
+    let webhook = |api: &Gateway| api.post("/webhooks/payments");
+    d.expect("bad_signature", webhook(&gw).body("{}")).await;
+    const PAYMENT_SECRET: &str = "lint-payment-secret-0123";
+    let paying = gateway(&redis, &db)
+        .flag("--payment-secret", PAYMENT_SECRET)
+        .start()
+        .await;
+    let priced = d
+        .expect("ok", paying.post(&format!("/api/v1/items/{open}/reserve")).user(&uo))
+        .await;
+    let body = json!({"payment_id": unique("pay"), "order_id": order_id(&priced), "amount_cents": 1,
+        "status": "succeeded"})
+    .to_string();
+    let t = system_now_ms() / 1000;
+    let signature = format!(
+        "t={t},v1={}",
+        seckill_gateway::payments::sign(PAYMENT_SECRET.as_bytes(), t, body.as_bytes())
+    );
+    d.expect(
+        "amount_mismatch",
+        webhook(&paying).header("x-seckill-signature", signature).body(body),
+    )
+    .await;
+    stop_gateway(paying).await;
 
     // Redis gone: 503 unavailable.
     redis.kill();

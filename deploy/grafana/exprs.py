@@ -33,11 +33,11 @@ DEFAULT_ALERTS = os.path.join(HERE, "..", "prometheus", "alerts.yml")
 
 ROUTES = {"item_get", "reserve", "pay", "cancel", "order_get", "orders_list", "admin_item_put",
           "admin_stats", "admin_orders_csv", "admin_item_pause", "admin_item_resume",
-          "admin_pause_all", "admin_resume_all", "admin_limits", "admin_refund", "metrics", "healthz", "readyz",
+          "admin_pause_all", "admin_resume_all", "admin_limits", "admin_refund", "payment_webhook", "metrics", "healthz", "readyz",
           "not_found"}
 OUTCOMES = {"ok", "bad_request", "unauthenticated", "forbidden", "unknown_item", "unknown_order",
             "limit_reached", "order_closed", "sold_out", "not_started", "ended",
-            "payload_too_large", "rate_limited", "paused", "unavailable", "internal",
+            "payload_too_large", "rate_limited", "paused", "unavailable", "bad_signature", "amount_mismatch", "internal",
             # route-level refusals outside the design's table (docs/contract.md: deviations)
             "not_found", "method_not_allowed"}
 SCRIPTS = {"reserve", "pay", "cancel", "expire", "put_item", "pause", "transfer_out", "transfer_in", "transfer_forget",
@@ -60,6 +60,7 @@ CONTRACT_METRICS = {
     "seckill_persist_lag_seconds": {},
     "seckill_stream_pending": {},
     "seckill_dead_letters_total": {},
+    "seckill_refund_due_total": {},
     "seckill_stock_remaining": {"item": None},
     "seckill_stock_configured": {"item": None},
     "seckill_circuit_open": {"shard": None},

@@ -10,6 +10,7 @@ mod orders;
 pub mod reply;
 pub mod router;
 mod views;
+mod webhook;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -14,6 +14,12 @@ use crate::error::Reject;
 /// `POST /api/v1/orders/{id}/pay` and `…/cancel`.
 pub async fn transition(ctx: &Ctx<'_>, req: Request<Incoming>, t: Transition) -> Answer {
     let user = ctx.shopper(&req)?; // limiter (ip) → identity → limiter (user)
+    // With a payment provider, only it pays (POST /webhooks/payments).
+    if t == Transition::Pay && ctx.app.config.payment_secret.is_some() {
+        return Err(Reject::Forbidden(
+            "payments are confirmed by the payment provider, not by the shopper",
+        ));
+    }
     let what = match t {
         Transition::Pay => "pay",
         Transition::Cancel => "cancel",

@@ -12,7 +12,7 @@ use hyper::body::Incoming;
 use tracing::Instrument;
 
 use super::reply::{self, Body};
-use super::{admin, health, items, orders};
+use super::{admin, health, items, orders, webhook};
 use crate::app::App;
 use crate::clock::Millis;
 use crate::domain::ItemSpec;
@@ -42,6 +42,7 @@ enum Route {
     AdminResumeAll,
     AdminLimits,
     AdminRefund,
+    PaymentWebhook,
     Metrics,
     Healthz,
     Readyz,
@@ -66,6 +67,7 @@ impl Route {
             Route::AdminResumeAll => "admin_resume_all",
             Route::AdminLimits => "admin_limits",
             Route::AdminRefund => "admin_refund",
+            Route::PaymentWebhook => "payment_webhook",
             Route::Metrics => "metrics",
             Route::Healthz => "healthz",
             Route::Readyz => "readyz",
@@ -96,6 +98,7 @@ fn route(path: &str) -> (Route, Method, Option<&str>) {
         ["admin", "v1", "resume"] => (Route::AdminResumeAll, Method::POST, None),
         ["admin", "v1", "limits"] => (Route::AdminLimits, Method::PUT, None),
         ["admin", "v1", "orders", id, "refund"] => (Route::AdminRefund, Method::POST, Some(id)),
+        ["webhooks", "payments"] => (Route::PaymentWebhook, Method::POST, None),
         ["metrics"] => (Route::Metrics, Method::GET, None),
         ["healthz"] => (Route::Healthz, Method::GET, None),
         ["readyz"] => (Route::Readyz, Method::GET, None),
@@ -255,6 +258,7 @@ pub async fn handle(app: &Arc<App>, req: Request<Incoming>, peer: SocketAddr) ->
                 Route::AdminResumeAll => Box::pin(admin::pause(&ctx, req, None, false)).await,
                 Route::AdminLimits => Box::pin(admin::put_limits(&ctx, req)).await,
                 Route::AdminRefund => Box::pin(admin::refund(&ctx, req)).await,
+                Route::PaymentWebhook => Box::pin(webhook::payment(&ctx, req)).await,
                 Route::Metrics => health::metrics(&ctx),
                 Route::Healthz => health::healthz(),
                 Route::Readyz => health::readyz(&ctx).await,
