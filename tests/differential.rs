@@ -30,7 +30,7 @@ use proptest::test_runner::{Config, TestCaseError, TestRunner};
 use seckill_gateway::clock::{Clock, Millis};
 use seckill_gateway::engine::embedded::EmbeddedEngine;
 use seckill_gateway::engine::redis::RedisEngine;
-use seckill_gateway::engine::{ItemSpec, ReserveCmd, StockEngine, Transition};
+use seckill_gateway::engine::{ItemSpec, ReserveCmd, Settle, StockEngine, Transition};
 use seckill_gateway::ids::new_order_id;
 use seckill_gateway::store::Store;
 
@@ -111,6 +111,10 @@ enum Op {
     ExpireDue,
     /// An item's pause switch (`Some`), or every sale's (`None`), on or off.
     Pause(Option<usize>, bool),
+    /// The payment provider's payment of an order.
+    Settle(Target),
+    /// The operator's refund of an order, with restock or not.
+    Refund(Target, bool),
 }
 
 fn put_strategy(items: usize) -> impl Strategy<Value = Put> {
@@ -153,11 +157,13 @@ fn op_strategy() -> impl Strategy<Value = Op> {
         2 => any::<usize>().prop_map(Op::Replay),
         4 => (target.clone(), who.clone()).prop_map(|(t, w)| Op::Pay(t, w)),
         4 => (target.clone(), who).prop_map(|(t, w)| Op::Cancel(t, w)),
-        3 => target.prop_map(Op::Expire),
+        3 => target.clone().prop_map(Op::Expire),
         4 => advance.prop_map(Op::Advance),
         2 => Just(Op::ExpireDue),
         2 => (proptest::option::weighted(0.7, 0..ITEMS.len()), any::<bool>())
             .prop_map(|(item, on)| Op::Pause(item, on)),
+        3 => target.clone().prop_map(Op::Settle),
+        3 => (target, any::<bool>()).prop_map(|(t, restock)| Op::Refund(t, restock)),
     ]
 }
 
@@ -285,6 +291,8 @@ fn kind(op: &Op, reply: &str) -> String {
         Op::Advance(_) => "advance",
         Op::ExpireDue => "expire_due",
         Op::Pause(..) => "pause",
+        Op::Settle(_) => "settle",
+        Op::Refund(..) => "refund",
     };
     let name = match reply {
         "[]" => "[]",
@@ -397,6 +405,18 @@ async fn run_case(server: &RedisServer, seen: &Seen, puts: Vec<Put>, ops: Vec<Op
                     format!("pause {item:?} {on}"),
                     norm(r.pause(item, *on).await),
                     norm(m.pause(item, *on).await),
+                )
+            }
+            Op::Settle(t) | Op::Refund(t, _) => {
+                let settle = match op {
+                    Op::Refund(_, restock) => Settle::Refund { restock },
+                    _ => Settle::Payment,
+                };
+                let (id, _, _) = target(*t, &calls);
+                (
+                    format!("{settle:?} {id}"),
+                    norm(r.settle(settle, &id, None).await),
+                    norm(m.settle(settle, &id, None).await),
                 )
             }
             Op::Advance(ms) => {
@@ -517,6 +537,12 @@ const EXPECTED_KINDS: &[&str] = &[
     "transition:Closed",
     "transition:Forbidden",
     "transition:UnknownOrder",
+    "settle:Done",
+    "settle:Already",
+    "settle:UnknownOrder",
+    "refund:Done",
+    "refund:Already",
+    "refund:Closed",
     "expire:Expired",
     "expire:NotDue",
     "expire:NotReserved",

@@ -574,6 +574,79 @@ async fn a_credit_persisted_without_its_donors_step_sells_nothing_twice() {
     drop(worker);
 }
 
+/// Refunds and late payments outlive a Redis state loss: refunded after the snapshot, an
+/// order refunded without restock keeps its units out of the sale, one refunded with
+/// restock gives them back, a late payment's order stays `refund_due`; the rebuild counts
+/// each from the database (its `refund_of`), so exactly the units left are sold again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refunds_and_late_payments_survive_a_rebuild_from_the_database() {
+    use seckill_gateway::engine::{Settle, TransitionReply};
+    let (mut redis, store, gw, item) = sale("refundloss", 10, 2).await;
+    let (made, _) = reserve_all(&gw, &item, ["alice", "bob", "carol"].map(String::from).into_iter()).await;
+    let (a, b, c) = (&made[0], &made[1], &made[2]);
+    gw.pay(&a.1, &a.0).await.assert_ok();
+    gw.pay(&b.1, &b.0).await.assert_ok();
+    gw.cancel(&c.1, &c.0).await.assert_ok();
+    persisted(&store, &item, 3, 2, 1).await;
+    let snapshot = redis.snapshot();
+
+    let refund = |order: &str, restock: bool| {
+        gw.admin(gw.post(&format!("/admin/v1/orders/{order}/refund")))
+            .json(&serde_json::json!({ "restock": restock }))
+    };
+    common::http::send(refund(&a.1, false)).await.assert_ok();
+    common::http::send(refund(&b.1, true)).await.assert_ok();
+    let engine = gw.running().app.engine.clone();
+    assert!(matches!(
+        engine.settle(Settle::Payment, &c.1).await.unwrap(),
+        TransitionReply::Done {
+            status: OrderStatus::RefundDue,
+            ..
+        }
+    ));
+    let statuses = async || {
+        let rows = store.orders(Some(&item)).await.ok()?;
+        let status = |id: &str| rows.iter().find(|o| o.order_id == id).map(|o| o.status);
+        Some((status(&a.1)?, status(&b.1)?, status(&c.1)?))
+    };
+    poll(Duration::from_secs(15), async || {
+        (statuses().await? == (OrderStatus::Refunded, OrderStatus::Refunded, OrderStatus::RefundDue)).then_some(())
+    })
+    .await
+    .expect("the refunds reach the database");
+
+    redis.restart_from(&snapshot);
+    // 10 units, 1 kept out of the sale by alice's refund without restock: 9 to sell.
+    let mut made_after = Vec::new();
+    for round in 0..40 {
+        let users = (0..12).map(|i| format!("r{round}-{i}"));
+        let (made, refused) = reserve_all(&gw, &item, users).await;
+        made_after.extend(made);
+        if refused == 0 && made_after.len() >= 9 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(made_after.len(), 9, "exactly the units left after the refunds");
+    let stats = gw.stats(&item).await.assert_ok().clone();
+    assert_eq!(
+        (
+            stats["paid"].clone(),
+            stats["refunded"].clone(),
+            stats["cancelled"].clone()
+        ),
+        (serde_json::json!(1), serde_json::json!(2), serde_json::json!(1)),
+        "{stats}"
+    );
+    let mut rd = Redis::connect(&redis).await;
+    assert_eq!(rd.held(&item, "alice").await, 1, "alice's quota stays used");
+    assert_eq!(rd.held(&item, "bob").await, 0, "bob's came back");
+    assert_eq!(
+        statuses().await,
+        Some((OrderStatus::Refunded, OrderStatus::Refunded, OrderStatus::RefundDue))
+    );
+}
+
 /// The pause switches outlive a Redis state loss: paused after the snapshot, the item and
 /// every sale are paused again once the shard is rebuilt from the database (which records
 /// both), so the rebuild never reopens a sale the operator stopped.
