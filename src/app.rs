@@ -38,6 +38,8 @@ pub struct App {
     pub cache: Arc<LocalCache>,
     pub metrics: PrometheusHandle,
     pub clock: Clock,
+    /// The engine's and the store's health, checked in the background (`GET /readyz`).
+    pub health: crate::health::Health,
     /// Request ids: an instance prefix and a counter (unique, cheap, sortable per instance).
     request_prefix: String,
     request_seq: AtomicU64,
@@ -71,7 +73,7 @@ impl App {
         if config.jwt_secret.is_none() {
             tracing::warn!("SECKILL_JWT_SECRET unset: trusting the X-User-Id header (run behind a proxy that sets it)");
         }
-        Ok(Arc::new(App {
+        let app = Arc::new(App {
             identity: Identity::new(config.jwt_secret.as_deref()),
             limiter,
             filter,
@@ -83,7 +85,11 @@ impl App {
             store,
             metrics,
             clock,
-        }))
+            health: crate::health::Health::default(),
+        });
+        // Ready answers from the first check on (then every half second: `spawn_background`).
+        app.health.check(&app.engine, &app.store).await;
+        Ok(app)
     }
 
     /// Read the stock of every item this instance has a gauge for (the read sets the
@@ -140,6 +146,11 @@ impl App {
                     _ = stopped(&mut stop) => break,
                 }
             }
+        }));
+        let app = self.clone();
+        let stop = shutdown.clone();
+        tasks.push(tokio::spawn(async move {
+            app.health.keep_checking(&app.engine, &app.store, stop).await;
         }));
         if serves_http {
             tasks.extend(self.engine.spawn_heartbeat(shutdown.clone()));

@@ -29,6 +29,8 @@ impl Identity {
             Some(secret) => {
                 let mut validation = Validation::new(Algorithm::HS256);
                 validation.leeway = 5;
+                // A token valid from later (`nbf`) is refused until then, as an expired one.
+                validation.validate_nbf = true;
                 Identity::Jwt {
                     key: Box::new(DecodingKey::from_secret(secret.as_bytes())),
                     validation: Box::new(validation),

@@ -36,6 +36,7 @@ pub mod domain;
 pub mod engine;
 pub mod error;
 pub mod filter;
+pub mod health;
 pub mod http;
 pub mod identity;
 pub mod ids;

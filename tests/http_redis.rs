@@ -839,7 +839,7 @@ async fn redis_down_gives_503_within_the_timeout_and_recovers() {
     assert!(r.elapsed < Duration::from_secs(2));
     r.assert_refused(503, "unavailable");
     r.retry_after();
-    let r = send(gw.get("/readyz")).await;
+    let r = gw.readyz_until("unavailable").await;
     assert!(r.elapsed < Duration::from_secs(2));
     assert_eq!(r.status.as_u16(), 503, "{}", r.text);
     assert!(
@@ -866,7 +866,7 @@ async fn redis_down_gives_503_within_the_timeout_and_recovers() {
     eprintln!("serving again {:?} after the Redis restart", restarted.elapsed());
     assert_eq!(order.json["user_id"], json!("after"));
     assert!(!breaker_open(), "the circuit closed again");
-    let r = send(gw.get("/readyz")).await;
+    let r = gw.readyz_until("ready").await;
     assert_eq!(r.status.as_u16(), 200, "{}", r.text);
     let mut rd = Redis::connect(&redis).await;
     assert_eq!(rd.item_field(&item, "stock").await, 98, "100 − before − after");

@@ -186,7 +186,7 @@ async fn database_outage_is_buffered_and_drained() {
         let o = reserve(&gw, &item, &format!("b{i}")).await.unwrap();
         acknowledged.insert(o.expect("reservations are accepted while the database is down"));
     }
-    let ready = gw.readyz().await.json;
+    let ready = gw.readyz_until("degraded").await.json;
     assert_eq!(ready["status"], "degraded", "{ready}");
     assert!(ready["store"].as_str().unwrap().starts_with("down"), "{ready}");
     assert_eq!(acknowledged.len(), 250);
@@ -201,7 +201,7 @@ async fn database_outage_is_buffered_and_drained() {
     let rows = rows(&store, &item).await;
     let ids: HashSet<String> = rows.iter().map(|r| r.order_id.clone()).collect();
     assert_eq!(ids, acknowledged, "exactly the acknowledged orders, none twice");
-    let ready = gw.readyz().await.json;
+    let ready = gw.readyz_until("ready").await.json;
     assert_eq!(ready["status"], "ready", "{ready}");
     gw.stop().await;
 }

@@ -505,21 +505,36 @@ impl Engine {
     /// With Redis, an order Redis does not know but the database holds open was lost by
     /// Redis (an open order's hash has no TTL): answered 503 while the repair task rebuilds
     /// its shard ([`crate::orders::repair`]), never 404.
+    ///
+    /// An order the engine forgot because it closed longer ago than its TTL is answered from
+    /// the database, as the engine answered while it held it: the same transition again is
+    /// `Already`, another `Closed` (a repeated pay or cancel is answered the same forever).
     pub async fn transition(&self, t: Transition, order_id: &str, user_id: &str) -> Result<TransitionReply, Error> {
         let reply = delegate!(self, e => e.transition(t, order_id, user_id))?;
         // Only an id of ours can be a row: a made-up one costs no database query.
-        if let (TransitionReply::UnknownOrder, Some(redis)) = (&reply, self.redis())
-            && let Some(shard) = crate::ids::order_shard(order_id)
-            && let Ok(Some(row)) = self.inner.store.order(order_id).await
-            && row.status == OrderStatus::Reserved
-        {
-            // The order's shard, which its id carries: its bucket's, not always its item's.
-            redis.alarms().raise(shard);
-            return Err(Error::Fenced(format!(
-                "order {order_id} is open in the database but not in Redis"
-            )));
+        let (TransitionReply::UnknownOrder, Some(shard)) = (&reply, crate::ids::order_shard(order_id)) else {
+            return Ok(reply);
+        };
+        let Some(row) = self.inner.store.order(order_id).await? else {
+            return Ok(reply);
+        };
+        if row.status == OrderStatus::Reserved {
+            if let Some(redis) = self.redis() {
+                // The order's shard, which its id carries: its bucket's, not always its item's.
+                redis.alarms().raise(shard);
+                return Err(Error::Fenced(format!(
+                    "order {order_id} is open in the database but not in Redis"
+                )));
+            }
+            return Ok(reply);
         }
-        Ok(reply)
+        Ok(if row.user_id != user_id {
+            TransitionReply::Forbidden
+        } else if row.status == t.target() {
+            TransitionReply::Already { status: row.status }
+        } else {
+            TransitionReply::Closed { status: row.status }
+        })
     }
 
     /// A provider's payment or an operator's refund of an order ([`StockEngine::settle`]).

@@ -4,7 +4,6 @@ use http::StatusCode;
 
 use super::reply;
 use super::router::{Answer, Ctx};
-use crate::error::Error;
 
 /// `GET /metrics`: Prometheus text.
 pub fn metrics(ctx: &Ctx<'_>) -> Answer {
@@ -23,25 +22,27 @@ pub fn healthz() -> Answer {
 /// `GET /readyz`: 200 while the engine answers. With Redis, a store outage is reported as
 /// `degraded` but stays 200: reservations keep being accepted (the stream buffers them),
 /// and a balancer must not pull every instance because the database blinked. In embedded
-/// mode the store is the engine's durability, so its outage is 503.
+/// mode the store is the engine's durability, so its outage is 503. Answered at once from
+/// the background check's last result ([`crate::health`]), never waiting on a ping.
 pub async fn readyz(ctx: &Ctx<'_>) -> Answer {
-    let engine = ctx.engine().ping().await;
-    let store = ctx.app.store.ping().await;
-    let describe = |r: &Result<(), Error>| match r {
+    let health = ctx.app.health.snapshot();
+    let describe = |r: &Result<(), String>| match r {
         Ok(()) => "ok".to_owned(),
         Err(e) => format!("down: {e}"),
     };
-    let ready = engine.is_ok() && (store.is_ok() || !ctx.engine().needs_store());
-    let status = match (ready, store.is_ok()) {
+    let store_ok = health.store.is_ok();
+    let ready = health.engine.is_ok() && (store_ok || !ctx.engine().needs_store());
+    let status = match (ready, store_ok) {
         (true, true) => "ready",
         (true, false) => "degraded",
         _ => "unavailable",
     };
     let body = serde_json::json!({
         "status": status,
-        "engine": describe(&engine),
-        "store": describe(&store),
+        "engine": describe(&health.engine),
+        "store": describe(&health.store),
         "mode": ctx.engine().mode(),
+        "checked_ms_ago": health.at.map(|t| t.elapsed().as_millis() as u64),
     });
     let code = if ready {
         StatusCode::OK

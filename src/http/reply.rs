@@ -75,14 +75,59 @@ where
     Ok(more.map(bytes::BytesMut::freeze).or(first).unwrap_or_default())
 }
 
-/// Parse a JSON body; an empty body is `None`.
+/// Parse a JSON body, which must be an object; an empty body is `None`. A refusal speaks
+/// the API's words (JSON types and the body's field names), never the parser's Rust ones.
 pub fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<Option<T>, Reject> {
-    if body.iter().all(u8::is_ascii_whitespace) {
-        return Ok(None);
+    match body.iter().find(|b| !b.is_ascii_whitespace()) {
+        None => return Ok(None),
+        // A struct would also take a JSON array of its fields in order (`[3]` as qty 3):
+        // only an object is a body here. (Valid JSON starting with `{` is an object.)
+        Some(b'{') => {}
+        Some(_) => return Err(Reject::BadRequest("the body must be a JSON object".into())),
     }
-    serde_json::from_slice(body)
-        .map(Some)
-        .map_err(|e| Reject::BadRequest(format!("malformed JSON: {e}")))
+    serde_json::from_slice(body).map(Some).map_err(|e| {
+        use serde_json::error::Category;
+        Reject::BadRequest(match e.classify() {
+            Category::Data => format!("bad body: {}", api_words(&e.to_string())),
+            _ => format!("malformed JSON at line {} column {}", e.line(), e.column()),
+        })
+    })
+}
+
+/// A serde message in the API's words: JSON types for Rust ones (`expected i64` →
+/// `expected an integer`), no struct names.
+fn api_words(message: &str) -> String {
+    const WORDS: [(&str, &str); 10] = [
+        ("expected i64", "expected an integer"),
+        ("expected u64", "expected a non-negative integer"),
+        ("expected u32", "expected a non-negative integer"),
+        ("expected i32", "expected an integer"),
+        ("expected u16", "expected a non-negative integer"),
+        ("expected f64", "expected a number"),
+        ("expected a string", "expected a string"),
+        ("integer `", "the integer `"),
+        ("invalid type: map", "invalid type: object"),
+        ("invalid type: sequence", "invalid type: array"),
+    ];
+    let mut m = message.to_owned();
+    for (rust, api) in WORDS {
+        m = m.replace(rust, api);
+    }
+    // `expected struct Foo` / `expected enum Foo`: the shape, not our type's name.
+    for kind in ["struct ", "enum "] {
+        while let Some(at) = m.find(&format!("expected {kind}")) {
+            let name_end = m[at + 9 + kind.len()..]
+                .find(|c: char| !c.is_alphanumeric() && c != '_')
+                .map_or(m.len(), |i| at + 9 + kind.len() + i);
+            let shape = if kind == "struct " {
+                "expected a JSON object"
+            } else {
+                "expected one of the listed values"
+            };
+            m.replace_range(at..name_end, shape);
+        }
+    }
+    m
 }
 
 pub fn json<T: Serialize>(status: StatusCode, value: &T) -> Response<Body> {
@@ -195,5 +240,56 @@ mod tests {
             .unwrap();
             assert_eq!(fixed_body(&r), Some(serialized.as_str()));
         }
+    }
+
+    #[derive(serde::Deserialize, Debug)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct QtyBody {
+        qty: Option<i64>,
+    }
+
+    #[derive(serde::Deserialize, Debug)]
+    #[allow(dead_code)]
+    struct Flag {
+        restock: bool,
+    }
+
+    fn refused<T: serde::de::DeserializeOwned + std::fmt::Debug>(body: &str) -> String {
+        match parse_json::<T>(body.as_bytes()) {
+            Err(Reject::BadRequest(why)) => why,
+            other => panic!("{body}: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn only_a_json_object_is_a_body_and_refusals_speak_the_apis_words() {
+        assert!(parse_json::<QtyBody>(b"  ").unwrap().is_none());
+        assert_eq!(parse_json::<QtyBody>(b" {\"qty\": 3}").unwrap().unwrap().qty, Some(3));
+        for not_object in ["[3]", "3", "\"x\"", "null", "true"] {
+            assert_eq!(
+                refused::<QtyBody>(not_object),
+                "the body must be a JSON object",
+                "{not_object}"
+            );
+        }
+        for (body, words) in [
+            ("{\"qty\": \"x\"}", "expected an integer"),
+            ("{\"qty\": 1.5}", "expected an integer"),
+            ("{\"qty\": [1]}", "invalid type: array"),
+            ("{\"qty\": {}}", "invalid type: object"),
+            ("{\"quantity\": 1}", "unknown field `quantity`"),
+            ("{\"qty\": 1", "malformed JSON at line 1"),
+        ] {
+            let why = refused::<QtyBody>(body);
+            assert!(why.contains(words), "{body}: {why}");
+            for rust in ["i64", "struct", "QtyBody", "Option", "u32"] {
+                assert!(!why.contains(rust), "{body}: {why}");
+            }
+        }
+        let why = refused::<Flag>("{}");
+        assert!(why.contains("missing field `restock`"), "{why}");
+        let why = refused::<Flag>("{\"restock\": \"yes\"}");
+        assert!(why.contains("expected a boolean"), "{why}");
     }
 }

@@ -315,6 +315,20 @@ impl Api {
         send(self.get("/readyz")).await
     }
 
+    /// `GET /readyz` until its `status` is `status` (it answers from a health check made
+    /// every half second: a change shows within about a second), at most 5 s; the last
+    /// answer.
+    pub async fn readyz_until(&self, status: &str) -> Reply {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let r = self.readyz().await;
+            if r.json["status"] == status || std::time::Instant::now() >= deadline {
+                return r;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// `GET /metrics`; asserts 200.
     pub async fn metrics(&self) -> String {
         let r = send(self.get("/metrics")).await;

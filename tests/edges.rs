@@ -1,0 +1,166 @@
+//! The edges a black-box probe found (issue 15), each with the test that failed before its
+//! fix: readiness while the database is down, a JWT valid only from later, bodies that are
+//! not JSON objects, and pay or cancel repeated after the engine forgot a closed order.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::gateway::Gateway;
+use common::http::{RequestExt, send};
+use common::{PgServer, RedisServer, poll};
+use seckill_gateway::clock::system_now_ms;
+use serde_json::json;
+
+/// `/readyz` answers from cached health: within a second while PostgreSQL is down (it took
+/// the store timeout, 5 s, before), saying `degraded`; `ready` again once it is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_answers_within_a_second_while_the_database_is_down() {
+    let redis = RedisServer::start();
+    let mut pg = PgServer::start();
+    pg.create_database("orders");
+    let gw = Gateway::builder(&redis.url())
+        .database(&pg.url("orders"))
+        .flag("--store-timeout", "5s")
+        .start()
+        .await;
+    assert_eq!(gw.readyz().await.json["status"], "ready");
+    pg.stop();
+    let r = gw.readyz_until("degraded").await;
+    assert_eq!(r.json["status"], "degraded", "{}", r.text);
+    for _ in 0..5 {
+        let started = Instant::now();
+        let r = gw.readyz().await;
+        let took = started.elapsed();
+        assert!(
+            took < Duration::from_secs(1),
+            "/readyz took {took:?} while the database is down"
+        );
+        assert_eq!(
+            (r.status.as_u16(), r.json["status"].clone()),
+            (200, json!("degraded")),
+            "{}",
+            r.text
+        );
+        assert!(
+            r.json["store"].as_str().is_some_and(|s| s.starts_with("down")),
+            "{}",
+            r.text
+        );
+    }
+    pg.start_again();
+    assert_eq!(gw.readyz_until("ready").await.json["status"], "ready");
+}
+
+/// A token whose `nbf` (not before) is an hour ahead is refused; one valid since a minute
+/// ago is taken.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_jwt_valid_only_from_later_is_refused() {
+    use jsonwebtoken::{EncodingKey, Header, encode};
+    let secret = "0123456789abcdef-jwt";
+    let redis = RedisServer::start();
+    let gw = Gateway::builder(&redis.url())
+        .flag("--jwt-secret", secret)
+        .start()
+        .await;
+    let item = gw.new_item(10, 1).await;
+    let now = system_now_ms() / 1000;
+    let token = |nbf: i64| {
+        encode(
+            &Header::default(),
+            &json!({"sub": "alice", "exp": now + 7200, "nbf": nbf}),
+            &EncodingKey::from_secret(secret.as_bytes()),
+        )
+        .unwrap()
+    };
+    let path = format!("/api/v1/items/{item}/reserve");
+    send(gw.post(&path).bearer_auth(token(now + 3600)))
+        .await
+        .assert_refused(401, "unauthenticated");
+    send(gw.post(&path).bearer_auth(token(now - 60))).await.assert_ok();
+}
+
+/// A reserve body must be a JSON object (`[3]` was taken as qty 3), and a refusal names no
+/// Rust type.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_must_be_json_objects_and_refusals_speak_the_apis_words() {
+    let redis = RedisServer::start();
+    let gw = Gateway::builder(&redis.url()).start().await;
+    let item = gw.new_item(10, 3).await;
+    let path = format!("/api/v1/items/{item}/reserve");
+    for body in ["[3]", "3", "\"x\"", "{\"qty\":\"3\"}", "{\"qty\":[3]}"] {
+        let r = send(gw.post(&path).user("alice").raw_json(body)).await;
+        r.assert_refused(400, "bad_request");
+        let message = r.json["message"].as_str().unwrap_or_default().to_owned();
+        for rust in ["struct", "ReserveBody", "i64", "Option"] {
+            assert!(!message.contains(rust), "{body}: {message}");
+        }
+    }
+    assert_eq!(
+        gw.get_item(&item).await.assert_ok()["stock_remaining"],
+        10,
+        "nothing reserved"
+    );
+    send(gw.post(&path).user("alice").raw_json("{\"qty\":3}"))
+        .await
+        .assert_ok();
+}
+
+/// Pay and cancel repeated after the engine forgot the closed order (past
+/// `SECKILL_CLOSED_ORDER_TTL`) answer as before (they answered 404 while `GET` said
+/// `paid`), from the database; another shopper still gets 403.
+async fn repeated_pay_and_cancel_after_the_closed_ttl_answer_the_same(redis: bool) {
+    let dir = tempfile::tempdir().unwrap();
+    let server = redis.then(RedisServer::start);
+    let builder = match &server {
+        Some(s) => Gateway::builder(&s.url()).database(&common::shared_pg()),
+        None => Gateway::builder("unused")
+            .without("--redis-url")
+            .database(&format!("sqlite://{}/orders.db", dir.path().display())),
+    };
+    let gw = builder
+        .flag("--closed-order-ttl", "1s")
+        .flag("--sweep-interval", "100ms")
+        .start()
+        .await;
+    let item = gw.new_item(10, 2).await;
+    let paid = gw.reserve_ok(&item, "alice").await;
+    let cancelled = gw.reserve_ok(&item, "bob").await;
+    gw.pay(&paid, "alice").await.assert_ok();
+    gw.cancel(&cancelled, "bob").await.assert_ok();
+    // Forgotten by the engine (Redis: the hash's TTL; embedded: the sweeper's prune, every
+    // 100 ms, of what closed over a second ago), and in the database (the worker's lag).
+    let store = &gw.running().app.store;
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    poll(Duration::from_secs(15), async || {
+        if let Some(r) = gw.running().app.engine.redis() {
+            use seckill_gateway::engine::StockEngine;
+            if r.order(&paid).await.ok()?.is_some() || r.order(&cancelled).await.ok()?.is_some() {
+                return None;
+            }
+        }
+        let stored = store.order(&cancelled).await.ok()??.status.is_final();
+        stored.then_some(())
+    })
+    .await
+    .expect("the engine forgot the closed orders, the database has them");
+
+    let r = gw.pay(&paid, "alice").await;
+    assert_eq!(r.assert_ok()["status"], "paid", "{}", r.text);
+    gw.cancel(&paid, "alice").await.assert_refused(409, "order_closed");
+    let r = gw.cancel(&cancelled, "bob").await;
+    assert_eq!(r.assert_ok()["status"], "cancelled", "{}", r.text);
+    gw.pay(&cancelled, "bob").await.assert_refused(409, "order_closed");
+    gw.pay(&paid, "mallory").await.assert_refused(403, "forbidden");
+    assert_eq!(gw.get_order(&paid, "alice").await.assert_ok()["status"], "paid");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeated_pay_and_cancel_after_the_closed_ttl_answer_the_same_on_redis() {
+    repeated_pay_and_cancel_after_the_closed_ttl_answer_the_same(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeated_pay_and_cancel_after_the_closed_ttl_answer_the_same_embedded() {
+    repeated_pay_and_cancel_after_the_closed_ttl_answer_the_same(false).await;
+}
