@@ -32,7 +32,11 @@ pub async fn serve(app: Arc<App>, listener: TcpListener, mut shutdown: watch::Re
         .timer(TokioTimer::new())
         .header_read_timeout(app.config.header_timeout)
         .keep_alive(true)
-        .max_buf_size(64 * 1024);
+        // The most a connection buffers (request line, headers, what of a body is unread):
+        // every request of the API fits in a few KiB, and a slow or hostile client sending
+        // an endless header holds this much at most before it gets 431 and is closed
+        // (64 KiB let one hold ~137 KiB: 6,000 of them took 824 MiB).
+        .max_buf_size(MAX_BUF);
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -47,7 +51,9 @@ pub async fn serve(app: Arc<App>, listener: TcpListener, mut shutdown: watch::Re
             _ = crate::shutdown::stopped(&mut shutdown) => break,
         };
         let Ok(permit) = connections.clone().try_acquire_owned() else {
-            // Over the cap: close at once rather than queue.
+            // Over the cap: a 503 the client can read (a new socket's send buffer is empty,
+            // so the write does not block), then close, rather than queue.
+            let _ = stream.try_write(&over_capacity(&app.next_request_id()));
             drop(stream);
             continue;
         };
@@ -70,6 +76,25 @@ pub async fn serve(app: Arc<App>, listener: TcpListener, mut shutdown: watch::Re
         _ = graceful.shutdown() => tracing::info!("all connections closed"),
         _ = tokio::time::sleep(app.config.shutdown_grace) => tracing::warn!("grace period over; closing remaining connections"),
     }
+}
+
+/// Largest read buffer of a connection (hyper's `max_buf_size`; it takes no less than 8 KiB).
+pub const MAX_BUF: usize = 16 * 1024;
+
+/// The whole answer to a connection over `SECKILL_MAX_CONNECTIONS`: 503 `unavailable` in the
+/// contract's JSON, with `Retry-After` and a request id, and `Connection: close`.
+fn over_capacity(request_id: &str) -> Vec<u8> {
+    let reject = crate::error::Reject::Unavailable {
+        retry_after_s: 1,
+        reason: "too many connections",
+    };
+    let body = serde_json::json!({"error": reject.code(), "message": reject.message()}).to_string();
+    format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\
+         retry-after: 1\r\nx-request-id: {request_id}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
 }
 
 /// Bind the listen address.
