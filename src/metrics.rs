@@ -164,6 +164,8 @@ pub const ROUTES: &[&str] = &[
     "admin_pause_all",
     "admin_resume_all",
     "admin_limits",
+    "admin_sales_csv",
+    "admin_sales_xlsx",
     "metrics",
     "healthz",
     "readyz",
