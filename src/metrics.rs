@@ -173,6 +173,8 @@ pub const ROUTES: &[&str] = &[
     "admin_limits",
     "admin_refund",
     "payment_webhook",
+    "admin_sales_csv",
+    "admin_sales_xlsx",
     "metrics",
     "healthz",
     "readyz",

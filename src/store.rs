@@ -175,6 +175,60 @@ pub struct ItemTotals {
     pub refund_due_orders: i64,
 }
 
+/// One line of the sales report (`GET /admin/v1/reports/sales.csv`, `.xlsx`): what
+/// happened to one item's orders on one UTC day, in units (Σ `qty`) and cents.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SalesRow {
+    /// The start of the day (UTC midnight), in milliseconds since the epoch.
+    pub day_ms: i64,
+    pub item_id: String,
+    /// Units of orders created that day.
+    pub reserved: i64,
+    pub paid: i64,
+    pub cancelled: i64,
+    pub expired: i64,
+    pub refunded: i64,
+    /// Units of orders paid for that day after they had closed (money owed back).
+    pub refund_due: i64,
+    /// Σ qty × unit price of the orders paid that day, less that of the orders refunded
+    /// that day which had been paid (a refund of a late payment gives back money that was
+    /// never counted).
+    pub revenue_cents: i64,
+}
+
+/// A UTC day in milliseconds.
+pub const DAY_MS: i64 = 86_400_000;
+
+/// The sales report's aggregation, one statement both databases run alike. Each order
+/// counts once per timestamp that falls in `[$1, $2)`: one branch of the `UNION ALL` per
+/// timestamp column, each a range predicate on its column (an index on it would serve it).
+/// A row's day is its offset from `$1` in whole days: `$1` is a UTC midnight and every
+/// timestamp of a branch is at or after it, so the integer division is a floor in both
+/// databases (no date function: PostgreSQL's and SQLite's have nothing in common).
+/// An order made before prices were kept counts at its item's price.
+const SALES_SQL: &str = "SELECT day, item_id, \
+     CAST(SUM(reserved) AS BIGINT) AS reserved, CAST(SUM(paid) AS BIGINT) AS paid, \
+     CAST(SUM(cancelled) AS BIGINT) AS cancelled, CAST(SUM(expired) AS BIGINT) AS expired, \
+     CAST(SUM(refunded) AS BIGINT) AS refunded, CAST(SUM(refund_due) AS BIGINT) AS refund_due, \
+     CAST(SUM(revenue) AS BIGINT) AS revenue FROM ( \
+     SELECT (o.created_ms - $1) / 86400000 AS day, o.item_id, o.qty AS reserved, 0 AS paid, 0 AS cancelled, \
+         0 AS expired, 0 AS refunded, 0 AS refund_due, 0 AS revenue \
+         FROM orders o WHERE o.created_ms >= $1 AND o.created_ms < $2 \
+     UNION ALL SELECT (o.paid_ms - $1) / 86400000, o.item_id, 0, o.qty, 0, 0, 0, 0, \
+         o.qty * COALESCE(o.price_cents, i.price_cents, 0) \
+         FROM orders o LEFT JOIN items i ON i.item_id = o.item_id WHERE o.paid_ms >= $1 AND o.paid_ms < $2 \
+     UNION ALL SELECT (o.cancelled_ms - $1) / 86400000, o.item_id, 0, 0, o.qty, 0, 0, 0, 0 \
+         FROM orders o WHERE o.cancelled_ms >= $1 AND o.cancelled_ms < $2 \
+     UNION ALL SELECT (o.expired_ms - $1) / 86400000, o.item_id, 0, 0, 0, o.qty, 0, 0, 0 \
+         FROM orders o WHERE o.expired_ms >= $1 AND o.expired_ms < $2 \
+     UNION ALL SELECT (o.refunded_ms - $1) / 86400000, o.item_id, 0, 0, 0, 0, o.qty, 0, \
+         CASE WHEN o.refund_of IN ('paid', 'paid+restock') \
+             THEN -(o.qty * COALESCE(o.price_cents, i.price_cents, 0)) ELSE 0 END \
+         FROM orders o LEFT JOIN items i ON i.item_id = o.item_id WHERE o.refunded_ms >= $1 AND o.refunded_ms < $2 \
+     UNION ALL SELECT (o.refund_due_ms - $1) / 86400000, o.item_id, 0, 0, 0, 0, 0, o.qty, 0 \
+         FROM orders o WHERE o.refund_due_ms >= $1 AND o.refund_due_ms < $2 \
+     ) t GROUP BY day, item_id ORDER BY day, item_id";
+
 /// Rows of one `INSERT … ON CONFLICT` in [`Store::apply_marked`]: 12 parameters a row, so
 /// 1,000 rows stay far below both databases' limits (PostgreSQL 65,535; SQLite 32,766).
 const APPLY_CHUNK: usize = 1000;
@@ -652,6 +706,33 @@ impl Store {
                 revenue_cents: row.try_get("revenue")?,
                 refund_due_orders: row.try_get("due")?,
             })
+        })
+    }
+
+    /// The sales report of the UTC days from `from_ms` (a UTC midnight) up to `to_ms`
+    /// (exclusive, a later midnight): one [`SalesRow`] per day and item with anything in
+    /// it, by day then item id. Aggregated by the database, so what crosses the wire is the
+    /// report, not the orders.
+    pub async fn sales(&self, from_ms: i64, to_ms: i64) -> Result<Vec<SalesRow>, Error> {
+        with_pool!(self, pool => {
+            let rows = self.bounded(sqlx::query(SALES_SQL).bind(from_ms).bind(to_ms).fetch_all(pool)).await?;
+            rows.iter()
+                .map(|r| {
+                    let day: i64 = r.try_get("day")?;
+                    Ok(SalesRow {
+                        day_ms: from_ms + day * DAY_MS,
+                        item_id: r.try_get("item_id")?,
+                        reserved: r.try_get("reserved")?,
+                        paid: r.try_get("paid")?,
+                        cancelled: r.try_get("cancelled")?,
+                        expired: r.try_get("expired")?,
+                        refunded: r.try_get("refunded")?,
+                        refund_due: r.try_get("refund_due")?,
+                        revenue_cents: r.try_get("revenue")?,
+                    })
+                })
+                .collect::<Result<_, sqlx::Error>>()
+                .map_err(Error::from)
         })
     }
 

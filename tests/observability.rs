@@ -76,6 +76,8 @@ const ROUTES: &[&str] = &[
     "admin_limits",
     "admin_refund",
     "payment_webhook",
+    "admin_sales_csv",
+    "admin_sales_xlsx",
     "metrics",
     "healthz",
     "readyz",
@@ -950,4 +952,28 @@ fn json_logs_carry_the_request_id() {
         }
     }
     assert!(carried >= 1, "a log line of the request carries its request id");
+}
+
+/// The three lists of route labels agree: the gateway's (`src/metrics.rs`, which every
+/// route of the router must be in), the one this test holds the `/metrics` labels to, and
+/// the dashboard lint's (`deploy/grafana/exprs.py`). A route added to one and not the
+/// others fails here, before any scrape.
+#[test]
+fn route_label_lists_agree() {
+    let ours: BTreeSet<&str> = ROUTES.iter().copied().collect();
+    let gateway: BTreeSet<&str> = seckill_gateway::metrics::ROUTES.iter().copied().collect();
+    assert_eq!(ours, gateway, "tests/observability.rs ROUTES vs src/metrics.rs ROUTES");
+    let out = std::process::Command::new("python3")
+        .arg("-c")
+        .arg("import json, sys; sys.path.insert(0, sys.argv[1]); import exprs; print(json.dumps(sorted(exprs.ROUTES)))")
+        .arg(repo_root().join("deploy/grafana"))
+        .output()
+        .expect("python3 runs (apt-get install python3)");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let dashboard: BTreeSet<String> = serde_json::from_slice(&out.stdout).expect("a JSON list of routes");
+    let dashboard: BTreeSet<&str> = dashboard.iter().map(String::as_str).collect();
+    assert_eq!(
+        ours, dashboard,
+        "tests/observability.rs ROUTES vs deploy/grafana/exprs.py ROUTES"
+    );
 }

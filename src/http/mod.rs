@@ -1,13 +1,14 @@
 //! Stage 0 — the hyper front door: accept loop with a connection cap, header-read timeout,
 //! body limit (in [`reply`]), and graceful shutdown (stop accepting, let in-flight
 //! requests finish, then return). [`router`] routes a request to its handler: one module per
-//! resource ([`items`], [`orders`], [`admin`], [`health`]), each handler a list of stages.
+//! resource ([`items`], [`orders`], [`admin`], [`reports`], [`health`]), each handler a list of stages.
 
 mod admin;
 mod health;
 mod items;
 mod orders;
 pub mod reply;
+mod reports;
 pub mod router;
 mod views;
 mod webhook;

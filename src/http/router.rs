@@ -1,7 +1,7 @@
 //! The router: the route table, the per-request context, and the one place that turns a
 //! refusal into the contract's JSON, tags the response with a request id, counts it and
 //! times it (pingora's final logging phase). Handlers live one module per resource:
-//! [`super::items`], [`super::orders`], [`super::admin`], [`super::health`].
+//! [`super::items`], [`super::orders`], [`super::admin`], [`super::reports`], [`super::health`].
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -12,7 +12,8 @@ use hyper::body::Incoming;
 use tracing::Instrument;
 
 use super::reply::{self, Body};
-use super::{admin, health, items, orders, webhook};
+use super::reports::ReportFormat;
+use super::{admin, health, items, orders, reports, webhook};
 use crate::app::App;
 use crate::clock::Millis;
 use crate::domain::ItemSpec;
@@ -43,6 +44,8 @@ enum Route {
     AdminLimits,
     AdminRefund,
     PaymentWebhook,
+    AdminSalesCsv,
+    AdminSalesXlsx,
     Metrics,
     Healthz,
     Readyz,
@@ -68,6 +71,8 @@ impl Route {
             Route::AdminLimits => "admin_limits",
             Route::AdminRefund => "admin_refund",
             Route::PaymentWebhook => "payment_webhook",
+            Route::AdminSalesCsv => "admin_sales_csv",
+            Route::AdminSalesXlsx => "admin_sales_xlsx",
             Route::Metrics => "metrics",
             Route::Healthz => "healthz",
             Route::Readyz => "readyz",
@@ -99,6 +104,8 @@ fn route(path: &str) -> (Route, Method, Option<&str>) {
         ["admin", "v1", "limits"] => (Route::AdminLimits, Method::PUT, None),
         ["admin", "v1", "orders", id, "refund"] => (Route::AdminRefund, Method::POST, Some(id)),
         ["webhooks", "payments"] => (Route::PaymentWebhook, Method::POST, None),
+        ["admin", "v1", "reports", "sales.csv"] => (Route::AdminSalesCsv, Method::GET, None),
+        ["admin", "v1", "reports", "sales.xlsx"] => (Route::AdminSalesXlsx, Method::GET, None),
         ["metrics"] => (Route::Metrics, Method::GET, None),
         ["healthz"] => (Route::Healthz, Method::GET, None),
         ["readyz"] => (Route::Readyz, Method::GET, None),
@@ -259,6 +266,8 @@ pub async fn handle(app: &Arc<App>, req: Request<Incoming>, peer: SocketAddr) ->
                 Route::AdminLimits => Box::pin(admin::put_limits(&ctx, req)).await,
                 Route::AdminRefund => Box::pin(admin::refund(&ctx, req)).await,
                 Route::PaymentWebhook => Box::pin(webhook::payment(&ctx, req)).await,
+                Route::AdminSalesCsv => Box::pin(reports::sales(&ctx, req, ReportFormat::Csv)).await,
+                Route::AdminSalesXlsx => Box::pin(reports::sales(&ctx, req, ReportFormat::Xlsx)).await,
                 Route::Metrics => health::metrics(&ctx),
                 Route::Healthz => health::healthz(),
                 Route::Readyz => health::readyz(&ctx).await,
@@ -322,6 +331,14 @@ mod tests {
         assert!(matches!(
             route("/admin/v1/orders/o1/refund"),
             (Route::AdminRefund, Method::POST, Some("o1"))
+        ));
+        assert!(matches!(
+            route("/admin/v1/reports/sales.xlsx"),
+            (Route::AdminSalesXlsx, Method::GET, None)
+        ));
+        assert!(matches!(
+            route("/admin/v1/reports/sales.csv"),
+            (Route::AdminSalesCsv, Method::GET, None)
         ));
         assert!(matches!(route("/api/v1/items/x1/"), (Route::NotFound, _, None)));
         assert!(matches!(route("/a/b/c/d/e/f"), (Route::NotFound, _, None)));
