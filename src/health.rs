@@ -1,7 +1,9 @@
 //! Readiness from cached health: a background check pings the engine and the store twice a
 //! second, each bounded by [`PROBE_TIMEOUT`], and `GET /readyz` answers from the last result
 //! at once. A health check of a load balancer (Kubernetes' default timeout is 1 s) never
-//! waits on a database that hangs: it learns within about a second that it is down.
+//! waits on a database that hangs: it learns within about a second that it is down. The
+//! Redis ping runs outside the circuit breaker and the in-flight cap, so the check never
+//! takes a shopper's permit or an open circuit's probe.
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -57,7 +59,7 @@ impl Health {
 
     /// Ping both sides (at once) and keep the result.
     pub async fn check(&self, engine: &Engine, store: &Store) {
-        let (engine, store) = tokio::join!(probe(engine.ping()), probe(store.ping()));
+        let (engine, store) = tokio::join!(probe(engine.health_ping()), probe(store.ping()));
         *self.last.lock().unwrap_or_else(|e| e.into_inner()) = Snapshot {
             engine,
             store,

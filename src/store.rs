@@ -80,26 +80,65 @@ macro_rules! with_writer {
     };
 }
 
-/// The most advanced event of each order in a batch (one row may be touched once per
-/// statement in PostgreSQL): the furthest status ([`OrderStatus::rank`]), with the price of
-/// any event of the order that has one (an event of the format before prices has none).
-pub fn dedupe(events: &[OrderEvent]) -> Vec<Cow<'_, OrderEvent>> {
-    let mut best: std::collections::HashMap<&str, Cow<'_, OrderEvent>> = std::collections::HashMap::new();
+/// The times an order reached each step after `reserved` (paid, cancelled, expired,
+/// refund due, refunded), from the events of a batch.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StepTimes([Option<i64>; 5]);
+
+impl StepTimes {
+    const STEPS: [OrderStatus; 5] = [
+        OrderStatus::Paid,
+        OrderStatus::Cancelled,
+        OrderStatus::Expired,
+        OrderStatus::RefundDue,
+        OrderStatus::Refunded,
+    ];
+
+    fn note(&mut self, ev: &OrderEvent) {
+        if let Some(i) = Self::STEPS.iter().position(|s| *s == ev.status) {
+            self.0[i] = self.0[i].or(Some(ev.at_ms));
+        }
+    }
+
+    pub fn at(&self, status: OrderStatus) -> Option<i64> {
+        Self::STEPS.iter().position(|s| *s == status).and_then(|i| self.0[i])
+    }
+}
+
+/// One order's events of a batch, merged into one row's worth (one row may be touched once
+/// per statement in PostgreSQL): the furthest event ([`OrderStatus::rank`]), the price of any
+/// event that has one (an event of the format before prices has none), and the time of
+/// every step the batch saw (a payment and its refund in one batch both keep their day).
+pub struct Merged<'a> {
+    pub event: Cow<'a, OrderEvent>,
+    pub times: StepTimes,
+}
+
+pub fn dedupe(events: &[OrderEvent]) -> Vec<Merged<'_>> {
+    let mut best: std::collections::HashMap<&str, Merged<'_>> = std::collections::HashMap::new();
     for ev in events {
         best.entry(ev.order_id.as_str())
             .and_modify(|cur| {
-                let price = cur.price_cents.or(ev.price_cents);
-                if ev.status.rank() > cur.status.rank() {
-                    *cur = Cow::Borrowed(ev);
+                let price = cur.event.price_cents.or(ev.price_cents);
+                if ev.status.rank() > cur.event.status.rank() {
+                    cur.event = Cow::Borrowed(ev);
                 }
-                if cur.price_cents != price {
-                    cur.to_mut().price_cents = price;
+                if cur.event.price_cents != price {
+                    cur.event.to_mut().price_cents = price;
                 }
+                cur.times.note(ev);
             })
-            .or_insert(Cow::Borrowed(ev));
+            .or_insert_with(|| {
+                let mut times = StepTimes::default();
+                times.note(ev);
+                Merged {
+                    event: Cow::Borrowed(ev),
+                    times,
+                }
+            });
     }
-    let mut out: Vec<Cow<'_, OrderEvent>> = best.into_values().collect();
-    out.sort_by(|a, b| a.order_id.cmp(&b.order_id));
+    let mut out: Vec<Merged<'_>> = best.into_values().collect();
+    out.sort_by(|a, b| a.event.order_id.cmp(&b.event.order_id));
     out
 }
 
@@ -238,7 +277,7 @@ const APPLY_CHUNK: usize = 1000;
 /// [`OrderStatus::rank`] in SQL, of the column in place of `{}`.
 const STATUS_RANK: &str = "(CASE {} WHEN 'reserved' THEN 0 WHEN 'refund_due' THEN 2 WHEN 'refunded' THEN 3 ELSE 1 END)";
 
-fn upsert_orders<'a, DB: sqlx::Database>(events: &'a [Cow<'a, OrderEvent>]) -> QueryBuilder<'a, DB>
+fn upsert_orders<'a, DB: sqlx::Database>(rows: &'a [Merged<'a>]) -> QueryBuilder<'a, DB>
 where
     String: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
     Option<String>: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
@@ -252,8 +291,8 @@ where
          pay_before_ms, updated_ms, paid_ms, cancelled_ms, expired_ms, refund_due_ms, refunded_ms, \
          price_cents, refund_of) ",
     );
-    q.push_values(events, |mut b, ev| {
-        let at = |s: OrderStatus| (ev.status == s).then_some(ev.at_ms);
+    q.push_values(rows, |mut b, row| {
+        let (ev, at) = (&row.event, |s: OrderStatus| row.times.at(s));
         // A bucket's order (`<item>#<b>`): the item's row, with its bucket.
         let (item, bucket) = split_bucket(&ev.item_id);
         b.push_bind(ev.order_id.clone())
@@ -274,22 +313,34 @@ where
             .push_bind(ev.price_cents)
             .push_bind(ev.refund.map(RefundOf::as_text));
     });
-    // Forward only (invariant 7): a status moves to a higher rank, never back.
-    q.push(
-        " ON CONFLICT (order_id) DO UPDATE SET status = excluded.status, \
-         updated_ms = excluded.updated_ms, \
-         paid_ms = COALESCE(excluded.paid_ms, orders.paid_ms), \
-         cancelled_ms = COALESCE(excluded.cancelled_ms, orders.cancelled_ms), \
-         expired_ms = COALESCE(excluded.expired_ms, orders.expired_ms), \
-         refund_due_ms = COALESCE(excluded.refund_due_ms, orders.refund_due_ms), \
-         refunded_ms = COALESCE(excluded.refunded_ms, orders.refunded_ms), \
-         price_cents = COALESCE(orders.price_cents, excluded.price_cents), \
-         refund_of = COALESCE(excluded.refund_of, orders.refund_of) \
-         WHERE ",
+    // Forward only (invariant 7): the status (with its time and refund origin) moves to a
+    // higher rank, never back. An event of an earlier step arriving late (redelivered, or
+    // persisted from another batch after a later one) still fills in its step's time.
+    let (old, new) = (
+        STATUS_RANK.replace("{}", "orders.status"),
+        STATUS_RANK.replace("{}", "excluded.status"),
     );
-    q.push(STATUS_RANK.replace("{}", "orders.status"));
-    q.push(" < ");
-    q.push(STATUS_RANK.replace("{}", "excluded.status"));
+    let forward = format!("{old} < {new}");
+    q.push(format!(
+        " ON CONFLICT (order_id) DO UPDATE SET \
+         status = CASE WHEN {forward} THEN excluded.status ELSE orders.status END, \
+         updated_ms = CASE WHEN {forward} THEN excluded.updated_ms ELSE orders.updated_ms END, \
+         refund_of = CASE WHEN {forward} THEN COALESCE(excluded.refund_of, orders.refund_of) \
+             ELSE orders.refund_of END, \
+         paid_ms = COALESCE(orders.paid_ms, excluded.paid_ms), \
+         cancelled_ms = COALESCE(orders.cancelled_ms, excluded.cancelled_ms), \
+         expired_ms = COALESCE(orders.expired_ms, excluded.expired_ms), \
+         refund_due_ms = COALESCE(orders.refund_due_ms, excluded.refund_due_ms), \
+         refunded_ms = COALESCE(orders.refunded_ms, excluded.refunded_ms), \
+         price_cents = COALESCE(orders.price_cents, excluded.price_cents) \
+         WHERE {forward} \
+         OR (orders.paid_ms IS NULL AND excluded.paid_ms IS NOT NULL) \
+         OR (orders.cancelled_ms IS NULL AND excluded.cancelled_ms IS NOT NULL) \
+         OR (orders.expired_ms IS NULL AND excluded.expired_ms IS NOT NULL) \
+         OR (orders.refund_due_ms IS NULL AND excluded.refund_due_ms IS NOT NULL) \
+         OR (orders.refunded_ms IS NULL AND excluded.refunded_ms IS NOT NULL) \
+         OR (orders.price_cents IS NULL AND excluded.price_cents IS NOT NULL)"
+    ));
     q
 }
 

@@ -320,6 +320,54 @@ async fn redelivered_and_reordered_events_are_idempotent() {
             "{db}"
         );
         assert_eq!(orders[&a].price_cents, None, "{db}: an order of events without a price");
+
+        // Every step keeps its time: a payment and its refund in one batch, and a payment
+        // persisted after its refund; the report counts each on its day.
+        const DAY: i64 = 86_400_000;
+        let day = |n: i64| 20_000 * DAY + n * DAY + 3_600_000;
+        let (f, g) = (unique("f"), unique("g"));
+        let ev = |o: &str, status, at| OrderEvent {
+            price_cents: Some(100),
+            refund: (status == OrderStatus::Refunded).then_some(RefundOf {
+                status: OrderStatus::Paid,
+                restocked: true,
+            }),
+            created_ms: day(0),
+            ..event(o, &item, status, at)
+        };
+        store
+            .apply(&[
+                ev(&f, OrderStatus::Reserved, day(0)),
+                ev(&f, OrderStatus::Paid, day(1)),
+                ev(&f, OrderStatus::Refunded, day(2)),
+            ])
+            .await
+            .unwrap();
+        store
+            .apply(&[
+                ev(&g, OrderStatus::Reserved, day(0)),
+                ev(&g, OrderStatus::Refunded, day(2)),
+            ])
+            .await
+            .unwrap();
+        store.apply(&[ev(&g, OrderStatus::Paid, day(1))]).await.unwrap();
+        let report = store.sales(day(0) - 3_600_000, day(3) - 3_600_000).await.unwrap();
+        let on = |n: i64| {
+            report
+                .iter()
+                .find(|r| r.item_id == item && r.day_ms == day(n) - 3_600_000)
+                .map(|r| (r.reserved, r.paid, r.refunded, r.revenue_cents))
+        };
+        assert_eq!(on(0), Some((2, 0, 0, 0)), "{db}: {report:?}");
+        assert_eq!(on(1), Some((0, 2, 0, 200)), "{db}: both payments on their day");
+        assert_eq!(on(2), Some((0, 0, 2, -200)), "{db}: both refunds on theirs");
+        let rows = rows(&store, &item).await;
+        let status = |o: &str| rows.iter().find(|r| r.order_id == o).map(|r| r.status);
+        assert_eq!(
+            (status(&f), status(&g)),
+            (Some(OrderStatus::Refunded), Some(OrderStatus::Refunded)),
+            "{db}"
+        );
     }
 }
 

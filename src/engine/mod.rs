@@ -587,6 +587,15 @@ impl Engine {
         delegate!(self, e => e.ping())
     }
 
+    /// The background health check's ping: with Redis outside the guards
+    /// ([`redis::RedisEngine::ping_unguarded`]).
+    pub async fn health_ping(&self) -> Result<(), Error> {
+        match &self.inner.kind {
+            Kind::Redis(r) => r.ping_unguarded().await,
+            Kind::Embedded(e) => e.ping().await,
+        }
+    }
+
     /// Change the shared rate limits (`PUT /admin/v1/limits`). With Redis: stored in
     /// `sk:limits` and announced on the change feed, so every instance applies them (this
     /// one before answering); embedded: applied here, until the process stops.

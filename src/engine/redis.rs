@@ -786,6 +786,14 @@ impl RedisEngine {
     /// ([`crate::app::STOCK_REFRESH`]): read outside the guards, as the heartbeat, so that a
     /// periodic background read never takes a shopper's in-flight permit or an open
     /// circuit's probe. A bucketed item sums its buckets. `None`: no such item.
+    /// `PING` outside the guards, for the background health check (`crate::health`): a
+    /// periodic check must not take a shopper's in-flight permit or an open circuit's probe
+    /// (as the stock gauges' reads, [`Self::stock_for_gauge`]).
+    pub async fn ping_unguarded(&self) -> Result<(), Error> {
+        let _: String = self.query_unguarded(&redis::cmd("PING")).await?;
+        Ok(())
+    }
+
     pub async fn stock_for_gauge(&self, item: &str) -> Result<Option<(i64, i64)>, Error> {
         let h: Vec<Option<i64>> = self
             .query_unguarded(
