@@ -40,6 +40,8 @@ pub struct App {
     pub clock: Clock,
     /// The engine's and the store's health, checked in the background (`GET /readyz`).
     pub health: crate::health::Health,
+    /// How often a request's failure is logged ([`crate::lograte`]).
+    pub failure_log: crate::lograte::LogRate,
     /// Request ids: an instance prefix and a counter (unique, cheap, sortable per instance).
     request_prefix: String,
     request_seq: AtomicU64,
@@ -86,6 +88,7 @@ impl App {
             metrics,
             clock,
             health: crate::health::Health::default(),
+            failure_log: crate::lograte::LogRate::default(),
         });
         // Ready answers from the first check on (then every half second: `spawn_background`).
         app.health.check(&app.engine, &app.store).await;

@@ -41,6 +41,7 @@ pub mod http;
 pub mod identity;
 pub mod ids;
 pub mod limiter;
+pub mod lograte;
 pub mod metrics;
 pub mod orders;
 pub mod payments;

@@ -268,3 +268,61 @@ async fn slow_oversized_headers_keep_memory_small() {
     assert_eq!(r.status.as_u16(), 200, "still serving");
     gw.kill();
 }
+
+/// A Redis outage at 300 requests/s is logged at a bounded rate: at most a line a second per
+/// kind of failure, counting those left out (it was one warning per request: 1,347 lines in
+/// 3 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeated_failures_are_logged_at_a_bounded_rate() {
+    use common::binary::Binary;
+    let mut redis = RedisServer::start();
+    let mut gw = Binary::builder()
+        .flag("--redis-url", &redis.url())
+        .flag("--database-url", "sqlite://orders.db")
+        .flag("--demo", "false")
+        .flag("--rate-per-user", "0")
+        .flag("--rate-per-ip", "0")
+        .flag("--redis-timeout", "200ms")
+        .flag("--admin-token", common::http::ADMIN_TOKEN)
+        .spawn();
+    gw.ready().await;
+    let item = common::unique("outage");
+    gw.create_item(&item, 1_000, 1).await;
+    gw.reserve_ok(&item, "before").await;
+    redis.kill();
+    let started = Instant::now();
+    let mut refused = 0;
+    while started.elapsed() < Duration::from_secs(3) {
+        let batch = (0..30).map(|i| {
+            let api = gw.api.clone();
+            let path = format!("/api/v1/items/{item}/reserve");
+            async move { common::http::try_send(api.post(&path).user(&format!("u{i}"))).await }
+        });
+        refused += futures_util::future::join_all(batch)
+            .await
+            .into_iter()
+            .filter(|r| r.as_ref().is_ok_and(|r| r.status.as_u16() == 503))
+            .count();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(refused >= 150, "{refused} refused");
+    let log = gw.log_text();
+    let failed: Vec<&str> = log.lines().filter(|l| l.contains(" failed")).collect();
+    eprintln!(
+        "{refused} refusals, {} failure lines:\n{}",
+        failed.len(),
+        failed.join("\n")
+    );
+    assert!(
+        failed.len() <= 12,
+        "{} failure lines for {refused} refusals",
+        failed.len()
+    );
+    assert!(
+        failed
+            .iter()
+            .any(|l| l.contains("suppressed=") && !l.contains("suppressed=0")),
+        "a line counts the ones left out"
+    );
+    gw.kill();
+}

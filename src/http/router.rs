@@ -157,9 +157,12 @@ impl Ctx<'_> {
         self.app.clock.now_ms()
     }
 
-    /// A failure, logged with its cause, told to the client as 503 (or 500).
+    /// A failure, told to the client as 503 (or 500); logged with its cause at most once a
+    /// second per kind, the line counting those left out since ([`crate::lograte`]).
     pub fn failed(&self, what: &'static str, e: Error) -> Reject {
-        tracing::warn!(request_id = self.request_id, item_or_order = self.id, cause = %e, side = ?e.side(), "{what} failed");
+        if let Some(suppressed) = self.app.failure_log.admit(what) {
+            tracing::warn!(request_id = self.request_id, item_or_order = self.id, cause = %e, side = ?e.side(), suppressed, "{what} failed");
+        }
         e.to_reject()
     }
 

@@ -25,7 +25,9 @@ pub async fn sweep(engine: &Engine) -> usize {
     match engine.sweep().await {
         Ok(n) => n,
         Err(e) => {
-            tracing::warn!(cause = %e, "deadline sweep failed");
+            if let Some(suppressed) = crate::lograte::BACKGROUND.admit("sweep") {
+                tracing::warn!(cause = %e, suppressed, "deadline sweep failed");
+            }
             0
         }
     }

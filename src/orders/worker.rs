@@ -40,6 +40,7 @@ use crate::engine::redis::{RedisEngine, text};
 use crate::engine::seq::{Floors, Mark};
 use crate::error::Error;
 use crate::ids::{bucket_id, shard_of};
+use crate::lograte::BACKGROUND;
 use crate::metrics;
 use crate::retry::backoff;
 use crate::shutdown::stopped;
@@ -342,7 +343,9 @@ impl ShardWorker {
             match self.store.apply_marked(events, transfers, marks).await {
                 Ok(_) => return Ok(()),
                 Err(e) => {
-                    tracing::warn!(shard = self.shard, events = events.len(), cause = %e, "persisting a batch failed; retrying");
+                    if let Some(suppressed) = BACKGROUND.admit("persist") {
+                        tracing::warn!(shard = self.shard, events = events.len(), cause = %e, suppressed, "persisting a batch failed; retrying");
+                    }
                     if *shutdown.borrow() {
                         return Err(e);
                     }
@@ -405,7 +408,9 @@ impl ShardWorker {
             match step.await {
                 Ok(()) => delays = backoff(),
                 Err(e) => {
-                    tracing::warn!(shard = self.shard, cause = %e, "persistence worker step failed; retrying");
+                    if let Some(suppressed) = BACKGROUND.admit("worker step") {
+                        tracing::warn!(shard = self.shard, cause = %e, suppressed, "persistence worker step failed; retrying");
+                    }
                     tokio::select! {
                         _ = tokio::time::sleep(delays.next().unwrap_or(crate::retry::MAX_DELAY)) => {}
                         _ = stopped(&mut shutdown) => return,
