@@ -175,6 +175,7 @@ pub const ROUTES: &[&str] = &[
     "payment_webhook",
     "admin_sales_csv",
     "admin_sales_xlsx",
+    "openapi",
     "metrics",
     "healthz",
     "readyz",

@@ -78,6 +78,7 @@ const ROUTES: &[&str] = &[
     "payment_webhook",
     "admin_sales_csv",
     "admin_sales_xlsx",
+    "openapi",
     "metrics",
     "healthz",
     "readyz",

@@ -34,7 +34,7 @@ DEFAULT_ALERTS = os.path.join(HERE, "..", "prometheus", "alerts.yml")
 ROUTES = {"item_get", "reserve", "pay", "cancel", "order_get", "orders_list", "admin_item_put",
           "admin_stats", "admin_orders_csv", "admin_item_pause", "admin_item_resume",
           "admin_pause_all", "admin_resume_all", "admin_limits", "admin_refund", "payment_webhook",
-          "admin_sales_csv", "admin_sales_xlsx", "metrics", "healthz", "readyz", "not_found"}
+          "admin_sales_csv", "admin_sales_xlsx", "openapi", "metrics", "healthz", "readyz", "not_found"}
 OUTCOMES = {"ok", "bad_request", "unauthenticated", "forbidden", "unknown_item", "unknown_order",
             "limit_reached", "order_closed", "sold_out", "not_started", "ended",
             "payload_too_large", "rate_limited", "paused", "unavailable", "bad_signature", "amount_mismatch", "internal",

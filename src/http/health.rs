@@ -14,6 +14,14 @@ pub fn metrics(ctx: &Ctx<'_>) -> Answer {
     ))
 }
 
+/// The OpenAPI 3.1 document of every route (`docs/openapi.json`, built in).
+pub const OPENAPI: &str = include_str!("../../docs/openapi.json");
+
+/// `GET /openapi.json`.
+pub fn openapi() -> Answer {
+    Ok(reply::text(StatusCode::OK, "application/json", OPENAPI))
+}
+
 /// `GET /healthz`: the process is up.
 pub fn healthz() -> Answer {
     Ok(reply::ok(&serde_json::json!({"status": "ok"})))

@@ -46,6 +46,7 @@ enum Route {
     PaymentWebhook,
     AdminSalesCsv,
     AdminSalesXlsx,
+    OpenApi,
     Metrics,
     Healthz,
     Readyz,
@@ -73,6 +74,7 @@ impl Route {
             Route::PaymentWebhook => "payment_webhook",
             Route::AdminSalesCsv => "admin_sales_csv",
             Route::AdminSalesXlsx => "admin_sales_xlsx",
+            Route::OpenApi => "openapi",
             Route::Metrics => "metrics",
             Route::Healthz => "healthz",
             Route::Readyz => "readyz",
@@ -106,12 +108,40 @@ fn route(path: &str) -> (Route, Method, Option<&str>) {
         ["webhooks", "payments"] => (Route::PaymentWebhook, Method::POST, None),
         ["admin", "v1", "reports", "sales.csv"] => (Route::AdminSalesCsv, Method::GET, None),
         ["admin", "v1", "reports", "sales.xlsx"] => (Route::AdminSalesXlsx, Method::GET, None),
+        ["openapi.json"] => (Route::OpenApi, Method::GET, None),
         ["metrics"] => (Route::Metrics, Method::GET, None),
         ["healthz"] => (Route::Healthz, Method::GET, None),
         ["readyz"] => (Route::Readyz, Method::GET, None),
         _ => (Route::NotFound, Method::GET, None),
     }
 }
+
+/// Every route as `(method, path template)`, as `docs/openapi.json` describes them (a test
+/// holds the two, and this and [`route`], to each other).
+pub const TEMPLATES: &[(&str, &str)] = &[
+    ("GET", "/api/v1/items/{item_id}"),
+    ("POST", "/api/v1/items/{item_id}/reserve"),
+    ("GET", "/api/v1/orders"),
+    ("GET", "/api/v1/orders/{order_id}"),
+    ("POST", "/api/v1/orders/{order_id}/pay"),
+    ("POST", "/api/v1/orders/{order_id}/cancel"),
+    ("POST", "/webhooks/payments"),
+    ("PUT", "/admin/v1/items/{item_id}"),
+    ("GET", "/admin/v1/items/{item_id}/stats"),
+    ("GET", "/admin/v1/items/{item_id}/orders.csv"),
+    ("POST", "/admin/v1/items/{item_id}/pause"),
+    ("POST", "/admin/v1/items/{item_id}/resume"),
+    ("POST", "/admin/v1/pause"),
+    ("POST", "/admin/v1/resume"),
+    ("PUT", "/admin/v1/limits"),
+    ("POST", "/admin/v1/orders/{order_id}/refund"),
+    ("GET", "/admin/v1/reports/sales.csv"),
+    ("GET", "/admin/v1/reports/sales.xlsx"),
+    ("GET", "/openapi.json"),
+    ("GET", "/metrics"),
+    ("GET", "/healthz"),
+    ("GET", "/readyz"),
+];
 
 /// The segments of a path after its leading slashes (as `split('/')` cuts them), and how
 /// many there are; `None` beyond five. Split by bytes: `str::split('/')` calls memcmp per
@@ -271,6 +301,7 @@ pub async fn handle(app: &Arc<App>, req: Request<Incoming>, peer: SocketAddr) ->
                 Route::PaymentWebhook => Box::pin(webhook::payment(&ctx, req)).await,
                 Route::AdminSalesCsv => Box::pin(reports::sales(&ctx, req, ReportFormat::Csv)).await,
                 Route::AdminSalesXlsx => Box::pin(reports::sales(&ctx, req, ReportFormat::Xlsx)).await,
+                Route::OpenApi => health::openapi(),
                 Route::Metrics => health::metrics(&ctx),
                 Route::Healthz => health::healthz(),
                 Route::Readyz => health::readyz(&ctx).await,
@@ -350,6 +381,30 @@ mod tests {
             route("/api/v1/items/é/reserve"),
             (Route::Reserve, _, Some("é"))
         ));
+    }
+
+    /// Every template routes to a route of its method, every route but `not_found` has one
+    /// template, and every `route` label is one of the metrics' labels.
+    #[test]
+    fn every_route_has_its_template() {
+        let mut labels = std::collections::BTreeSet::new();
+        for (method, template) in TEMPLATES {
+            let path = template.replace("{item_id}", "x1").replace("{order_id}", "o1");
+            let (r, m, _) = route(&path);
+            assert!(!matches!(r, Route::NotFound), "{template}");
+            assert_eq!(m.as_str(), *method, "{template}");
+            assert!(
+                labels.insert(r.label()),
+                "{template}: a second template of {}",
+                r.label()
+            );
+        }
+        let all: std::collections::BTreeSet<&str> = crate::metrics::ROUTES
+            .iter()
+            .copied()
+            .filter(|l| *l != "not_found")
+            .collect();
+        assert_eq!(labels, all, "the templates cover every route");
     }
 
     proptest! {
