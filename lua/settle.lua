@@ -25,9 +25,10 @@
 -- nothing changed. Else (the provider is not a shopper: no owner check):
 --  * {"unknown_order"}
 --  * {"ok", "paid", stock_after}        paid now, as pay.lua
---  * {"ok", "refund_due", stock_after}  closed before (cancelled or expired, or
---                                       reserved past its deadline: then expired
---                                       by this call first, as expire.lua): status
+--  * {"ok", "refund_due", stock_after, expired_now}  closed before (cancelled or
+--                                       expired, or reserved past its deadline: then
+--                                       expired by this call first, as expire.lua,
+--                                       and `expired_now` is 1, else 0): status
 --                                       `refund_due`, `refund_of` = the closing
 --                                       status, `refund_due` event; no unit moves
 --  * {"already", status}                paid, refund_due or refunded before:
@@ -51,12 +52,14 @@ if o.status == "reserved" and o.pay_before > c.now then
   close_order(c, o, "paid")
   return {"ok", "paid", tonumber(redis.call("HGET", KEYS[2], "stock"))}
 end
+local expired_now = 0
 if o.status == "reserved" then
   expire_order(c, o)
   o.status = "expired"
+  expired_now = 1
 end
 if o.status == "cancelled" or o.status == "expired" then
   close_order(c, o, "refund_due", o.status)
-  return {"ok", "refund_due", tonumber(redis.call("HGET", KEYS[2], "stock"))}
+  return {"ok", "refund_due", tonumber(redis.call("HGET", KEYS[2], "stock")), expired_now}
 end
 return {"already", o.status}

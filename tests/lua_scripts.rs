@@ -1786,7 +1786,23 @@ async fn a_forgotten_order_is_taken_back_from_its_record_only_when_closed() {
     }
     assert_eq!(sale.counters().await, [5, 0, 0, 0, 0]);
     sale.assert_invariants().await;
-    // A late payment of it is left as it is.
+    // A late payment of an overdue order expires it first, and says so.
+    let late = sale.reserved("bob", 1).await;
+    let _: i64 = sale
+        .cmd(&["HSET", &sale.order_key(&late), "pay_before_ms", &NOW.to_string()])
+        .await;
+    assert_eq!(
+        decode(sale.try_settle(&late, None, "").await.unwrap()),
+        reply!["ok", "refund_due", 5, 1]
+    );
+    let c = sale.reserved("carol", 1).await;
+    assert_eq!(sale.cancel(&c, "carol", NOW).await[0], R::from("ok"));
+    assert_eq!(
+        decode(sale.try_settle(&c, None, "").await.unwrap()),
+        reply!["ok", "refund_due", 5, 0],
+        "cancelled before: nothing expired now"
+    );
+    // A late payment of the refunded order is left as it is.
     assert_eq!(
         decode(sale.try_settle(&order, None, "").await.unwrap()),
         reply!["already", "refunded"]

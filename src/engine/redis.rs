@@ -1230,6 +1230,10 @@ impl StockEngine for RedisEngine {
         })?;
         if let TransitionReply::Done { status, stock_after } = reply {
             self.wait_replicas(shard).await?;
+            // A late payment of an overdue order expired it first, in the same call.
+            if status == OrderStatus::RefundDue && parts.get(3).and_then(int) == Some(1) {
+                self.moved(&item_id, OrderStatus::Expired, None).await;
+            }
             self.moved(&item_id, status, Some(stock_after)).await;
         }
         Ok(reply)
