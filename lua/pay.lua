@@ -48,8 +48,4 @@ local o, refused = open_order_of(c, ARGV[2], "paid")
 if refused then return refused end
 
 -- Writes: the units move from `reserved` to `paid`; stock does not change.
-redis.call("HINCRBY", KEYS[2], "reserved", o.neg_qty_s)
-redis.call("HINCRBY", KEYS[2], "paid", o.qty_s)
-local stock_after = tonumber(redis.call("HGET", KEYS[2], "stock"))
-close_order(c, o, "paid")
-return {"ok", "paid", stock_after}
+return {"ok", "paid", pay_order(c, o)}

@@ -47,10 +47,7 @@ if not o then return {"unknown_order"} end
 check_item(c, o)
 
 if o.status == "reserved" and o.pay_before > c.now then
-  redis.call("HINCRBY", KEYS[2], "reserved", o.neg_qty_s)
-  redis.call("HINCRBY", KEYS[2], "paid", o.qty_s)
-  close_order(c, o, "paid")
-  return {"ok", "paid", tonumber(redis.call("HGET", KEYS[2], "stock"))}
+  return {"ok", "paid", pay_order(c, o)}
 end
 local expired_now = 0
 if o.status == "reserved" then

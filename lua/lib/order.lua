@@ -135,6 +135,15 @@ local function close_order(c, o, final, refund_of)
     now_s, o.created_ms, o.pay_before_ms, o.idem_key, o.price_s, o.refund_of}, "|"), "q", next_seq(KEYS[6], c.epoch))
 end
 
+-- Pays a reserved order: its units move from `reserved` to `paid` (stock does not
+-- change) and it closes as `paid`. Answers the stock.
+local function pay_order(c, o)
+  redis.call("HINCRBY", KEYS[2], "reserved", o.neg_qty_s)
+  redis.call("HINCRBY", KEYS[2], "paid", o.qty_s)
+  close_order(c, o, "paid")
+  return tonumber(redis.call("HGET", KEYS[2], "stock"))
+end
+
 -- Expires a reserved order: its stock and quota come back, exactly once.
 -- Answers the stock after.
 local function expire_order(c, o)

@@ -206,6 +206,21 @@ impl EmbeddedEngine {
     }
 }
 
+/// Pay a reserved order (`order`, as it was), under the lock: its units move from
+/// `reserved` to `paid`, its deadline goes. Returns the item's stock.
+fn pay(s: &mut State, order: &Order, now: Millis) -> i64 {
+    if let Some(o) = s.orders.get_mut(&order.order_id) {
+        o.status = OrderStatus::Paid;
+        o.updated_ms = now;
+    }
+    s.closed.insert((now, order.order_id.clone()));
+    s.deadlines.remove(&(order.pay_before_ms, order.order_id.clone()));
+    let item = s.items.get_mut(&order.item_id).expect("an order's item exists");
+    item.reserved -= order.qty;
+    item.paid += order.qty;
+    item.stock
+}
+
 /// Return a reserved order's units to the sale (cancel or expire), under the lock.
 fn release(s: &mut State, order_id: &str, to: OrderStatus, now: Millis) -> Option<(Order, i64)> {
     let order = s.orders.get_mut(order_id)?;
@@ -557,15 +572,7 @@ impl StockEngine for EmbeddedEngine {
                     },
                 )
             } else if t == Transition::Pay {
-                let o = s.orders.get_mut(order_id).expect("present");
-                o.status = OrderStatus::Paid;
-                o.updated_ms = now;
-                s.closed.insert((now, order_id.to_owned()));
-                let item = s.items.get_mut(&order.item_id).expect("an order's item exists");
-                item.reserved -= order.qty;
-                item.paid += order.qty;
-                let stock_after = item.stock;
-                s.deadlines.remove(&(order.pay_before_ms, order.order_id.clone()));
+                let stock_after = pay(&mut s, &order, now);
                 let ev = OrderEvent::of(&order, OrderStatus::Paid, now);
                 (
                     order,
@@ -644,18 +651,11 @@ impl StockEngine for EmbeddedEngine {
             let mut events = Vec::new();
             let reply = match (op, order.status) {
                 (Settle::Payment, OrderStatus::Reserved) if order.pay_before_ms > now => {
-                    let o = s.orders.get_mut(order_id).expect("present");
-                    o.status = OrderStatus::Paid;
-                    o.updated_ms = now;
-                    s.closed.insert((now, order_id.to_owned()));
-                    s.deadlines.remove(&(order.pay_before_ms, order.order_id.clone()));
-                    let item = s.items.get_mut(&order.item_id).expect("an order's item exists");
-                    item.reserved -= order.qty;
-                    item.paid += order.qty;
+                    let stock_after = pay(&mut s, &order, now);
                     events.push(OrderEvent::of(&order, OrderStatus::Paid, now));
                     TransitionReply::Done {
                         status: OrderStatus::Paid,
-                        stock_after: item.stock,
+                        stock_after,
                     }
                 }
                 // Paid for after it closed: the money is owed back; its units came back

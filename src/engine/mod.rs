@@ -511,23 +511,12 @@ impl Engine {
     /// `Already`, another `Closed` (a repeated pay or cancel is answered the same forever).
     pub async fn transition(&self, t: Transition, order_id: &str, user_id: &str) -> Result<TransitionReply, Error> {
         let reply = delegate!(self, e => e.transition(t, order_id, user_id))?;
-        // Only an id of ours can be a row: a made-up one costs no database query.
-        let (TransitionReply::UnknownOrder, Some(shard)) = (&reply, crate::ids::order_shard(order_id)) else {
+        let TransitionReply::UnknownOrder = reply else {
             return Ok(reply);
         };
-        let Some(row) = self.inner.store.order(order_id).await? else {
+        let Some(row) = self.forgotten(order_id).await? else {
             return Ok(reply);
         };
-        if row.status == OrderStatus::Reserved {
-            if let Some(redis) = self.redis() {
-                // The order's shard, which its id carries: its bucket's, not always its item's.
-                redis.alarms().raise(shard);
-                return Err(Error::Fenced(format!(
-                    "order {order_id} is open in the database but not in Redis"
-                )));
-            }
-            return Ok(reply);
-        }
         Ok(if row.user_id != user_id {
             TransitionReply::Forbidden
         } else if row.status == t.target() {
@@ -543,23 +532,39 @@ impl Engine {
     /// by Redis: 503 while its shard is rebuilt, as for pay and cancel.
     pub async fn settle(&self, op: Settle, order_id: &str) -> Result<TransitionReply, Error> {
         let reply = delegate!(self, e => e.settle(op, order_id, None))?;
-        // Only an id of ours can be a row: a made-up one costs no database query.
-        let (TransitionReply::UnknownOrder, Some(shard)) = (&reply, crate::ids::order_shard(order_id)) else {
+        let TransitionReply::UnknownOrder = reply else {
             return Ok(reply);
+        };
+        match self.forgotten(order_id).await? {
+            Some(record) => delegate!(self, e => e.settle(op, order_id, Some(&record))),
+            None => Ok(reply),
+        }
+    }
+
+    /// The database's record of an order the engine did not know: `Some` when it is closed
+    /// (the engine forgot it past its TTL; its item id is the engine's, a bucket's where it
+    /// has one); `None` when there is none, or it is open in the embedded engine's database
+    /// (never forgotten there). Open in the database and missing from Redis, Redis lost it:
+    /// its shard is fenced and rebuilt ([`crate::orders::repair`]), and the caller answers
+    /// 503. Only an id of ours can be a row: a made-up one costs no database query.
+    async fn forgotten(&self, order_id: &str) -> Result<Option<Order>, Error> {
+        let Some(shard) = crate::ids::order_shard(order_id) else {
+            return Ok(None);
         };
         let Some(record) = self.inner.store.engine_order(order_id).await? else {
-            return Ok(reply);
+            return Ok(None);
         };
-        if record.status == OrderStatus::Reserved {
-            if let Some(redis) = self.redis() {
-                redis.alarms().raise(shard);
-                return Err(Error::Fenced(format!(
-                    "order {order_id} is open in the database but not in Redis"
-                )));
-            }
-            return Ok(reply);
+        if record.status != OrderStatus::Reserved {
+            return Ok(Some(record));
         }
-        delegate!(self, e => e.settle(op, order_id, Some(&record)))
+        if let Some(redis) = self.redis() {
+            // The order's shard, which its id carries: its bucket's, not always its item's.
+            redis.alarms().raise(shard);
+            return Err(Error::Fenced(format!(
+                "order {order_id} is open in the database but not in Redis"
+            )));
+        }
+        Ok(None)
     }
 
     /// An order: from the engine while it holds it, else from the database.

@@ -76,6 +76,18 @@ impl Scripts {
     }
 }
 
+/// The KEYS of the scripts on one order (pay, cancel, expire, settle, refund: `lua/lib/order.lua`):
+/// the order, its item's hash and buyers, and its shard's deadlines, events and sequence.
+fn order_keys(inv: &mut redis::ScriptInvocation<'_>, order_key: &str, item_id: &str) {
+    let shard = shard_of(item_id);
+    inv.key(order_key)
+        .key(keys::item(item_id))
+        .key(keys::buyers(item_id))
+        .key(keys::deadlines(shard))
+        .key(keys::events(shard))
+        .key(keys::seq(shard));
+}
+
 /// Run a prepared script invocation of `shard` under its guard, timing it; its reply must
 /// be a non-empty array. A `FENCED` answer wakes the repair task
 /// ([`crate::orders::repair`]).
@@ -786,6 +798,21 @@ impl RedisEngine {
     /// ([`crate::app::STOCK_REFRESH`]): read outside the guards, as the heartbeat, so that a
     /// periodic background read never takes a shopper's in-flight permit or an open
     /// circuit's probe. A bucketed item sums its buckets. `None`: no such item.
+    /// An order's key and its item (a bucket's id where it was made in one), which its
+    /// scripts' keys are built from (one slot: the order id carries the item's shard): from
+    /// its hash, else from the database's `record` of it; `None` for neither.
+    async fn order_item(&self, order_id: &str, record: Option<&Order>) -> Result<Option<(String, String)>, Error> {
+        let (Some(order_key), Some(order_shard)) = (keys::order(order_id), order_shard(order_id)) else {
+            return Ok(None);
+        };
+        let item_id: Option<String> = self
+            .query_shard(order_shard, redis::cmd("HGET").arg(&order_key).arg("item_id"))
+            .await?;
+        Ok(item_id
+            .or_else(|| record.map(|r| r.item_id.clone()))
+            .map(|i| (order_key, i)))
+    }
+
     /// `PING` outside the guards, for the background health check (`crate::health`): a
     /// periodic check must not take a shopper's in-flight permit or an open circuit's probe
     /// (as the stock gauges' reads, [`Self::stock_for_gauge`]).
@@ -1143,15 +1170,7 @@ impl StockEngine for RedisEngine {
     }
 
     async fn transition(&self, t: Transition, order_id: &str, user_id: &str) -> Result<TransitionReply, Error> {
-        let (Some(order_key), Some(order_shard)) = (keys::order(order_id), order_shard(order_id)) else {
-            return Ok(TransitionReply::UnknownOrder);
-        };
-        // The order names its item, whose keys the script must declare (one slot: the
-        // order id carries the item's shard).
-        let item_id: Option<String> = self
-            .query_shard(order_shard, redis::cmd("HGET").arg(&order_key).arg("item_id"))
-            .await?;
-        let Some(item_id) = item_id else {
+        let Some((order_key, item_id)) = self.order_item(order_id, None).await? else {
             return Ok(TransitionReply::UnknownOrder);
         };
         let (name, script) = match t {
@@ -1160,13 +1179,8 @@ impl StockEngine for RedisEngine {
         };
         let shard = shard_of(&item_id);
         let mut inv = script.prepare_invoke();
-        inv.key(&order_key)
-            .key(keys::item(&item_id))
-            .key(keys::buyers(&item_id))
-            .key(keys::deadlines(shard))
-            .key(keys::events(shard))
-            .key(keys::seq(shard))
-            .arg(order_id)
+        order_keys(&mut inv, &order_key, &item_id);
+        inv.arg(order_id)
             .arg(user_id)
             .arg(&item_id)
             .arg(self.settings.closed_order_ttl.as_secs().max(1))
@@ -1192,13 +1206,7 @@ impl StockEngine for RedisEngine {
     }
 
     async fn settle(&self, op: Settle, order_id: &str, record: Option<&Order>) -> Result<TransitionReply, Error> {
-        let (Some(order_key), Some(order_shard)) = (keys::order(order_id), order_shard(order_id)) else {
-            return Ok(TransitionReply::UnknownOrder);
-        };
-        let item_id: Option<String> = self
-            .query_shard(order_shard, redis::cmd("HGET").arg(&order_key).arg("item_id"))
-            .await?;
-        let Some(item_id) = item_id.or_else(|| record.map(|r| r.item_id.clone())) else {
+        let Some((order_key, item_id)) = self.order_item(order_id, record).await? else {
             return Ok(TransitionReply::UnknownOrder);
         };
         let record = record.map_or_else(String::new, |r| OrderEvent::of(r, r.status, r.updated_ms).packed());
@@ -1208,14 +1216,8 @@ impl StockEngine for RedisEngine {
             Settle::Refund { .. } => ("refund", &self.scripts.refund),
         };
         let mut inv = script.prepare_invoke();
-        inv.key(&order_key)
-            .key(keys::item(&item_id))
-            .key(keys::buyers(&item_id))
-            .key(keys::deadlines(shard))
-            .key(keys::events(shard))
-            .key(keys::seq(shard))
-            .arg(order_id)
-            .arg(&item_id);
+        order_keys(&mut inv, &order_key, &item_id);
+        inv.arg(order_id).arg(&item_id);
         if let Settle::Refund { restock } = op {
             inv.arg(if restock { "1" } else { "0" });
         }
@@ -1245,13 +1247,8 @@ impl StockEngine for RedisEngine {
         };
         let shard = shard_of(item_id);
         let mut inv = self.scripts.expire.prepare_invoke();
-        inv.key(order_key)
-            .key(keys::item(item_id))
-            .key(keys::buyers(item_id))
-            .key(keys::deadlines(shard))
-            .key(keys::events(shard))
-            .key(keys::seq(shard))
-            .arg(order_id)
+        order_keys(&mut inv, &order_key, item_id);
+        inv.arg(order_id)
             .arg(item_id)
             .arg(self.settings.closed_order_ttl.as_secs().max(1))
             .arg(self.now_arg())
