@@ -42,6 +42,8 @@ pub struct App {
     pub health: crate::health::Health,
     /// How often a request's failure is logged ([`crate::lograte`]).
     pub failure_log: crate::lograte::LogRate,
+    /// Which requests are traced and logged, and the span exporter ([`crate::telemetry`]).
+    pub telemetry: crate::telemetry::Telemetry,
     /// Request ids: an instance prefix and a counter (unique, cheap, sortable per instance).
     request_prefix: String,
     request_seq: AtomicU64,
@@ -52,6 +54,7 @@ impl App {
     pub async fn build(config: Config, clock: Clock) -> anyhow::Result<Arc<App>> {
         config.validate()?;
         let metrics = metrics::install();
+        let telemetry = crate::telemetry::Telemetry::new(config.otel_endpoint.as_deref(), config.access_log_sample)?;
         let store = Arc::new(Store::connect(&config.database_url, config.store_timeout).await?);
         let filter = Arc::new(ItemFilter::new(Vec::new()));
         let cache = Arc::new(LocalCache::new(config.item_cache_ttl, config.sold_out_ttl));
@@ -89,6 +92,7 @@ impl App {
             clock,
             health: crate::health::Health::default(),
             failure_log: crate::lograte::LogRate::default(),
+            telemetry,
         });
         // Ready answers from the first check on (then every half second: `spawn_background`).
         app.health.check(&app.engine, &app.store).await;

@@ -145,6 +145,18 @@ pub struct Config {
     #[arg(long, global = true, env = "SECKILL_LOG", value_name = "FILTER")]
     pub log: Option<String>,
 
+    /// Share of sale traffic (shopper and plain routes) given an access log line at info,
+    /// 0–1. Admin and webhook requests, requests whose `traceparent` is sampled, and 5xx
+    /// answers always get one. `SECKILL_LOG=info,access=off` turns the lines off.
+    #[arg(long, global = true, env = "SECKILL_ACCESS_LOG_SAMPLE", default_value_t = 0.01)]
+    pub access_log_sample: f64,
+
+    /// OTLP/HTTP collector (e.g. `http://127.0.0.1:4318`): traced requests' spans are
+    /// exported to `<endpoint>/v1/traces`. Unset: nothing is exported (W3C `traceparent` is
+    /// honoured either way).
+    #[arg(long, global = true, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    pub otel_endpoint: Option<String>,
+
     /// Timeout of every Redis command (connect and response).
     #[arg(long, global = true, env = "SECKILL_REDIS_TIMEOUT", default_value = "1s", value_parser = humantime::parse_duration)]
     pub redis_timeout: Duration,
@@ -302,6 +314,14 @@ impl Config {
         }
         if self.max_deliveries == 0 {
             return bad("SECKILL_MAX_DELIVERIES", "must be at least 1");
+        }
+        if !(0.0..=1.0).contains(&self.access_log_sample) {
+            return bad("SECKILL_ACCESS_LOG_SAMPLE", "must be a share from 0 to 1");
+        }
+        if let Some(url) = &self.otel_endpoint
+            && !(url.starts_with("http://") || url.starts_with("https://"))
+        {
+            return bad("OTEL_EXPORTER_OTLP_ENDPOINT", "must be an http:// or https:// URL");
         }
         if let Some(log) = &self.log
             && let Err(e) = tracing_subscriber::EnvFilter::try_new(log)

@@ -25,7 +25,8 @@
 //! (injectable time), [`store`] (PostgreSQL or SQLite), [`app`] (shared state, and the one
 //! place an engine's item news becomes local state), [`server`] (start and stop a gateway),
 //! [`shutdown`] and [`retry`] (the background tasks' stop signal and reconnect delays),
-//! [`reload`] (SIGHUP: the `--config` file read again, rate limits and log filter applied).
+//! [`reload`] (SIGHUP: the `--config` file read again, rate limits and log filter applied),
+//! [`telemetry`] (W3C trace context, the access log, OTLP span export).
 //! The Redis key layout and script interfaces are in `docs/internals.md`.
 
 pub mod app;
@@ -50,3 +51,4 @@ pub mod retry;
 pub mod server;
 pub mod shutdown;
 pub mod store;
+pub mod telemetry;

@@ -62,6 +62,79 @@ const BATCH_BUCKETS: &[f64] = &[
     1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0,
 ];
 
+/// The exposition text of every metric: the recorder's, then the process metrics
+/// ([`process_text`]).
+pub fn render(handle: &PrometheusHandle) -> String {
+    let mut text = handle.render();
+    process_text(&mut text);
+    text
+}
+
+/// The process metrics, the Prometheus client libraries' names (`process_cpu_seconds_total`,
+/// `process_resident_memory_bytes`, `process_open_fds`, …), read from `/proc` now by
+/// `metrics_process`. Written here, not through the recorder: a `metrics` counter holds whole
+/// numbers, and CPU seconds need their fraction (`rate()` of whole seconds is coarse).
+fn process_text(out: &mut String) {
+    use std::fmt::Write;
+    let m = metrics_process::collector::collect();
+    let u = |v: Option<u64>| v.map(|v| v as f64);
+    let all = [
+        (
+            "process_cpu_seconds_total",
+            "counter",
+            "Total user and system CPU time spent in seconds.",
+            m.cpu_seconds_total,
+        ),
+        (
+            "process_open_fds",
+            "gauge",
+            "Number of open file descriptors.",
+            u(m.open_fds),
+        ),
+        (
+            "process_max_fds",
+            "gauge",
+            "Maximum number of open file descriptors.",
+            u(m.max_fds),
+        ),
+        (
+            "process_virtual_memory_bytes",
+            "gauge",
+            "Virtual memory size in bytes.",
+            u(m.virtual_memory_bytes),
+        ),
+        (
+            "process_virtual_memory_max_bytes",
+            "gauge",
+            "Maximum amount of virtual memory available in bytes (0: unlimited).",
+            u(m.virtual_memory_max_bytes),
+        ),
+        (
+            "process_resident_memory_bytes",
+            "gauge",
+            "Resident memory size in bytes.",
+            u(m.resident_memory_bytes),
+        ),
+        (
+            "process_start_time_seconds",
+            "gauge",
+            "Start time of the process since unix epoch in seconds.",
+            u(m.start_time_seconds),
+        ),
+        (
+            "process_threads",
+            "gauge",
+            "Number of OS threads in the process.",
+            u(m.threads),
+        ),
+    ];
+    for (name, kind, help, value) in all {
+        if let Some(v) = value {
+            let _ = write!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}\n");
+        }
+    }
+}
+
 /// Install the global recorder once per process and start its upkeep task. Later calls
 /// (tests start several gateways in one process) return the first handle.
 pub fn install() -> PrometheusHandle {

@@ -33,6 +33,9 @@ impl Running {
         for t in self.tasks {
             let _ = t.await;
         }
+        // The spans still queued for export (a blocking flush, bounded by the export timeout).
+        let app = self.app.clone();
+        let _ = tokio::task::spawn_blocking(move || app.telemetry.shutdown()).await;
     }
 }
 

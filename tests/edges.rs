@@ -204,6 +204,56 @@ async fn a_connection_over_the_cap_gets_a_503_it_can_read() {
     assert!(r.is_some(), "served again once the held connections closed");
 }
 
+/// What hyper answers by itself, before any handler (a request it cannot parse, a request
+/// head over 16 KiB), comes in the contract's JSON with a request id (it had an empty body
+/// and no id), and the connection is closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn protocol_errors_answer_json_with_a_request_id() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let redis = RedisServer::start();
+    let gw = Gateway::builder(&redis.url()).start().await;
+    let addr = gw.url.trim_start_matches("http://").to_owned();
+    let big_header = format!(
+        "GET /healthz HTTP/1.1\r\nhost: x\r\nx-big: {}\r\n\r\n",
+        "a".repeat(20_000)
+    );
+    let long_uri = format!("GET /{} HTTP/1.1\r\nhost: x\r\n\r\n", "a".repeat(20_000));
+    let cases: [(&str, Vec<u8>, &str); 4] = [
+        ("malformed request line", b"GARBAGE\r\n\r\n".to_vec(), "400"),
+        (
+            "a header without a colon",
+            b"GET /healthz HTTP/1.1\r\nhost x\r\n\r\n".to_vec(),
+            "400",
+        ),
+        ("a header over 16 KiB", big_header.into_bytes(), "431"),
+        ("a request target over 16 KiB", long_uri.into_bytes(), "431"),
+    ];
+    for (what, request, status) in cases {
+        let mut conn = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        // The gateway may answer and close before it has read it all.
+        let _ = conn.write_all(&request).await;
+        let mut answer = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), conn.read_to_end(&mut answer))
+            .await
+            .unwrap_or_else(|_| panic!("{what}: not answered and closed within 5 s"))
+            .ok();
+        let answer = String::from_utf8_lossy(&answer).into_owned();
+        assert!(answer.starts_with(&format!("HTTP/1.1 {status} ")), "{what}: {answer}");
+        let (head, body) = answer
+            .split_once("\r\n\r\n")
+            .unwrap_or_else(|| panic!("{what}: {answer}"));
+        let head = head.to_ascii_lowercase();
+        assert!(head.contains("\r\ncontent-type: application/json"), "{what}: {answer}");
+        assert!(head.contains("\r\nx-request-id: "), "{what}: {answer}");
+        assert!(head.contains("\r\nconnection: close"), "{what}: {answer}");
+        let v: serde_json::Value = serde_json::from_str(body).unwrap_or_else(|e| panic!("{what}: {e}: {body}"));
+        assert_eq!(v["error"], "bad_request", "{what}: {body}");
+        assert!(v["message"].as_str().is_some_and(|m| !m.is_empty()), "{what}: {body}");
+    }
+    // A well-formed request on the same gateway is served as ever.
+    assert_eq!(send(gw.get("/healthz")).await.status.as_u16(), 200);
+}
+
 /// 6,000 connections each sending an unfinished 32 KiB header (a slowloris) leave the
 /// gateway under 100 MiB of resident memory: a connection's read buffer is capped at 16 KiB
 /// (431 and closed beyond it). With 64 KiB, 6,000 of them peaked at 824 MiB.

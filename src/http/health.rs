@@ -10,7 +10,7 @@ pub fn metrics(ctx: &Ctx<'_>) -> Answer {
     Ok(reply::text(
         StatusCode::OK,
         "text/plain; version=0.0.4",
-        ctx.app.metrics.render(),
+        crate::metrics::render(&ctx.app.metrics),
     ))
 }
 

@@ -10,6 +10,7 @@ mod orders;
 pub mod reply;
 mod reports;
 pub mod router;
+mod socket;
 mod views;
 mod webhook;
 
@@ -59,12 +60,13 @@ pub async fn serve(app: Arc<App>, listener: TcpListener, mut shutdown: watch::Re
             continue;
         };
         let _ = stream.set_nodelay(true);
+        let socket = socket::Socket::new(stream, app.clone());
         let app = app.clone();
         let svc = service_fn(move |req| {
             let app = app.clone();
             async move { Ok::<_, std::convert::Infallible>(router::handle(&app, req, peer).await) }
         });
-        let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), svc));
+        let conn = graceful.watch(builder.serve_connection(TokioIo::new(socket), svc));
         tokio::spawn(async move {
             let _permit = permit;
             if let Err(e) = conn.await {
@@ -89,13 +91,13 @@ fn over_capacity(request_id: &str) -> Vec<u8> {
         retry_after_s: 1,
         reason: "too many connections",
     };
-    let body = serde_json::json!({"error": reject.code(), "message": reject.message()}).to_string();
-    format!(
-        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\
-         retry-after: 1\r\nx-request-id: {request_id}\r\nconnection: close\r\n\r\n{body}",
-        body.len()
+    socket::error_answer(
+        "503 Service Unavailable",
+        reject.code(),
+        &reject.message(),
+        request_id,
+        "retry-after: 1\r\n",
     )
-    .into_bytes()
 }
 
 /// Bind the listen address.

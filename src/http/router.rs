@@ -21,6 +21,7 @@ use crate::engine::{Engine, ItemState, Transition};
 use crate::error::{Error, Reject};
 use crate::ids::valid_id;
 use crate::metrics;
+use crate::telemetry::{Audience, TRACEPARENT};
 
 /// What a handler answers: a response, or a refusal the router renders.
 pub type Answer = Result<Response<Body>, Reject>;
@@ -79,6 +80,56 @@ impl Route {
             Route::Healthz => "healthz",
             Route::Readyz => "readyz",
             Route::NotFound => "not_found",
+        }
+    }
+}
+
+impl Route {
+    /// The span name of a traced request: `METHOD /path/{template}` (as in [`TEMPLATES`]).
+    fn span_name(self) -> &'static str {
+        match self {
+            Route::ItemGet => "GET /api/v1/items/{item_id}",
+            Route::Reserve => "POST /api/v1/items/{item_id}/reserve",
+            Route::Pay => "POST /api/v1/orders/{order_id}/pay",
+            Route::Cancel => "POST /api/v1/orders/{order_id}/cancel",
+            Route::OrderGet => "GET /api/v1/orders/{order_id}",
+            Route::OrdersList => "GET /api/v1/orders",
+            Route::AdminItemPut => "PUT /admin/v1/items/{item_id}",
+            Route::AdminStats => "GET /admin/v1/items/{item_id}/stats",
+            Route::AdminOrdersCsv => "GET /admin/v1/items/{item_id}/orders.csv",
+            Route::AdminItemPause => "POST /admin/v1/items/{item_id}/pause",
+            Route::AdminItemResume => "POST /admin/v1/items/{item_id}/resume",
+            Route::AdminPauseAll => "POST /admin/v1/pause",
+            Route::AdminResumeAll => "POST /admin/v1/resume",
+            Route::AdminLimits => "PUT /admin/v1/limits",
+            Route::AdminRefund => "POST /admin/v1/orders/{order_id}/refund",
+            Route::PaymentWebhook => "POST /webhooks/payments",
+            Route::AdminSalesCsv => "GET /admin/v1/reports/sales.csv",
+            Route::AdminSalesXlsx => "GET /admin/v1/reports/sales.xlsx",
+            Route::OpenApi => "GET /openapi.json",
+            Route::Metrics => "GET /metrics",
+            Route::Healthz => "GET /healthz",
+            Route::Readyz => "GET /readyz",
+            Route::NotFound => "not found",
+        }
+    }
+
+    /// Operators' requests are always traced; sale traffic and the plain routes are sampled.
+    fn audience(self) -> Audience {
+        match self {
+            Route::AdminItemPut
+            | Route::AdminStats
+            | Route::AdminOrdersCsv
+            | Route::AdminItemPause
+            | Route::AdminItemResume
+            | Route::AdminPauseAll
+            | Route::AdminResumeAll
+            | Route::AdminLimits
+            | Route::AdminRefund
+            | Route::PaymentWebhook
+            | Route::AdminSalesCsv
+            | Route::AdminSalesXlsx => Audience::Operator,
+            _ => Audience::Shopper,
         }
     }
 }
@@ -270,10 +321,25 @@ pub async fn handle(app: &Arc<App>, req: Request<Incoming>, peer: SocketAddr) ->
         id: id.unwrap_or(""),
         request_id: &request_id,
     };
-    // At debug level every log line of the request carries its id and route (span fields);
-    // the warnings and errors a request logs at the default level name its id themselves.
-    // (An info span would be formatted by the log layer on every request: measurable.)
-    let span = tracing::debug_span!("request", request_id = %request_id, route = route.label());
+    let asked = req.method().clone();
+    // Traced: a sampled `traceparent`, an operator, or the sampled share of the rest
+    // ([`crate::telemetry`]); every log line of a traced request carries its trace and span
+    // ids. Otherwise a debug span: at debug level every line carries the request id and
+    // route; the warnings and errors a request logs at the default level name its id
+    // themselves. (An info span is formatted by the log layer: measurable on every request.)
+    let traceparent = req.headers().get(TRACEPARENT).cloned();
+    let trace = app.telemetry.start(
+        req.headers(),
+        traceparent.is_some(),
+        route.audience(),
+        route.span_name(),
+    );
+    let span = match &trace {
+        Some(t) => {
+            tracing::info_span!("request", request_id = %request_id, route = route.label(), trace_id = %t.trace_id(), span_id = %t.span_id())
+        }
+        None => tracing::debug_span!("request", request_id = %request_id, route = route.label()),
+    };
     let handler = async {
         if matches!(route, Route::NotFound) {
             Err(Reject::NotFound)
@@ -328,8 +394,43 @@ pub async fn handle(app: &Arc<App>, req: Request<Incoming>, peer: SocketAddr) ->
     if let Ok(v) = HeaderValue::from_str(&request_id) {
         response.headers_mut().insert("x-request-id", v);
     }
-    metrics::request(route.label(), outcome, started.elapsed().as_secs_f64());
-    span.in_scope(|| tracing::debug!(outcome, status = response.status().as_u16(), "request"));
+    let took = started.elapsed();
+    metrics::request(route.label(), outcome, took.as_secs_f64());
+    let status = response.status().as_u16();
+    // A 5xx is logged even when the request was not traced (its ids made now, not exported).
+    let trace = trace.or_else(|| {
+        (status >= 500).then(|| {
+            let mut headers = http::HeaderMap::new();
+            if let Some(v) = traceparent {
+                headers.insert(TRACEPARENT, v);
+            }
+            app.telemetry.late(&headers, route.span_name())
+        })
+    });
+    match trace {
+        Some(trace) => {
+            app.telemetry.inject(&trace, response.headers_mut());
+            span.in_scope(|| {
+                tracing::info!(
+                    target: "access",
+                    request_id = %request_id,
+                    trace_id = %trace.trace_id(),
+                    span_id = %trace.span_id(),
+                    parent_span_id = %trace.parent_span_id(),
+                    method = asked.as_str(),
+                    route = route.label(),
+                    id = ctx.id,
+                    peer = %ctx.peer.ip(),
+                    status,
+                    outcome,
+                    duration_us = took.as_micros() as u64,
+                    "request"
+                )
+            });
+            trace.end(status, outcome, route.span_name(), &request_id);
+        }
+        None => span.in_scope(|| tracing::debug!(outcome, status, "request")),
+    }
     response
 }
 
