@@ -415,6 +415,8 @@ pub struct RedisEngine {
     instance_id: String,
 }
 
+/// How often the change feed's connection is pinged (a silent one is left for a new one).
+const FEED_PING: Duration = Duration::from_secs(1);
 /// How often an instance says it is alive in [`keys::INSTANCES`].
 const HEARTBEAT: Duration = Duration::from_secs(1);
 /// A heartbeat older than this is a dead instance (three missed beats): its share of the
@@ -591,10 +593,11 @@ impl RedisEngine {
             let attempt = async {
                 let timeout = self.redis.timeout;
                 let client = redis::Client::open(url.as_str())?;
-                let mut pubsub = tokio::time::timeout(timeout, client.get_async_pubsub())
+                let pubsub = tokio::time::timeout(timeout, client.get_async_pubsub())
                     .await
                     .map_err(|_| Error::RedisTimeout)??;
-                tokio::time::timeout(timeout, pubsub.subscribe(keys::BUS))
+                let (mut sink, mut messages) = pubsub.split();
+                tokio::time::timeout(timeout, sink.subscribe(keys::BUS))
                     .await
                     .map_err(|_| Error::RedisTimeout)??;
                 self.listener.news(ItemNews::Catalog(self.catalog().await?));
@@ -604,8 +607,26 @@ impl RedisEngine {
                 self.load_limits().await?;
                 connected.store(true, std::sync::atomic::Ordering::Relaxed);
                 tracing::debug!(channel = keys::BUS, node = %url, "subscribed");
-                let mut messages = pubsub.on_message();
-                while let Some(msg) = messages.next().await {
+                // A subscriber only listens: a connection gone silent (a partition, a
+                // firewall that dropped its state) would never end, and this instance would
+                // miss every change for good (tests/netfault.rs). A ping unanswered within
+                // the timeout ends it, and the reconnect reads what was missed.
+                let mut ping = tokio::time::interval(FEED_PING);
+                ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                ping.tick().await;
+                loop {
+                    let msg = tokio::select! {
+                        msg = messages.next() => match msg {
+                            Some(msg) => msg,
+                            None => break,
+                        },
+                        _ = ping.tick() => {
+                            tokio::time::timeout(timeout, sink.ping::<Value>())
+                                .await
+                                .map_err(|_| Error::RedisTimeout)??;
+                            continue;
+                        }
+                    };
                     let Ok(payload) = msg.get_payload::<String>() else {
                         continue;
                     };
