@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{QueryBuilder, Row};
+use sqlx::{Connection, QueryBuilder, Row};
 
 use crate::domain::{ItemSpec, Order, OrderEvent, OrderStatus, RefundOf, TransferEvent, TransferSide};
 use crate::engine::seq::Mark;
@@ -384,6 +384,23 @@ impl Store {
             let pool = PgPoolOptions::new()
                 .max_connections(8)
                 .acquire_timeout(timeout)
+                // sqlx takes a connection back with a ping that has no timeout: on a
+                // connection gone silent (a partition, a firewall dropping its packets) it
+                // never ends, and the connection's pool slot is lost for good. A blackhole
+                // that caught every connection with a query in flight left the store
+                // unreachable after the network came back (tests/netfault.rs). Ping first,
+                // within the timeout: a connection that does not answer is dropped.
+                .after_release(move |conn, _| {
+                    Box::pin(async move {
+                        match tokio::time::timeout(timeout, conn.ping()).await {
+                            Ok(pong) => pong.map(|()| true),
+                            Err(_) => Err(sqlx::Error::Io(std::io::Error::new(
+                                std::io::ErrorKind::TimedOut,
+                                "no answer to a ping on release",
+                            ))),
+                        }
+                    })
+                })
                 .connect(url)
                 .await?;
             sqlx::migrate!("./migrations/postgres")

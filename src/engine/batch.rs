@@ -19,6 +19,7 @@
 
 use std::future::Future;
 use std::sync::OnceLock;
+use std::time::Instant;
 
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
@@ -34,13 +35,19 @@ pub const MAX_CALLS_IN_FLIGHT: usize = 4;
 
 /// Makes the call for one batch: all of its commands are of one shard.
 pub trait BatchCall: Clone + Send + Sync + 'static {
-    /// One reply per command, in order; `Err` fails the whole batch.
-    fn call(&self, cmds: &[ReserveCmd]) -> impl Future<Output = Result<Vec<ReserveReply>, Error>> + Send;
+    /// One reply per command, in order; `Err` fails the whole batch. `since`: when the
+    /// oldest of them was queued (the time their requests have taken counts from there).
+    fn call(
+        &self,
+        cmds: &[ReserveCmd],
+        since: Instant,
+    ) -> impl Future<Output = Result<Vec<ReserveReply>, Error>> + Send;
 }
 
 struct Job {
     cmd: ReserveCmd,
     reply: oneshot::Sender<Result<ReserveReply, Error>>,
+    queued: Instant,
 }
 
 pub struct Batches<C: BatchCall> {
@@ -73,7 +80,8 @@ impl<C: BatchCall> Batches<C> {
             tx
         });
         let (reply, answer) = oneshot::channel();
-        queue.try_send(Job { cmd, reply }).map_err(|e| match e {
+        let queued = Instant::now();
+        queue.try_send(Job { cmd, reply, queued }).map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => Error::Shed,
             mpsc::error::TrySendError::Closed(_) => Error::Internal("reserve queue closed".into()),
         })?;
@@ -104,8 +112,9 @@ async fn drive<C: BatchCall>(call: C, mut queue: mpsc::Receiver<Job>) {
 
 /// One call for a batch; every job gets its reply (or the call's failure).
 async fn decide<C: BatchCall>(call: C, jobs: Vec<Job>) {
+    let since = jobs.iter().map(|j| j.queued).min().unwrap_or_else(Instant::now);
     let (cmds, waiting): (Vec<ReserveCmd>, Vec<_>) = jobs.into_iter().map(|j| (j.cmd, j.reply)).unzip();
-    match call.call(&cmds).await {
+    match call.call(&cmds, since).await {
         Ok(replies) if replies.len() == waiting.len() => {
             for (reply, answer) in waiting.into_iter().zip(replies) {
                 let _ = reply.send(Ok(answer));
@@ -132,20 +141,26 @@ mod tests {
 
     use super::*;
 
-    /// Records each batch it is given and answers after a pause, so callers pile up.
+    /// Records each batch it is given (and when its oldest request was queued) and answers
+    /// after a pause, so callers pile up.
     #[derive(Clone, Default)]
     struct Recorder {
         batches: Arc<Mutex<Vec<Vec<String>>>>,
+        since: Arc<Mutex<Vec<Instant>>>,
+        /// When each call returned.
+        ended: Arc<Mutex<Vec<Instant>>>,
         fail: bool,
     }
 
     impl BatchCall for Recorder {
-        async fn call(&self, cmds: &[ReserveCmd]) -> Result<Vec<ReserveReply>, Error> {
+        async fn call(&self, cmds: &[ReserveCmd], since: Instant) -> Result<Vec<ReserveReply>, Error> {
             self.batches
                 .lock()
                 .unwrap()
                 .push(cmds.iter().map(|c| c.user_id.clone()).collect());
+            self.since.lock().unwrap().push(since);
             tokio::time::sleep(Duration::from_millis(20)).await;
+            self.ended.lock().unwrap().push(Instant::now());
             if self.fail {
                 return Err(Error::RedisTimeout);
             }
@@ -178,6 +193,7 @@ mod tests {
             tokio::spawn(async move { b.reserve(cmd(0)).await })
         };
         tokio::time::sleep(Duration::from_millis(5)).await; // the first call is in flight
+        let queued = Instant::now();
         let rest: Vec<_> = (1..=100)
             .map(|u| {
                 let b = batches.clone();
@@ -198,6 +214,14 @@ mod tests {
         let order: Vec<String> = seen.concat();
         let want: Vec<String> = (0..=100).map(|u| format!("u{u}")).collect();
         assert_eq!(order, want, "decided in queue order");
+        // The batch behind the first call says when its oldest request was queued (while
+        // that call was in flight), not when its own call began.
+        let since = rec.since.lock().unwrap().clone();
+        let ended = rec.ended.lock().unwrap().clone();
+        assert!(
+            since[1] >= queued && since[1] <= ended[0],
+            "the second batch's time counts from its queue"
+        );
     }
 
     #[tokio::test]

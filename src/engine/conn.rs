@@ -3,7 +3,8 @@
 //! so none of them knows which it talks to.
 //!
 //! - Standalone: a `ConnectionManager` (one multiplexed connection that reconnects by
-//!   itself; concurrent requests are pipelined on it, redis-rs #1319).
+//!   itself when it breaks; concurrent requests are pipelined on it, redis-rs #1319), made
+//!   anew when it goes silent ([`Renewing`]).
 //! - Cluster: redis-rs' async `ClusterConnection` (one multiplexed connection per node,
 //!   MOVED/ASK followed, topology refreshed). A script runs on the slot of its first key;
 //!   `SCRIPT LOAD` after `NOSCRIPT` goes to every primary (a promoted replica starts with an
@@ -14,9 +15,10 @@
 //! behind it, redis-rs #453, #643).
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
-use arc_swap::ArcSwapOption;
+use arc_swap::{ArcSwap, ArcSwapOption};
 
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClient;
@@ -26,6 +28,7 @@ use redis::{Cmd, RedisFuture, Value};
 
 use crate::config::RedisMode;
 use crate::error::Error;
+use crate::lograte::BACKGROUND;
 
 /// Where Redis is: the mode and the URL(s) of `REDIS_URL`.
 #[derive(Clone, Debug)]
@@ -82,9 +85,11 @@ impl Target {
                     .set_response_timeout(Some(self.timeout))
                     .set_number_of_retries(2)
                     .set_max_delay(Duration::from_millis(500));
-                let conn = ConnectionManager::new_lazy_with_config(self.single_client()?, config)
-                    .map_err(|e| Error::RedisConnection(e.to_string()))?;
-                Ok(RedisConn::Single(conn))
+                Ok(RedisConn::Renewing(Arc::new(Renewing::new(
+                    self.single_client()?,
+                    config,
+                    self.timeout / 2,
+                )?)))
             }
             RedisMode::Cluster => Ok(RedisConn::Cluster(Arc::new(LazyCluster::new(
                 self.cluster_client(self.timeout)?,
@@ -105,7 +110,10 @@ impl Target {
                         .single_client()?
                         .get_multiplexed_async_connection_with_config(&config)
                         .await?;
-                    Ok(RedisConn::Dedicated(conn))
+                    Ok(RedisConn::Dedicated(OwnConn {
+                        conn,
+                        silent: Arc::new(AtomicBool::new(false)),
+                    }))
                 }
                 RedisMode::Cluster => {
                     let conn = self.cluster_client(response_timeout)?.get_async_connection().await?;
@@ -202,19 +210,145 @@ impl LazyCluster {
     }
 }
 
+/// The shared connection to one server: a `ConnectionManager`, replaced by a new one when
+/// it leaves a command unanswered. The manager reconnects by itself when its connection
+/// breaks (reset, closed, refused), but a connection that goes silent — a network
+/// partition, a firewall or load balancer that lost its state and drops the packets —
+/// breaks nothing: every command times out, forever, and the manager keeps it (a timeout
+/// is not a broken connection to redis-rs). Seen: after a 4 s blackhole between the gateway
+/// and Redis, every reserve still answered 503 15 s after the network came back
+/// (tests/netfault.rs).
+///
+/// A command abandoned unanswered after [`Renewing::silent_for`] (its caller's timeout, or
+/// the manager's response timeout, ended it) makes the next command use a new manager, which
+/// connects afresh; commands in flight on the old one end as they would have, and the old
+/// connection closes when the last of them lets go of it.
+pub struct Renewing {
+    client: redis::Client,
+    config: ConnectionManagerConfig,
+    current: ArcSwap<ConnectionManager>,
+    /// Unanswered this long, then abandoned: the connection is given up. Half the Redis
+    /// timeout, because the callers' timeouts (the guard's, the health probe's) are about
+    /// the Redis timeout and drop a command a moment before the manager's own would end it.
+    silent_for: Duration,
+}
+
+impl Renewing {
+    fn new(client: redis::Client, config: ConnectionManagerConfig, silent_for: Duration) -> Result<Self, Error> {
+        let first = Self::manager(&client, &config)?;
+        Ok(Renewing {
+            client,
+            config,
+            current: ArcSwap::from_pointee(first),
+            silent_for,
+        })
+    }
+
+    /// A manager that connects on first use.
+    fn manager(client: &redis::Client, config: &ConnectionManagerConfig) -> Result<ConnectionManager, Error> {
+        ConnectionManager::new_lazy_with_config(client.clone(), config.clone())
+            .map_err(|e| Error::RedisConnection(e.to_string()))
+    }
+
+    /// Replace `silent` with a new manager, unless another command already did.
+    fn renew(&self, silent: &Arc<ConnectionManager>, waited: Duration) {
+        let fresh = match Self::manager(&self.client, &self.config) {
+            Ok(m) => Arc::new(m),
+            Err(e) => {
+                tracing::warn!(cause = %e, "redis connection silent; no new one made");
+                return;
+            }
+        };
+        let before = self.current.compare_and_swap(silent, fresh);
+        if Arc::ptr_eq(&before, silent)
+            && let Some(suppressed) = BACKGROUND.admit("redis silent")
+        {
+            tracing::warn!(
+                waited_ms = waited.as_millis() as u64,
+                suppressed,
+                "redis connection silent; connecting afresh"
+            );
+        }
+    }
+
+    /// Run `send` on the current manager, renewing it if the command is left unanswered
+    /// for [`Self::silent_for`].
+    async fn send<T>(
+        &self,
+        send: impl AsyncFnOnce(&mut ConnectionManager) -> redis::RedisResult<T>,
+    ) -> redis::RedisResult<T> {
+        let used = self.current.load_full();
+        let mut manager = ConnectionManager::clone(&used);
+        answered(send(&mut manager), |waited| {
+            if waited >= self.silent_for {
+                self.renew(&used, waited);
+            }
+        })
+        .await
+    }
+}
+
+/// A connection of one caller's own (the persistence workers' blocking reads, from a
+/// [`Pool`]), which remembers leaving a command unanswered: its pool then drops it rather
+/// than hand it out again (bb8 puts back a connection whose command or check-out `PING`
+/// was cut off by a timeout, and a connection gone silent answers nothing, ever: after a
+/// blackhole the workers persisted nothing more, tests/netfault.rs).
+#[derive(Clone)]
+pub struct OwnConn {
+    conn: redis::aio::MultiplexedConnection,
+    /// Set when a command was dropped or timed out unanswered.
+    silent: Arc<AtomicBool>,
+}
+
+/// Await `command`; when it ends without an answer (a timeout, or dropped by the caller's
+/// own timeout), call `silent` with how long it waited. An error reply, or a broken
+/// connection, is an answer.
+async fn answered<T>(
+    command: impl Future<Output = redis::RedisResult<T>>,
+    silent: impl FnOnce(Duration),
+) -> redis::RedisResult<T> {
+    let mut waiting = Waiting {
+        since: Instant::now(),
+        silent: Some(silent),
+    };
+    let result = command.await;
+    if !matches!(&result, Err(e) if e.is_timeout()) {
+        waiting.silent = None;
+    }
+    result
+}
+
+/// A drop guard, because a caller's timeout usually ends a command by dropping it.
+struct Waiting<F: FnOnce(Duration)> {
+    since: Instant,
+    /// `None` once answered.
+    silent: Option<F>,
+}
+
+impl<F: FnOnce(Duration)> Drop for Waiting<F> {
+    fn drop(&mut self) {
+        if let Some(silent) = self.silent.take() {
+            silent(self.since.elapsed());
+        }
+    }
+}
+
 /// A connection to Redis: what the commands and scripts run on.
 #[derive(Clone)]
 pub enum RedisConn {
     /// The shared connection to one server.
+    Renewing(Arc<Renewing>),
+    /// A connection manager of the caller's own (tests).
     Single(ConnectionManager),
     /// A connection of its own to one server.
-    Dedicated(redis::aio::MultiplexedConnection),
+    Dedicated(OwnConn),
     Cluster(Arc<LazyCluster>),
 }
 
 impl RedisConn {
     /// A cluster connection: forget it, so the next call connects afresh
-    /// ([`LazyCluster::reset`]); one server's `ConnectionManager` reconnects by itself.
+    /// ([`LazyCluster::reset`]); one server's shared connection renews itself when it goes
+    /// silent ([`Renewing`]).
     pub fn reset(&self) {
         if let RedisConn::Cluster(c) = self {
             c.reset();
@@ -242,8 +376,14 @@ impl RedisConn {
 impl ConnectionLike for RedisConn {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match self {
+            RedisConn::Renewing(c) => Box::pin(c.send(async |m| m.req_packed_command(cmd).await)),
             RedisConn::Single(c) => c.req_packed_command(cmd),
-            RedisConn::Dedicated(c) => c.req_packed_command(cmd),
+            RedisConn::Dedicated(c) => {
+                let silent = c.silent.clone();
+                Box::pin(answered(c.conn.req_packed_command(cmd), move |_| {
+                    silent.store(true, Ordering::Relaxed)
+                }))
+            }
             RedisConn::Cluster(c) => Box::pin(async move {
                 let mut conn = c.get().await?;
                 conn.req_packed_command(cmd).await
@@ -258,8 +398,17 @@ impl ConnectionLike for RedisConn {
         count: usize,
     ) -> RedisFuture<'a, Vec<Value>> {
         match self {
+            RedisConn::Renewing(c) => {
+                Box::pin(c.send(async move |m| m.req_packed_commands(pipeline, offset, count).await))
+            }
             RedisConn::Single(c) => c.req_packed_commands(pipeline, offset, count),
-            RedisConn::Dedicated(c) => c.req_packed_commands(pipeline, offset, count),
+            RedisConn::Dedicated(c) => {
+                let silent = c.silent.clone();
+                Box::pin(answered(
+                    c.conn.req_packed_commands(pipeline, offset, count),
+                    move |_| silent.store(true, Ordering::Relaxed),
+                ))
+            }
             RedisConn::Cluster(c) => Box::pin(async move {
                 let mut conn = c.get().await?;
                 conn.req_packed_commands(pipeline, offset, count).await
@@ -269,8 +418,9 @@ impl ConnectionLike for RedisConn {
 
     fn get_db(&self) -> i64 {
         match self {
+            RedisConn::Renewing(c) => c.current.load().get_db(),
             RedisConn::Single(c) => c.get_db(),
-            RedisConn::Dedicated(c) => c.get_db(),
+            RedisConn::Dedicated(c) => c.conn.get_db(),
             RedisConn::Cluster(_) => 0,
         }
     }
@@ -302,7 +452,9 @@ impl bb8::ManageConnection for Dedicated {
         }
     }
 
-    fn has_broken(&self, _: &mut RedisConn) -> bool {
-        false
+    /// A connection that left a command unanswered ([`OwnConn`]); a cluster connection
+    /// heals itself per node.
+    fn has_broken(&self, conn: &mut RedisConn) -> bool {
+        matches!(conn, RedisConn::Dedicated(c) if c.silent.load(Ordering::Relaxed))
     }
 }

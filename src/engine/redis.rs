@@ -127,7 +127,8 @@ pub(super) struct ReserveCaller {
     payment_timeout_ms: u64,
     idem_ttl_s: u64,
     replicas: Replicas,
-    /// How long a call whose reply was lost is sent again.
+    /// How long a call whose reply was lost is sent again, counted from when its oldest
+    /// request was queued.
     retry_for: Duration,
     /// Whether the last resend waits for the end of `retry_for` when the backoff's next step
     /// would pass it (one server), or gives up there (a cluster).
@@ -138,15 +139,24 @@ pub(super) struct ReserveCaller {
 
 impl BatchCall for ReserveCaller {
     /// One `reserve.lua` call for a batch of one shard, sent again (same order ids) when
-    /// its reply was lost; then, with `SECKILL_REDIS_WAIT_REPLICAS`, the replicas' `WAIT`.
-    async fn call(&self, cmds: &[ReserveCmd]) -> Result<Vec<ReserveReply>, Error> {
+    /// its reply was lost, while the requests' time lasts; then, with
+    /// `SECKILL_REDIS_WAIT_REPLICAS`, the replicas' `WAIT`.
+    async fn call(&self, cmds: &[ReserveCmd], since: std::time::Instant) -> Result<Vec<ReserveReply>, Error> {
         let Some(first) = cmds.first() else {
             return Ok(Vec::new());
         };
         let shard = shard_of(&first.item_id);
-        // Sent again while the request's time lasts (twice the Redis timeout from the first
-        // attempt): the answer then says what was made.
-        let deadline = std::time::Instant::now() + self.retry_for;
+        // Sent again while the requests' time lasts (twice the Redis timeout from when the
+        // oldest was queued): the answer then says what was made. Counted from the queue,
+        // not from the call: while Redis did not answer, a request waited behind the shard's
+        // calls in flight for as long as one of them, then took as long again for its own
+        // (4.3 s at a 1 s timeout, tests/netfault.rs). Now a reserve is answered within this
+        // time and the timeout of the last call sent in it.
+        let deadline = since + self.retry_for;
+        if std::time::Instant::now() >= deadline {
+            // Its time went waiting in the queue: never sent, nothing made.
+            return Err(Error::RedisTimeout);
+        }
         let mut again = crate::retry::backoff();
         let mut resent = false;
         let mut replies = loop {
@@ -415,6 +425,8 @@ pub struct RedisEngine {
     instance_id: String,
 }
 
+/// How often the change feed's connection is pinged (a silent one is left for a new one).
+const FEED_PING: Duration = Duration::from_secs(1);
 /// How often an instance says it is alive in [`keys::INSTANCES`].
 const HEARTBEAT: Duration = Duration::from_secs(1);
 /// A heartbeat older than this is a dead instance (three missed beats): its share of the
@@ -591,10 +603,11 @@ impl RedisEngine {
             let attempt = async {
                 let timeout = self.redis.timeout;
                 let client = redis::Client::open(url.as_str())?;
-                let mut pubsub = tokio::time::timeout(timeout, client.get_async_pubsub())
+                let pubsub = tokio::time::timeout(timeout, client.get_async_pubsub())
                     .await
                     .map_err(|_| Error::RedisTimeout)??;
-                tokio::time::timeout(timeout, pubsub.subscribe(keys::BUS))
+                let (mut sink, mut messages) = pubsub.split();
+                tokio::time::timeout(timeout, sink.subscribe(keys::BUS))
                     .await
                     .map_err(|_| Error::RedisTimeout)??;
                 self.listener.news(ItemNews::Catalog(self.catalog().await?));
@@ -604,8 +617,26 @@ impl RedisEngine {
                 self.load_limits().await?;
                 connected.store(true, std::sync::atomic::Ordering::Relaxed);
                 tracing::debug!(channel = keys::BUS, node = %url, "subscribed");
-                let mut messages = pubsub.on_message();
-                while let Some(msg) = messages.next().await {
+                // A subscriber only listens: a connection gone silent (a partition, a
+                // firewall that dropped its state) would never end, and this instance would
+                // miss every change for good (tests/netfault.rs). A ping unanswered within
+                // the timeout ends it, and the reconnect reads what was missed.
+                let mut ping = tokio::time::interval(FEED_PING);
+                ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                ping.tick().await;
+                loop {
+                    let msg = tokio::select! {
+                        msg = messages.next() => match msg {
+                            Some(msg) => msg,
+                            None => break,
+                        },
+                        _ = ping.tick() => {
+                            tokio::time::timeout(timeout, sink.ping::<Value>())
+                                .await
+                                .map_err(|_| Error::RedisTimeout)??;
+                            continue;
+                        }
+                    };
                     let Ok(payload) = msg.get_payload::<String>() else {
                         continue;
                     };

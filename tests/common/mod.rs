@@ -12,6 +12,7 @@
 //! | [`engines`] | every stock engine tests and benches build: [`engines::redis_engine`], [`engines::embedded_engine`] |
 //! | [`buckets`] | stock buckets: [`buckets::bucketed`] bodies, [`buckets::per_bucket`] figures and their invariants, [`buckets::users_at_home`] |
 //! | [`poll`] | the one poller: [`poll::poll`] |
+//! | [`proxy`] | network faults: [`proxy::Proxy`] between the gateway and a server, cut ([`proxy::Cut`]: blackhole or hold) and restored |
 //! | [`on_both!`] | a test run on one `redis-server` and on a Redis Cluster |
 //!
 //! A test includes it with `mod common;`, a bench with
@@ -50,6 +51,7 @@ pub mod gateway;
 pub mod http;
 pub mod inspect;
 pub mod poll;
+pub mod proxy;
 pub mod servers;
 
 pub use cluster::RedisCluster;
