@@ -3,6 +3,7 @@
 //! times it (pingora's final logging phase). Handlers live one module per resource:
 //! [`super::items`], [`super::orders`], [`super::admin`], [`super::reports`], [`super::health`].
 
+use std::borrow::Cow;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Instant;
@@ -212,6 +213,19 @@ fn segments(path: &str) -> Option<([&str; 5], usize)> {
     Some((segs, n))
 }
 
+/// An id segment as the client meant it, percent-decoded: a client that builds the path from
+/// the OpenAPI document sends the id `sale:1` as `sale%3A1` (path parameters are
+/// percent-encoded), and both name the same id. A segment whose escapes do not decode to
+/// UTF-8 stays as it came, and so fails [`valid_id`] on its `%`.
+fn path_id(segment: &str) -> Cow<'_, str> {
+    if !segment.contains('%') {
+        return Cow::Borrowed(segment);
+    }
+    percent_encoding::percent_decode_str(segment)
+        .decode_utf8()
+        .unwrap_or(Cow::Borrowed(segment))
+}
+
 /// Everything a handler needs besides the request, and the stages every handler shares.
 pub struct Ctx<'a> {
     pub app: &'a Arc<App>,
@@ -315,10 +329,11 @@ pub async fn handle(app: &Arc<App>, req: Request<Incoming>, peer: SocketAddr) ->
     // into its handler.
     let uri = req.uri().clone();
     let (route, method, id) = route(uri.path());
+    let id = id.map(path_id);
     let ctx = Ctx {
         app,
         peer,
-        id: id.unwrap_or(""),
+        id: id.as_deref().unwrap_or(""),
         request_id: &request_id,
     };
     let asked = req.method().clone();
@@ -345,7 +360,7 @@ pub async fn handle(app: &Arc<App>, req: Request<Incoming>, peer: SocketAddr) ->
             Err(Reject::NotFound)
         } else if req.method() != method {
             Err(Reject::MethodNotAllowed)
-        } else if id.is_some_and(|id| !valid_id(id)) {
+        } else if id.as_deref().is_some_and(|id| !valid_id(id)) {
             Err(Reject::BadRequest("ids are 1-64 characters of [A-Za-z0-9_.:-]".into()))
         } else {
             match route {
@@ -506,6 +521,23 @@ mod tests {
             .filter(|l| *l != "not_found")
             .collect();
         assert_eq!(labels, all, "the templates cover every route");
+    }
+
+    #[test]
+    fn path_ids_are_percent_decoded() {
+        assert_eq!(path_id("sale:1"), "sale:1");
+        assert!(matches!(path_id("sale:1"), Cow::Borrowed(_)));
+        assert_eq!(path_id("sale%3A1"), "sale:1");
+        assert_eq!(path_id("sale%3a1"), "sale:1");
+        assert_eq!(path_id("%2E%2E"), "..");
+        // Decoded, and then not an id: refused by `valid_id` as before.
+        assert_eq!(path_id("a%2Fb"), "a/b");
+        assert!(!valid_id(&path_id("a%2Fb")));
+        assert!(!valid_id(&path_id("a%20b")));
+        // Escapes that are not UTF-8, or not escapes: the segment as it came.
+        assert_eq!(path_id("a%FFb"), "a%FFb");
+        assert_eq!(path_id("a%zzb"), "a%zzb");
+        assert!(!valid_id(&path_id("a%FFb")));
     }
 
     proptest! {
