@@ -21,6 +21,12 @@ pub enum Identity {
 #[derive(Deserialize)]
 struct Claims {
     sub: String,
+    /// Read only to refuse a token whose `nbf` is not a number: `jsonwebtoken` checks an
+    /// `nbf` it reads as one and lets any other (`"4102444800"`) through unchecked. (A
+    /// token whose `exp` is not a number it refuses itself.)
+    #[serde(default)]
+    #[allow(dead_code)]
+    nbf: Option<f64>,
 }
 
 impl Identity {
@@ -137,6 +143,41 @@ mod tests {
             id.user(&headers(&[("x-user-id", "alice")])).is_err(),
             "header ignored in JWT mode"
         );
+    }
+
+    /// An `nbf` that is not a number is refused: `jsonwebtoken` checks one only when it reads
+    /// a number, and let a string through unchecked (found by the fuzz target `jwt`).
+    #[test]
+    fn an_nbf_that_is_not_a_number_is_refused() {
+        let secret = "0123456789abcdef0123";
+        let id = Identity::new(Some(secret));
+        let now = crate::clock::system_now_ms() / 1000;
+        let user = |nbf: serde_json::Value| {
+            let claims = serde_json::json!({"sub": "alice", "exp": now + 600, "nbf": nbf});
+            let token = encode(
+                &Header::default(),
+                &claims,
+                &EncodingKey::from_secret(secret.as_bytes()),
+            )
+            .unwrap();
+            id.user(&headers(&[("authorization", &format!("Bearer {token}"))]))
+        };
+        for nbf in [
+            serde_json::json!(now - 60),
+            serde_json::json!((now - 60) as f64 + 0.5),
+            serde_json::Value::Null,
+        ] {
+            assert_eq!(user(nbf.clone()).unwrap(), "alice", "nbf {nbf}");
+        }
+        for nbf in [
+            serde_json::json!(now + 3600),
+            serde_json::json!((now + 3600) as f64 + 0.5),
+            serde_json::json!(format!("{}", now + 3600)),
+            serde_json::json!(format!("{}", now - 60)),
+            serde_json::json!(true),
+        ] {
+            assert!(user(nbf.clone()).is_err(), "nbf {nbf}");
+        }
     }
 
     #[test]

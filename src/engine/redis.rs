@@ -110,10 +110,7 @@ async fn run_script(
         other => other?,
     };
     metrics::script(name, started.elapsed().as_secs_f64());
-    match reply {
-        Value::Array(parts) if !parts.is_empty() => Ok(parts),
-        other => Err(Error::ScriptReply(format!("{name}: unexpected reply {other:?}"))),
-    }
+    script_parts(name, reply)
 }
 
 /// What a shard's batch driver needs to call `reserve.lua`: cheap clones of the engine's
@@ -286,13 +283,7 @@ impl ReserveCaller {
                 .arg(idem_key);
         }
         let replies = run_script(&self.conn, &self.guards, &self.alarms, shard, "reserve", inv).await?;
-        replies
-            .iter()
-            .map(|v| match v {
-                Value::Array(parts) => reserve_reply(parts),
-                other => Err(Error::ScriptReply(format!("reserve: unexpected reply {other:?}"))),
-            })
-            .collect()
+        reserve_replies(&replies)
     }
 }
 
@@ -814,15 +805,10 @@ impl RedisEngine {
             .arg(spec.ends_ms)
             .arg(spec.buckets);
         let parts = self.run(id, "put_item", inv).await?;
-        let r = Reply {
+        put_reply(&Reply {
             script: "put_item",
             parts: &parts,
-        };
-        match r.status()?.as_str() {
-            "ok" => Ok(PutReply::Stored { stock: r.int(1)? }),
-            "below_held" => Ok(PutReply::BelowHeld { held: r.int(1)? }),
-            other => Err(Error::ScriptReply(format!("put_item: unknown reply {other}"))),
-        }
+        })
     }
 
     /// An item's units left and its total, for the stock gauges' refresh
@@ -935,6 +921,57 @@ impl RedisEngine {
 
 // ---- reply decoding -------------------------------------------------------------------
 
+/// A script's reply, which must be a non-empty array: its elements.
+fn script_parts(name: &str, reply: Value) -> Result<Vec<Value>, Error> {
+    match reply {
+        Value::Array(parts) if !parts.is_empty() => Ok(parts),
+        other => Err(Error::ScriptReply(format!("{name}: unexpected reply {other:?}"))),
+    }
+}
+
+/// A script reply decoded as the engine decodes it, for the fuzz target `lua_reply`
+/// (`fuzz/`): `script` names the script (`reserve`, `pay`, `cancel`, `settle`, `refund`,
+/// `expire`, `put_item`) or the hash an `HGETALL` read (`order_hash`, `item_hash`).
+#[doc(hidden)]
+#[derive(Debug, PartialEq, Eq)]
+pub enum Decoded {
+    Reserve(Vec<ReserveReply>),
+    Transition(TransitionReply),
+    Expire(ExpireReply),
+    Put(PutReply),
+    Order(Order),
+    Item(ItemState),
+}
+
+/// Decode `reply` as the engine does the reply of `script` ([`Decoded`]); `id` is the
+/// order's or item's id of a hash (its key's, which the hash does not repeat).
+#[doc(hidden)]
+pub fn decode_reply(script: &str, id: &str, reply: Value) -> Result<Decoded, Error> {
+    if let Some(hash) = script.strip_suffix("_hash") {
+        let h: HashMap<String, String> =
+            redis::from_redis_value(reply).map_err(|e| Error::ScriptReply(format!("{script}: {e}")))?;
+        return match hash {
+            "order" => order_from_hash(id, &h).map(Decoded::Order),
+            _ => item_from_hash(id, &h).map(Decoded::Item),
+        };
+    }
+    let name = ["reserve", "pay", "cancel", "settle", "refund", "expire", "put_item"]
+        .into_iter()
+        .find(|n| *n == script)
+        .ok_or_else(|| Error::Internal(format!("no script {script}")))?;
+    let parts = script_parts(name, reply)?;
+    let r = Reply {
+        script: name,
+        parts: &parts,
+    };
+    match name {
+        "reserve" => reserve_replies(&parts).map(Decoded::Reserve),
+        "expire" => expire_reply(&r).map(Decoded::Expire),
+        "put_item" => put_reply(&r).map(Decoded::Put),
+        _ => transition_reply(&r).map(Decoded::Transition),
+    }
+}
+
 /// A Redis reply value as text (bulk or simple string, integer, OK), or `None`.
 pub(crate) fn text(v: &Value) -> Option<String> {
     match v {
@@ -1011,6 +1048,25 @@ fn expire_reply(r: &Reply<'_>) -> Result<ExpireReply, Error> {
         "unknown_order" => ExpireReply::UnknownOrder,
         other => return Err(Error::ScriptReply(format!("expire: unknown reply {other}"))),
     })
+}
+
+/// The replies of a `reserve.lua` call, one per request of its batch.
+fn reserve_replies(replies: &[Value]) -> Result<Vec<ReserveReply>, Error> {
+    replies
+        .iter()
+        .map(|v| match v {
+            Value::Array(parts) => reserve_reply(parts),
+            other => Err(Error::ScriptReply(format!("reserve: unexpected reply {other:?}"))),
+        })
+        .collect()
+}
+
+fn put_reply(r: &Reply<'_>) -> Result<PutReply, Error> {
+    match r.status()?.as_str() {
+        "ok" => Ok(PutReply::Stored { stock: r.int(1)? }),
+        "below_held" => Ok(PutReply::BelowHeld { held: r.int(1)? }),
+        other => Err(Error::ScriptReply(format!("put_item: unknown reply {other}"))),
+    }
 }
 
 /// One request's reply of `reserve.lua`.

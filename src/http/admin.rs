@@ -77,13 +77,18 @@ impl ItemBody {
     }
 }
 
+/// The item a `PUT /admin/v1/items/{id}` body defines, or why it cannot be sold.
+pub(super) fn item_spec(item_id: &str, body: &[u8]) -> Result<ItemSpec, Reject> {
+    reply::parse_json::<ItemBody>(body)?
+        .ok_or_else(|| Reject::BadRequest("a JSON body is required".into()))?
+        .into_spec(item_id)
+}
+
 /// `PUT /admin/v1/items/{id}`: create or replace a sale item.
 pub async fn put_item(ctx: &Ctx<'_>, req: Request<Incoming>) -> Answer {
     is_admin(req.headers(), ctx.app.config.admin_token.as_deref())?;
     let body = reply::read_body(req, ctx.app.config.header_timeout).await?;
-    let spec = reply::parse_json::<ItemBody>(&body)?
-        .ok_or_else(|| Reject::BadRequest("a JSON body is required".into()))?
-        .into_spec(ctx.id)?;
+    let spec = item_spec(ctx.id, &body)?;
     let reply = ctx
         .engine()
         .put_item(&spec, ctx.now())
@@ -260,15 +265,20 @@ fn limits_change(body: &serde_json::Value) -> Result<LimitsChange, Reject> {
     Ok(change)
 }
 
+/// The change a `PUT /admin/v1/limits` body asks for.
+pub(super) fn limits(body: &[u8]) -> Result<LimitsChange, Reject> {
+    limits_change(
+        &reply::parse_json::<serde_json::Value>(body)?
+            .ok_or_else(|| Reject::BadRequest("a JSON body is required".into()))?,
+    )
+}
+
 /// `PUT /admin/v1/limits`: change the rate limits of every instance; answers the limits in
 /// force here, with the live instances and this instance's share of the global rate.
 pub async fn put_limits(ctx: &Ctx<'_>, req: Request<Incoming>) -> Answer {
     is_admin(req.headers(), ctx.app.config.admin_token.as_deref())?;
     let body = reply::read_body(req, ctx.app.config.header_timeout).await?;
-    let change = limits_change(
-        &reply::parse_json::<serde_json::Value>(&body)?
-            .ok_or_else(|| Reject::BadRequest("a JSON body is required".into()))?,
-    )?;
+    let change = limits(&body)?;
     if !change.is_empty() {
         ctx.engine()
             .share_limits(change)
@@ -331,14 +341,20 @@ struct RefundBody {
     restock: bool,
 }
 
+/// Whether a refund body asks for the units back (`restock`).
+pub(super) fn restock(body: &[u8]) -> Result<bool, Reject> {
+    let RefundBody { restock } = reply::parse_json::<RefundBody>(body)?
+        .ok_or_else(|| Reject::BadRequest("a JSON body {\"restock\": true|false} is required".into()))?;
+    Ok(restock)
+}
+
 /// `POST /admin/v1/orders/{id}/refund` `{"restock": bool}`: a `paid` or `refund_due` order
 /// becomes `refunded`, exactly once (one script call; a repeat answers the same). 409
 /// `order_closed` for an order with nothing to refund (reserved, cancelled, expired).
 pub async fn refund(ctx: &Ctx<'_>, req: Request<Incoming>) -> Answer {
     is_admin(req.headers(), ctx.app.config.admin_token.as_deref())?;
     let body = reply::read_body(req, ctx.app.config.header_timeout).await?;
-    let RefundBody { restock } = reply::parse_json::<RefundBody>(&body)?
-        .ok_or_else(|| Reject::BadRequest("a JSON body {\"restock\": true|false} is required".into()))?;
+    let restock = restock(&body)?;
     let reply = ctx
         .engine()
         .settle(Settle::Refund { restock }, ctx.id)

@@ -57,6 +57,15 @@ struct ReserveBody {
     qty: Option<i64>,
 }
 
+/// The units a reserve body asks for: its `qty`, 1 when the body or the field is absent.
+pub(super) fn qty(body: &[u8]) -> Result<i64, Reject> {
+    let qty = reply::parse_json::<ReserveBody>(body)?.and_then(|b| b.qty).unwrap_or(1);
+    if qty < 1 {
+        return Err(Reject::BadRequest("qty must be at least 1".into()));
+    }
+    Ok(qty)
+}
+
 /// What a reserve request asks for: the body's `qty` (default 1) and the
 /// `Idempotency-Key` header.
 struct Ask {
@@ -78,13 +87,10 @@ impl Ask {
             },
         };
         let body = reply::read_body(req, ctx.app.config.header_timeout).await?;
-        let qty = reply::parse_json::<ReserveBody>(&body)?
-            .and_then(|b| b.qty)
-            .unwrap_or(1);
-        if qty < 1 {
-            return Err(Reject::BadRequest("qty must be at least 1".into()));
-        }
-        Ok(Ask { qty, idem_key })
+        Ok(Ask {
+            qty: qty(&body)?,
+            idem_key,
+        })
     }
 
     /// The engine's command, with a fresh order id.

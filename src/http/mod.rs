@@ -4,6 +4,8 @@
 //! resource ([`items`], [`orders`], [`admin`], [`reports`], [`health`]), each handler a list of stages.
 
 mod admin;
+#[doc(hidden)]
+pub mod fuzz;
 mod health;
 mod items;
 mod orders;

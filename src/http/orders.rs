@@ -62,14 +62,15 @@ pub const MAX_LIST: u32 = 100;
 /// The query of `GET /api/v1/orders`: `?limit=N`, 1 to [`MAX_LIST`]; no other parameter.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct ListQuery {
+pub(super) struct ListQuery {
     limit: Option<u32>,
 }
 
 impl ListQuery {
-    /// The number of orders asked for (400 `bad_request` for anything but a valid `limit`).
-    fn limit(req: &Request<Incoming>) -> Result<u32, Reject> {
-        let query: ListQuery = serde_urlencoded::from_str(req.uri().query().unwrap_or(""))
+    /// The number of orders a query asks for (400 `bad_request` for anything but a valid
+    /// `limit`).
+    pub(super) fn limit(query: Option<&str>) -> Result<u32, Reject> {
+        let query: ListQuery = serde_urlencoded::from_str(query.unwrap_or(""))
             .map_err(|e| Reject::BadRequest(format!("bad query: {e}")))?;
         match query.limit {
             None => Ok(MAX_LIST),
@@ -86,7 +87,7 @@ impl ListQuery {
 /// the orders the worker has not written yet cannot be found there.
 pub async fn list(ctx: &Ctx<'_>, req: Request<Incoming>) -> Answer {
     let user = ctx.shopper(&req)?; // limiter (ip) → identity → limiter (user)
-    let limit = ListQuery::limit(&req)?; // ?limit=N, 1..=100
+    let limit = ListQuery::limit(req.uri().query())?; // ?limit=N, 1..=100
     let orders = ctx
         .app
         .store

@@ -168,6 +168,13 @@ fn route(path: &str) -> (Route, Method, Option<&str>) {
     }
 }
 
+/// [`route`] for the fuzz target `route` (`fuzz/`): the route's label, method and id segment.
+#[doc(hidden)]
+pub fn route_of(path: &str) -> (&'static str, Method, Option<&str>) {
+    let (route, method, id) = route(path);
+    (route.label(), method, id)
+}
+
 /// Every route as `(method, path template)`, as `docs/openapi.json` describes them (a test
 /// holds the two, and this and [`route`], to each other).
 pub const TEMPLATES: &[(&str, &str)] = &[
@@ -198,8 +205,10 @@ pub const TEMPLATES: &[(&str, &str)] = &[
 /// The segments of a path after its leading slashes (as `split('/')` cuts them), and how
 /// many there are; `None` beyond five. Split by bytes: `str::split('/')` calls memcmp per
 /// match, ~600 instructions a request (callgrind). An ASCII '/' never sits inside a
-/// multi-byte character, so every slice starts and ends on a character boundary.
-fn segments(path: &str) -> Option<([&str; 5], usize)> {
+/// multi-byte character, so every slice starts and ends on a character boundary. Public
+/// for the fuzz target `route`, which holds it to `split('/')`.
+#[doc(hidden)]
+pub fn segments(path: &str) -> Option<([&str; 5], usize)> {
     let mut segs = [""; 5];
     let mut n = 0;
     let path = path.trim_start_matches('/');

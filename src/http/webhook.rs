@@ -28,12 +28,7 @@ pub async fn payment(ctx: &Ctx<'_>, req: Request<Incoming>) -> Answer {
     let body = reply::read_body(req, ctx.app.config.header_timeout).await?;
     payments::verify(secret.as_bytes(), signature.as_deref(), &body, ctx.now() / 1000)
         .map_err(|refused| Reject::BadSignature(refused.why()))?;
-    let p: Payment = reply::parse_json(&body)?.ok_or_else(|| Reject::BadRequest("a JSON body is required".into()))?;
-    if !valid_id(&p.payment_id) || !valid_id(&p.order_id) {
-        return Err(Reject::BadRequest(
-            "payment_id and order_id are 1-64 characters of [A-Za-z0-9_.:-]".into(),
-        ));
-    }
+    let p = payment_of(&body)?;
     let store = &ctx.app.store;
     // A retry of a payment answered before: the same answer, nothing changes again.
     if let Some((status, answer)) = store
@@ -95,6 +90,17 @@ pub async fn payment(ctx: &Ctx<'_>, req: Request<Incoming>) -> Answer {
         .await
         .map_err(|e| ctx.failed("payment record", e))?;
     Ok(recorded(code, answer))
+}
+
+/// The payment a (verified) callback body reports.
+pub(super) fn payment_of(body: &[u8]) -> Result<Payment, Reject> {
+    let p: Payment = reply::parse_json(body)?.ok_or_else(|| Reject::BadRequest("a JSON body is required".into()))?;
+    if !valid_id(&p.payment_id) || !valid_id(&p.order_id) {
+        return Err(Reject::BadRequest(
+            "payment_id and order_id are 1-64 characters of [A-Za-z0-9_.:-]".into(),
+        ));
+    }
+    Ok(p)
 }
 
 /// A recorded answer as the response.
