@@ -21,11 +21,11 @@ pub enum Identity {
 #[derive(Deserialize)]
 struct Claims {
     sub: String,
-    /// Read only to refuse a token whose `nbf` is not a number: `jsonwebtoken` checks an
-    /// `nbf` it reads as one and lets any other (`"4102444800"`) through unchecked. (A
-    /// token whose `exp` is not a number it refuses itself.)
+    /// Checked here again: `jsonwebtoken` checks an `nbf` only when it reads it as whole
+    /// seconds below 2^64, and lets any other (`"4102444800"`, `1e30`) through. Not a
+    /// number: the claims do not parse, and the token is refused. (A token whose `exp` it
+    /// cannot read it refuses itself.)
     #[serde(default)]
-    #[allow(dead_code)]
     nbf: Option<f64>,
 }
 
@@ -51,10 +51,14 @@ impl Identity {
         let user = match self {
             Identity::Jwt { key, validation } => {
                 let token = bearer(headers).ok_or(Reject::Unauthenticated("missing bearer token"))?;
-                jsonwebtoken::decode::<Claims>(token, key, validation)
+                let claims = jsonwebtoken::decode::<Claims>(token, key, validation)
                     .map_err(|_| Reject::Unauthenticated("invalid or expired token"))?
-                    .claims
-                    .sub
+                    .claims;
+                let valid_from = (jsonwebtoken::get_current_timestamp() + validation.leeway) as f64;
+                if claims.nbf.is_some_and(|nbf| nbf > valid_from) {
+                    return Err(Reject::Unauthenticated("invalid or expired token"));
+                }
+                claims.sub
             }
             Identity::TrustedHeader => headers
                 .get("x-user-id")
@@ -145,10 +149,11 @@ mod tests {
         );
     }
 
-    /// An `nbf` that is not a number is refused: `jsonwebtoken` checks one only when it reads
-    /// a number, and let a string through unchecked (found by the fuzz target `jwt`).
+    /// An `nbf` ahead is refused whatever its form: `jsonwebtoken` checks one only when it
+    /// reads whole seconds below 2^64, and let a string or `1e30` through unchecked (found
+    /// by the fuzz target `jwt`). One that is not a number is refused.
     #[test]
-    fn an_nbf_that_is_not_a_number_is_refused() {
+    fn an_nbf_ahead_in_any_form_or_not_a_number_is_refused() {
         let secret = "0123456789abcdef0123";
         let id = Identity::new(Some(secret));
         let now = crate::clock::system_now_ms() / 1000;
@@ -172,6 +177,7 @@ mod tests {
         for nbf in [
             serde_json::json!(now + 3600),
             serde_json::json!((now + 3600) as f64 + 0.5),
+            serde_json::json!(1.0e30),
             serde_json::json!(format!("{}", now + 3600)),
             serde_json::json!(format!("{}", now - 60)),
             serde_json::json!(true),

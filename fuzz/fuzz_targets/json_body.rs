@@ -14,6 +14,9 @@ use serde_json::Value;
 
 fuzz_target!(|data: &[u8]| {
     let blank = data.iter().all(u8::is_ascii_whitespace);
+    let starts_an_object = data.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{');
+    // `None` for a body serde_json's `Value` cannot hold although a body type that ignores
+    // the field takes it (a number out of f64's range in a field reserve ignores).
     let json: Option<Value> = serde_json::from_slice(data).ok();
     let object = json.as_ref().and_then(Value::as_object);
     let refused = |reject: Reject| common::bad_request_in_api_words(&reject, data);
@@ -22,8 +25,8 @@ fuzz_target!(|data: &[u8]| {
     match reserve_qty(data) {
         Ok(qty) => {
             assert!(qty >= 1);
-            if !blank {
-                let o = object.expect("accepted: an object");
+            assert!(blank || starts_an_object, "accepted: an object");
+            if let Some(o) = object {
                 assert_eq!(o.get("qty").and_then(Value::as_i64).unwrap_or(1), qty);
             }
         }
@@ -73,7 +76,7 @@ fuzz_target!(|data: &[u8]| {
         refused(r);
     }
     // Not an object, not blank: refused by every reader.
-    if !blank && object.is_none() {
+    if !blank && !starts_an_object {
         assert!(reserve_qty(data).is_err() && limits(data).is_err() && payment(data).is_err());
     }
 });
