@@ -421,15 +421,20 @@ pub async fn handle(app: &Arc<App>, req: Request<Incoming>, peer: SocketAddr) ->
     let took = started.elapsed();
     metrics::request(route.label(), outcome, took.as_secs_f64());
     let status = response.status().as_u16();
-    // A 5xx is logged even when the request was not traced (its ids made now, not exported).
+    // A 5xx is logged even when the request was not traced (its ids made now, not
+    // exported), at most once a second per route, the line counting those left out: an
+    // outage must not turn every refusal into a log line.
+    let mut suppressed = 0;
     let trace = trace.or_else(|| {
-        (status >= 500).then(|| {
-            let mut headers = http::HeaderMap::new();
-            if let Some(v) = traceparent {
-                headers.insert(TRACEPARENT, v);
-            }
-            app.telemetry.late(&headers, route.span_name())
-        })
+        if status < 500 {
+            return None;
+        }
+        suppressed = app.failure_log.admit(route.span_name())?;
+        let mut headers = http::HeaderMap::new();
+        if let Some(v) = traceparent {
+            headers.insert(TRACEPARENT, v);
+        }
+        Some(app.telemetry.late(&headers, route.span_name()))
     });
     match trace {
         Some(trace) => {
@@ -448,6 +453,7 @@ pub async fn handle(app: &Arc<App>, req: Request<Incoming>, peer: SocketAddr) ->
                     status,
                     outcome,
                     duration_us = took.as_micros() as u64,
+                    suppressed,
                     "request"
                 )
             });
