@@ -52,13 +52,24 @@ pub fn unique(prefix: &str) -> String {
 }
 
 /// A TCP port on 127.0.0.1 that was free a moment ago (bind to port 0, read
-/// the port, release it). A server started on it may still lose a race, which
-/// is why the `start` functions below retry on another port.
+/// the port, release it), and never handed out before in this process: the
+/// kernel may give the same free port to two tests running at once before
+/// either has bound it (a cluster then met another test's node: "node is not
+/// empty"). A server started on it may still lose a race with another process,
+/// which is why the `start` functions below retry on another port.
 pub fn free_port() -> u16 {
-    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .and_then(|l| l.local_addr())
-        .expect("bind 127.0.0.1:0")
-        .port()
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    loop {
+        let port = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+            .and_then(|l| l.local_addr())
+            .expect("bind 127.0.0.1:0")
+            .port();
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 /// `start` on a free port, tried on three ports (a server may lose the race
