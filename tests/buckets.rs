@@ -29,12 +29,7 @@ const HOUR_MS: i64 = 3_600_000;
 
 /// An embedded-mode gateway (no `--redis-url`) with a SQLite store of its own.
 async fn embedded() -> Gateway {
-    let b = Gateway::builder("redis://unused").without("--redis-url");
-    assert!(
-        b.config().redis_url.is_none(),
-        "REDIS_URL in the environment would start Redis mode"
-    );
-    b.start().await
+    Gateway::embedded().start().await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

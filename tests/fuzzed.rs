@@ -11,12 +11,7 @@ use serde_json::json;
 
 /// An embedded-mode gateway (no `--redis-url`) with a SQLite store of its own.
 async fn embedded() -> Gateway {
-    let b = Gateway::builder("redis://unused").without("--redis-url");
-    assert!(
-        b.config().redis_url.is_none(),
-        "REDIS_URL in the environment would start Redis mode"
-    );
-    b.start().await
+    Gateway::embedded().start().await
 }
 
 /// `sale:1` sent as `sale%3A1` is the id `sale:1` on every route that takes an id (it was

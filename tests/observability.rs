@@ -490,13 +490,7 @@ async fn metrics_pass_promtool_lint() {
         "process_resident_memory_bytes",
         "process_open_fds",
     ] {
-        let value: f64 = text
-            .lines()
-            .find_map(|l| l.strip_prefix(&format!("{name} ")))
-            .unwrap_or_else(|| panic!("no {name} in /metrics:\n{text}"))
-            .trim()
-            .parse()
-            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let value = common::http::metric_value(&text, name);
         assert!(value > 0.0, "{name} is {value}");
     }
 

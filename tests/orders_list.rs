@@ -71,12 +71,7 @@ async fn list_until(api: &Api, user: &str, query: &str, expected: &[Expected], w
 
 /// An embedded-mode gateway (no `--redis-url`) with a SQLite store of its own.
 async fn embedded(configure: impl FnOnce(common::gateway::Builder) -> common::gateway::Builder) -> Gateway {
-    let b = configure(Gateway::builder("redis://unused").without("--redis-url"));
-    assert!(
-        b.config().redis_url.is_none(),
-        "REDIS_URL in the environment would start Redis mode"
-    );
-    b.start().await
+    configure(Gateway::embedded()).start().await
 }
 
 /// What [`shop`] did: each shopper's orders, newest first, with the status each has now.

@@ -474,12 +474,7 @@ async fn refusals(gw: &Gateway) {
 
 /// An embedded-mode gateway (no `--redis-url`), configured by `configure`.
 async fn embedded(configure: impl FnOnce(Builder) -> Builder) -> Gateway {
-    let b = configure(Gateway::builder("redis://unused").without("--redis-url"));
-    assert!(
-        b.config().redis_url.is_none(),
-        "REDIS_URL in the environment would start Redis mode"
-    );
-    b.start().await
+    configure(Gateway::embedded()).start().await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use common::binary::Binary;
 use common::free_port;
-use common::http::{ADMIN_TOKEN, RequestExt, send};
+use common::http::{ADMIN_TOKEN, RequestExt, metric_value, send};
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::trace::v1::Span;
 use prost::Message;
@@ -295,22 +295,10 @@ async fn metrics_carry_the_process_metrics() {
         ("process_open_fds", "gauge"),
     ] {
         assert!(text.contains(&format!("# TYPE {name} {kind}")), "{name}:\n{text}");
-        let value: f64 = text
-            .lines()
-            .find_map(|l| l.strip_prefix(&format!("{name} ")))
-            .unwrap_or_else(|| panic!("no {name} sample:\n{text}"))
-            .trim()
-            .parse()
-            .unwrap();
+        let value = metric_value(&text, name);
         assert!(value > 0.0, "{name} = {value}");
     }
-    let rss: f64 = text
-        .lines()
-        .find_map(|l| l.strip_prefix("process_resident_memory_bytes "))
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    let rss = metric_value(&text, "process_resident_memory_bytes");
     let from_proc = std::fs::read_to_string(format!("/proc/{}/statm", gw.pid())).unwrap();
     let pages: f64 = from_proc.split_whitespace().nth(1).unwrap().parse().unwrap();
     let page = 4096.0;

@@ -166,6 +166,17 @@ impl Gateway {
         }
     }
 
+    /// The default test flags without `--redis-url`: an embedded-mode gateway with a SQLite
+    /// store of its own.
+    pub fn embedded() -> Builder {
+        let b = Self::builder("redis://unused").without("--redis-url");
+        assert!(
+            b.config().redis_url.is_none(),
+            "REDIS_URL in the environment would start Redis mode"
+        );
+        b
+    }
+
     /// A gateway with the default test flags and the system clock.
     pub async fn start(redis_url: &str) -> Gateway {
         Self::builder(redis_url).start().await

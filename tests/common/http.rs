@@ -336,3 +336,14 @@ impl Api {
         r.text
     }
 }
+
+/// The value of the unlabelled sample `name` in a `/metrics` text; panics without one.
+#[track_caller]
+pub fn metric_value(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .unwrap_or_else(|| panic!("no {name} sample in /metrics:\n{text}"))
+        .trim()
+        .parse()
+        .unwrap_or_else(|e| panic!("{name}: {e}"))
+}
