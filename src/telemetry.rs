@@ -91,11 +91,6 @@ impl Telemetry {
         })
     }
 
-    /// Whether spans are exported.
-    pub fn exporting(&self) -> bool {
-        self.export.is_some()
-    }
-
     /// At the start of a request: its trace when it is traced, else `None` (see the module
     /// docs). `has_parent`: the headers hold a `traceparent`; `name` is the span's name
     /// (`METHOD /route/template`).
