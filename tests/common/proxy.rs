@@ -115,7 +115,11 @@ async fn accept(listener: TcpListener, upstream: SocketAddr, state: watch::Recei
             conn = listener.accept() => {
                 let Ok((client, _)) = conn else { continue };
                 accepted.fetch_add(1, Ordering::Relaxed);
-                connections.spawn(relay(client, upstream, state.clone()));
+                // The network's state when the connection came, not when its task first
+                // runs: on a loaded machine that can be after a restore, and a connection
+                // made during a blackhole would then carry what was sent on it.
+                let born = *state.borrow();
+                connections.spawn(relay(client, upstream, born, state.clone()));
             }
             // Reap finished connections so the set does not grow.
             Some(_) = connections.join_next(), if !connections.is_empty() => {}
@@ -123,16 +127,16 @@ async fn accept(listener: TcpListener, upstream: SocketAddr, state: watch::Recei
     }
 }
 
-/// One connection: reach the server once the network lets us (never, if it was
-/// blackholed), then pump both ways until either side closes.
-async fn relay(client: TcpStream, upstream: SocketAddr, mut state: watch::Receiver<State>) {
+/// One connection, accepted in state `at`: reach the server once the network lets us
+/// (never, if it was blackholed), then pump both ways until either side closes.
+async fn relay(client: TcpStream, upstream: SocketAddr, at: State, mut state: watch::Receiver<State>) {
     let _ = client.set_nodelay(true);
-    let born = state.borrow().blackholes;
+    let born = at.blackholes;
     let (client_read, client_write) = client.into_split();
     // Connect only while forwarding: wait while held; dead if a blackhole comes first.
     loop {
         let now = *state.borrow_and_update();
-        if now.cut == Some(Cut::Blackhole) || now.blackholes > born {
+        if at.cut == Some(Cut::Blackhole) || now.cut == Some(Cut::Blackhole) || now.blackholes > born {
             // Swallow whatever the client sends, answer nothing, close nothing (until the
             // client does).
             let _keep = client_write;
