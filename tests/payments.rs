@@ -12,7 +12,7 @@ use common::binary::Binary;
 use common::gateway::{Builder, Gateway};
 use common::http::{ADMIN_TOKEN, Api, Reply, RequestExt, send};
 use common::inspect::Redis;
-use common::{RedisServer, poll, shared_pg, unique};
+use common::{RedisServer, free_port, poll, shared_pg, unique};
 use reqwest::RequestBuilder;
 use seckill_gateway::clock::system_now_ms;
 use seckill_gateway::domain::{OrderStatus, RefundOf};
@@ -299,8 +299,14 @@ async fn a_late_payment_survives_a_sigkill(engine: Engine) {
         Engine::Embedded => format!("sqlite://{}/orders.db", dir.path().display()),
         Engine::Redis => shared_pg(),
     };
+    // Restarted as the same instance: the same port, so the same stream consumer, whose
+    // worker first takes what it had read and not yet persisted when it was killed. (On a
+    // new port it is a new consumer, and such an entry waits `SECKILL_CLAIM_IDLE`, 30 s,
+    // for XAUTOCLAIM: longer than this test waits for the row.)
+    let port = free_port();
     let start = || {
         let mut b = Binary::builder()
+            .port(port)
             .flag("--database-url", &db)
             .flag("--admin-token", ADMIN_TOKEN)
             .flag("--payment-secret", SECRET)
