@@ -136,7 +136,8 @@ async fn relay(client: TcpStream, upstream: SocketAddr, at: State, mut state: wa
     // Connect only while forwarding: wait while held; dead if a blackhole comes first.
     loop {
         let now = *state.borrow_and_update();
-        if at.cut == Some(Cut::Blackhole) || now.cut == Some(Cut::Blackhole) || now.blackholes > born {
+        // Dead: accepted during a blackhole, or one began since (each one counts).
+        if at.cut == Some(Cut::Blackhole) || now.blackholes > born {
             // Swallow whatever the client sends, answer nothing, close nothing (until the
             // client does).
             let _keep = client_write;
