@@ -12,7 +12,7 @@ use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use common::gateway::{Backend, GAUGE_LOCK, Gateway, on_backend, on_redis};
-use common::http::{ADMIN_TOKEN, HOUR_MS, Reply, item_body, send, send_until};
+use common::http::{ADMIN_TOKEN, HOUR_MS, Reply, item_body, metric_value, send, send_until};
 use common::inspect::{Event, Redis};
 use common::{poll, unique};
 use futures_util::StreamExt;
@@ -1161,9 +1161,9 @@ async fn hung_redis_times_out_and_sheds_load() {
     );
 }
 
-/// A client that gives up while its reserve is queued behind a slow Redis: the handler runs
-/// to the end anyway (its own task), so the decision is taken and counted once, never left
-/// half-done by the dropped connection. Without that, the request is abandoned mid-way.
+/// A client that gives up while its reserve is queued behind a slow Redis: its batch's task
+/// runs the call to the end anyway, so the decision is taken and counted once, never left
+/// half-done by the dropped connection and handler.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_hangs_up_does_not_abandon_its_request() {
     let (redis, mut rd, gw) = on_redis(|b| b.flag("--redis-timeout", "3s")).await;
@@ -1200,4 +1200,15 @@ async fn a_client_that_hangs_up_does_not_abandon_its_request() {
     .await;
     assert!(made.is_some(), "the script ran after the client left: the order exists");
     assert_eq!(rd.item_field(&item, "stock").await, 9);
+    // And it was counted, though no handler was left to count it.
+    let counted = poll(Duration::from_secs(3), async || {
+        let m = gw.metrics().await;
+        (metric_value(&m, r#"seckill_orders_total{event="reserved"}"#) == 1.0).then_some(())
+    })
+    .await;
+    assert!(
+        counted.is_some(),
+        "the order made is counted once: {}",
+        gw.metrics().await
+    );
 }

@@ -69,7 +69,15 @@ impl<C: BatchCall> Batches<C> {
         }
     }
 
-    /// Queue a reservation behind the shard's call in flight and wait for its reply.
+    /// The call, to finish setting it up: only before the first reservation (each shard's
+    /// task takes a clone of it when it starts).
+    pub fn call_mut(&mut self) -> &mut C {
+        &mut self.call
+    }
+
+    /// Queue a reservation behind the shard's call in flight and wait for its reply. Once
+    /// queued it is decided whether or not this future is still awaited: the call runs in
+    /// a task of its own.
     pub async fn reserve(&self, cmd: ReserveCmd) -> Result<ReserveReply, Error> {
         let _permit = self.inflight.try_acquire().map_err(|_| Error::Shed)?;
         let shard = shard_of(&cmd.item_id) as usize;

@@ -132,6 +132,10 @@ pub(super) struct ReserveCaller {
     last_try_at_deadline: bool,
     floors: Arc<Floors>,
     alarms: Arc<Alarms>,
+    /// Told of each reservation of an unbucketed item as its batch is decided, in the
+    /// batch's task: so it is told even when the request's own future was dropped (the
+    /// client hung up) while the call was in flight.
+    listener: Arc<dyn Listener>,
 }
 
 impl BatchCall for ReserveCaller {
@@ -196,6 +200,14 @@ impl BatchCall for ReserveCaller {
             .any(|r| matches!(r, ReserveReply::Reserved { .. } | ReserveReply::Duplicate { .. }))
         {
             self.replicas.wait(&self.conn, self.guards.shard(shard), shard).await?;
+        }
+        for (cmd, reply) in cmds.iter().zip(&replies) {
+            // A bucket's reply is not its item's news: `tell_bucketed` reports those.
+            if cmd.buckets <= 1
+                && let Some(news) = reply.news(&cmd.item_id)
+            {
+                self.listener.news(news);
+            }
         }
         Ok(replies)
     }
@@ -451,6 +463,7 @@ impl RedisEngine {
             last_try_at_deadline: redis.mode == RedisMode::Standalone,
             floors: floors.clone(),
             alarms: alarms.clone(),
+            listener: Arc::new(Deaf),
         };
         Ok(RedisEngine {
             target,
@@ -482,6 +495,7 @@ impl RedisEngine {
     /// Tell `listener` what happens to items, here and (through [`Self::follow_changes`])
     /// on other instances.
     pub fn with_listener(mut self, listener: Arc<dyn Listener>) -> Self {
+        self.batches.call_mut().listener = listener.clone();
         self.listener = listener;
         self
     }
@@ -1249,11 +1263,8 @@ impl StockEngine for RedisEngine {
             self.tell_bucketed(&cmd.item_id, &reply);
             return Ok(reply);
         }
-        let reply = self.batches.reserve(cmd.clone()).await?;
-        if let Some(news) = reply.news(&cmd.item_id) {
-            self.listener.news(news);
-        }
-        Ok(reply)
+        // Reported by the batch's task ([`ReserveCaller`]).
+        self.batches.reserve(cmd.clone()).await
     }
 
     async fn transition(&self, t: Transition, order_id: &str, user_id: &str) -> Result<TransitionReply, Error> {
