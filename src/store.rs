@@ -17,9 +17,11 @@
 
 use std::borrow::Cow;
 use std::str::FromStr;
+use std::sync::LazyLock;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use futures_util::future::BoxFuture;
 use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Connection, QueryBuilder, Row};
@@ -114,8 +116,10 @@ pub struct Merged<'a> {
     pub times: StepTimes,
 }
 
+/// The rows come out sorted by order id: concurrent transactions lock rows in one order.
 pub fn dedupe(events: &[OrderEvent]) -> Vec<Merged<'_>> {
-    let mut best: std::collections::HashMap<&str, Merged<'_>> = std::collections::HashMap::new();
+    let mut best: std::collections::HashMap<&str, Merged<'_>, foldhash::fast::RandomState> =
+        std::collections::HashMap::with_capacity_and_hasher(events.len(), Default::default());
     for ev in events {
         best.entry(ev.order_id.as_str())
             .and_modify(|cur| {
@@ -138,7 +142,8 @@ pub fn dedupe(events: &[OrderEvent]) -> Vec<Merged<'_>> {
             });
     }
     let mut out: Vec<Merged<'_>> = best.into_values().collect();
-    out.sort_by(|a, b| a.event.order_id.cmp(&b.event.order_id));
+    // One row per order id: an unstable sort orders them the same.
+    out.sort_unstable_by(|a, b| a.event.order_id.cmp(&b.event.order_id));
     out
 }
 
@@ -268,60 +273,28 @@ const SALES_SQL: &str = "SELECT day, item_id, \
          FROM orders o WHERE o.refund_due_ms >= $1 AND o.refund_due_ms < $2 \
      ) t GROUP BY day, item_id ORDER BY day, item_id";
 
-/// Rows of one `INSERT … ON CONFLICT` in [`Store::apply_marked`]: 12 parameters a row, so
-/// 1,000 rows stay far below both databases' limits (PostgreSQL 65,535; SQLite 32,766).
+/// Rows of one `INSERT … ON CONFLICT` in [`Store::apply_marked`]: in SQLite 17 parameters a
+/// row, so 1,000 rows stay below its limit (32,766); PostgreSQL binds 17 arrays.
 const APPLY_CHUNK: usize = 1000;
 
-/// One statement upserting `events` (at most [`APPLY_CHUNK`]): a new order is inserted, an
-/// existing `reserved` row moves to a final status; a final row never changes.
+/// The columns every order upsert writes, in its order.
+const ORDER_INSERT: &str = "INSERT INTO orders (order_id, item_id, bucket, user_id, qty, status, idem_key, created_ms, \
+     pay_before_ms, updated_ms, paid_ms, cancelled_ms, expired_ms, refund_due_ms, refunded_ms, price_cents, refund_of) ";
+
 /// [`OrderStatus::rank`] in SQL, of the column in place of `{}`.
 const STATUS_RANK: &str = "(CASE {} WHEN 'reserved' THEN 0 WHEN 'refund_due' THEN 2 WHEN 'refunded' THEN 3 ELSE 1 END)";
 
-fn upsert_orders<'a, DB: sqlx::Database>(rows: &'a [Merged<'a>]) -> QueryBuilder<'a, DB>
-where
-    String: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
-    Option<String>: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
-    &'a str: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
-    i64: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
-    Option<i64>: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
-    i32: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
-{
-    let mut q = QueryBuilder::new(
-        "INSERT INTO orders (order_id, item_id, bucket, user_id, qty, status, idem_key, created_ms, \
-         pay_before_ms, updated_ms, paid_ms, cancelled_ms, expired_ms, refund_due_ms, refunded_ms, \
-         price_cents, refund_of) ",
-    );
-    q.push_values(rows, |mut b, row| {
-        let (ev, at) = (&row.event, |s: OrderStatus| row.times.at(s));
-        // A bucket's order (`<item>#<b>`): the item's row, with its bucket.
-        let (item, bucket) = split_bucket(&ev.item_id);
-        b.push_bind(ev.order_id.clone())
-            .push_bind(item.to_owned())
-            .push_bind(i64::from(bucket))
-            .push_bind(ev.user_id.clone())
-            .push_bind(ev.qty)
-            .push_bind(ev.status.as_str())
-            .push_bind(ev.idem_key.clone())
-            .push_bind(ev.created_ms)
-            .push_bind(ev.pay_before_ms)
-            .push_bind(ev.at_ms)
-            .push_bind(at(OrderStatus::Paid))
-            .push_bind(at(OrderStatus::Cancelled))
-            .push_bind(at(OrderStatus::Expired))
-            .push_bind(at(OrderStatus::RefundDue))
-            .push_bind(at(OrderStatus::Refunded))
-            .push_bind(ev.price_cents)
-            .push_bind(ev.refund.map(RefundOf::as_text));
-    });
-    // Forward only (invariant 7): the status (with its time and refund origin) moves to a
-    // higher rank, never back. An event of an earlier step arriving late (redelivered, or
-    // persisted from another batch after a later one) still fills in its step's time.
+/// An order upsert's `ON CONFLICT` clause, the same in both databases. Forward only
+/// (invariant 7): the status (with its time and refund origin) moves to a higher rank, never
+/// back. An event of an earlier step arriving late (redelivered, or persisted from another
+/// batch after a later one) still fills in its step's time.
+static ON_CONFLICT: LazyLock<String> = LazyLock::new(|| {
     let (old, new) = (
         STATUS_RANK.replace("{}", "orders.status"),
         STATUS_RANK.replace("{}", "excluded.status"),
     );
     let forward = format!("{old} < {new}");
-    q.push(format!(
+    format!(
         " ON CONFLICT (order_id) DO UPDATE SET \
          status = CASE WHEN {forward} THEN excluded.status ELSE orders.status END, \
          updated_ms = CASE WHEN {forward} THEN excluded.updated_ms ELSE orders.updated_ms END, \
@@ -340,8 +313,141 @@ where
          OR (orders.refund_due_ms IS NULL AND excluded.refund_due_ms IS NOT NULL) \
          OR (orders.refunded_ms IS NULL AND excluded.refunded_ms IS NOT NULL) \
          OR (orders.price_cents IS NULL AND excluded.price_cents IS NOT NULL)"
-    ));
-    q
+    )
+});
+
+/// PostgreSQL's order upsert: the same for any number of rows, each column one array
+/// parameter. A multi-row `VALUES` is another statement for every row count (parsed and
+/// planned again, 17 parameters a row, each bound and written into the SQL); this one is
+/// prepared once per connection, and a batch is 17 arrays.
+static PG_UPSERT: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "{ORDER_INSERT}SELECT * FROM UNNEST($1::text[], $2::text[], $3::int8[], $4::text[], $5::int8[], \
+         $6::text[], $7::text[], $8::int8[], $9::int8[], $10::int8[], $11::int8[], $12::int8[], $13::int8[], \
+         $14::int8[], $15::int8[], $16::int8[], $17::text[]){}",
+        *ON_CONFLICT
+    )
+});
+
+/// How a database upserts a chunk of merged events (at most [`APPLY_CHUNK`]): a new order is
+/// inserted, an existing `reserved` row moves to a final status; a final row never changes.
+trait UpsertOrders: sqlx::Database {
+    fn upsert_orders<'e, E>(rows: &'e [Merged<'e>], ex: E) -> BoxFuture<'e, Result<u64, sqlx::Error>>
+    where
+        E: sqlx::Executor<'e, Database = Self> + 'e;
+}
+
+/// [`UpsertOrders`] of whichever database `ex` is of. Returns the rows written.
+fn upsert_orders<'e, DB: UpsertOrders, E>(rows: &'e [Merged<'e>], ex: E) -> BoxFuture<'e, Result<u64, sqlx::Error>>
+where
+    E: sqlx::Executor<'e, Database = DB> + 'e,
+{
+    DB::upsert_orders(rows, ex)
+}
+
+impl UpsertOrders for sqlx::Sqlite {
+    /// One multi-row `VALUES` (SQLite has no arrays to bind).
+    fn upsert_orders<'e, E>(rows: &'e [Merged<'e>], ex: E) -> BoxFuture<'e, Result<u64, sqlx::Error>>
+    where
+        E: sqlx::Executor<'e, Database = Self> + 'e,
+    {
+        Box::pin(async move {
+            let mut q = QueryBuilder::<sqlx::Sqlite>::new(ORDER_INSERT);
+            q.push_values(rows, |mut b, row| {
+                let (ev, at) = (&row.event, |s: OrderStatus| row.times.at(s));
+                // A bucket's order (`<item>#<b>`): the item's row, with its bucket.
+                let (item, bucket) = split_bucket(&ev.item_id);
+                b.push_bind(ev.order_id.as_str())
+                    .push_bind(item)
+                    .push_bind(i64::from(bucket))
+                    .push_bind(ev.user_id.as_str())
+                    .push_bind(ev.qty)
+                    .push_bind(ev.status.as_str())
+                    .push_bind(ev.idem_key.as_str())
+                    .push_bind(ev.created_ms)
+                    .push_bind(ev.pay_before_ms)
+                    .push_bind(ev.at_ms)
+                    .push_bind(at(OrderStatus::Paid))
+                    .push_bind(at(OrderStatus::Cancelled))
+                    .push_bind(at(OrderStatus::Expired))
+                    .push_bind(at(OrderStatus::RefundDue))
+                    .push_bind(at(OrderStatus::Refunded))
+                    .push_bind(ev.price_cents)
+                    .push_bind(ev.refund.map(RefundOf::as_text));
+            });
+            q.push(ON_CONFLICT.as_str());
+            Ok(q.build().execute(ex).await?.rows_affected())
+        })
+    }
+}
+
+impl UpsertOrders for sqlx::Postgres {
+    /// [`PG_UPSERT`], the rows' columns as arrays.
+    fn upsert_orders<'e, E>(rows: &'e [Merged<'e>], ex: E) -> BoxFuture<'e, Result<u64, sqlx::Error>>
+    where
+        E: sqlx::Executor<'e, Database = Self> + 'e,
+    {
+        let n = rows.len();
+        let (mut order_id, mut item_id, mut bucket, mut user_id) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
+        let (mut qty, mut status, mut idem_key, mut created_ms, mut pay_before_ms, mut updated_ms) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
+        let mut steps: [Vec<Option<i64>>; 5] = std::array::from_fn(|_| Vec::with_capacity(n));
+        let (mut price_cents, mut refund_of) = (Vec::with_capacity(n), Vec::with_capacity(n));
+        for row in rows {
+            let ev = &row.event;
+            let (item, b) = split_bucket(&ev.item_id);
+            order_id.push(ev.order_id.as_str());
+            item_id.push(item);
+            bucket.push(i64::from(b));
+            user_id.push(ev.user_id.as_str());
+            qty.push(ev.qty);
+            status.push(ev.status.as_str());
+            idem_key.push(ev.idem_key.as_str());
+            created_ms.push(ev.created_ms);
+            pay_before_ms.push(ev.pay_before_ms);
+            updated_ms.push(ev.at_ms);
+            for (times, step) in steps.iter_mut().zip(StepTimes::STEPS) {
+                times.push(row.times.at(step));
+            }
+            price_cents.push(ev.price_cents);
+            refund_of.push(ev.refund.map(RefundOf::as_text));
+        }
+        let [paid_ms, cancelled_ms, expired_ms, refund_due_ms, refunded_ms] = steps;
+        Box::pin(async move {
+            let done = sqlx::query(PG_UPSERT.as_str())
+                .bind(order_id)
+                .bind(item_id)
+                .bind(bucket)
+                .bind(user_id)
+                .bind(qty)
+                .bind(status)
+                .bind(idem_key)
+                .bind(created_ms)
+                .bind(pay_before_ms)
+                .bind(updated_ms)
+                .bind(paid_ms)
+                .bind(cancelled_ms)
+                .bind(expired_ms)
+                .bind(refund_due_ms)
+                .bind(refunded_ms)
+                .bind(price_cents)
+                .bind(refund_of)
+                .execute(ex)
+                .await?;
+            Ok(done.rows_affected())
+        })
+    }
 }
 
 impl Store {
@@ -484,12 +590,12 @@ impl Store {
                 // of three (BEGIN, INSERT, COMMIT), and SQLite's connection thread answers
                 // each with a wake-up of this task that waits its turn among the requests'.
                 if !events.is_empty() && events.len() <= APPLY_CHUNK && transfers.is_empty() && marks.is_empty() {
-                    return Ok(upsert_orders(&events).build().execute(pool).await?.rows_affected());
+                    return upsert_orders(&events, pool).await;
                 }
                 let mut tx = pool.begin().await?;
                 let mut affected = 0;
                 for chunk in events.chunks(APPLY_CHUNK) {
-                    affected += upsert_orders(chunk).build().execute(&mut *tx).await?.rows_affected();
+                    affected += upsert_orders(chunk, &mut *tx).await?;
                 }
                 for t in transfers {
                     let (out_ms, in_ms) = match t.side {
