@@ -487,37 +487,52 @@ fn engines_give_identical_replies_and_state() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(64);
-    let mut runner = TestRunner::new(Config {
-        cases,
-        // The minimal case is printed; no regression file is written into the tree.
-        failure_persistence: None,
-        max_shrink_iters: 2_000,
-        ..Config::default()
-    });
     let seen = Seen::default();
-    let result = runner.run(&scenario(), |(puts, ops)| {
-        rt.block_on(run_case(&server, &seen, puts, ops))
-            .map_err(TestCaseError::fail)
-    });
-    if let Err(e) = result {
-        panic!("{e}");
-    }
-    let seen = seen.into_inner().unwrap();
-    eprintln!("replies seen over {cases} cases: {seen:#?}");
-    if cases >= 64 {
-        let missing: Vec<&str> = EXPECTED_KINDS
+    let missing = || -> Vec<&str> {
+        let seen = seen.lock().unwrap();
+        EXPECTED_KINDS
             .iter()
             .copied()
             .filter(|k| !seen.contains_key(*k))
-            .collect();
+            .collect()
+    };
+    // Rounds of `cases` random cases (a new seed each), until every kind of reply has been
+    // compared, at most ROUNDS: a rare reply can miss one round of 64 (`LimitReached` did
+    // once in a fresh CI clone), four in a row would mean the generator lost it.
+    const ROUNDS: usize = 4;
+    let mut rounds = 0;
+    while rounds < ROUNDS && (rounds == 0 || !missing().is_empty()) {
+        rounds += 1;
+        let mut runner = TestRunner::new(Config {
+            cases,
+            // The minimal case is printed; no regression file is written into the tree.
+            failure_persistence: None,
+            max_shrink_iters: 2_000,
+            ..Config::default()
+        });
+        let result = runner.run(&scenario(), |(puts, ops)| {
+            rt.block_on(run_case(&server, &seen, puts, ops))
+                .map_err(TestCaseError::fail)
+        });
+        if let Err(e) = result {
+            panic!("{e}");
+        }
+        if cases < 64 {
+            break;
+        }
+    }
+    let missing = missing();
+    let seen = seen.into_inner().unwrap();
+    eprintln!("replies seen over {rounds} round(s) of {cases} cases: {seen:#?}");
+    if cases >= 64 {
         assert!(
             missing.is_empty(),
-            "the generator never produced {missing:?}; seen: {seen:?}"
+            "the generator never produced {missing:?} in {ROUNDS} rounds of {cases} cases; seen: {seen:?}"
         );
     }
 }
 
-/// Replies every run of 64 cases must have compared at least once.
+/// Replies that runs of 64 cases (up to four such rounds) must have compared at least once.
 const EXPECTED_KINDS: &[&str] = &[
     "put_item:Stored",
     "put_item:BelowHeld",
