@@ -501,7 +501,7 @@ fn engines_give_identical_replies_and_state() {
     // once in a fresh CI clone), four in a row would mean the generator lost it.
     const ROUNDS: usize = 4;
     let mut rounds = 0;
-    while rounds < ROUNDS && (rounds == 0 || !missing().is_empty()) {
+    loop {
         rounds += 1;
         let mut runner = TestRunner::new(Config {
             cases,
@@ -517,7 +517,8 @@ fn engines_give_identical_replies_and_state() {
         if let Err(e) = result {
             panic!("{e}");
         }
-        if cases < 64 {
+        // Fewer cases (`PROPTEST_CASES`): one round, no coverage check.
+        if cases < 64 || rounds == ROUNDS || missing().is_empty() {
             break;
         }
     }
