@@ -74,23 +74,27 @@ struct Ask {
 }
 
 impl Ask {
-    async fn read(ctx: &Ctx<'_>, req: Request<Incoming>) -> Result<Ask, Reject> {
+    /// Not an `async fn`: the headers are read now, and the future it returns keeps only
+    /// the body's (a whole request in it would be moved with every reserve future).
+    fn read(ctx: &Ctx<'_>, req: Request<Incoming>) -> impl Future<Output = Result<Ask, Reject>> + Send {
         let idem_key = match req.headers().get("idempotency-key") {
-            None => None,
+            None => Ok(None),
             Some(v) => match v.to_str() {
-                Ok(k) if valid_id(k) => Some(k.to_owned()),
-                _ => {
-                    return Err(Reject::BadRequest(
-                        "Idempotency-Key must be 1-64 characters of [A-Za-z0-9_.:-]".into(),
-                    ));
-                }
+                Ok(k) if valid_id(k) => Ok(Some(k.to_owned())),
+                _ => Err(Reject::BadRequest(
+                    "Idempotency-Key must be 1-64 characters of [A-Za-z0-9_.:-]".into(),
+                )),
             },
         };
-        let body = reply::read_body(req, ctx.app.config.header_timeout).await?;
-        Ok(Ask {
-            qty: qty(&body)?,
-            idem_key,
-        })
+        let body = reply::read_body(req, ctx.app.config.header_timeout);
+        async move {
+            let idem_key = idem_key?;
+            let body = body.await?;
+            Ok(Ask {
+                qty: qty(&body)?,
+                idem_key,
+            })
+        }
     }
 
     /// The engine's command, with a fresh order id.

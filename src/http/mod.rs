@@ -64,10 +64,7 @@ pub async fn serve(app: Arc<App>, listener: TcpListener, mut shutdown: watch::Re
         let _ = stream.set_nodelay(true);
         let socket = socket::Socket::new(stream, app.clone());
         let app = app.clone();
-        let svc = service_fn(move |req| {
-            let app = app.clone();
-            async move { Ok::<_, std::convert::Infallible>(router::handle(&app, req, peer).await) }
-        });
+        let svc = service_fn(move |req| router::handle(app.clone(), req, peer));
         let conn = graceful.watch(builder.serve_connection(TokioIo::new(socket), svc));
         tokio::spawn(async move {
             let _permit = permit;

@@ -14,31 +14,40 @@ pub type Body = Full<Bytes>;
 /// The contract's body limit.
 pub const MAX_BODY: usize = 4096;
 
-/// Read a request body of at most [`MAX_BODY`] bytes within `deadline`.
-pub async fn read_body(req: http::Request<Incoming>, deadline: std::time::Duration) -> Result<Bytes, Reject> {
+/// Read a request body of at most [`MAX_BODY`] bytes within `deadline`. The headers are
+/// looked at now: the future keeps only the body (a handler's future carries it, and a
+/// whole request in it would be moved with it).
+pub fn read_body(
+    req: http::Request<Incoming>,
+    deadline: std::time::Duration,
+) -> impl Future<Output = Result<Bytes, Reject>> + Send {
     let declared = req
         .headers()
         .get(CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > MAX_BODY as u64) {
-        return Err(Reject::PayloadTooLarge);
-    }
-    let collect = collect(Limited::new(req.into_body(), MAX_BODY));
-    tokio::pin!(collect);
-    // A small body usually arrived with the headers: take it without arming a timer (one
-    // timer per request is measurable on the hot path). Otherwise wait, bounded.
-    let collected = match futures_util::FutureExt::now_or_never(&mut collect) {
-        Some(r) => r,
-        None => match tokio::time::timeout(deadline, collect).await {
-            Err(_) => return Err(Reject::BadRequest("request body not received in time".into())),
-            Ok(r) => r,
-        },
-    };
-    match collected {
-        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => Err(Reject::PayloadTooLarge),
-        Err(_) => Err(Reject::BadRequest("could not read the request body".into())),
-        Ok(bytes) => Ok(bytes),
+    let too_large = declared.is_some_and(|n| n > MAX_BODY as u64);
+    let body = req.into_body();
+    async move {
+        if too_large {
+            return Err(Reject::PayloadTooLarge);
+        }
+        let collect = collect(Limited::new(body, MAX_BODY));
+        tokio::pin!(collect);
+        // A small body usually arrived with the headers: take it without arming a timer (one
+        // timer per request is measurable on the hot path). Otherwise wait, bounded.
+        let collected = match futures_util::FutureExt::now_or_never(&mut collect) {
+            Some(r) => r,
+            None => match tokio::time::timeout(deadline, collect).await {
+                Err(_) => return Err(Reject::BadRequest("request body not received in time".into())),
+                Ok(r) => r,
+            },
+        };
+        match collected {
+            Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => Err(Reject::PayloadTooLarge),
+            Err(_) => Err(Reject::BadRequest("could not read the request body".into())),
+            Ok(bytes) => Ok(bytes),
+        }
     }
 }
 

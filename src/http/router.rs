@@ -4,6 +4,7 @@
 //! [`super::items`], [`super::orders`], [`super::admin`], [`super::reports`], [`super::health`].
 
 use std::borrow::Cow;
+use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Instant;
@@ -323,9 +324,12 @@ impl Ctx<'_> {
     }
 }
 
-/// The one entry point: route, run the handler, turn a refusal into the contract's JSON,
-/// count and time it, and tag it with a request id.
-pub async fn handle(app: &Arc<App>, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+/// The one entry point, hyper's service itself: route, run the handler, turn a refusal into
+/// the contract's JSON, count and time it, and tag it with a request id. Its future is the
+/// one hyper keeps for the request: a wrapping future would move it whole (kilobytes) on
+/// its first poll.
+pub async fn handle(app: Arc<App>, req: Request<Incoming>, peer: SocketAddr) -> Result<Response<Body>, Infallible> {
+    let app = &app;
     let started = Instant::now();
     let request_id = req
         .headers()
@@ -352,59 +356,30 @@ pub async fn handle(app: &Arc<App>, req: Request<Incoming>, peer: SocketAddr) ->
     // route; the warnings and errors a request logs at the default level name its id
     // themselves. (An info span is formatted by the log layer: measurable on every request.)
     let traceparent = req.headers().get(TRACEPARENT).cloned();
-    let trace = app.telemetry.start(
-        req.headers(),
-        traceparent.is_some(),
-        route.audience(),
-        route.span_name(),
-    );
+    // Boxed: a trace is a few hundred bytes that every request's future would carry.
+    let trace = app
+        .telemetry
+        .start(
+            req.headers(),
+            traceparent.is_some(),
+            route.audience(),
+            route.span_name(),
+        )
+        .map(Box::new);
     let span = match &trace {
         Some(t) => {
             tracing::info_span!("request", request_id = %request_id, route = route.label(), trace_id = %t.trace_id(), span_id = %t.span_id())
         }
         None => tracing::debug_span!("request", request_id = %request_id, route = route.label()),
     };
-    let handler = async {
-        if matches!(route, Route::NotFound) {
-            Err(Reject::NotFound)
-        } else if req.method() != method {
-            Err(Reject::MethodNotAllowed)
-        } else if id.as_deref().is_some_and(|id| !valid_id(id)) {
-            Err(Reject::BadRequest("ids are 1-64 characters of [A-Za-z0-9_.:-]".into()))
-        } else {
-            match route {
-                Route::ItemGet => items::get(&ctx, req).await,
-                Route::Reserve => items::reserve(&ctx, req).await,
-                Route::Pay => Box::pin(orders::transition(&ctx, req, Transition::Pay)).await,
-                Route::Cancel => Box::pin(orders::transition(&ctx, req, Transition::Cancel)).await,
-                Route::OrderGet => Box::pin(orders::get(&ctx, req)).await,
-                Route::OrdersList => Box::pin(orders::list(&ctx, req)).await,
-                Route::AdminItemPut => Box::pin(admin::put_item(&ctx, req)).await,
-                Route::AdminStats => Box::pin(admin::stats(&ctx, req)).await,
-                Route::AdminOrdersCsv => Box::pin(admin::orders_csv(&ctx, req)).await,
-                Route::AdminItemPause => Box::pin(admin::pause(&ctx, req, Some(ctx.id), true)).await,
-                Route::AdminItemResume => Box::pin(admin::pause(&ctx, req, Some(ctx.id), false)).await,
-                Route::AdminPauseAll => Box::pin(admin::pause(&ctx, req, None, true)).await,
-                Route::AdminResumeAll => Box::pin(admin::pause(&ctx, req, None, false)).await,
-                Route::AdminLimits => Box::pin(admin::put_limits(&ctx, req)).await,
-                Route::AdminRefund => Box::pin(admin::refund(&ctx, req)).await,
-                Route::PaymentWebhook => Box::pin(webhook::payment(&ctx, req)).await,
-                Route::AdminSalesCsv => Box::pin(reports::sales(&ctx, req, ReportFormat::Csv)).await,
-                Route::AdminSalesXlsx => Box::pin(reports::sales(&ctx, req, ReportFormat::Xlsx)).await,
-                Route::OpenApi => health::openapi(),
-                Route::Metrics => health::metrics(&ctx),
-                Route::Healthz => health::healthz(),
-                Route::Readyz => health::readyz(&ctx).await,
-                Route::NotFound => Err(Reject::NotFound),
-            }
-        }
-    };
-    // Instrumenting moves the handler's future (kilobytes) into a wrapper: a memcpy per
-    // request (callgrind: ~600 instructions of a sold-out answer). Only when the span records.
+    // Built where it is awaited: a future made first and awaited later is moved (its whole
+    // size) into the awaiting one. Instrumenting wraps it, so only when the span records.
     let answer = if span.is_disabled() {
-        handler.await
+        dispatch(&ctx, req, route, method, id.as_deref()).await
     } else {
-        handler.instrument(span.clone()).await
+        dispatch(&ctx, req, route, method, id.as_deref())
+            .instrument(span.clone())
+            .await
     };
     let (mut response, outcome) = match answer {
         Ok(r) => (r, "ok"),
@@ -434,7 +409,7 @@ pub async fn handle(app: &Arc<App>, req: Request<Incoming>, peer: SocketAddr) ->
         if let Some(v) = traceparent {
             headers.insert(TRACEPARENT, v);
         }
-        Some(app.telemetry.late(&headers, route.span_name()))
+        Some(Box::new(app.telemetry.late(&headers, route.span_name())))
     });
     match trace {
         Some(trace) => {
@@ -459,9 +434,50 @@ pub async fn handle(app: &Arc<App>, req: Request<Incoming>, peer: SocketAddr) ->
             });
             trace.end(status, outcome, route.span_name(), &request_id);
         }
+        // The event's level and target are the span's: a span that does not record means
+        // an event that would not either (and asking costs a filter lookup per request).
+        None if span.is_disabled() => {}
         None => span.in_scope(|| tracing::debug!(outcome, status, "request")),
     }
-    response
+    Ok(response)
+}
+
+/// The route's handler, after the checks every route shares (known route, its method, a
+/// valid id).
+async fn dispatch(ctx: &Ctx<'_>, req: Request<Incoming>, route: Route, method: Method, id: Option<&str>) -> Answer {
+    if matches!(route, Route::NotFound) {
+        Err(Reject::NotFound)
+    } else if req.method() != method {
+        Err(Reject::MethodNotAllowed)
+    } else if id.is_some_and(|id| !valid_id(id)) {
+        Err(Reject::BadRequest("ids are 1-64 characters of [A-Za-z0-9_.:-]".into()))
+    } else {
+        match route {
+            Route::ItemGet => items::get(ctx, req).await,
+            Route::Reserve => items::reserve(ctx, req).await,
+            Route::Pay => Box::pin(orders::transition(ctx, req, Transition::Pay)).await,
+            Route::Cancel => Box::pin(orders::transition(ctx, req, Transition::Cancel)).await,
+            Route::OrderGet => Box::pin(orders::get(ctx, req)).await,
+            Route::OrdersList => Box::pin(orders::list(ctx, req)).await,
+            Route::AdminItemPut => Box::pin(admin::put_item(ctx, req)).await,
+            Route::AdminStats => Box::pin(admin::stats(ctx, req)).await,
+            Route::AdminOrdersCsv => Box::pin(admin::orders_csv(ctx, req)).await,
+            Route::AdminItemPause => Box::pin(admin::pause(ctx, req, Some(ctx.id), true)).await,
+            Route::AdminItemResume => Box::pin(admin::pause(ctx, req, Some(ctx.id), false)).await,
+            Route::AdminPauseAll => Box::pin(admin::pause(ctx, req, None, true)).await,
+            Route::AdminResumeAll => Box::pin(admin::pause(ctx, req, None, false)).await,
+            Route::AdminLimits => Box::pin(admin::put_limits(ctx, req)).await,
+            Route::AdminRefund => Box::pin(admin::refund(ctx, req)).await,
+            Route::PaymentWebhook => Box::pin(webhook::payment(ctx, req)).await,
+            Route::AdminSalesCsv => Box::pin(reports::sales(ctx, req, ReportFormat::Csv)).await,
+            Route::AdminSalesXlsx => Box::pin(reports::sales(ctx, req, ReportFormat::Xlsx)).await,
+            Route::OpenApi => health::openapi(),
+            Route::Metrics => health::metrics(ctx),
+            Route::Healthz => health::healthz(),
+            Route::Readyz => health::readyz(ctx).await,
+            Route::NotFound => Err(Reject::NotFound),
+        }
+    }
 }
 
 #[cfg(test)]
