@@ -77,7 +77,22 @@ pub fn system_now_ms() -> Millis {
 }
 
 /// RFC 3339 (UTC, millisecond precision) for a millisecond timestamp, as the API shows times.
+/// The last time each thread formatted: the replies of one reserve batch share their
+/// `pay_before` (the script's clock read once per call), so most are this one.
 pub fn rfc3339(ms: Millis) -> String {
+    thread_local! {
+        static LAST: std::cell::RefCell<(Option<Millis>, String)> = const { std::cell::RefCell::new((None, String::new())) };
+    }
+    LAST.with_borrow_mut(|(at, text)| {
+        if *at != Some(ms) {
+            *text = format_rfc3339(ms);
+            *at = Some(ms);
+        }
+        text.clone()
+    })
+}
+
+fn format_rfc3339(ms: Millis) -> String {
     // Always three fractional digits (the contract's `2026-11-21T09:00:00.123Z`): times of
     // one format sort as text, and `.120Z` is not shortened to `.12Z`.
     const FORMAT: &[time::format_description::BorrowedFormatItem<'_>] =
@@ -104,6 +119,16 @@ mod tests {
         assert_eq!(rfc3339(1_700_000_000_120), "2023-11-14T22:13:20.120Z");
         assert_eq!(parse_rfc3339(&rfc3339(1_700_000_000_123)), Some(1_700_000_000_123));
         assert_eq!(parse_rfc3339("yesterday"), None);
+    }
+
+    #[test]
+    fn rfc3339_of_a_time_again_and_after_another_is_its_own() {
+        let (a, b) = (1_700_000_000_123, 1_700_000_060_456);
+        assert_eq!(rfc3339(a), "2023-11-14T22:13:20.123Z");
+        assert_eq!(rfc3339(a), "2023-11-14T22:13:20.123Z", "the remembered text");
+        assert_eq!(rfc3339(b), "2023-11-14T22:14:20.456Z");
+        assert_eq!(rfc3339(a), "2023-11-14T22:13:20.123Z");
+        assert_eq!(rfc3339(i64::MIN), "1970-01-01T00:00:00.000Z", "out of range: the epoch");
     }
 
     #[test]

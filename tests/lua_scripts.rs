@@ -123,7 +123,7 @@ impl Sale {
         let shard = crc32fast::hash(item.as_bytes()) % 16;
         Self {
             con,
-            tag: seckill_gateway::engine::keys::tag(shard),
+            tag: seckill_gateway::engine::keys::tag(shard).to_string(),
             item,
             shard,
             orders: 0,
@@ -139,7 +139,7 @@ impl Sale {
         let shard = seckill_gateway::ids::shard_of(&item);
         let mut bucket = Sale {
             con: self.con.clone(),
-            tag: seckill_gateway::engine::keys::tag(shard),
+            tag: seckill_gateway::engine::keys::tag(shard).to_string(),
             item,
             shard,
             orders: 1000 * b,
@@ -1623,7 +1623,8 @@ async fn transfer_out_takes_what_the_bucket_has_once_per_transfer_id() {
         item: seckill_gateway::ids::bucket_id(&home.item, 9),
         tag: seckill_gateway::engine::keys::tag(seckill_gateway::ids::shard_of(&seckill_gateway::ids::bucket_id(
             &home.item, 9,
-        ))),
+        )))
+        .to_string(),
         shard: 0,
         orders: 0,
         floor: String::new(),

@@ -37,9 +37,20 @@ const TAGS: [&str; SHARDS as usize] = [
     "s13.1", "s14.41", "s15.42",
 ];
 
-/// `{s<N>.<suffix>}`: the hash tag of a shard's keys.
-pub fn tag(shard: u32) -> String {
-    format!("{{{}}}", TAGS[shard as usize])
+/// `{s<N>.<suffix>}`: the hash tag of a shard's keys, written where a key is formatted
+/// (no string of its own: a reservation formats four keys).
+pub fn tag(shard: u32) -> Tag {
+    Tag(TAGS[shard as usize])
+}
+
+/// A shard's hash tag as [`tag`] gives it: `Display` writes `{s<N>.<suffix>}`.
+#[derive(Clone, Copy)]
+pub struct Tag(&'static str);
+
+impl std::fmt::Display for Tag {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{{{}}}", self.0)
+    }
 }
 
 pub fn item(item_id: &str) -> String {

@@ -274,14 +274,20 @@ impl ReserveCaller {
             .arg(self.idem_ttl_s)
             .arg(self.clock.script_arg())
             .arg(self.floors.arg(shard));
+        // A batch is mostly one item: its two keys are formatted once per run of it.
+        let mut item_keys: Option<(&str, String, String)> = None;
         for cmd in cmds {
             let idem_key = cmd.idem_key.as_deref().unwrap_or("");
             let order_key = keys::order(&cmd.order_id)
                 .ok_or_else(|| Error::Internal(format!("order id {} is not ours", cmd.order_id)))?;
+            let (_, item_key, buyers_key) = match item_keys {
+                Some(ref k) if k.0 == cmd.item_id => k,
+                _ => item_keys.insert((&cmd.item_id, keys::item(&cmd.item_id), keys::buyers(&cmd.item_id))),
+            };
             // Without a key the idempotency key is never touched; it still names a key of
             // the same slot.
-            inv.key(keys::item(&cmd.item_id))
-                .key(keys::buyers(&cmd.item_id))
+            inv.key(item_key.as_str())
+                .key(buyers_key.as_str())
                 .key(order_key)
                 .key(keys::idem(
                     &cmd.item_id,

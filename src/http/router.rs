@@ -9,7 +9,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Instant;
 
-use http::{HeaderValue, Method, Request, Response};
+use http::{HeaderName, HeaderValue, Method, Request, Response};
 use hyper::body::Incoming;
 use tracing::Instrument;
 
@@ -24,6 +24,10 @@ use crate::error::{Error, Reject};
 use crate::ids::valid_id;
 use crate::metrics;
 use crate::telemetry::{Audience, TRACEPARENT};
+
+/// The response header of every answer. A constant: a name given as a string is parsed
+/// and copied into an allocation of its own on every insert.
+const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// What a handler answers: a response, or a refusal the router renders.
 pub type Answer = Result<Response<Body>, Reject>;
@@ -391,7 +395,7 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>, peer: SocketAddr) -> 
         }
     };
     if let Ok(v) = HeaderValue::from_str(&request_id) {
-        response.headers_mut().insert("x-request-id", v);
+        response.headers_mut().insert(X_REQUEST_ID, v);
     }
     let took = started.elapsed();
     metrics::request(route.label(), outcome, took.as_secs_f64());
