@@ -1,0 +1,75 @@
+"""Tests of lt.py's own readings and arithmetic (scripts/checks/loadtest-lib runs them):
+the load tool's waits read from /proc, and the report's note on an unsaturated machine."""
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import unittest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import lt  # noqa: E402
+
+# 150 sleeps of 10 ms: about 100 voluntary context switches a second.
+SLEEPER = "import time\nfor _ in range(150): time.sleep(0.01)"
+# 1.5 s on the CPU without a sleep.
+SPINNER = "import time\nend = time.monotonic() + 1.5\nwhile time.monotonic() < end: pass"
+
+
+def sample(code):
+    """Run `code` in a child python, cpu-sample it every 0.25 s; the samples taken while it ran."""
+    with tempfile.TemporaryDirectory() as d:
+        out = os.path.join(d, "samples.json")
+        child = subprocess.Popen([sys.executable, "-c", code])
+        # cpu-sample stops once the child is gone; a child that has exited but is not yet
+        # reaped still has its /proc entry, so reap it from a thread as soon as it exits.
+        threading.Thread(target=child.wait, daemon=True).start()
+        lt.cmd_cpu_sample([str(child.pid), out, "0.25"])
+        with open(out, encoding="utf-8") as f:
+            return json.load(f)["samples"]
+
+
+class Waits(unittest.TestCase):
+    def test_a_process_that_sleeps_is_seen_waiting_and_one_that_spins_is_not(self):
+        sleeping = [s["loadgen_waits_per_s"] for s in sample(SLEEPER)]
+        spinning = [s["loadgen_waits_per_s"] for s in sample(SPINNER)]
+        self.assertGreaterEqual(len(sleeping), 3, sleeping)
+        self.assertGreaterEqual(len(spinning), 3, spinning)
+        self.assertGreater(lt._median(sleeping), 30, sleeping)
+        self.assertLess(lt._median(spinning), 10, spinning)
+
+    def test_waits_of_a_process_that_is_gone_are_none(self):
+        child = subprocess.Popen([sys.executable, "-c", "pass"])
+        child.wait()
+        self.assertIsNone(lt.tree_waits(child.pid, {}))
+
+
+def wrk_row(busy, waits, rps=92_000, loadgen=0.67):
+    return {"tool": "wrk", "threads": 1, "cpus": 2, "rps": rps, "cpu_cores": {"gateway": 1.0},
+            "cpu_machine_busy_cores": busy - 0.3, "cpu_machine_median_cores": busy,
+            "cpu_machine_peak_cores": busy, "cpu_other_cores": 0.05,
+            "cpu_loadgen_cores_max": loadgen, "cpu_loadgen_peak_max": loadgen,
+            "cpu_loadgen_waits_per_s": waits}
+
+
+class IdleNote(unittest.TestCase):
+    def test_an_idle_machine_with_a_waiting_tool_is_explained(self):
+        v = lt._loadgen_verdict(wrk_row(busy=1.35, waits=26_000))
+        self.assertIsNotNone(v)
+        notes = " ".join(v["notes"])
+        self.assertIn("machine not saturated (1.35 of 2 cores busy while the tool ran", notes)
+        self.assertIn("26,000 times/s", notes)
+        self.assertIn("one per 3.5 answers", notes)
+
+    def test_no_note_when_the_machine_is_busy_or_the_tool_rarely_waits(self):
+        self.assertIsNone(lt._idle_note(wrk_row(busy=1.85, waits=26_000)))
+        self.assertIsNone(lt._idle_note(wrk_row(busy=1.35, waits=500)))
+        self.assertIsNone(lt._idle_note(wrk_row(busy=1.35, waits=None)))
+        # no note, and the tool far from a core: nothing to say about the load generator
+        self.assertIsNone(lt._loadgen_verdict(wrk_row(busy=1.85, waits=500)))
+
+
+if __name__ == "__main__":
+    unittest.main()
