@@ -45,7 +45,7 @@ impl LocalCache {
 
     pub fn item(&self, item_id: &str) -> Option<Arc<ItemSpec>> {
         let hit = self.items.get(item_id);
-        metrics::cache("item", hit.is_some());
+        metrics::cache(metrics::Cache::Item, hit.is_some());
         hit
     }
 
@@ -90,7 +90,7 @@ impl LocalCache {
 
     pub fn is_sold_out(&self, item_id: &str) -> bool {
         let hit = self.sold_out.contains_key(item_id);
-        metrics::cache("sold_out", hit);
+        metrics::cache(metrics::Cache::SoldOut, hit);
         hit
     }
 

@@ -74,7 +74,7 @@ impl ItemFilter {
     /// `false` means the item certainly does not exist.
     pub fn may_contain(&self, item_id: &str) -> bool {
         let maybe = self.bloom.load().check(item_id);
-        metrics::cache("bloom", maybe);
+        metrics::cache(metrics::Cache::Bloom, maybe);
         if !maybe {
             return false;
         }
@@ -82,7 +82,7 @@ impl ItemFilter {
             return true;
         }
         let missing = self.not_found.contains_key(item_id);
-        metrics::cache("not_found", missing);
+        metrics::cache(metrics::Cache::NotFound, missing);
         !missing
     }
 

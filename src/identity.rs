@@ -1,7 +1,7 @@
 //! Stage 1 — who is asking. A shopper is identified by the `sub` of an HS256 JWT when a
 //! secret is configured, otherwise by the `X-User-Id` header that a trusted proxy sets.
 
-use http::HeaderMap;
+use http::{HeaderMap, HeaderName};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
 
@@ -61,7 +61,7 @@ impl Identity {
                 claims.sub
             }
             Identity::TrustedHeader => headers
-                .get("x-user-id")
+                .get(X_USER_ID)
                 .and_then(|v| v.to_str().ok())
                 .ok_or(Reject::Unauthenticated("missing X-User-Id header"))?
                 .to_owned(),
@@ -73,6 +73,10 @@ impl Identity {
         }
     }
 }
+
+/// The trusted-proxy mode's header. A constant: a name given as a string is parsed (and
+/// looked up among the standard names) on every request.
+const X_USER_ID: HeaderName = HeaderName::from_static("x-user-id");
 
 /// The token of an `Authorization: Bearer …` header.
 pub fn bearer(headers: &HeaderMap) -> Option<&str> {
