@@ -301,6 +301,7 @@ impl Cache {
         }
     }
 }
+
 const SCRIPTS: &[&str] = &[
     "reserve",
     "pay",

@@ -890,7 +890,7 @@ def _print_cpu_table(order, rows, meta):
     if not names:
         return
     head = ["measurement", "answers", "gateway", "redis", "postgres", "baseline", "load gen",
-            "servers", "gateway/baseline", "cores busy (other)"]
+            "servers", "gateway/baseline", "cores busy (other)", "under load"]
     table = []
     for n in names:
         r = rows[n]
@@ -901,18 +901,21 @@ def _print_cpu_table(order, rows, meta):
         if b and c.get("gateway") and (b.get("cpu_us_per_answer") or {}).get("baseline"):
             ratio = c["gateway"] / b["cpu_us_per_answer"]["baseline"]
             r["cpu_ratio_gateway_baseline"] = round(ratio, 2)
-        busy = r.get("cpu_machine_busy_cores")
+        busy, loaded = r.get("cpu_machine_busy_cores"), r.get("cpu_machine_median_cores")
         table.append([n, _fmt_rps(r.get("answers")), _fmt_us(c.get("gateway")), _fmt_us(c.get("redis")),
                       _fmt_us(c.get("postgres")), _fmt_us(c.get("baseline")),
                       f"{_fmt_us(c.get('loadgen'))} {r['tool']}",
                       _fmt_us(sum(servers)) if servers and r["target"] != "baseline" else "-",
                       f"{ratio:.2f}" if ratio else "-",
                       f"{busy:.2f} of {r.get('cpus')} ({r.get('cpu_other_cores') or 0:.2f})"
-                      if busy is not None else "-"])
+                      if busy is not None else "-",
+                      f"{loaded:.2f}" if loaded is not None else "-"])
     runs = max(rows[n].get("cpu_runs", 1) for n in names)
     print()
     print("CPU µs per answer (utime+stime from /proc, before/after each run, ÷ the tool's answers"
-          + (f"; median of {runs} runs" if runs > 1 else "") + "):")
+          + (f"; median of {runs} runs" if runs > 1 else "") + "; cores busy over the whole window, "
+          "which includes the wait for the item's pipeline to go quiet, and under "
+          "load: the median of the load tool's seconds):")
     widths = [max(len(str(x)) for x in col) for col in zip(head, *table)]
     print("  ".join(h.ljust(w) for h, w in zip(head, widths)))
     for row in table:

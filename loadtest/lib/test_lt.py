@@ -1,6 +1,8 @@
 """Tests of lt.py's own readings and arithmetic (scripts/checks/loadtest-lib runs them):
 the load tool's waits read from /proc, and the report's note on an unsaturated machine."""
 
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -69,6 +71,19 @@ class IdleNote(unittest.TestCase):
         self.assertIsNone(lt._idle_note(wrk_row(busy=1.35, waits=None)))
         # no note, and the tool far from a core: nothing to say about the load generator
         self.assertIsNone(lt._loadgen_verdict(wrk_row(busy=1.85, waits=500)))
+
+
+class CpuTable(unittest.TestCase):
+    def test_the_cores_busy_under_load_are_shown_beside_the_windows(self):
+        row = dict(wrk_row(busy=1.75, waits=26_000), target="gateway", answers=920_000,
+                   cpu_us_per_answer={"gateway": 10.7, "loadgen": 7.2})
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            lt._print_cpu_table(["gateway/sold-out"], {"gateway/sold-out": row}, {})
+        head, line = out.getvalue().strip().splitlines()[-2:]
+        self.assertTrue(head.endswith("cores busy (other)  under load"), head)
+        self.assertIn("1.45 of 2 (0.05)", line)  # the window's (wrk_row: 0.3 below)
+        self.assertTrue(line.rstrip().endswith("1.75"), line)
 
 
 if __name__ == "__main__":
