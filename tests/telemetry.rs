@@ -11,6 +11,7 @@ use std::time::Duration;
 use common::binary::Binary;
 use common::free_port;
 use common::http::{ADMIN_TOKEN, RequestExt, metric_value, send};
+use common::poll::poll;
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::trace::v1::Span;
 use prost::Message;
@@ -285,19 +286,18 @@ async fn an_answer_of_5xx_is_always_logged() {
 
 /// `/metrics` carries the process metrics: CPU seconds, resident memory, open descriptors.
 /// The CPU seconds are the kernel's, in whole clock ticks (10 ms): a gateway that is ready
-/// may not have used one yet (seen on a fast host), so the scrapes go on until it has (each
-/// costs some), and the figure is held to `/proc`'s.
+/// may not have used one yet (seen on a fast host), so it is scraped until it has, and the
+/// figure is held to `/proc`'s.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_carry_the_process_metrics() {
     let mut gw = gateway("0", None);
     gw.ready().await;
-    let started = std::time::Instant::now();
-    let text = loop {
+    let text = poll(Duration::from_secs(20), async || {
         let text = send(gw.get("/metrics")).await.text;
-        if metric_value(&text, "process_cpu_seconds_total") > 0.0 || started.elapsed() > Duration::from_secs(20) {
-            break text;
-        }
-    };
+        (metric_value(&text, "process_cpu_seconds_total") > 0.0).then_some(text)
+    })
+    .await
+    .expect("process_cpu_seconds_total rises above 0 within 20 s");
     let from_proc = std::fs::read_to_string(format!("/proc/{}/stat", gw.pid())).unwrap();
     let fields: Vec<&str> = from_proc[from_proc.rfind(')').unwrap() + 2..]
         .split_whitespace()

@@ -333,46 +333,50 @@ def _children_map():
 
 def tree_ticks(pid, kids):
     """Ticks of PID, its reaped children and every live descendant; None if PID is gone."""
-    st = _proc_stat(pid)
-    if st is None:
-        return None
-    total = st[1] + st[2]
-    for c in kids.get(int(pid), []):
-        t = tree_ticks(c, kids)
-        total += t or 0
-    return total
+    return _tree_sum(pid, kids, _own_ticks)
 
 
 def tree_waits(pid, kids):
     """Voluntary context switches of every thread of PID and its live descendants: each one
     is a thread that went to sleep because it had nothing to do (a load tool waiting for
     answers). None if PID is gone."""
-    total = 0
-    for p in [int(pid)] + _descendants(int(pid), kids):
-        try:
-            tasks = os.listdir(f"/proc/{p}/task")
-        except OSError:
-            if p == int(pid):
-                return None
-            continue
-        for t in tasks:
-            try:
-                with open(f"/proc/{p}/task/{t}/status", encoding="utf-8") as f:
-                    for line in f:
-                        if line.startswith("voluntary_ctxt_switches:"):
-                            total += int(line.split()[1])
-                            break
-            except OSError:
-                pass
+    return _tree_sum(pid, kids, _own_waits)
+
+
+def _tree_sum(pid, kids, own):
+    """own(PID) plus own() of every live descendant (a descendant gone meanwhile counts 0);
+    None if PID itself is gone."""
+    total = own(pid)
+    if total is None:
+        return None
+    for c in kids.get(int(pid), []):
+        total += _tree_sum(c, kids, own) or 0
     return total
 
 
-def _descendants(pid, kids):
-    out = []
-    for c in kids.get(pid, []):
-        out.append(c)
-        out.extend(_descendants(c, kids))
-    return out
+def _own_ticks(pid):
+    """utime+stime of PID and of the children it reaped; None if it is gone."""
+    st = _proc_stat(pid)
+    return None if st is None else st[1] + st[2]
+
+
+def _own_waits(pid):
+    """Voluntary context switches of PID's threads; None if it is gone."""
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return None
+    total = 0
+    for t in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{t}/status", encoding="utf-8") as f:
+                for line in f:
+                    if line.startswith("voluntary_ctxt_switches:"):
+                        total += int(line.split()[1])
+                        break
+        except OSError:
+            pass  # a thread that ended between the listing and the read
+    return total
 
 
 def _machine_ticks():
