@@ -204,6 +204,132 @@ impl EmbeddedEngine {
             None => Box::pin(std::future::ready(Ok(()))),
         }
     }
+
+    /// A reservation's decision and, when it is made, its journal commit (the trait's
+    /// `reserve` reports the reply).
+    async fn reserve_now(&self, cmd: &ReserveCmd) -> Result<ReserveReply, Error> {
+        let now = self.clock.now_ms();
+        let idem_key = cmd.idem_key.clone().unwrap_or_default();
+        let idem = (cmd.item_id.clone(), cmd.user_id.clone(), idem_key.clone());
+        let (order, reply, durable) = {
+            let mut s = self.lock();
+            let duplicate = |s: &State, id: &str| match s.orders.get(id) {
+                Some(o) => ReserveReply::Duplicate {
+                    order_id: o.order_id.clone(),
+                    qty: o.qty,
+                    status: o.status,
+                    created_ms: o.created_ms,
+                    pay_before_ms: o.pay_before_ms,
+                },
+                None => ReserveReply::Duplicate {
+                    order_id: id.to_owned(),
+                    qty: 0,
+                    status: OrderStatus::Reserved,
+                    created_ms: 0,
+                    pay_before_ms: 0,
+                },
+            };
+            if !idem_key.is_empty()
+                && let Some((id, expires)) = s.idem.get(&idem).cloned()
+            {
+                if expires > now {
+                    return Ok(duplicate(&s, &id));
+                }
+                s.idem.remove(&idem);
+            }
+            if s.orders.contains_key(&cmd.order_id) {
+                return Ok(duplicate(&s, &cmd.order_id));
+            }
+            let Some(item) = s.items.get(&cmd.item_id) else {
+                return Ok(ReserveReply::UnknownItem);
+            };
+            if s.all_paused || item.spec.paused {
+                return Ok(ReserveReply::Paused);
+            }
+            let (stock, limit, price_cents) = (item.stock, item.spec.per_user_limit, item.spec.price_cents);
+            if now < item.spec.starts_ms {
+                return Ok(ReserveReply::NotStarted {
+                    starts_ms: item.spec.starts_ms,
+                });
+            }
+            if now >= item.spec.ends_ms {
+                return Ok(ReserveReply::Ended {
+                    ends_ms: item.spec.ends_ms,
+                });
+            }
+            if cmd.qty < 1 || cmd.qty > limit {
+                return Ok(ReserveReply::BadQty { limit });
+            }
+            let buyer = (cmd.item_id.clone(), cmd.user_id.clone());
+            let held = s.buyers.get(&buyer).copied().unwrap_or(0);
+            if held + cmd.qty > limit {
+                return Ok(ReserveReply::LimitReached { held, limit });
+            }
+            if stock < cmd.qty {
+                return Ok(ReserveReply::SoldOut { stock });
+            }
+            let pay_before_ms = now + self.payment_timeout_ms;
+            let item = s.items.get_mut(&cmd.item_id).expect("checked above");
+            item.stock -= cmd.qty;
+            item.reserved += cmd.qty;
+            let stock_after = item.stock;
+            *s.buyers.entry(buyer).or_default() += cmd.qty;
+            let order = Order {
+                order_id: cmd.order_id.clone(),
+                item_id: cmd.item_id.clone(),
+                user_id: cmd.user_id.clone(),
+                qty: cmd.qty,
+                status: OrderStatus::Reserved,
+                created_ms: now,
+                pay_before_ms,
+                updated_ms: now,
+                idem_key: idem_key.clone(),
+                price_cents: Some(price_cents),
+                refund: None,
+            };
+            s.orders.insert(order.order_id.clone(), order.clone());
+            if !idem_key.is_empty() {
+                s.idem
+                    .insert(idem.clone(), (order.order_id.clone(), now + self.idem_ttl_ms));
+                s.idem_expiry.insert((now + self.idem_ttl_ms, idem.clone()));
+            }
+            s.deadlines.insert((pay_before_ms, order.order_id.clone()));
+            let reply = ReserveReply::Reserved {
+                order_id: order.order_id.clone(),
+                created_ms: now,
+                pay_before_ms,
+                stock_after,
+            };
+            // Enqueued before the lock is let go: the journal commits in this order.
+            let durable = self.journal(vec![OrderEvent::of(&order, OrderStatus::Reserved, now)]);
+            (order, reply, durable)
+        };
+        if let Err(e) = durable.await {
+            // Not durable: undo, so nothing is sold that was not answered 200.
+            let mut s = self.lock();
+            if s.orders
+                .get(&order.order_id)
+                .is_some_and(|o| o.status == OrderStatus::Reserved)
+            {
+                s.orders.remove(&order.order_id);
+                if let Some(item) = s.items.get_mut(&order.item_id) {
+                    item.stock += order.qty;
+                    item.reserved -= order.qty;
+                }
+                let buyer = (order.item_id.clone(), order.user_id.clone());
+                if let Some(h) = s.buyers.get_mut(&buyer) {
+                    *h -= order.qty;
+                    if *h <= 0 {
+                        s.buyers.remove(&buyer);
+                    }
+                }
+                s.idem.remove(&idem);
+                s.deadlines.remove(&(order.pay_before_ms, order.order_id.clone()));
+            }
+            return Err(e);
+        }
+        Ok(reply)
+    }
 }
 
 /// Pay a reserved order (`order`, as it was), under the lock: its units move from
@@ -409,126 +535,9 @@ impl StockEngine for EmbeddedEngine {
     }
 
     async fn reserve(&self, cmd: &ReserveCmd) -> Result<ReserveReply, Error> {
-        let now = self.clock.now_ms();
-        let idem_key = cmd.idem_key.clone().unwrap_or_default();
-        let idem = (cmd.item_id.clone(), cmd.user_id.clone(), idem_key.clone());
-        let (order, reply, durable) = {
-            let mut s = self.lock();
-            let duplicate = |s: &State, id: &str| match s.orders.get(id) {
-                Some(o) => ReserveReply::Duplicate {
-                    order_id: o.order_id.clone(),
-                    qty: o.qty,
-                    status: o.status,
-                    created_ms: o.created_ms,
-                    pay_before_ms: o.pay_before_ms,
-                },
-                None => ReserveReply::Duplicate {
-                    order_id: id.to_owned(),
-                    qty: 0,
-                    status: OrderStatus::Reserved,
-                    created_ms: 0,
-                    pay_before_ms: 0,
-                },
-            };
-            if !idem_key.is_empty()
-                && let Some((id, expires)) = s.idem.get(&idem).cloned()
-            {
-                if expires > now {
-                    return Ok(duplicate(&s, &id));
-                }
-                s.idem.remove(&idem);
-            }
-            if s.orders.contains_key(&cmd.order_id) {
-                return Ok(duplicate(&s, &cmd.order_id));
-            }
-            let Some(item) = s.items.get(&cmd.item_id) else {
-                return Ok(ReserveReply::UnknownItem);
-            };
-            if s.all_paused || item.spec.paused {
-                return Ok(ReserveReply::Paused);
-            }
-            let (stock, limit, price_cents) = (item.stock, item.spec.per_user_limit, item.spec.price_cents);
-            if now < item.spec.starts_ms {
-                return Ok(ReserveReply::NotStarted {
-                    starts_ms: item.spec.starts_ms,
-                });
-            }
-            if now >= item.spec.ends_ms {
-                return Ok(ReserveReply::Ended {
-                    ends_ms: item.spec.ends_ms,
-                });
-            }
-            if cmd.qty < 1 || cmd.qty > limit {
-                return Ok(ReserveReply::BadQty { limit });
-            }
-            let buyer = (cmd.item_id.clone(), cmd.user_id.clone());
-            let held = s.buyers.get(&buyer).copied().unwrap_or(0);
-            if held + cmd.qty > limit {
-                return Ok(ReserveReply::LimitReached { held, limit });
-            }
-            if stock < cmd.qty {
-                return Ok(ReserveReply::SoldOut { stock });
-            }
-            let pay_before_ms = now + self.payment_timeout_ms;
-            let item = s.items.get_mut(&cmd.item_id).expect("checked above");
-            item.stock -= cmd.qty;
-            item.reserved += cmd.qty;
-            let stock_after = item.stock;
-            *s.buyers.entry(buyer).or_default() += cmd.qty;
-            let order = Order {
-                order_id: cmd.order_id.clone(),
-                item_id: cmd.item_id.clone(),
-                user_id: cmd.user_id.clone(),
-                qty: cmd.qty,
-                status: OrderStatus::Reserved,
-                created_ms: now,
-                pay_before_ms,
-                updated_ms: now,
-                idem_key: idem_key.clone(),
-                price_cents: Some(price_cents),
-                refund: None,
-            };
-            s.orders.insert(order.order_id.clone(), order.clone());
-            if !idem_key.is_empty() {
-                s.idem
-                    .insert(idem.clone(), (order.order_id.clone(), now + self.idem_ttl_ms));
-                s.idem_expiry.insert((now + self.idem_ttl_ms, idem.clone()));
-            }
-            s.deadlines.insert((pay_before_ms, order.order_id.clone()));
-            let reply = ReserveReply::Reserved {
-                order_id: order.order_id.clone(),
-                created_ms: now,
-                pay_before_ms,
-                stock_after,
-            };
-            // Enqueued before the lock is let go: the journal commits in this order.
-            let durable = self.journal(vec![OrderEvent::of(&order, OrderStatus::Reserved, now)]);
-            (order, reply, durable)
-        };
-        if let Err(e) = durable.await {
-            // Not durable: undo, so nothing is sold that was not answered 200.
-            let mut s = self.lock();
-            if s.orders
-                .get(&order.order_id)
-                .is_some_and(|o| o.status == OrderStatus::Reserved)
-            {
-                s.orders.remove(&order.order_id);
-                if let Some(item) = s.items.get_mut(&order.item_id) {
-                    item.stock += order.qty;
-                    item.reserved -= order.qty;
-                }
-                let buyer = (order.item_id.clone(), order.user_id.clone());
-                if let Some(h) = s.buyers.get_mut(&buyer) {
-                    *h -= order.qty;
-                    if *h <= 0 {
-                        s.buyers.remove(&buyer);
-                    }
-                }
-                s.idem.remove(&idem);
-                s.deadlines.remove(&(order.pay_before_ms, order.order_id.clone()));
-            }
-            return Err(e);
-        }
+        let reply = self.reserve_now(cmd).await?;
+        // Every reply, refusals included, as the Redis engine reports them: a sold-out
+        // answer sets the local flag again after its safety-net lifetime let it go.
         if let Some(news) = reply.news(&cmd.item_id) {
             self.listener.news(news);
         }
