@@ -23,10 +23,12 @@ Standard library only.
               --slack K --sold-out-seen M --scenario .. --out checks.jsonl [--qty Q]
               --psql 'psql -h .. -p .. -U postgres -d postgres'|sqlite:PATH [--paid-200 P] [--quiet-timeout S]
               [--gateway-200 N] [--gateway-paid-200 N] [--seeded-200 N]
+              [--gateway-sold-out N --gateway-sold-out-flag N]  (the gateway's sold_out answers, flag hits)
   lt.py check-total --items A,B.. --answered-200 N --per-item-200 N --slack K --scenario ..
               --out checks.jsonl --psql '..' [--gateway-200 N]   checks over all items of a run
   lt.py items K PREFIX                        K item ids spread over the 16 shards
-  lt.py metric-ok METRICS_URL...              {"reserve": n, "pay": n} 200s the gateways counted
+  lt.py metric-ok METRICS_URL...              {"reserve": n, "pay": n, "sold_out": n, "sold_out_flag": n}
+                                              the gateways' counts: 200s, sold_out answers, flag hits
   lt.py metric-delta BEFORE AFTER             difference of two metric-ok answers
   lt.py sum-gateway-ok OUT.jsonl NAME ROUTE   the gateway's 200s over NAME's runs ("" if unknown)
   lt.py report RUN_DIR REPORT.json            tables on stdout; exit 1 if a check or a judged
@@ -184,10 +186,19 @@ def _metric_ok(url):
             text = resp.read().decode("utf-8", "replace")
     except (urllib.error.URLError, OSError):
         return None
+    return _ok_counts(text)
+
+
+def _ok_counts(text):
+    """metric-ok's counts from a /metrics text: reservations made, pay 200s, reserve
+    `sold_out` answers, and the sold-out flag's hits (a sold_out answered locally)."""
     tot = {}
     for line in text.splitlines():
         if line.startswith("seckill_orders_total{") and 'event="reserved"' in line:
             tot["reserve"] = tot.get("reserve", 0) + int(float(line.rsplit(" ", 1)[1]))
+            continue
+        if line.startswith('seckill_cache_requests_total{cache="sold_out",result="hit"}'):
+            tot["sold_out_flag"] = tot.get("sold_out_flag", 0) + int(float(line.rsplit(" ", 1)[1]))
             continue
         if not line.startswith("seckill_requests_total{"):
             continue
@@ -195,6 +206,9 @@ def _metric_ok(url):
         if not m:
             continue
         labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1)))
+        if labels.get("route") == "reserve" and labels.get("outcome") == "sold_out":
+            tot["sold_out"] = tot.get("sold_out", 0) + int(float(m.group(2)))
+            continue
         if labels.get("outcome") != "ok":
             continue
         # Reservations come from seckill_orders_total{event="reserved"} above: counted when
@@ -204,12 +218,15 @@ def _metric_ok(url):
     return tot
 
 
+METRIC_OK_KEYS = ("reserve", "pay", "sold_out", "sold_out_flag")
+
+
 def cmd_metric_delta(args):
     before, after = json.loads(args[0]), json.loads(args[1])
     if not before and not after:
         print("")
         return
-    print(json.dumps({k: after.get(k, 0) - before.get(k, 0) for k in ("reserve", "pay")}))
+    print(json.dumps({k: after.get(k, 0) - before.get(k, 0) for k in METRIC_OK_KEYS}))
 
 
 def cmd_sum_gateway_ok(args):
@@ -644,6 +661,24 @@ def cmd_wait_quiet(args):
     print(f"{waited:.1f}" + ("" if quiet else " (not quiet)"))
 
 
+# The share of a sold-out item's refusals its sold-out flag must answer. The rest go to the
+# engine: the requests in flight when the flag was set, and those of each moment its
+# safety-net lifetime (SECKILL_SOLD_OUT_TTL) lapses, until the engine's sold_out sets it again.
+FLAG_SHARE = 0.99
+
+
+def flag_share(sold_out, flag_hits):
+    """The check that a sold-out item is refused locally: (ok, detail) from the gateway's
+    sold_out answers and its sold-out flag's hits over the run."""
+    share = flag_hits / sold_out if sold_out else 1.0
+    detail = (f"{flag_hits} of {sold_out} sold_out answers from the flag ({share:.2%}); "
+              f"seckill_cache_requests_total{{cache=sold_out,result=hit}} against "
+              f"seckill_requests_total{{route=reserve,outcome=sold_out}}")
+    if share < FLAG_SHARE:
+        detail += f"; {sold_out - flag_hits} went to the engine"
+    return share >= FLAG_SHARE, detail
+
+
 def cmd_check(args):
     opts = {}
     while args:
@@ -662,6 +697,8 @@ def cmd_check(args):
     gw_200 = opts.get("gateway-200") or None        # the gateway's own count of reserve 200s
     gw_paid = opts.get("gateway-paid-200") or None  # ... and of pay 200s
     seeded_200 = int(opts.get("seeded-200", "0"))   # 200s of the seeding step (not in the tool's run)
+    gw_sold_out = opts.get("gateway-sold-out") or None        # the gateway's reserve sold_out answers
+    gw_flag = opts.get("gateway-sold-out-flag") or None       # ... of which its local flag answered
 
     def record(check, ok, detail):
         append(out, {"scenario": scenario, "item": item, "check": check, "ok": bool(ok),
@@ -701,6 +738,9 @@ def cmd_check(args):
                sold <= total and total - sold < qty,
                f"sold {sold}, stock {total}, left {total - sold} (< qty {qty}), "
                f"sold_out answers {sold_out_seen}")
+    if gw_sold_out is not None and int(gw_sold_out) > 0:
+        ok, detail = flag_share(int(gw_sold_out), int(gw_flag or 0))
+        record(f"sold_out answered from the local flag (at least {FLAG_SHARE:.0%}, no engine call)", ok, detail)
     record("stock_remaining == stock - reserved - paid",
            int(stats["stock_remaining"]) == total - reserved - paid,
            f"stock_remaining {stats['stock_remaining']}, expected {total - reserved - paid}")

@@ -88,3 +88,32 @@ class CpuTable(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+METRICS = """\
+# TYPE seckill_requests_total counter
+seckill_requests_total{route="reserve",outcome="ok"} 7
+seckill_requests_total{route="reserve",outcome="sold_out"} 1000
+seckill_requests_total{route="pay",outcome="ok"} 3
+seckill_requests_total{route="item_get",outcome="ok"} 50
+seckill_orders_total{event="reserved"} 8
+seckill_cache_requests_total{cache="sold_out",result="hit"} 990
+seckill_cache_requests_total{cache="sold_out",result="miss"} 17
+seckill_cache_requests_total{cache="item",result="hit"} 1007
+"""
+
+
+class SoldOutFlag(unittest.TestCase):
+    def test_the_counts_are_read_from_the_gateways_metrics(self):
+        self.assertEqual(lt._ok_counts(METRICS),
+                         {"reserve": 8, "pay": 3, "sold_out": 1000, "sold_out_flag": 990})
+
+    def test_a_sold_out_item_must_be_refused_by_its_flag(self):
+        ok, detail = lt.flag_share(1000, 990)
+        self.assertTrue(ok, detail)
+        self.assertIn("990 of 1000", detail)
+        # The embedded engine before 06c7a7e: the flag lapsed after 5 s and was never set
+        # again, so most refusals went through the engine.
+        ok, detail = lt.flag_share(1_450_178, 278_235)
+        self.assertFalse(ok, detail)
+        self.assertIn("1171943 went to the engine", detail)
