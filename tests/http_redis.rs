@@ -1113,6 +1113,100 @@ async fn slow_headers_and_the_connection_cap() {
     assert!(again.is_some(), "a connection is accepted once one closed");
 }
 
+/// One HTTP/1.1 answer read off a keep-alive connection: its head and a `Content-Length`
+/// body; `None` when the connection was closed first.
+async fn read_answer(c: &mut tokio::io::BufReader<tokio::net::TcpStream>) -> Option<String> {
+    use tokio::io::AsyncBufReadExt;
+    let mut head = String::new();
+    loop {
+        let mut line = String::new();
+        if c.read_line(&mut line).await.ok()? == 0 {
+            return None;
+        }
+        head.push_str(&line);
+        if line == "\r\n" {
+            break;
+        }
+    }
+    let length = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-length: ")
+                .map(str::to_owned)
+        })
+        .and_then(|n| n.trim().parse::<usize>().ok())
+        .unwrap_or(0);
+    let mut body = vec![0; length];
+    c.read_exact(&mut body).await.ok()?;
+    Some(head + &String::from_utf8_lossy(&body))
+}
+
+/// The header timeout runs while a connection waits for a request head, as hyper's own did
+/// (it is now one watchdog per connection, `src/http/watchdog.rs`): a keep-alive connection
+/// asked more often than the timeout stays open across several timeouts; left idle it is
+/// closed one timeout later; a request handled for longer than the timeout (Redis not
+/// answering) gets its answer on its connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_header_timeout_counts_only_the_wait_for_a_head() {
+    let timeout = Duration::from_millis(500);
+    let (mut redis, _, gw) = on_redis(|b| {
+        b.flag("--header-timeout", "500ms")
+            .flag("--redis-timeout", "1500ms")
+            .flag("--circuit-failures", "100")
+    })
+    .await;
+    let addr = gw.running().addr;
+    let healthz = b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n";
+
+    // Eight requests 200 ms apart on one connection: 1.6 s, over three timeouts.
+    let mut c = tokio::io::BufReader::new(tokio::net::TcpStream::connect(addr).await.unwrap());
+    let started = Instant::now();
+    for i in 0..8 {
+        c.get_mut().write_all(healthz).await.unwrap();
+        let answer = read_answer(&mut c)
+            .await
+            .unwrap_or_else(|| panic!("request {i} after {:?}: connection closed", started.elapsed()));
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(started.elapsed() > timeout * 3);
+
+    // Left idle: closed one timeout after its last answer (read_answer sees the close).
+    let idle = Instant::now();
+    let closed = tokio::time::timeout(Duration::from_secs(5), read_answer(&mut c)).await;
+    assert_eq!(closed, Ok(None), "an idle connection is closed");
+    let waited = idle.elapsed();
+    assert!(
+        waited >= Duration::from_millis(250) && waited < Duration::from_secs(2),
+        "closed {waited:?} after the last answer (200 ms of it slept above)"
+    );
+
+    // A request that takes longer than the timeout is answered, not cut off.
+    let item = gw.new_item(5, 1).await;
+    let _black_hole = redis.hang();
+    let mut slow = None;
+    for user in ["u1", "u2", "u3"] {
+        let mut c = tokio::io::BufReader::new(tokio::net::TcpStream::connect(addr).await.unwrap());
+        let request = format!(
+            "POST /api/v1/items/{item}/reserve HTTP/1.1\r\nHost: t\r\nX-User-Id: {user}\r\nContent-Length: 0\r\n\r\n"
+        );
+        c.get_mut().write_all(request.as_bytes()).await.unwrap();
+        let t = Instant::now();
+        let answer = tokio::time::timeout(Duration::from_secs(10), read_answer(&mut c))
+            .await
+            .expect("answered within 10 s")
+            .unwrap_or_else(|| panic!("closed after {:?} without an answer", t.elapsed()));
+        assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+        if t.elapsed() > timeout * 2 {
+            slow = Some(t.elapsed());
+            break;
+        }
+    }
+    let slow = slow.expect("a reserve waited on the hung Redis for longer than the header timeout");
+    eprintln!("a reserve handled for {slow:?} was answered");
+}
+
 /// Redis that accepts connections but never answers: every call ends at the
 /// configured timeout, and calls beyond --max-inflight are shed at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

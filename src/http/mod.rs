@@ -1,4 +1,5 @@
-//! Stage 0 — the hyper front door: accept loop with a connection cap, header-read timeout,
+//! Stage 0 — the hyper front door: accept loop with a connection cap, header-read timeout
+//! (one watchdog per connection, [`watchdog`]),
 //! body limit (in [`reply`]), and graceful shutdown (stop accepting, let in-flight
 //! requests finish, then return). [`router`] routes a request to its handler: one module per
 //! resource ([`items`], [`orders`], [`admin`], [`reports`], [`health`]), each handler a list of stages.
@@ -14,6 +15,7 @@ mod reports;
 pub mod router;
 mod socket;
 mod views;
+mod watchdog;
 mod webhook;
 
 use std::net::SocketAddr;
@@ -21,7 +23,7 @@ use std::sync::Arc;
 
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 
@@ -31,10 +33,12 @@ use crate::app::App;
 pub async fn serve(app: Arc<App>, listener: TcpListener, mut shutdown: watch::Receiver<bool>) {
     let connections = Arc::new(Semaphore::new(app.config.max_connections));
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let header_timeout = app.config.header_timeout;
     let mut builder = http1::Builder::new();
     builder
-        .timer(TokioTimer::new())
-        .header_read_timeout(app.config.header_timeout)
+        // The header-read timeout is the connection's watchdog's (below), not hyper's: one
+        // timer per connection instead of one per request ([`watchdog`]).
+        .header_read_timeout(None)
         .keep_alive(true)
         // The most a connection buffers (request line, headers, what of a body is unread):
         // every request of the API fits in a few KiB, and a slow or hostile client sending
@@ -64,12 +68,23 @@ pub async fn serve(app: Arc<App>, listener: TcpListener, mut shutdown: watch::Re
         let _ = stream.set_nodelay(true);
         let socket = socket::Socket::new(stream, app.clone());
         let app = app.clone();
-        let svc = service_fn(move |req| router::handle(app.clone(), req, peer));
+        let clock = watchdog::HeadClock::new();
+        let watch = clock.clone();
+        let svc = service_fn(move |req| {
+            clock.busy();
+            router::handle(app.clone(), req, peer, clock.clone())
+        });
         let conn = graceful.watch(builder.serve_connection(TokioIo::new(socket), svc));
         tokio::spawn(async move {
             let _permit = permit;
-            if let Err(e) = conn.await {
-                tracing::debug!(peer = %peer, cause = %e, "connection ended with an error");
+            tokio::select! {
+                ended = conn => if let Err(e) = ended {
+                    tracing::debug!(peer = %peer, cause = %e, "connection ended with an error");
+                },
+                // Dropping the connection closes it, as hyper's own timeout did.
+                _ = watch.expired(header_timeout) => {
+                    tracing::debug!(peer = %peer, "no request head within the header timeout; connection closed");
+                }
             }
         });
     }

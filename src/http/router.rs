@@ -15,6 +15,7 @@ use tracing::Instrument;
 
 use super::reply::{self, Body};
 use super::reports::ReportFormat;
+use super::watchdog::{HeadClock, Tracked};
 use super::{admin, health, items, orders, reports, webhook};
 use crate::app::App;
 use crate::clock::Millis;
@@ -332,7 +333,12 @@ impl Ctx<'_> {
 /// the contract's JSON, count and time it, and tag it with a request id. Its future is the
 /// one hyper keeps for the request: a wrapping future would move it whole (kilobytes) on
 /// its first poll.
-pub async fn handle(app: Arc<App>, req: Request<Incoming>, peer: SocketAddr) -> Result<Response<Body>, Infallible> {
+pub async fn handle(
+    app: Arc<App>,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+    clock: Arc<HeadClock>,
+) -> Result<Response<Tracked>, Infallible> {
     let app = &app;
     let started = Instant::now();
     let request_id = req
@@ -443,7 +449,8 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>, peer: SocketAddr) -> 
         None if span.is_disabled() => {}
         None => span.in_scope(|| tracing::debug!(outcome, status, "request")),
     }
-    Ok(response)
+    // Once hyper is done with the body, the connection waits for its next head.
+    Ok(response.map(|body| Tracked::new(body, clock)))
 }
 
 /// The route's handler, after the checks every route shares (known route, its method, a
