@@ -194,28 +194,30 @@ def _ok_counts(text):
     `sold_out` answers, and the sold-out flag's hits (a sold_out answered locally)."""
     tot = {}
     for line in text.splitlines():
-        if line.startswith("seckill_orders_total{") and 'event="reserved"' in line:
-            tot["reserve"] = tot.get("reserve", 0) + int(float(line.rsplit(" ", 1)[1]))
-            continue
-        if line.startswith('seckill_cache_requests_total{cache="sold_out",result="hit"}'):
-            tot["sold_out_flag"] = tot.get("sold_out_flag", 0) + int(float(line.rsplit(" ", 1)[1]))
-            continue
-        if not line.startswith("seckill_requests_total{"):
-            continue
-        m = re.match(r"seckill_requests_total\{([^}]*)\}\s+([0-9.eE+-]+)", line)
+        m = re.match(r"(\w+)\{([^}]*)\}\s+([0-9.eE+-]+)", line)
         if not m:
             continue
-        labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1)))
-        if labels.get("route") == "reserve" and labels.get("outcome") == "sold_out":
-            tot["sold_out"] = tot.get("sold_out", 0) + int(float(m.group(2)))
-            continue
-        if labels.get("outcome") != "ok":
-            continue
-        # Reservations come from seckill_orders_total{event="reserved"} above: counted when
-        # the order is made, even if its client hung up before the answer.
-        if "pay" in labels.get("route", ""):
-            tot["pay"] = tot.get("pay", 0) + int(float(m.group(2)))
+        key = _ok_key(m.group(1), dict(re.findall(r'(\w+)="([^"]*)"', m.group(2))))
+        if key:
+            tot[key] = tot.get(key, 0) + int(float(m.group(3)))
     return tot
+
+
+def _ok_key(name, labels):
+    """The metric-ok count a sample adds to, or None."""
+    if name == "seckill_orders_total" and labels.get("event") == "reserved":
+        return "reserve"
+    if name == "seckill_cache_requests_total" and (labels.get("cache"), labels.get("result")) == ("sold_out", "hit"):
+        return "sold_out_flag"
+    if name != "seckill_requests_total":
+        return None
+    if (labels.get("route"), labels.get("outcome")) == ("reserve", "sold_out"):
+        return "sold_out"
+    # Reservations come from seckill_orders_total{event="reserved"} above: counted when the
+    # order is made, even if its client hung up before the answer.
+    if labels.get("outcome") == "ok" and "pay" in labels.get("route", ""):
+        return "pay"
+    return None
 
 
 METRIC_OK_KEYS = ("reserve", "pay", "sold_out", "sold_out_flag")
