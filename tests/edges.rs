@@ -8,7 +8,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::gateway::Gateway;
-use common::http::{RequestExt, send};
+use common::http::{RequestExt, metric_value, send};
 use common::{PgServer, RedisServer, poll};
 use seckill_gateway::clock::system_now_ms;
 use serde_json::json;
@@ -406,4 +406,89 @@ async fn a_lapsed_sold_out_flag_is_set_again_by_the_engines_refusal() {
         gw.reserve(&item, "bob").await.assert_refused(410, "sold_out");
         assert!(cache.is_sold_out(&item), "the engine's sold_out sets the flag again");
     }
+}
+
+/// Embedded mode: a shopper who hangs up while the reservation waits for its journal
+/// commit does not abandon it (the server's handler is dropped; the wait is handed to a
+/// task). Another connection holds SQLite's write lock, so the commit waits:
+/// - released within the store timeout, the commit goes through: the order is in the
+///   database and counted once, though no handler was left to count it;
+/// - held past the store timeout, the commit fails: the reservation is undone (the unit
+///   back in stock, nothing counted, nothing in the database), so nothing is sold that was
+///   not answered 200.
+/// (Before, each embedded reservation ran as a task of its own for this: 10 % of the
+/// gateway's CPU per reservation.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_embedded_reservation_whose_client_hangs_up_is_committed_or_undone() {
+    use sqlx::Connection as _;
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}/orders.db", dir.path().display());
+    // A process of its own: its metrics are its own (the in-process gateways of this file's
+    // other tests share one recorder).
+    let mut gw = common::binary::Binary::builder()
+        .dir(dir.path())
+        .flag("--admin-token", common::http::ADMIN_TOKEN)
+        .flag("--database-url", &url)
+        .flag("--store-timeout", "3s")
+        .flag("--demo", "false")
+        .flag("--rate-per-user", "0")
+        .spawn();
+    gw.ready().await;
+    let item = gw.new_item(10, 1).await;
+    gw.get_item(&item).await.assert_ok();
+    let mut lock = sqlx::SqliteConnection::connect(&url).await.unwrap();
+    let reserved = async || metric_value(&gw.metrics().await, r#"seckill_orders_total{event="reserved"}"#);
+    let rows = async |conn: &mut sqlx::SqliteConnection| -> i64 {
+        sqlx::query_scalar("SELECT COUNT(*) FROM orders WHERE item_id = ?")
+            .bind(&item)
+            .fetch_one(conn)
+            .await
+            .unwrap()
+    };
+    let hang_up = async |user: &str| {
+        let r = gw
+            .reserve_req(&item, user)
+            .timeout(Duration::from_millis(300))
+            .send()
+            .await;
+        assert!(r.is_err(), "the client gave up before the answer: {r:?}");
+    };
+    let stock = async || {
+        gw.get_item(&item).await.assert_ok()["stock_remaining"]
+            .as_i64()
+            .unwrap()
+    };
+
+    // 1. The lock is let go after about 700 ms, well within the 3 s timeout: committed.
+    sqlx::query("BEGIN IMMEDIATE").execute(&mut lock).await.unwrap();
+    hang_up("alice").await;
+    assert_eq!(stock().await, 9, "decided under the engine's lock, before the commit");
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    sqlx::query("ROLLBACK").execute(&mut lock).await.unwrap();
+    let counted = poll(Duration::from_secs(5), async || (reserved().await == 1.0).then_some(())).await;
+    assert!(
+        counted.is_some(),
+        "the order made is counted once (stock {}): {}",
+        stock().await,
+        gw.metrics().await
+    );
+    assert_eq!(rows(&mut lock).await, 1, "and it is in the database");
+    assert_eq!(stock().await, 9);
+
+    // 2. The lock is held past the timeout: the commit fails and is undone. Let go a second
+    // after the undo, when SQLite's own wait for the lock (the same 3 s) is over too.
+    sqlx::query("BEGIN IMMEDIATE").execute(&mut lock).await.unwrap();
+    hang_up("bob").await;
+    assert_eq!(stock().await, 8, "decided under the engine's lock, before the commit");
+    let undone = poll(Duration::from_secs(10), async || (stock().await == 9).then_some(())).await;
+    assert!(undone.is_some(), "the failed commit's unit is back in stock");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    sqlx::query("ROLLBACK").execute(&mut lock).await.unwrap();
+    assert_eq!(rows(&mut lock).await, 1, "nothing of bob's in the database");
+    assert_eq!(reserved().await, 1.0, "bob's reservation was not counted");
+    // Bob can buy again, and the journal is healthy.
+    gw.reserve_ok(&item, "bob").await;
+    assert_eq!(rows(&mut lock).await, 2);
+    assert_eq!(stock().await, 8);
+    gw.kill();
 }

@@ -205,107 +205,127 @@ impl EmbeddedEngine {
         }
     }
 
-    /// A reservation's decision and, when it is made, its journal commit (the trait's
-    /// `reserve` reports the reply).
-    async fn reserve_now(&self, cmd: &ReserveCmd) -> Result<ReserveReply, Error> {
+    /// A reservation's decision, under the lock. A refusal (or a duplicate) is answered and
+    /// reported at once; a reservation made is [`Decided::Made`]: its events are in the
+    /// journal's queue, and [`Self::conclude`] must be called with the commit's result.
+    pub(crate) fn decide(&self, cmd: &ReserveCmd) -> Decided {
+        let decided = self.decide_locked(cmd);
+        if let Decided::Now(reply) = &decided {
+            // Every reply, refusals included, as the Redis engine reports them: a sold-out
+            // answer sets the local flag again after its safety-net lifetime let it go.
+            self.report(&cmd.item_id, reply);
+        }
+        decided
+    }
+
+    fn report(&self, item_id: &str, reply: &ReserveReply) {
+        if let Some(news) = reply.news(item_id) {
+            self.listener.news(news);
+        }
+    }
+
+    fn decide_locked(&self, cmd: &ReserveCmd) -> Decided {
         let now = self.clock.now_ms();
         let idem_key = cmd.idem_key.clone().unwrap_or_default();
         let idem = (cmd.item_id.clone(), cmd.user_id.clone(), idem_key.clone());
-        let (order, reply, durable) = {
-            let mut s = self.lock();
-            let duplicate = |s: &State, id: &str| match s.orders.get(id) {
-                Some(o) => ReserveReply::Duplicate {
-                    order_id: o.order_id.clone(),
-                    qty: o.qty,
-                    status: o.status,
-                    created_ms: o.created_ms,
-                    pay_before_ms: o.pay_before_ms,
-                },
-                None => ReserveReply::Duplicate {
-                    order_id: id.to_owned(),
-                    qty: 0,
-                    status: OrderStatus::Reserved,
-                    created_ms: 0,
-                    pay_before_ms: 0,
-                },
-            };
-            if !idem_key.is_empty()
-                && let Some((id, expires)) = s.idem.get(&idem).cloned()
-            {
-                if expires > now {
-                    return Ok(duplicate(&s, &id));
-                }
-                s.idem.remove(&idem);
-            }
-            if s.orders.contains_key(&cmd.order_id) {
-                return Ok(duplicate(&s, &cmd.order_id));
-            }
-            let Some(item) = s.items.get(&cmd.item_id) else {
-                return Ok(ReserveReply::UnknownItem);
-            };
-            if s.all_paused || item.spec.paused {
-                return Ok(ReserveReply::Paused);
-            }
-            let (stock, limit, price_cents) = (item.stock, item.spec.per_user_limit, item.spec.price_cents);
-            if now < item.spec.starts_ms {
-                return Ok(ReserveReply::NotStarted {
-                    starts_ms: item.spec.starts_ms,
-                });
-            }
-            if now >= item.spec.ends_ms {
-                return Ok(ReserveReply::Ended {
-                    ends_ms: item.spec.ends_ms,
-                });
-            }
-            if cmd.qty < 1 || cmd.qty > limit {
-                return Ok(ReserveReply::BadQty { limit });
-            }
-            let buyer = (cmd.item_id.clone(), cmd.user_id.clone());
-            let held = s.buyers.get(&buyer).copied().unwrap_or(0);
-            if held + cmd.qty > limit {
-                return Ok(ReserveReply::LimitReached { held, limit });
-            }
-            if stock < cmd.qty {
-                return Ok(ReserveReply::SoldOut { stock });
-            }
-            let pay_before_ms = now + self.payment_timeout_ms;
-            let item = s.items.get_mut(&cmd.item_id).expect("checked above");
-            item.stock -= cmd.qty;
-            item.reserved += cmd.qty;
-            let stock_after = item.stock;
-            *s.buyers.entry(buyer).or_default() += cmd.qty;
-            let order = Order {
-                order_id: cmd.order_id.clone(),
-                item_id: cmd.item_id.clone(),
-                user_id: cmd.user_id.clone(),
-                qty: cmd.qty,
+        let mut s = self.lock();
+        let duplicate = |s: &State, id: &str| match s.orders.get(id) {
+            Some(o) => ReserveReply::Duplicate {
+                order_id: o.order_id.clone(),
+                qty: o.qty,
+                status: o.status,
+                created_ms: o.created_ms,
+                pay_before_ms: o.pay_before_ms,
+            },
+            None => ReserveReply::Duplicate {
+                order_id: id.to_owned(),
+                qty: 0,
                 status: OrderStatus::Reserved,
-                created_ms: now,
-                pay_before_ms,
-                updated_ms: now,
-                idem_key: idem_key.clone(),
-                price_cents: Some(price_cents),
-                refund: None,
-            };
-            s.orders.insert(order.order_id.clone(), order.clone());
-            if !idem_key.is_empty() {
-                s.idem
-                    .insert(idem.clone(), (order.order_id.clone(), now + self.idem_ttl_ms));
-                s.idem_expiry.insert((now + self.idem_ttl_ms, idem.clone()));
-            }
-            s.deadlines.insert((pay_before_ms, order.order_id.clone()));
-            let reply = ReserveReply::Reserved {
-                order_id: order.order_id.clone(),
-                created_ms: now,
-                pay_before_ms,
-                stock_after,
-            };
-            // Enqueued before the lock is let go: the journal commits in this order.
-            let durable = self.journal(vec![OrderEvent::of(&order, OrderStatus::Reserved, now)]);
-            (order, reply, durable)
+                created_ms: 0,
+                pay_before_ms: 0,
+            },
         };
-        if let Err(e) = durable.await {
-            // Not durable: undo, so nothing is sold that was not answered 200.
+        if !idem_key.is_empty()
+            && let Some((id, expires)) = s.idem.get(&idem).cloned()
+        {
+            if expires > now {
+                return Decided::Now(duplicate(&s, &id));
+            }
+            s.idem.remove(&idem);
+        }
+        if s.orders.contains_key(&cmd.order_id) {
+            return Decided::Now(duplicate(&s, &cmd.order_id));
+        }
+        let Some(item) = s.items.get(&cmd.item_id) else {
+            return Decided::Now(ReserveReply::UnknownItem);
+        };
+        if s.all_paused || item.spec.paused {
+            return Decided::Now(ReserveReply::Paused);
+        }
+        let (stock, limit, price_cents) = (item.stock, item.spec.per_user_limit, item.spec.price_cents);
+        if now < item.spec.starts_ms {
+            return Decided::Now(ReserveReply::NotStarted {
+                starts_ms: item.spec.starts_ms,
+            });
+        }
+        if now >= item.spec.ends_ms {
+            return Decided::Now(ReserveReply::Ended {
+                ends_ms: item.spec.ends_ms,
+            });
+        }
+        if cmd.qty < 1 || cmd.qty > limit {
+            return Decided::Now(ReserveReply::BadQty { limit });
+        }
+        let buyer = (cmd.item_id.clone(), cmd.user_id.clone());
+        let held = s.buyers.get(&buyer).copied().unwrap_or(0);
+        if held + cmd.qty > limit {
+            return Decided::Now(ReserveReply::LimitReached { held, limit });
+        }
+        if stock < cmd.qty {
+            return Decided::Now(ReserveReply::SoldOut { stock });
+        }
+        let pay_before_ms = now + self.payment_timeout_ms;
+        let item = s.items.get_mut(&cmd.item_id).expect("checked above");
+        item.stock -= cmd.qty;
+        item.reserved += cmd.qty;
+        let stock_after = item.stock;
+        *s.buyers.entry(buyer).or_default() += cmd.qty;
+        let order = Order {
+            order_id: cmd.order_id.clone(),
+            item_id: cmd.item_id.clone(),
+            user_id: cmd.user_id.clone(),
+            qty: cmd.qty,
+            status: OrderStatus::Reserved,
+            created_ms: now,
+            pay_before_ms,
+            updated_ms: now,
+            idem_key: idem_key.clone(),
+            price_cents: Some(price_cents),
+            refund: None,
+        };
+        s.orders.insert(order.order_id.clone(), order.clone());
+        if !idem_key.is_empty() {
+            s.idem
+                .insert(idem.clone(), (order.order_id.clone(), now + self.idem_ttl_ms));
+            s.idem_expiry.insert((now + self.idem_ttl_ms, idem.clone()));
+        }
+        s.deadlines.insert((pay_before_ms, order.order_id.clone()));
+        let reply = ReserveReply::Reserved {
+            order_id: order.order_id.clone(),
+            created_ms: now,
+            pay_before_ms,
+            stock_after,
+        };
+        // Enqueued before the lock is let go: the journal commits in this order.
+        let durable = self.journal(vec![OrderEvent::of(&order, OrderStatus::Reserved, now)]);
+        Decided::Made(Made { order, reply, idem }, durable)
+    }
+
+    /// A made reservation's end, once its journal commit has answered: reported when it is
+    /// durable; undone when it is not, so nothing is sold that was not answered 200.
+    pub(crate) fn conclude(&self, made: Made, durable: Result<(), Error>) -> Result<ReserveReply, Error> {
+        let Made { order, reply, idem } = made;
+        if let Err(e) = durable {
             let mut s = self.lock();
             if s.orders
                 .get(&order.order_id)
@@ -328,8 +348,27 @@ impl EmbeddedEngine {
             }
             return Err(e);
         }
+        self.report(&order.item_id, &reply);
         Ok(reply)
     }
+}
+
+/// What [`EmbeddedEngine::decide`] did with a reservation.
+// Returned once and taken apart at once: a box would be an allocation per reservation.
+#[expect(clippy::large_enum_variant)]
+pub(crate) enum Decided {
+    /// Answered at once, reported.
+    Now(ReserveReply),
+    /// Made under the lock, its events queued in the journal; durable once the future
+    /// resolves. Give both to [`EmbeddedEngine::conclude`].
+    Made(Made, BoxFuture<'static, Result<(), Error>>),
+}
+
+/// A reservation made and not yet settled.
+pub(crate) struct Made {
+    order: Order,
+    reply: ReserveReply,
+    idem: (String, String, String),
 }
 
 /// Pay a reserved order (`order`, as it was), under the lock: its units move from
@@ -534,14 +573,17 @@ impl StockEngine for EmbeddedEngine {
         Ok(true)
     }
 
+    /// [`Self::decide`], then the commit awaited and [`Self::conclude`]d. Not safe to drop
+    /// half-way (a reservation made would be neither reported nor, on a failed commit,
+    /// undone): the server calls it through [`super::Engine::reserve`], which is.
     async fn reserve(&self, cmd: &ReserveCmd) -> Result<ReserveReply, Error> {
-        let reply = self.reserve_now(cmd).await?;
-        // Every reply, refusals included, as the Redis engine reports them: a sold-out
-        // answer sets the local flag again after its safety-net lifetime let it go.
-        if let Some(news) = reply.news(&cmd.item_id) {
-            self.listener.news(news);
+        match self.decide(cmd) {
+            Decided::Now(reply) => Ok(reply),
+            Decided::Made(made, durable) => {
+                let durable = durable.await;
+                self.conclude(made, durable)
+            }
         }
-        Ok(reply)
     }
 
     async fn transition(&self, t: Transition, order_id: &str, user_id: &str) -> Result<TransitionReply, Error> {

@@ -348,6 +348,37 @@ macro_rules! delegate {
     };
 }
 
+/// An embedded reservation made and waiting for its journal commit. Dropped before the
+/// commit answered (the client hung up, hyper dropped the handler), it hands the wait to a
+/// task, which concludes the reservation: reported when durable, undone when not.
+struct Unsettled {
+    engine: Engine,
+    made: Option<embedded::Made>,
+    durable: Option<futures_util::future::BoxFuture<'static, Result<(), Error>>>,
+}
+
+impl Drop for Unsettled {
+    fn drop(&mut self) {
+        let (Some(made), Some(durable)) = (self.made.take(), self.durable.take()) else {
+            return;
+        };
+        // No runtime (the process is ending): the journal still commits what it was given;
+        // only the report and a failed commit's undo in memory are left out.
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let engine = self.engine.clone();
+        runtime.spawn(async move {
+            let durable = durable.await;
+            if let Kind::Embedded(e) = &engine.inner.kind
+                && let Err(e) = e.conclude(made, durable)
+            {
+                tracing::warn!(cause = %e, "a reservation whose client left was not committed: undone");
+            }
+        });
+    }
+}
+
 /// Orders expired per shard per sweeper call.
 const SWEEP_BATCH: usize = 500;
 
@@ -468,21 +499,36 @@ impl Engine {
         Ok(state)
     }
 
-    /// Take stock for a shopper. The decision runs as its own task: if the client hangs up,
-    /// hyper drops the caller's future, but a reservation the engine makes is still
-    /// completed (counted, sold-out flag set), so `seckill_orders_total{event="reserved"}`
+    /// Take stock for a shopper. If the client hangs up, hyper drops the caller's future,
+    /// but a reservation the engine makes is still completed (counted, sold-out flag set;
+    /// embedded: undone if its commit fails), so `seckill_orders_total{event="reserved"}`
     /// always equals the orders made. An idempotent retry whose order the engine has
     /// forgotten is answered from the database.
     ///
-    /// A Redis reservation of an unbucketed item needs no task of its own: once queued, its
-    /// batch's task decides and reports it ([`batch`]). The spawn and the second wake-up
-    /// of a task per request were 18% of the gateway's CPU per reservation (24.9 → 20.3 µs,
-    /// `loadtest/run wrk-reserve --repeat 3`).
+    /// No task per request where none is needed (its spawn and second wake-up were 18% of
+    /// the gateway's CPU per reservation: 24.9 → 20.3 µs, `loadtest/run wrk-reserve
+    /// --repeat 3`): a Redis reservation of an unbucketed item is decided and reported by
+    /// its batch's task once queued ([`batch`]); an embedded one is decided under the lock
+    /// at once, and only its wait for the journal's commit can be dropped, whereupon
+    /// [`Unsettled`] finishes it on a task. A bucketed Redis reservation runs as a task.
     pub async fn reserve(&self, cmd: ReserveCmd) -> Result<ReserveReply, Error> {
         let qty = cmd.qty;
         let reply = match &self.inner.kind {
             Kind::Redis(e) if cmd.buckets <= 1 => e.batches.reserve(cmd).await,
-            _ => {
+            Kind::Embedded(e) => match e.decide(&cmd) {
+                embedded::Decided::Now(reply) => Ok(reply),
+                embedded::Decided::Made(made, durable) => {
+                    let mut wait = Unsettled {
+                        engine: self.clone(),
+                        made: Some(made),
+                        durable: Some(durable),
+                    };
+                    let durable = wait.durable.as_mut().expect("set above").await;
+                    wait.durable = None;
+                    e.conclude(wait.made.take().expect("set above"), durable)
+                }
+            },
+            Kind::Redis(_) => {
                 let engine = self.clone();
                 tokio::spawn(async move { delegate!(engine, e => e.reserve(&cmd)) })
                     .await
