@@ -184,6 +184,12 @@ pub enum Error {
     InTransit,
     #[error("store: {0}")]
     Store(String),
+    /// A store write whose answer did not come (it timed out, or its connection broke while
+    /// it was out): the database may have applied it or not. The embedded journal keeps
+    /// such a write's changes and writes it again until the database answers
+    /// (`src/engine/journal.rs`).
+    #[error("store, outcome unknown: {0}")]
+    StoreInDoubt(String),
     #[error("internal: {0}")]
     Internal(String),
 }
@@ -200,7 +206,7 @@ impl Error {
             | Error::NotReplicated { .. }
             | Error::InTransit
             | Error::Fenced(_) => Side::Redis,
-            Error::Store(_) => Side::Store,
+            Error::Store(_) | Error::StoreInDoubt(_) => Side::Store,
             Error::Internal(_) => Side::Internal,
         }
     }
@@ -241,7 +247,7 @@ impl Error {
                 retry_after_s: 1,
                 reason: "stock engine replicas behind",
             },
-            Error::Store(_) => Reject::Unavailable {
+            Error::Store(_) | Error::StoreInDoubt(_) => Reject::Unavailable {
                 retry_after_s: 1,
                 reason: "order store unreachable",
             },

@@ -461,7 +461,11 @@ impl Store {
                 // only an OS crash could lose the last few, which FULL would cover.
                 .journal_mode(SqliteJournalMode::Wal)
                 .synchronous(SqliteSynchronous::Normal)
-                .busy_timeout(timeout)
+                // SQLite's own wait for the write lock ends before the store timeout does, so
+                // that a write kept from the lock is refused (SQLITE_BUSY: not applied, its
+                // changes undone) rather than abandoned by the timeout while it still waits
+                // (in doubt: see `bounded_write`).
+                .busy_timeout(timeout * 3 / 4)
                 // No checkpoint by the connection that commits (it ran one every 1,000
                 // pages, inside the commit of whichever request crossed the mark): the
                 // checkpointer below takes them, on a connection of its own.
@@ -542,6 +546,32 @@ impl Store {
     }
 
     async fn bounded<T>(&self, f: impl std::future::Future<Output = Result<T, sqlx::Error>>) -> Result<T, Error> {
+        self.bounded_as(false, f).await
+    }
+
+    /// [`Self::bounded`] for a write whose outcome matters when it fails: a failure that
+    /// leaves it unknown whether the database applied it (the timeout, a connection that
+    /// broke while the write was out) is [`Error::StoreInDoubt`]. Only a refusal by the
+    /// database, or a connection never had from the pool, says it was not applied.
+    async fn bounded_write<T>(&self, f: impl std::future::Future<Output = Result<T, sqlx::Error>>) -> Result<T, Error> {
+        self.bounded_as(true, f).await
+    }
+
+    async fn bounded_as<T>(
+        &self,
+        write: bool,
+        f: impl std::future::Future<Output = Result<T, sqlx::Error>>,
+    ) -> Result<T, Error> {
+        let in_doubt = |e: &sqlx::Error| {
+            write
+                && !matches!(
+                    e,
+                    sqlx::Error::Database(_)
+                        | sqlx::Error::PoolTimedOut
+                        | sqlx::Error::PoolClosed
+                        | sqlx::Error::Configuration(_)
+                )
+        };
         let result = match tokio::time::timeout(self.timeout, f).await {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => {
@@ -551,12 +581,18 @@ impl Store {
                     sqlx::Error::Database(_) | sqlx::Error::RowNotFound | sqlx::Error::ColumnDecode { .. }
                 ) {
                     self.report(false);
+                    if in_doubt(&e) {
+                        return Err(Error::StoreInDoubt(e.to_string()));
+                    }
                     return Err(Error::from(e));
                 }
                 Err(Error::from(e))
             }
             Err(_) => {
                 self.report(false);
+                if write {
+                    return Err(Error::StoreInDoubt("timed out".into()));
+                }
                 return Err(Error::Store("timed out".into()));
             }
         };
@@ -584,7 +620,7 @@ impl Store {
             return Ok(0);
         }
         with_writer!(self, pool => {
-            self.bounded(async {
+            self.bounded_write(async {
                 // One statement is atomic on its own: a batch of one chunk without marks (the
                 // embedded journal's every commit) is one round trip to the database instead
                 // of three (BEGIN, INSERT, COMMIT), and SQLite's connection thread answers

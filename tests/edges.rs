@@ -413,9 +413,9 @@ async fn a_lapsed_sold_out_flag_is_set_again_by_the_engines_refusal() {
 /// task). Another connection holds SQLite's write lock, so the commit waits:
 /// - released within the store timeout, the commit goes through: the order is in the
 ///   database and counted once, though no handler was left to count it;
-/// - held past the store timeout, the commit fails: the reservation is undone (the unit
-///   back in stock, nothing counted, nothing in the database), so nothing is sold that was
-///   not answered 200.
+/// - held past SQLite's wait for the lock (three quarters of the store timeout), SQLite
+///   refuses the commit: the reservation is undone (the unit back in stock, nothing counted,
+///   nothing in the database), so nothing is sold that was not answered 200.
 /// (Before, each embedded reservation ran as a task of its own for this: 10 % of the
 /// gateway's CPU per reservation.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -475,8 +475,8 @@ async fn an_embedded_reservation_whose_client_hangs_up_is_committed_or_undone() 
     assert_eq!(rows(&mut lock).await, 1, "and it is in the database");
     assert_eq!(stock().await, 9);
 
-    // 2. The lock is held past the timeout: the commit fails and is undone. Let go a second
-    // after the undo, when SQLite's own wait for the lock (the same 3 s) is over too.
+    // 2. The lock is held past SQLite's wait for it: the commit is refused and undone. Let
+    // go a second after the undo.
     sqlx::query("BEGIN IMMEDIATE").execute(&mut lock).await.unwrap();
     hang_up("bob").await;
     assert_eq!(stock().await, 8, "decided under the engine's lock, before the commit");

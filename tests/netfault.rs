@@ -37,7 +37,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::gateway::Gateway;
-use common::http::{Api, RequestExt, try_send};
+use common::http::{Api, RequestExt, send_until, try_send};
 use common::inspect::Redis;
 use common::proxy::{Cut, Proxy};
 use common::{RedisServer, poll, shared_pg, unique};
@@ -657,5 +657,79 @@ async fn the_change_feed_comes_back_after_a_blackhole() {
     assert!(
         seen.is_some(),
         "the raised limit holds on the instance that was cut off"
+    );
+}
+
+/// Embedded mode on PostgreSQL: a reservation's commit is sent, stalls in the database
+/// (the test holds a lock on the orders table), and the gateway's store timeout ends its
+/// wait; the database applies it once the lock goes. Undoing the reservation at the timeout
+/// (what the engine did) sold the unit twice: to this shopper in the database, and again to
+/// the next one. The commit is in doubt: the shopper gets 503 (the contract's "reply lost"
+/// deviation), the engine keeps the reservation, and the journal writes it again until the
+/// database answers; what the engine is given meanwhile is refused at once (nothing of it
+/// was sent). Once the lock goes: one row, the item sold out, the engine and the database
+/// agree, and the journal writes again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_embedded_commit_left_in_doubt_is_kept_not_sold_again() {
+    let db = shared_pg();
+    let gw = Gateway::embedded()
+        .database(&db)
+        .flag("--store-timeout", &format!("{}ms", STORE_TIMEOUT.as_millis()))
+        .start()
+        .await;
+    let store = Store::connect(&db, Duration::from_secs(5))
+        .await
+        .expect("the test's own connection to the database");
+    let item = gw.new_item(1, 1).await;
+    gw.get_item(&item).await.assert_ok();
+    // Made now: an item's definition goes through the journal too.
+    let other = gw.new_item(5, 1).await;
+    let rows = async || {
+        let rows = store.orders(Some(&item)).await.expect("the item's rows");
+        rows.iter().map(|o| o.user_id.clone()).collect::<Vec<_>>()
+    };
+    let direct = sqlx::PgPool::connect(&db).await.expect("the test's own pool");
+    let mut lock = direct.begin().await.expect("BEGIN");
+    sqlx::query("LOCK TABLE orders IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *lock)
+        .await
+        .expect("LOCK orders");
+
+    let started = Instant::now();
+    let alice = gw.reserve(&item, "alice").await;
+    let took = started.elapsed();
+    alice.assert_refused(503, "unavailable");
+    assert!(took < STORE_TIMEOUT + MARGIN, "answered at the store timeout: {took:?}");
+    // The engine kept her reservation: the next shopper finds the item sold out (no unit
+    // came back), and a reservation of another item, made while the journal is writing
+    // alice's again, is refused at once and undone.
+    gw.reserve(&item, "bob").await.assert_refused(410, "sold_out");
+    assert_eq!(gw.get_item(&item).await.assert_ok()["stock_remaining"], 0);
+    let started = Instant::now();
+    gw.reserve(&other, "erin").await.assert_refused(503, "unavailable");
+    assert!(started.elapsed() < MARGIN, "refused at once: {:?}", started.elapsed());
+    assert_eq!(
+        gw.get_item(&other).await.assert_ok()["stock_remaining"],
+        5,
+        "erin's undone"
+    );
+
+    lock.rollback().await.expect("ROLLBACK: the lock goes");
+    // The database applies what was waiting for the lock, and the journal's next write
+    // of alice's reservation is answered: the engine's writes go through again.
+    let carol = send_until(Duration::from_secs(15), gw.reserve_req(&other, "carol"), |r| {
+        r.status == 200
+    })
+    .await;
+    assert!(carol.is_some(), "the journal writes again after the stall");
+    assert_eq!(rows().await, ["alice"], "one row for one unit, nothing sold twice");
+    let item_after = gw.get_item(&item).await.assert_ok().clone();
+    assert_eq!(item_after["stock_remaining"], 0, "{item_after}");
+    gw.reserve(&item, "dave").await.assert_refused(410, "sold_out");
+    let other_rows = store.orders(Some(&other)).await.expect("rows");
+    assert_eq!(
+        other_rows.iter().map(|o| o.user_id.as_str()).collect::<Vec<_>>(),
+        ["carol"],
+        "erin's refused reservation was never written"
     );
 }

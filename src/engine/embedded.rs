@@ -4,7 +4,9 @@
 //! Durability: every change produces [`OrderEvent`]s that go to the [`Journal`] (SQLite,
 //! group-committed) *before* the caller is answered. If the journal fails, the change is
 //! undone and the caller gets an error (503), so an answer of 200 always means committed.
-//! At start-up the engine is rebuilt from the store ([`EmbeddedEngine::restore`]).
+//! A commit in doubt (sent, its answer lost: the database may hold it) is not undone: the
+//! caller gets the error, the change stays, and the journal writes it again until the
+//! database answers; undoing it would sell its units a second time. At start-up the engine is rebuilt from the store ([`EmbeddedEngine::restore`]).
 
 mod sharded_map;
 
@@ -322,9 +324,16 @@ impl EmbeddedEngine {
     }
 
     /// A made reservation's end, once its journal commit has answered: reported when it is
-    /// durable; undone when it is not, so nothing is sold that was not answered 200.
+    /// durable; undone when it is not, so nothing is sold that was not answered 200. A
+    /// commit in doubt (the database may hold it; the journal writes it again until it
+    /// answers) keeps and reports the reservation, and the shopper gets the error: the
+    /// contract's "reply lost" deviation, as with a Redis call whose reply was lost.
     pub(crate) fn conclude(&self, made: Made, durable: Result<(), Error>) -> Result<ReserveReply, Error> {
         let Made { order, reply, idem } = made;
+        if let Err(e @ Error::StoreInDoubt(_)) = durable {
+            self.report(&order.item_id, &reply);
+            return Err(e);
+        }
         if let Err(e) = durable {
             let mut s = self.lock();
             if s.orders
@@ -369,6 +378,16 @@ pub(crate) struct Made {
     order: Order,
     reply: ReserveReply,
     idem: (String, String, String),
+}
+
+/// A journal commit's failure that its change must be undone for: the database did not
+/// take it. One in doubt ([`Error::StoreInDoubt`]) is not: the journal writes it again
+/// until the database answers, and the change stays.
+fn undoable(durable: &Result<(), Error>) -> Result<(), Error> {
+    match durable {
+        Err(e) if !matches!(e, Error::StoreInDoubt(_)) => Err(e.clone()),
+        _ => Ok(()),
+    }
 }
 
 /// Pay a reserved order (`order`, as it was), under the lock: its units move from
@@ -650,7 +669,8 @@ impl StockEngine for EmbeddedEngine {
             let durable = self.journal(vec![event]);
             (prev, to, reply, durable)
         };
-        if let Err(e) = durable.await {
+        let durable = durable.await;
+        if let Err(e) = undoable(&durable) {
             let mut s = self.lock();
             if s.orders.get(order_id).is_some_and(|o| o.status == to) {
                 if to == OrderStatus::Paid {
@@ -680,6 +700,8 @@ impl StockEngine for EmbeddedEngine {
             }),
             _ => {}
         }
+        // In doubt: kept and reported above, answered with the error.
+        durable?;
         Ok(reply)
     }
 
@@ -773,7 +795,8 @@ impl StockEngine for EmbeddedEngine {
             (undo, (events, durable), reply)
         };
         let (events, durable) = events;
-        if let Err(e) = durable.await {
+        let durable = durable.await;
+        if let Err(e) = undoable(&durable) {
             let mut s = self.lock();
             let last = events.last().map(|ev| ev.status);
             if s.orders.get(order_id).map(|o| o.status) == last {
@@ -792,6 +815,8 @@ impl StockEngine for EmbeddedEngine {
                 stock,
             });
         }
+        // In doubt: kept and reported above, answered with the error.
+        durable?;
         Ok(reply)
     }
 
@@ -815,7 +840,8 @@ impl StockEngine for EmbeddedEngine {
             let durable = self.journal(vec![OrderEvent::of(&prev, OrderStatus::Expired, now)]);
             (prev, stock_after, durable)
         };
-        if let Err(e) = durable.await {
+        let durable = durable.await;
+        if let Err(e) = undoable(&durable) {
             let mut s = self.lock();
             if s.orders.get(order_id).is_some_and(|o| o.status == OrderStatus::Expired) {
                 unrelease(&mut s, &prev, OrderStatus::Expired);
@@ -827,6 +853,8 @@ impl StockEngine for EmbeddedEngine {
             event: OrderStatus::Expired,
             stock: Some(stock_after),
         });
+        // In doubt: kept and reported above, answered with the error.
+        durable?;
         Ok(ExpireReply::Expired { stock_after })
     }
 

@@ -22,6 +22,20 @@ enum Job {
     Pause(Option<String>, bool, oneshot::Sender<Result<(), Error>>),
 }
 
+impl Job {
+    /// Answered without being written (a commit before it is in doubt): its caller undoes it.
+    fn refuse(self) {
+        let refused = || {
+            Err(Error::Store(
+                "not written: an earlier commit's outcome is unknown and is being written again".into(),
+            ))
+        };
+        let _ = match self {
+            Job::Events(_, done) | Job::Item(_, done) | Job::Pause(_, _, done) => done.send(refused()),
+        };
+    }
+}
+
 pub struct SqliteJournal {
     /// Unbounded, so that [`Journal::append`] enqueues at once, under the engine's lock
     /// (what is in flight is bounded by the requests in flight).
@@ -88,17 +102,59 @@ impl SqliteJournal {
                     }
                 }
             }
-            if !events.is_empty() {
-                Self::commit(&store, events, waiters).await;
+            if !events.is_empty() && Self::commit(&store, &events, waiters).await {
+                Self::write_until_answered(&store, &events, &mut rx).await;
+            }
+        }
+    }
+
+    /// A commit left in doubt (its waiters were told so and keep their changes): write the
+    /// same events again until the database answers. The upsert is forward-only, so a second
+    /// write of what the first one applied changes nothing. Until then every job that
+    /// arrives is refused at once: nothing of it was sent, so its caller can undo it, and the
+    /// database still holds a prefix of the engine's history.
+    async fn write_until_answered(store: &Store, events: &[OrderEvent], rx: &mut mpsc::UnboundedReceiver<Job>) {
+        let mut delays = crate::retry::backoff();
+        let mut open = true;
+        loop {
+            let pause = tokio::time::sleep(delays.next().unwrap_or(crate::retry::MAX_DELAY));
+            tokio::pin!(pause);
+            loop {
+                tokio::select! {
+                    () = &mut pause => break,
+                    job = rx.recv(), if open => match job {
+                        Some(job) => job.refuse(),
+                        None => open = false,
+                    },
+                }
+            }
+            match store.apply(events).await {
+                Ok(_) => {
+                    tracing::info!(
+                        events = events.len(),
+                        "journal commit whose outcome was unknown: written"
+                    );
+                    return;
+                }
+                Err(Error::StoreInDoubt(e)) => {
+                    tracing::warn!(cause = %e, events = events.len(), "journal commit whose outcome is unknown: writing it again");
+                }
+                Err(e) => {
+                    // The database refused the same write it may have taken before: nothing
+                    // to do but say so (the engine keeps the changes).
+                    tracing::error!(cause = %e, events = events.len(), "journal commit whose outcome was unknown: refused when written again");
+                    return;
+                }
             }
         }
     }
 
     /// One group's commit: SQLite, a WAL append without fsync (checkpoints run beside it,
     /// see `store::checkpointer`); PostgreSQL, a transaction that waits for its WAL flush.
-    async fn commit(store: &Store, events: Vec<OrderEvent>, waiters: Vec<oneshot::Sender<Result<(), Error>>>) {
+    /// Every waiter gets the outcome; true when it is unknown ([`Error::StoreInDoubt`]).
+    async fn commit(store: &Store, events: &[OrderEvent], waiters: Vec<oneshot::Sender<Result<(), Error>>>) -> bool {
         let started = std::time::Instant::now();
-        let result = store.apply(&events).await;
+        let result = store.apply(events).await;
         let took = started.elapsed();
         if took > std::time::Duration::from_millis(100) {
             tracing::warn!(
@@ -114,9 +170,10 @@ impl SqliteJournal {
         for w in waiters {
             let _ = w.send(match &result {
                 Ok(_) => Ok(()),
-                Err(e) => Err(Error::Store(e.to_string())),
+                Err(e) => Err(e.clone()),
             });
         }
+        matches!(result, Err(Error::StoreInDoubt(_)))
     }
 
     /// Enqueue now; the future resolves once the job is done.

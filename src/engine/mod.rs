@@ -370,10 +370,14 @@ impl Drop for Unsettled {
         let engine = self.engine.clone();
         runtime.spawn(async move {
             let durable = durable.await;
-            if let Kind::Embedded(e) = &engine.inner.kind
-                && let Err(e) = e.conclude(made, durable)
-            {
-                tracing::warn!(cause = %e, "a reservation whose client left was not committed: undone");
+            if let Kind::Embedded(e) = &engine.inner.kind {
+                match e.conclude(made, durable) {
+                    Ok(_) => {}
+                    Err(e @ Error::StoreInDoubt(_)) => {
+                        tracing::warn!(cause = %e, "a reservation whose client left: its commit's outcome is unknown, kept and written again");
+                    }
+                    Err(e) => tracing::warn!(cause = %e, "a reservation whose client left was not committed: undone"),
+                }
             }
         });
     }
