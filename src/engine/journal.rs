@@ -109,7 +109,7 @@ impl SqliteJournal {
     }
 
     /// A commit left in doubt (its waiters were told so and keep their changes): write the
-    /// same events again until the database answers. The upsert is forward-only, so a second
+    /// same events again until the database takes them. The upsert is forward-only, so a second
     /// write of what the first one applied changes nothing. Until then every job that
     /// arrives is refused at once: nothing of it was sent, so its caller can undo it, and the
     /// database still holds a prefix of the engine's history.
@@ -136,14 +136,11 @@ impl SqliteJournal {
                     );
                     return;
                 }
-                Err(Error::StoreInDoubt(e)) => {
-                    tracing::warn!(cause = %e, events = events.len(), "journal commit whose outcome is unknown: writing it again");
-                }
+                // Refused too (a full disk, say): the engine holds the changes and answered
+                // nobody 200 for them, so they are written once the database takes them, as
+                // the persistence worker does with a batch.
                 Err(e) => {
-                    // The database refused the same write it may have taken before: nothing
-                    // to do but say so (the engine keeps the changes).
-                    tracing::error!(cause = %e, events = events.len(), "journal commit whose outcome was unknown: refused when written again");
-                    return;
+                    tracing::warn!(cause = %e, events = events.len(), "journal commit whose outcome is unknown: writing it again");
                 }
             }
         }
