@@ -330,11 +330,7 @@ impl EmbeddedEngine {
     /// contract's "reply lost" deviation, as with a Redis call whose reply was lost.
     pub(crate) fn conclude(&self, made: Made, durable: Result<(), Error>) -> Result<ReserveReply, Error> {
         let Made { order, reply, idem } = made;
-        if let Err(e @ Error::StoreInDoubt(_)) = durable {
-            self.report(&order.item_id, &reply);
-            return Err(e);
-        }
-        if let Err(e) = durable {
+        if let Err(e) = undoable(&durable) {
             let mut s = self.lock();
             if s.orders
                 .get(&order.order_id)
@@ -358,7 +354,8 @@ impl EmbeddedEngine {
             return Err(e);
         }
         self.report(&order.item_id, &reply);
-        Ok(reply)
+        // In doubt: kept and reported above, answered with the error.
+        durable.map(|()| reply)
     }
 }
 
