@@ -37,7 +37,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::gateway::Gateway;
-use common::http::{Api, RequestExt, send_until, try_send};
+use common::http::{Api, RequestExt, send, send_until, try_send};
 use common::inspect::Redis;
 use common::proxy::{Cut, Proxy};
 use common::{RedisServer, poll, shared_pg, unique};
@@ -731,5 +731,71 @@ async fn an_embedded_commit_left_in_doubt_is_kept_not_sold_again() {
         other_rows.iter().map(|o| o.user_id.as_str()).collect::<Vec<_>>(),
         ["carol"],
         "erin's refused reservation was never written"
+    );
+}
+
+/// Embedded: a retry is told of a change only once it is durable. While a reservation's
+/// commit (or a payment's) waits on the database, the engine holds the change in memory; a
+/// retry answered 200 from there ("your order", "already paid") would be a yes that a
+/// crash before the commit loses. Such a retry is answered 503 until the commit lands,
+/// then with the change; a retry of a change in doubt waits for its write again too.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_embedded_retry_is_answered_from_memory_only_once_durable() {
+    let db = shared_pg();
+    let gw = Gateway::embedded()
+        .database(&db)
+        .flag("--store-timeout", &format!("{}ms", STORE_TIMEOUT.as_millis()))
+        .start()
+        .await;
+    let item = gw.new_item(5, 1).await;
+    let bobs = gw.reserve_ok(&item, "bob").await;
+    let direct = sqlx::PgPool::connect(&db).await.expect("the test's own pool");
+    let status = async |order: &str| -> Option<String> {
+        sqlx::query_scalar("SELECT status FROM orders WHERE order_id = $1")
+            .bind(order)
+            .fetch_optional(&direct)
+            .await
+            .expect("the order's row")
+    };
+    assert_eq!(status(&bobs).await.as_deref(), Some("reserved"));
+    let mut lock = direct.begin().await.expect("BEGIN");
+    sqlx::query("LOCK TABLE orders IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *lock)
+        .await
+        .expect("LOCK orders");
+
+    // Alice's reservation waits on the lock; her retry with the same key comes meanwhile.
+    let keyed = || gw.reserve_req(&item, "alice").header("Idempotency-Key", "checkout-1");
+    let first = tokio::spawn(send(keyed()));
+    let bob_pays = tokio::spawn(send(gw.pay_req(&bobs, "bob")));
+    tokio::time::sleep(STORE_TIMEOUT / 4).await;
+    assert!(!first.is_finished() && !bob_pays.is_finished(), "both wait on the lock");
+    send(keyed()).await.assert_refused(503, "unavailable");
+    gw.pay(&bobs, "bob").await.assert_refused(503, "unavailable");
+    // Past the store timeout both commits are in doubt: still not repeated as done.
+    first
+        .await
+        .expect("alice's first call")
+        .assert_refused(503, "unavailable");
+    bob_pays
+        .await
+        .expect("bob's first pay")
+        .assert_refused(503, "unavailable");
+    send(keyed()).await.assert_refused(503, "unavailable");
+    gw.pay(&bobs, "bob").await.assert_refused(503, "unavailable");
+
+    lock.rollback().await.expect("ROLLBACK: the lock goes");
+    // Once the journal's write again is answered, the retries get the changes: the same
+    // order, the payment done, both in the database.
+    let alice = send_until(Duration::from_secs(15), keyed(), |r| r.status == 200).await;
+    let alices = alice.expect("alice's retry answered 200 once durable").order_id();
+    assert_eq!(status(&alices).await.as_deref(), Some("reserved"), "a 200 is a row");
+    let paid = send_until(Duration::from_secs(15), gw.pay_req(&bobs, "bob"), |r| r.status == 200).await;
+    assert_eq!(paid.expect("bob's retry answered 200").json["status"], "paid");
+    assert_eq!(status(&bobs).await.as_deref(), Some("paid"), "a 200 is a row");
+    assert_eq!(
+        gw.get_item(&item).await.assert_ok()["stock_remaining"],
+        3,
+        "alice's one reservation, bob's paid unit"
     );
 }

@@ -34,6 +34,11 @@ pub trait Journal: Send + Sync {
     fn put_item(&self, spec: ItemSpec) -> BoxFuture<'static, Result<(), Error>>;
     /// Store an item's pause switch (`Some`), or every sale's (`None`), durably.
     fn set_paused(&self, item_id: Option<String>, paused: bool) -> BoxFuture<'static, Result<(), Error>>;
+    /// Resolves once everything appended before it is durable: at once when nothing is
+    /// waiting, after the write again of a commit in doubt.
+    fn barrier(&self) -> BoxFuture<'static, Result<(), Error>> {
+        self.append(Vec::new())
+    }
 }
 
 /// Everything the engine decides on, behind its one lock. The maps that grow with every
@@ -73,6 +78,52 @@ pub struct EmbeddedEngine {
     /// bounded during a long sale.
     closed_ttl_ms: Millis,
     listener: Arc<dyn Listener>,
+    /// Orders with a change not yet durable.
+    unsettled: Unsettled,
+}
+
+/// Orders with a change whose commit has not answered, or answered in doubt and has not
+/// been written again yet: how many such changes each has. What memory says of them is
+/// not repeated to a retry (an idempotent reserve's order, a pay or cancel "already
+/// done"): a 200 for a change a crash could still lose. The retry gets 503 and, retried
+/// again, the durable answer.
+///
+/// Its own lock, taken after the engine's where both are, so that the in-doubt case can
+/// settle from a task of its own.
+#[derive(Clone, Default)]
+struct Unsettled(Arc<Mutex<HashMap<String, u32>>>);
+
+impl Unsettled {
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, u32>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A change of `order_id` was enqueued (call it under the engine's lock).
+    fn add(&self, order_id: &str) {
+        *self.map().entry(order_id.to_owned()).or_default() += 1;
+    }
+
+    /// One of its changes is durable, or undone.
+    fn settle(&self, order_id: &str) {
+        let mut map = self.map();
+        if let Some(n) = map.get_mut(order_id) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(order_id);
+            }
+        }
+    }
+
+    /// `Err` (503) when `order_id` has a change not yet durable (call it under the
+    /// engine's lock, with what was read there).
+    fn durable<T>(&self, order_id: &str, reply: T) -> Result<T, Error> {
+        if self.map().contains_key(order_id) {
+            return Err(Error::Store(
+                "this order's last change is still being written; retry".into(),
+            ));
+        }
+        Ok(reply)
+    }
 }
 
 impl EmbeddedEngine {
@@ -87,6 +138,7 @@ impl EmbeddedEngine {
             idem_ttl_ms: settings.idempotency_ttl.as_millis() as Millis,
             closed_ttl_ms: settings.closed_order_ttl.as_millis() as Millis,
             listener: Arc::new(Deaf),
+            unsettled: Unsettled::default(),
         }
     }
 
@@ -199,11 +251,36 @@ impl EmbeddedEngine {
     }
 
     /// Hand `events` to the journal now — call it under the lock, right after the change
-    /// it records — and wait for them to be durable by awaiting the answer.
-    fn journal(&self, events: Vec<OrderEvent>) -> BoxFuture<'static, Result<(), Error>> {
+    /// of `order_id` they record — and wait for them to be durable by awaiting the answer;
+    /// then call [`Self::settled`] (after an undo, if any).
+    fn journal(&self, order_id: &str, events: Vec<OrderEvent>) -> BoxFuture<'static, Result<(), Error>> {
         match &self.journal {
-            Some(j) => j.append(events),
+            Some(j) => {
+                self.unsettled.add(order_id);
+                j.append(events)
+            }
             None => Box::pin(std::future::ready(Ok(()))),
+        }
+    }
+
+    /// `order_id`'s change enqueued by [`Self::journal`] is settled: committed, or undone
+    /// (call it after the undo); in doubt, once the journal has written it again.
+    fn settled(&self, order_id: &str, durable: &Result<(), Error>) {
+        let Some(journal) = &self.journal else {
+            return;
+        };
+        if let Err(Error::StoreInDoubt(_)) = durable {
+            let written = journal.barrier();
+            let unsettled = self.unsettled.clone();
+            let order_id = order_id.to_owned();
+            tokio::spawn(async move {
+                // Err: the journal stopped with the process; nothing to settle.
+                if written.await.is_ok() {
+                    unsettled.settle(&order_id);
+                }
+            });
+        } else {
+            self.unsettled.settle(order_id);
         }
     }
 
@@ -212,7 +289,7 @@ impl EmbeddedEngine {
     /// journal's queue, and [`Self::conclude`] must be called with the commit's result.
     pub(crate) fn decide(&self, cmd: &ReserveCmd) -> Decided {
         let decided = self.decide_locked(cmd);
-        if let Decided::Now(reply) = &decided {
+        if let Decided::Now(Ok(reply)) = &decided {
             // Every reply, refusals included, as the Redis engine reports them: a sold-out
             // answer sets the local flag again after its safety-net lifetime let it go.
             self.report(&cmd.item_id, reply);
@@ -231,21 +308,25 @@ impl EmbeddedEngine {
         let idem_key = cmd.idem_key.clone().unwrap_or_default();
         let idem = (cmd.item_id.clone(), cmd.user_id.clone(), idem_key.clone());
         let mut s = self.lock();
-        let duplicate = |s: &State, id: &str| match s.orders.get(id) {
-            Some(o) => ReserveReply::Duplicate {
-                order_id: o.order_id.clone(),
-                qty: o.qty,
-                status: o.status,
-                created_ms: o.created_ms,
-                pay_before_ms: o.pay_before_ms,
-            },
-            None => ReserveReply::Duplicate {
-                order_id: id.to_owned(),
-                qty: 0,
-                status: OrderStatus::Reserved,
-                created_ms: 0,
-                pay_before_ms: 0,
-            },
+        // Repeated only once durable: a crash must not lose an order a retry was told of.
+        let duplicate = |s: &State, id: &str| {
+            let reply = match s.orders.get(id) {
+                Some(o) => ReserveReply::Duplicate {
+                    order_id: o.order_id.clone(),
+                    qty: o.qty,
+                    status: o.status,
+                    created_ms: o.created_ms,
+                    pay_before_ms: o.pay_before_ms,
+                },
+                None => ReserveReply::Duplicate {
+                    order_id: id.to_owned(),
+                    qty: 0,
+                    status: OrderStatus::Reserved,
+                    created_ms: 0,
+                    pay_before_ms: 0,
+                },
+            };
+            self.unsettled.durable(id, reply)
         };
         if !idem_key.is_empty()
             && let Some((id, expires)) = s.idem.get(&idem).cloned()
@@ -259,32 +340,32 @@ impl EmbeddedEngine {
             return Decided::Now(duplicate(&s, &cmd.order_id));
         }
         let Some(item) = s.items.get(&cmd.item_id) else {
-            return Decided::Now(ReserveReply::UnknownItem);
+            return Decided::Now(Ok(ReserveReply::UnknownItem));
         };
         if s.all_paused || item.spec.paused {
-            return Decided::Now(ReserveReply::Paused);
+            return Decided::Now(Ok(ReserveReply::Paused));
         }
         let (stock, limit, price_cents) = (item.stock, item.spec.per_user_limit, item.spec.price_cents);
         if now < item.spec.starts_ms {
-            return Decided::Now(ReserveReply::NotStarted {
+            return Decided::Now(Ok(ReserveReply::NotStarted {
                 starts_ms: item.spec.starts_ms,
-            });
+            }));
         }
         if now >= item.spec.ends_ms {
-            return Decided::Now(ReserveReply::Ended {
+            return Decided::Now(Ok(ReserveReply::Ended {
                 ends_ms: item.spec.ends_ms,
-            });
+            }));
         }
         if cmd.qty < 1 || cmd.qty > limit {
-            return Decided::Now(ReserveReply::BadQty { limit });
+            return Decided::Now(Ok(ReserveReply::BadQty { limit }));
         }
         let buyer = (cmd.item_id.clone(), cmd.user_id.clone());
         let held = s.buyers.get(&buyer).copied().unwrap_or(0);
         if held + cmd.qty > limit {
-            return Decided::Now(ReserveReply::LimitReached { held, limit });
+            return Decided::Now(Ok(ReserveReply::LimitReached { held, limit }));
         }
         if stock < cmd.qty {
-            return Decided::Now(ReserveReply::SoldOut { stock });
+            return Decided::Now(Ok(ReserveReply::SoldOut { stock }));
         }
         let pay_before_ms = now + self.payment_timeout_ms;
         let item = s.items.get_mut(&cmd.item_id).expect("checked above");
@@ -319,7 +400,10 @@ impl EmbeddedEngine {
             stock_after,
         };
         // Enqueued before the lock is let go: the journal commits in this order.
-        let durable = self.journal(vec![OrderEvent::of(&order, OrderStatus::Reserved, now)]);
+        let durable = self.journal(
+            &order.order_id,
+            vec![OrderEvent::of(&order, OrderStatus::Reserved, now)],
+        );
         Decided::Made(Made { order, reply, idem }, durable)
     }
 
@@ -351,8 +435,11 @@ impl EmbeddedEngine {
                 s.idem.remove(&idem);
                 s.deadlines.remove(&(order.pay_before_ms, order.order_id.clone()));
             }
+            drop(s);
+            self.settled(&order.order_id, &durable);
             return Err(e);
         }
+        self.settled(&order.order_id, &durable);
         self.report(&order.item_id, &reply);
         // In doubt: kept and reported above, answered with the error.
         durable.map(|()| reply)
@@ -364,7 +451,7 @@ impl EmbeddedEngine {
 #[expect(clippy::large_enum_variant)]
 pub(crate) enum Decided {
     /// Answered at once, reported.
-    Now(ReserveReply),
+    Now(Result<ReserveReply, Error>),
     /// Made under the lock, its events queued in the journal; durable once the future
     /// resolves. Give both to [`EmbeddedEngine::conclude`].
     Made(Made, BoxFuture<'static, Result<(), Error>>),
@@ -594,7 +681,7 @@ impl StockEngine for EmbeddedEngine {
     /// undone): the server calls it through [`super::Engine::reserve`], which is.
     async fn reserve(&self, cmd: &ReserveCmd) -> Result<ReserveReply, Error> {
         match self.decide(cmd) {
-            Decided::Now(reply) => Ok(reply),
+            Decided::Now(reply) => reply,
             Decided::Made(made, durable) => {
                 let durable = durable.await;
                 self.conclude(made, durable)
@@ -612,19 +699,26 @@ impl StockEngine for EmbeddedEngine {
             if order.user_id != user_id {
                 return Ok(TransitionReply::Forbidden);
             }
+            // Answers from memory repeat a change only once it is durable.
             match (t, order.status) {
                 (Transition::Pay, OrderStatus::Paid) => {
-                    return Ok(TransitionReply::Already {
-                        status: OrderStatus::Paid,
-                    });
+                    return self.unsettled.durable(
+                        order_id,
+                        TransitionReply::Already {
+                            status: OrderStatus::Paid,
+                        },
+                    );
                 }
                 (Transition::Cancel, OrderStatus::Cancelled) => {
-                    return Ok(TransitionReply::Already {
-                        status: OrderStatus::Cancelled,
-                    });
+                    return self.unsettled.durable(
+                        order_id,
+                        TransitionReply::Already {
+                            status: OrderStatus::Cancelled,
+                        },
+                    );
                 }
                 (_, status) if status != OrderStatus::Reserved => {
-                    return Ok(TransitionReply::Closed { status });
+                    return self.unsettled.durable(order_id, TransitionReply::Closed { status });
                 }
                 _ => {}
             }
@@ -663,7 +757,7 @@ impl StockEngine for EmbeddedEngine {
             };
             // Enqueued before the lock is let go: the journal commits in this order.
             let to = event.status;
-            let durable = self.journal(vec![event]);
+            let durable = self.journal(order_id, vec![event]);
             (prev, to, reply, durable)
         };
         let durable = durable.await;
@@ -681,8 +775,11 @@ impl StockEngine for EmbeddedEngine {
                     unrelease(&mut s, &prev, to);
                 }
             }
+            drop(s);
+            self.settled(order_id, &durable);
             return Err(e);
         }
+        self.settled(order_id, &durable);
         match reply {
             TransitionReply::Done { status, stock_after } => self.listener.news(ItemNews::Order {
                 item: &prev.item_id,
@@ -785,10 +882,11 @@ impl StockEngine for EmbeddedEngine {
                 (Settle::Refund { .. }, status) => TransitionReply::Closed { status },
             };
             if events.is_empty() {
-                return Ok(reply);
+                // Answered from memory (already so, or closed): once durable.
+                return self.unsettled.durable(order_id, reply);
             }
             // Enqueued before the lock is let go: the journal commits in this order.
-            let durable = self.journal(events.clone());
+            let durable = self.journal(order_id, events.clone());
             (undo, (events, durable), reply)
         };
         let (events, durable) = events;
@@ -799,8 +897,11 @@ impl StockEngine for EmbeddedEngine {
             if s.orders.get(order_id).map(|o| o.status) == last {
                 undo.put_back(&mut s);
             }
+            drop(s);
+            self.settled(order_id, &durable);
             return Err(e);
         }
+        self.settled(order_id, &durable);
         for ev in &events {
             let stock = match (&reply, ev.status) {
                 (TransitionReply::Done { status, stock_after }, s) if *status == s => Some(*stock_after),
@@ -834,7 +935,7 @@ impl StockEngine for EmbeddedEngine {
             }
             let (prev, stock_after) = release(&mut s, order_id, OrderStatus::Expired, now).expect("present");
             // Enqueued before the lock is let go: the journal commits in this order.
-            let durable = self.journal(vec![OrderEvent::of(&prev, OrderStatus::Expired, now)]);
+            let durable = self.journal(order_id, vec![OrderEvent::of(&prev, OrderStatus::Expired, now)]);
             (prev, stock_after, durable)
         };
         let durable = durable.await;
@@ -843,8 +944,11 @@ impl StockEngine for EmbeddedEngine {
             if s.orders.get(order_id).is_some_and(|o| o.status == OrderStatus::Expired) {
                 unrelease(&mut s, &prev, OrderStatus::Expired);
             }
+            drop(s);
+            self.settled(order_id, &durable);
             return Err(e);
         }
+        self.settled(order_id, &durable);
         self.listener.news(ItemNews::Order {
             item: &prev.item_id,
             event: OrderStatus::Expired,

@@ -102,7 +102,12 @@ impl SqliteJournal {
                     }
                 }
             }
-            if !events.is_empty() && Self::commit(&store, &events, waiters).await {
+            if events.is_empty() {
+                // Only barriers: everything before them was answered already.
+                for w in waiters {
+                    let _ = w.send(Ok(()));
+                }
+            } else if Self::commit(&store, &events, waiters).await {
                 Self::write_until_answered(&store, &events, &mut rx).await;
             }
         }
@@ -112,10 +117,12 @@ impl SqliteJournal {
     /// same events again until the database takes them. The upsert is forward-only, so a second
     /// write of what the first one applied changes nothing. Until then every job that
     /// arrives is refused at once: nothing of it was sent, so its caller can undo it, and the
-    /// database still holds a prefix of the engine's history.
+    /// database still holds a prefix of the engine's history. A barrier (no events) waits
+    /// for the write instead, and is answered once it is done.
     async fn write_until_answered(store: &Store, events: &[OrderEvent], rx: &mut mpsc::UnboundedReceiver<Job>) {
         let mut delays = crate::retry::backoff();
         let mut open = true;
+        let mut barriers = Vec::new();
         loop {
             let pause = tokio::time::sleep(delays.next().unwrap_or(crate::retry::MAX_DELAY));
             tokio::pin!(pause);
@@ -123,6 +130,7 @@ impl SqliteJournal {
                 tokio::select! {
                     () = &mut pause => break,
                     job = rx.recv(), if open => match job {
+                        Some(Job::Events(evs, done)) if evs.is_empty() => barriers.push(done),
                         Some(job) => job.refuse(),
                         None => open = false,
                     },
@@ -134,6 +142,9 @@ impl SqliteJournal {
                         events = events.len(),
                         "journal commit whose outcome was unknown: written"
                     );
+                    for b in barriers {
+                        let _ = b.send(Ok(()));
+                    }
                     return;
                 }
                 // Refused too (a full disk, say): the engine holds the changes and answered

@@ -520,7 +520,7 @@ impl Engine {
         let reply = match &self.inner.kind {
             Kind::Redis(e) if cmd.buckets <= 1 => e.batches.reserve(cmd).await,
             Kind::Embedded(e) => match e.decide(&cmd) {
-                embedded::Decided::Now(reply) => Ok(reply),
+                embedded::Decided::Now(reply) => reply,
                 embedded::Decided::Made(made, durable) => {
                     let mut wait = Unsettled {
                         engine: self.clone(),
