@@ -190,6 +190,11 @@ pub enum Error {
     /// (`src/engine/journal.rs`).
     #[error("store, outcome unknown: {0}")]
     StoreInDoubt(String),
+    /// Embedded engine: the answer would repeat a change of this order (its id) that is
+    /// not durable yet. The engine waits for its commit and decides again; this reaches
+    /// the caller only as the 503 of a commit that did not answer in time.
+    #[error("order {0}: its last change is still being written")]
+    Settling(String),
     #[error("internal: {0}")]
     Internal(String),
 }
@@ -206,7 +211,7 @@ impl Error {
             | Error::NotReplicated { .. }
             | Error::InTransit
             | Error::Fenced(_) => Side::Redis,
-            Error::Store(_) | Error::StoreInDoubt(_) => Side::Store,
+            Error::Store(_) | Error::StoreInDoubt(_) | Error::Settling(_) => Side::Store,
             Error::Internal(_) => Side::Internal,
         }
     }
@@ -247,7 +252,7 @@ impl Error {
                 retry_after_s: 1,
                 reason: "stock engine replicas behind",
             },
-            Error::Store(_) | Error::StoreInDoubt(_) => Reject::Unavailable {
+            Error::Store(_) | Error::StoreInDoubt(_) | Error::Settling(_) => Reject::Unavailable {
                 retry_after_s: 1,
                 reason: "order store unreachable",
             },

@@ -737,8 +737,8 @@ async fn an_embedded_commit_left_in_doubt_is_kept_not_sold_again() {
 /// Embedded: a retry is told of a change only once it is durable. While a reservation's
 /// commit (or a payment's) waits on the database, the engine holds the change in memory; a
 /// retry answered 200 from there ("your order", "already paid") would be a yes that a
-/// crash before the commit loses. Such a retry is answered 503 until the commit lands,
-/// then with the change; a retry of a change in doubt waits for its write again too.
+/// crash before the commit loses. Such a retry waits for the commit: answered with the
+/// change once it lands, 503 if it has not landed within a second (in doubt, say).
 #[tokio::test(flavor = "multi_thread")]
 async fn an_embedded_retry_is_answered_from_memory_only_once_durable() {
     let db = shared_pg();
@@ -757,39 +757,47 @@ async fn an_embedded_retry_is_answered_from_memory_only_once_durable() {
             .await
             .expect("the order's row")
     };
+    let lock_orders = async || {
+        let mut lock = direct.begin().await.expect("BEGIN");
+        sqlx::query("LOCK TABLE orders IN ACCESS EXCLUSIVE MODE")
+            .execute(&mut *lock)
+            .await
+            .expect("LOCK orders");
+        lock
+    };
     assert_eq!(status(&bobs).await.as_deref(), Some("reserved"));
-    let mut lock = direct.begin().await.expect("BEGIN");
-    sqlx::query("LOCK TABLE orders IN ACCESS EXCLUSIVE MODE")
-        .execute(&mut *lock)
-        .await
-        .expect("LOCK orders");
 
-    // Alice's reservation waits on the lock; her retry with the same key comes meanwhile.
+    // Alice's reservation waits on the lock; her retry with the same key comes meanwhile
+    // and waits too; the lock goes before the store timeout: both get her one order.
+    let lock = lock_orders().await;
     let keyed = || gw.reserve_req(&item, "alice").header("Idempotency-Key", "checkout-1");
     let first = tokio::spawn(send(keyed()));
+    tokio::time::sleep(STORE_TIMEOUT / 4).await;
+    let retry = tokio::spawn(send(keyed()));
+    tokio::time::sleep(STORE_TIMEOUT / 4).await;
+    assert!(!first.is_finished(), "alice's reservation waits on the lock");
+    assert!(!retry.is_finished(), "her retry is not answered from memory meanwhile");
+    lock.rollback().await.expect("ROLLBACK: the lock goes");
+    let alices = first.await.expect("alice's call").order_id();
+    let again = retry.await.expect("alice's retry");
+    assert_eq!(again.order_id(), alices, "the retry's order is the first call's");
+    assert_eq!(status(&alices).await.as_deref(), Some("reserved"), "a 200 is a row");
+
+    // Bob's payment waits past the store timeout: in doubt. A repeated pay, during the wait
+    // and after it, is 503, never "paid" from memory.
+    let lock = lock_orders().await;
     let bob_pays = tokio::spawn(send(gw.pay_req(&bobs, "bob")));
     tokio::time::sleep(STORE_TIMEOUT / 4).await;
-    assert!(!first.is_finished() && !bob_pays.is_finished(), "both wait on the lock");
-    send(keyed()).await.assert_refused(503, "unavailable");
+    assert!(!bob_pays.is_finished(), "bob's payment waits on the lock");
     gw.pay(&bobs, "bob").await.assert_refused(503, "unavailable");
-    // Past the store timeout both commits are in doubt: still not repeated as done.
-    first
-        .await
-        .expect("alice's first call")
-        .assert_refused(503, "unavailable");
     bob_pays
         .await
         .expect("bob's first pay")
         .assert_refused(503, "unavailable");
-    send(keyed()).await.assert_refused(503, "unavailable");
     gw.pay(&bobs, "bob").await.assert_refused(503, "unavailable");
-
     lock.rollback().await.expect("ROLLBACK: the lock goes");
-    // Once the journal's write again is answered, the retries get the changes: the same
-    // order, the payment done, both in the database.
-    let alice = send_until(Duration::from_secs(15), keyed(), |r| r.status == 200).await;
-    let alices = alice.expect("alice's retry answered 200 once durable").order_id();
-    assert_eq!(status(&alices).await.as_deref(), Some("reserved"), "a 200 is a row");
+    // Once the journal's write again is answered, the retry gets the payment, in the
+    // database.
     let paid = send_until(Duration::from_secs(15), gw.pay_req(&bobs, "bob"), |r| r.status == 200).await;
     assert_eq!(paid.expect("bob's retry answered 200").json["status"], "paid");
     assert_eq!(status(&bobs).await.as_deref(), Some("paid"), "a 200 is a row");

@@ -47,8 +47,9 @@ pub trait Journal: Send + Sync {
 /// grow a node at a time anyway.
 #[derive(Default)]
 struct State {
-    /// A plain map: it grows with the catalogue (admin puts), not with the traffic.
-    items: HashMap<String, ItemState>,
+    /// A plain map: it grows with the catalogue (admin puts), not with the traffic. Read
+    /// on every reservation, so with foldhash rather than the default SipHash.
+    items: HashMap<String, ItemState, foldhash::quality::RandomState>,
     /// (item, user) → units held (reserved + paid).
     buyers: ShardedMap<(String, String), i64>,
     orders: ShardedMap<String, Order>,
@@ -84,45 +85,85 @@ pub struct EmbeddedEngine {
 
 /// Orders with a change whose commit has not answered, or answered in doubt and has not
 /// been written again yet: how many such changes each has. What memory says of them is
-/// not repeated to a retry (an idempotent reserve's order, a pay or cancel "already
-/// done"): a 200 for a change a crash could still lose. The retry gets 503 and, retried
-/// again, the durable answer.
+/// not repeated (an idempotent reserve's order, a pay or cancel "already done"): that
+/// would be a 200 for a change a crash could still lose. Such an answer waits for the
+/// commit and is decided again ([`Error::Settling`]); 503 if it does not come within
+/// [`SETTLE_WAIT`].
 ///
 /// Its own lock, taken after the engine's where both are, so that the in-doubt case can
 /// settle from a task of its own.
-#[derive(Clone, Default)]
-struct Unsettled(Arc<Mutex<HashMap<String, u32>>>);
+#[derive(Clone)]
+struct Unsettled(Arc<UnsettledOrders>);
+
+struct UnsettledOrders {
+    /// order id → (changes not yet durable, whether an answer waits for them).
+    orders: Mutex<HashMap<String, (u32, bool), foldhash::quality::RandomState>>,
+    /// Bumped when an order waited for is settled.
+    settled: tokio::sync::watch::Sender<u64>,
+}
+
+/// How long an answer about an order waits for its last change's commit before it is 503:
+/// about a store timeout's worth, and the `Retry-After` of that 503.
+pub(crate) const SETTLE_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
+impl Default for Unsettled {
+    fn default() -> Self {
+        Unsettled(Arc::new(UnsettledOrders {
+            orders: Mutex::default(),
+            settled: tokio::sync::watch::Sender::new(0),
+        }))
+    }
+}
 
 impl Unsettled {
-    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, u32>> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, (u32, bool), foldhash::quality::RandomState>> {
+        self.0.orders.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// A change of `order_id` was enqueued (call it under the engine's lock).
     fn add(&self, order_id: &str) {
-        *self.map().entry(order_id.to_owned()).or_default() += 1;
+        self.map().entry(order_id.to_owned()).or_default().0 += 1;
     }
 
     /// One of its changes is durable, or undone.
     fn settle(&self, order_id: &str) {
         let mut map = self.map();
-        if let Some(n) = map.get_mut(order_id) {
+        if let Some((n, waited)) = map.get_mut(order_id) {
             *n -= 1;
             if *n == 0 {
+                let waited = *waited;
                 map.remove(order_id);
+                if waited {
+                    self.0.settled.send_modify(|n| *n += 1);
+                }
             }
         }
     }
 
-    /// `Err` (503) when `order_id` has a change not yet durable (call it under the
-    /// engine's lock, with what was read there).
+    /// `reply`, unless `order_id` has a change not yet durable: then
+    /// [`Error::Settling`], for the caller to [`Self::wait`] and decide again (call it
+    /// under the engine's lock, with what was read there).
     fn durable<T>(&self, order_id: &str, reply: T) -> Result<T, Error> {
         if self.map().contains_key(order_id) {
-            return Err(Error::Store(
-                "this order's last change is still being written; retry".into(),
-            ));
+            return Err(Error::Settling(order_id.to_owned()));
         }
         Ok(reply)
+    }
+
+    /// Until `order_id` has no change that is not durable; 503 past `until`.
+    async fn wait(&self, order_id: &str, until: tokio::time::Instant) -> Result<(), Error> {
+        let mut settled = self.0.settled.subscribe();
+        loop {
+            match self.map().get_mut(order_id) {
+                None => return Ok(()),
+                Some((_, waited)) => *waited = true,
+            }
+            if tokio::time::timeout_at(until, settled.changed()).await.is_err() {
+                return Err(Error::Store(
+                    "this order's last change is still being written; retry".into(),
+                ));
+            }
+        }
     }
 }
 
@@ -295,6 +336,12 @@ impl EmbeddedEngine {
             self.report(&cmd.item_id, reply);
         }
         decided
+    }
+
+    /// Until `order_id`'s last change is durable (a duplicate [`Self::decide`] answered
+    /// [`Error::Settling`] for), then decide again; 503 past `until`.
+    pub(crate) async fn await_settled(&self, order_id: &str, until: tokio::time::Instant) -> Result<(), Error> {
+        self.unsettled.wait(order_id, until).await
     }
 
     fn report(&self, item_id: &str, reply: &ReserveReply) {
@@ -580,116 +627,9 @@ fn close_as(s: &mut State, order_id: &str, status: OrderStatus, refund: RefundOf
     closed
 }
 
-impl StockEngine for EmbeddedEngine {
-    async fn put_item(&self, spec: &ItemSpec) -> Result<PutReply, Error> {
-        let mut spec = spec.clone();
-        let previous = {
-            let mut s = self.lock();
-            let prev = s.items.get(&spec.item_id).cloned();
-            // A replacement keeps the pause switch (as put_item.lua leaves the field).
-            spec.paused = prev.as_ref().is_some_and(|p| p.spec.paused);
-            // The Redis engine's rule (its stock lies in its buckets there): the buckets of
-            // an existing item never change, and one of several buckets only takes its own
-            // definition again.
-            if let Some(p) = &prev
-                && (p.spec.buckets != spec.buckets || (spec.buckets > 1 && p.spec != spec))
-            {
-                return Ok(PutReply::BucketsFixed {
-                    buckets: p.spec.buckets,
-                });
-            }
-            let (reserved, paid, cancelled, expired, refunded) = prev.as_ref().map_or((0, 0, 0, 0, 0), |p| {
-                (p.reserved, p.paid, p.cancelled, p.expired, p.refunded)
-            });
-            if spec.stock_total < reserved + paid {
-                return Ok(PutReply::BelowHeld { held: reserved + paid });
-            }
-            let state = ItemState {
-                spec: spec.clone(),
-                stock: spec.stock_total - reserved - paid,
-                reserved,
-                paid,
-                cancelled,
-                expired,
-                refunded,
-            };
-            s.items.insert(spec.item_id.clone(), state);
-            prev
-        };
-        if let Some(j) = &self.journal
-            && let Err(e) = j.put_item(spec.clone()).await
-        {
-            let mut s = self.lock();
-            match previous {
-                Some(p) => s.items.insert(spec.item_id.clone(), p),
-                None => s.items.remove(&spec.item_id),
-            };
-            return Err(e);
-        }
-        let stock = self.lock().items.get(&spec.item_id).map_or(0, |i| i.stock);
-        self.listener.news(ItemNews::Put {
-            item: &spec.item_id,
-            stock,
-            total: spec.stock_total,
-        });
-        Ok(PutReply::Stored { stock })
-    }
-
-    async fn item(&self, item_id: &str) -> Result<Option<ItemState>, Error> {
-        Ok(self.lock().items.get(item_id).cloned())
-    }
-
-    async fn pause(&self, item_id: Option<&str>, paused: bool) -> Result<bool, Error> {
-        let (before, durable) = {
-            let mut s = self.lock();
-            let before = match item_id {
-                Some(id) => match s.items.get_mut(id) {
-                    Some(item) => std::mem::replace(&mut item.spec.paused, paused),
-                    None => return Ok(false),
-                },
-                None => std::mem::replace(&mut s.all_paused, paused),
-            };
-            let durable = self
-                .journal
-                .as_ref()
-                .map(|j| j.set_paused(item_id.map(str::to_owned), paused));
-            (before, durable)
-        };
-        if let Some(durable) = durable
-            && let Err(e) = durable.await
-        {
-            let mut s = self.lock();
-            match item_id {
-                Some(id) => {
-                    if let Some(item) = s.items.get_mut(id) {
-                        item.spec.paused = before;
-                    }
-                }
-                None => s.all_paused = before,
-            }
-            return Err(e);
-        }
-        self.listener.news(match item_id {
-            Some(item) => ItemNews::Remote { item },
-            None => ItemNews::AllPaused(paused),
-        });
-        Ok(true)
-    }
-
-    /// [`Self::decide`], then the commit awaited and [`Self::conclude`]d. Not safe to drop
-    /// half-way (a reservation made would be neither reported nor, on a failed commit,
-    /// undone): the server calls it through [`super::Engine::reserve`], which is.
-    async fn reserve(&self, cmd: &ReserveCmd) -> Result<ReserveReply, Error> {
-        match self.decide(cmd) {
-            Decided::Now(reply) => reply,
-            Decided::Made(made, durable) => {
-                let durable = durable.await;
-                self.conclude(made, durable)
-            }
-        }
-    }
-
-    async fn transition(&self, t: Transition, order_id: &str, user_id: &str) -> Result<TransitionReply, Error> {
+impl EmbeddedEngine {
+    /// [`StockEngine::transition`], once: [`Error::Settling`] to wait and decide again.
+    async fn transition_once(&self, t: Transition, order_id: &str, user_id: &str) -> Result<TransitionReply, Error> {
         let now = self.clock.now_ms();
         let (prev, to, reply, durable) = {
             let mut s = self.lock();
@@ -799,7 +739,8 @@ impl StockEngine for EmbeddedEngine {
         Ok(reply)
     }
 
-    async fn settle(&self, op: Settle, order_id: &str, record: Option<&Order>) -> Result<TransitionReply, Error> {
+    /// [`StockEngine::settle`], once: [`Error::Settling`] to wait and decide again.
+    async fn settle_once(&self, op: Settle, order_id: &str, record: Option<&Order>) -> Result<TransitionReply, Error> {
         let now = self.clock.now_ms();
         let (undo, events, reply) = {
             let mut s = self.lock();
@@ -916,6 +857,140 @@ impl StockEngine for EmbeddedEngine {
         // In doubt: kept and reported above, answered with the error.
         durable?;
         Ok(reply)
+    }
+}
+
+impl StockEngine for EmbeddedEngine {
+    async fn put_item(&self, spec: &ItemSpec) -> Result<PutReply, Error> {
+        let mut spec = spec.clone();
+        let previous = {
+            let mut s = self.lock();
+            let prev = s.items.get(&spec.item_id).cloned();
+            // A replacement keeps the pause switch (as put_item.lua leaves the field).
+            spec.paused = prev.as_ref().is_some_and(|p| p.spec.paused);
+            // The Redis engine's rule (its stock lies in its buckets there): the buckets of
+            // an existing item never change, and one of several buckets only takes its own
+            // definition again.
+            if let Some(p) = &prev
+                && (p.spec.buckets != spec.buckets || (spec.buckets > 1 && p.spec != spec))
+            {
+                return Ok(PutReply::BucketsFixed {
+                    buckets: p.spec.buckets,
+                });
+            }
+            let (reserved, paid, cancelled, expired, refunded) = prev.as_ref().map_or((0, 0, 0, 0, 0), |p| {
+                (p.reserved, p.paid, p.cancelled, p.expired, p.refunded)
+            });
+            if spec.stock_total < reserved + paid {
+                return Ok(PutReply::BelowHeld { held: reserved + paid });
+            }
+            let state = ItemState {
+                spec: spec.clone(),
+                stock: spec.stock_total - reserved - paid,
+                reserved,
+                paid,
+                cancelled,
+                expired,
+                refunded,
+            };
+            s.items.insert(spec.item_id.clone(), state);
+            prev
+        };
+        if let Some(j) = &self.journal
+            && let Err(e) = j.put_item(spec.clone()).await
+        {
+            let mut s = self.lock();
+            match previous {
+                Some(p) => s.items.insert(spec.item_id.clone(), p),
+                None => s.items.remove(&spec.item_id),
+            };
+            return Err(e);
+        }
+        let stock = self.lock().items.get(&spec.item_id).map_or(0, |i| i.stock);
+        self.listener.news(ItemNews::Put {
+            item: &spec.item_id,
+            stock,
+            total: spec.stock_total,
+        });
+        Ok(PutReply::Stored { stock })
+    }
+
+    async fn item(&self, item_id: &str) -> Result<Option<ItemState>, Error> {
+        Ok(self.lock().items.get(item_id).cloned())
+    }
+
+    async fn pause(&self, item_id: Option<&str>, paused: bool) -> Result<bool, Error> {
+        let (before, durable) = {
+            let mut s = self.lock();
+            let before = match item_id {
+                Some(id) => match s.items.get_mut(id) {
+                    Some(item) => std::mem::replace(&mut item.spec.paused, paused),
+                    None => return Ok(false),
+                },
+                None => std::mem::replace(&mut s.all_paused, paused),
+            };
+            let durable = self
+                .journal
+                .as_ref()
+                .map(|j| j.set_paused(item_id.map(str::to_owned), paused));
+            (before, durable)
+        };
+        if let Some(durable) = durable
+            && let Err(e) = durable.await
+        {
+            let mut s = self.lock();
+            match item_id {
+                Some(id) => {
+                    if let Some(item) = s.items.get_mut(id) {
+                        item.spec.paused = before;
+                    }
+                }
+                None => s.all_paused = before,
+            }
+            return Err(e);
+        }
+        self.listener.news(match item_id {
+            Some(item) => ItemNews::Remote { item },
+            None => ItemNews::AllPaused(paused),
+        });
+        Ok(true)
+    }
+
+    /// [`Self::decide`], then the commit awaited and [`Self::conclude`]d. Not safe to drop
+    /// half-way (a reservation made would be neither reported nor, on a failed commit,
+    /// undone): the server calls it through [`super::Engine::reserve`], which is.
+    async fn reserve(&self, cmd: &ReserveCmd) -> Result<ReserveReply, Error> {
+        let until = tokio::time::Instant::now() + SETTLE_WAIT;
+        loop {
+            match self.decide(cmd) {
+                Decided::Now(Err(Error::Settling(id))) => self.await_settled(&id, until).await?,
+                Decided::Now(reply) => return reply,
+                Decided::Made(made, durable) => {
+                    let durable = durable.await;
+                    return self.conclude(made, durable);
+                }
+            }
+        }
+    }
+
+    async fn transition(&self, t: Transition, order_id: &str, user_id: &str) -> Result<TransitionReply, Error> {
+        let until = tokio::time::Instant::now() + SETTLE_WAIT;
+        loop {
+            match self.transition_once(t, order_id, user_id).await {
+                Err(Error::Settling(id)) => self.unsettled.wait(&id, until).await?,
+                answered => return answered,
+            }
+        }
+    }
+
+    async fn settle(&self, op: Settle, order_id: &str, record: Option<&Order>) -> Result<TransitionReply, Error> {
+        let until = tokio::time::Instant::now() + SETTLE_WAIT;
+        loop {
+            match self.settle_once(op, order_id, record).await {
+                Err(Error::Settling(id)) => self.unsettled.wait(&id, until).await?,
+                answered => return answered,
+            }
+        }
     }
 
     async fn expire(&self, order_id: &str, _item_id: &str) -> Result<ExpireReply, Error> {

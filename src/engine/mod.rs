@@ -519,19 +519,26 @@ impl Engine {
         let qty = cmd.qty;
         let reply = match &self.inner.kind {
             Kind::Redis(e) if cmd.buckets <= 1 => e.batches.reserve(cmd).await,
-            Kind::Embedded(e) => match e.decide(&cmd) {
-                embedded::Decided::Now(reply) => reply,
-                embedded::Decided::Made(made, durable) => {
-                    let mut wait = Unsettled {
-                        engine: self.clone(),
-                        made: Some(made),
-                        durable: Some(durable),
-                    };
-                    let durable = wait.durable.as_mut().expect("set above").await;
-                    wait.durable = None;
-                    e.conclude(wait.made.take().expect("set above"), durable)
+            Kind::Embedded(e) => {
+                let until = tokio::time::Instant::now() + embedded::SETTLE_WAIT;
+                loop {
+                    match e.decide(&cmd) {
+                        // A retry of an order whose commit has not answered yet.
+                        embedded::Decided::Now(Err(Error::Settling(id))) => e.await_settled(&id, until).await?,
+                        embedded::Decided::Now(reply) => break reply,
+                        embedded::Decided::Made(made, durable) => {
+                            let mut wait = Unsettled {
+                                engine: self.clone(),
+                                made: Some(made),
+                                durable: Some(durable),
+                            };
+                            let durable = wait.durable.as_mut().expect("set above").await;
+                            wait.durable = None;
+                            break e.conclude(wait.made.take().expect("set above"), durable);
+                        }
+                    }
                 }
-            },
+            }
             Kind::Redis(_) => {
                 let engine = self.clone();
                 tokio::spawn(async move { delegate!(engine, e => e.reserve(&cmd)) })
