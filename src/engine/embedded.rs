@@ -34,8 +34,9 @@ pub trait Journal: Send + Sync {
     fn put_item(&self, spec: ItemSpec) -> BoxFuture<'static, Result<(), Error>>;
     /// Store an item's pause switch (`Some`), or every sale's (`None`), durably.
     fn set_paused(&self, item_id: Option<String>, paused: bool) -> BoxFuture<'static, Result<(), Error>>;
-    /// Resolves once everything appended before it is durable: at once when nothing is
-    /// waiting, after the write again of a commit in doubt.
+    /// Resolves once everything appended before it is durable or refused (refused
+    /// changes are undone by their callers): after the write again of a commit in doubt.
+    /// `Ok` unless the journal stopped.
     fn barrier(&self) -> BoxFuture<'static, Result<(), Error>> {
         self.append(Vec::new())
     }

@@ -87,6 +87,7 @@ impl SqliteJournal {
             }
             let mut events = Vec::new();
             let mut waiters = Vec::new();
+            let mut barriers = Vec::new();
             for job in group {
                 match job {
                     Job::Item(spec, done) => {
@@ -96,19 +97,19 @@ impl SqliteJournal {
                         let set = store.set_paused(item.as_deref(), paused, clock.now_ms()).await;
                         let _ = done.send(set.map(|_| ()));
                     }
+                    Job::Events(evs, done) if evs.is_empty() => barriers.push(done),
                     Job::Events(evs, done) => {
                         events.extend(evs);
                         waiters.push(done);
                     }
                 }
             }
-            if events.is_empty() {
-                // Only barriers: everything before them was answered already.
-                for w in waiters {
-                    let _ = w.send(Ok(()));
-                }
-            } else if Self::commit(&store, &events, waiters).await {
-                Self::write_until_answered(&store, &events, &mut rx).await;
+            if !events.is_empty() && Self::commit(&store, &events, waiters).await {
+                Self::write_until_answered(&store, &events, &mut rx, &mut barriers).await;
+            }
+            // Everything before them is written, or refused (and undone by its callers).
+            for b in barriers {
+                let _ = b.send(Ok(()));
             }
         }
     }
@@ -117,12 +118,16 @@ impl SqliteJournal {
     /// same events again until the database takes them. The upsert is forward-only, so a second
     /// write of what the first one applied changes nothing. Until then every job that
     /// arrives is refused at once: nothing of it was sent, so its caller can undo it, and the
-    /// database still holds a prefix of the engine's history. A barrier (no events) waits
-    /// for the write instead, and is answered once it is done.
-    async fn write_until_answered(store: &Store, events: &[OrderEvent], rx: &mut mpsc::UnboundedReceiver<Job>) {
+    /// database still holds a prefix of the engine's history. A barrier (no events) joins
+    /// `barriers` instead, answered once the write is done.
+    async fn write_until_answered(
+        store: &Store,
+        events: &[OrderEvent],
+        rx: &mut mpsc::UnboundedReceiver<Job>,
+        barriers: &mut Vec<oneshot::Sender<Result<(), Error>>>,
+    ) {
         let mut delays = crate::retry::backoff();
         let mut open = true;
-        let mut barriers = Vec::new();
         loop {
             let pause = tokio::time::sleep(delays.next().unwrap_or(crate::retry::MAX_DELAY));
             tokio::pin!(pause);
@@ -142,9 +147,6 @@ impl SqliteJournal {
                         events = events.len(),
                         "journal commit whose outcome was unknown: written"
                     );
-                    for b in barriers {
-                        let _ = b.send(Ok(()));
-                    }
                     return;
                 }
                 // Refused too (a full disk, say): the engine holds the changes and answered
