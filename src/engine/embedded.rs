@@ -81,7 +81,7 @@ pub struct EmbeddedEngine {
     closed_ttl_ms: Millis,
     listener: Arc<dyn Listener>,
     /// Orders with a change not yet durable.
-    unsettled: Unsettled,
+    settling: Settling,
 }
 
 /// Orders with a change whose commit has not answered, or answered in doubt and has not
@@ -94,9 +94,9 @@ pub struct EmbeddedEngine {
 /// Its own lock, taken after the engine's where both are, so that the in-doubt case can
 /// settle from a task of its own.
 #[derive(Clone)]
-struct Unsettled(Arc<UnsettledOrders>);
+struct Settling(Arc<SettlingOrders>);
 
-struct UnsettledOrders {
+struct SettlingOrders {
     /// order id → (changes not yet durable, whether an answer waits for them).
     orders: Mutex<HashMap<String, (u32, bool), foldhash::quality::RandomState>>,
     /// Bumped when an order waited for is settled.
@@ -107,16 +107,16 @@ struct UnsettledOrders {
 /// about a store timeout's worth, and the `Retry-After` of that 503.
 pub(crate) const SETTLE_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
-impl Default for Unsettled {
+impl Default for Settling {
     fn default() -> Self {
-        Unsettled(Arc::new(UnsettledOrders {
+        Settling(Arc::new(SettlingOrders {
             orders: Mutex::default(),
             settled: tokio::sync::watch::Sender::new(0),
         }))
     }
 }
 
-impl Unsettled {
+impl Settling {
     fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, (u32, bool), foldhash::quality::RandomState>> {
         self.0.orders.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -180,7 +180,7 @@ impl EmbeddedEngine {
             idem_ttl_ms: settings.idempotency_ttl.as_millis() as Millis,
             closed_ttl_ms: settings.closed_order_ttl.as_millis() as Millis,
             listener: Arc::new(Deaf),
-            unsettled: Unsettled::default(),
+            settling: Settling::default(),
         }
     }
 
@@ -298,7 +298,7 @@ impl EmbeddedEngine {
     fn journal(&self, order_id: &str, events: Vec<OrderEvent>) -> BoxFuture<'static, Result<(), Error>> {
         match &self.journal {
             Some(j) => {
-                self.unsettled.add(order_id);
+                self.settling.add(order_id);
                 j.append(events)
             }
             None => Box::pin(std::future::ready(Ok(()))),
@@ -313,16 +313,16 @@ impl EmbeddedEngine {
         };
         if let Err(Error::StoreInDoubt(_)) = durable {
             let written = journal.barrier();
-            let unsettled = self.unsettled.clone();
+            let settling = self.settling.clone();
             let order_id = order_id.to_owned();
             tokio::spawn(async move {
                 // Err: the journal stopped with the process; nothing to settle.
                 if written.await.is_ok() {
-                    unsettled.settle(&order_id);
+                    settling.settle(&order_id);
                 }
             });
         } else {
-            self.unsettled.settle(order_id);
+            self.settling.settle(order_id);
         }
     }
 
@@ -342,7 +342,7 @@ impl EmbeddedEngine {
     /// Until `order_id`'s last change is durable (a duplicate [`Self::decide`] answered
     /// [`Error::Settling`] for), then decide again; 503 past `until`.
     pub(crate) async fn await_settled(&self, order_id: &str, until: tokio::time::Instant) -> Result<(), Error> {
-        self.unsettled.wait(order_id, until).await
+        self.settling.wait(order_id, until).await
     }
 
     fn report(&self, item_id: &str, reply: &ReserveReply) {
@@ -374,7 +374,7 @@ impl EmbeddedEngine {
                     pay_before_ms: 0,
                 },
             };
-            self.unsettled.durable(id, reply)
+            self.settling.durable(id, reply)
         };
         if !idem_key.is_empty()
             && let Some((id, expires)) = s.idem.get(&idem).cloned()
@@ -643,7 +643,7 @@ impl EmbeddedEngine {
             // Answers from memory repeat a change only once it is durable.
             match (t, order.status) {
                 (Transition::Pay, OrderStatus::Paid) => {
-                    return self.unsettled.durable(
+                    return self.settling.durable(
                         order_id,
                         TransitionReply::Already {
                             status: OrderStatus::Paid,
@@ -651,7 +651,7 @@ impl EmbeddedEngine {
                     );
                 }
                 (Transition::Cancel, OrderStatus::Cancelled) => {
-                    return self.unsettled.durable(
+                    return self.settling.durable(
                         order_id,
                         TransitionReply::Already {
                             status: OrderStatus::Cancelled,
@@ -659,7 +659,7 @@ impl EmbeddedEngine {
                     );
                 }
                 (_, status) if status != OrderStatus::Reserved => {
-                    return self.unsettled.durable(order_id, TransitionReply::Closed { status });
+                    return self.settling.durable(order_id, TransitionReply::Closed { status });
                 }
                 _ => {}
             }
@@ -825,7 +825,7 @@ impl EmbeddedEngine {
             };
             if events.is_empty() {
                 // Answered from memory (already so, or closed): once durable.
-                return self.unsettled.durable(order_id, reply);
+                return self.settling.durable(order_id, reply);
             }
             // Enqueued before the lock is let go: the journal commits in this order.
             let durable = self.journal(order_id, events.clone());
@@ -978,7 +978,7 @@ impl StockEngine for EmbeddedEngine {
         let until = tokio::time::Instant::now() + SETTLE_WAIT;
         loop {
             match self.transition_once(t, order_id, user_id).await {
-                Err(Error::Settling(id)) => self.unsettled.wait(&id, until).await?,
+                Err(Error::Settling(id)) => self.settling.wait(&id, until).await?,
                 answered => return answered,
             }
         }
@@ -988,7 +988,7 @@ impl StockEngine for EmbeddedEngine {
         let until = tokio::time::Instant::now() + SETTLE_WAIT;
         loop {
             match self.settle_once(op, order_id, record).await {
-                Err(Error::Settling(id)) => self.unsettled.wait(&id, until).await?,
+                Err(Error::Settling(id)) => self.settling.wait(&id, until).await?,
                 answered => return answered,
             }
         }
