@@ -254,6 +254,7 @@ async fn a_gateway_and_a_primary_killed_during_transfers_create_and_lose_no_unit
     let mut answers = first.await.expect("burst");
     cluster.restart(victim);
     cluster.wait_ok().await;
+    cluster.wait_in_sync(victim).await;
 
     // The survivor sells what is left, to new shoppers, until every bucket is empty and
     // nothing is in transit (its recovery finishes what the dead gateway left).

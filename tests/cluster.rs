@@ -238,6 +238,7 @@ async fn a_primary_killed_mid_burst_loses_no_acknowledged_order() {
     // failed-over items sell again, with no gateway restarted.
     cluster.restart(victim);
     cluster.wait_ok().await;
+    cluster.wait_in_sync(victim).await;
     let victim_item = items
         .iter()
         .find(|i| on_victim.contains(*i))

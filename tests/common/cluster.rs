@@ -336,6 +336,41 @@ impl RedisCluster {
         self.settle("the Redis Cluster to settle", |_| Ok(())).await
     }
 
+    /// Waits until the node on `port` (a killed master [restarted](Self::restart) after its
+    /// failover) is a replica whose link to its primary is up, past its first sync: only
+    /// then can a `WAIT 1` on that primary be confirmed. Redis's part of the recovery, so
+    /// that a test's own wait measures the gateway's; panics after [`SETTLE_TIMEOUT`].
+    pub async fn wait_in_sync(&self, port: u16) {
+        let mut last = String::new();
+        let synced = poll(SETTLE_TIMEOUT, async || {
+            let info = match connect(port).await {
+                Ok(mut conn) => query(&mut conn, port, &["INFO", "replication"]).await,
+                Err(e) => Err(e),
+            };
+            match info {
+                Ok(info)
+                    if field(&info, "role") == Some("slave") && field(&info, "master_link_status") == Some("up") =>
+                {
+                    Some(())
+                }
+                Ok(info) => {
+                    last = format!(
+                        "role {:?}, link {:?}",
+                        field(&info, "role"),
+                        field(&info, "master_link_status")
+                    );
+                    None
+                }
+                Err(e) => {
+                    last = e;
+                    None
+                }
+            }
+        })
+        .await;
+        synced.unwrap_or_else(|| panic!("port {port} not an in-sync replica after {SETTLE_TIMEOUT:?}: {last}"))
+    }
+
     /// Polls until the cluster has settled (see [`Self::wait_ok`]) and `check`
     /// accepts the view all running nodes share; panics after
     /// [`SETTLE_TIMEOUT`] with what was last missing.
