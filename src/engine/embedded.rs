@@ -105,7 +105,7 @@ struct SettlingOrders {
 
 /// How long an answer about an order waits for its last change's commit before it is 503:
 /// about a store timeout's worth, and the `Retry-After` of that 503.
-pub(crate) const SETTLE_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+const SETTLE_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl Default for Settling {
     fn default() -> Self {
@@ -149,6 +149,25 @@ impl Settling {
             return Err(Error::Settling(order_id.to_owned()));
         }
         Ok(reply)
+    }
+
+    /// `attempt`'s answer, attempted again after each [`Error::Settling`] once that order
+    /// is settled; 503 if it is not within [`SETTLE_WAIT`].
+    async fn answer<T, F>(&self, mut attempt: impl FnMut() -> F) -> Result<T, Error>
+    where
+        F: Future<Output = Result<T, Error>>,
+    {
+        // Read the clock only when there is something to wait for (not per reservation).
+        let mut until = None;
+        loop {
+            match attempt().await {
+                Err(Error::Settling(id)) => {
+                    let until = *until.get_or_insert_with(|| tokio::time::Instant::now() + SETTLE_WAIT);
+                    self.wait(&id, until).await?;
+                }
+                answered => return answered,
+            }
+        }
     }
 
     /// Until `order_id` has no change that is not durable; 503 past `until`.
@@ -339,10 +358,13 @@ impl EmbeddedEngine {
         decided
     }
 
-    /// Until `order_id`'s last change is durable (a duplicate [`Self::decide`] answered
-    /// [`Error::Settling`] for), then decide again; 503 past `until`.
-    pub(crate) async fn await_settled(&self, order_id: &str, until: tokio::time::Instant) -> Result<(), Error> {
-        self.settling.wait(order_id, until).await
+    /// `attempt` (a reservation: [`Self::decide`] and what follows) until it is answered
+    /// without [`Error::Settling`]: a duplicate of an order not yet durable waits for it.
+    pub(crate) async fn once_settled<T, F>(&self, attempt: impl FnMut() -> F) -> Result<T, Error>
+    where
+        F: Future<Output = Result<T, Error>>,
+    {
+        self.settling.answer(attempt).await
     }
 
     fn report(&self, item_id: &str, reply: &ReserveReply) {
@@ -462,7 +484,9 @@ impl EmbeddedEngine {
     /// contract's "reply lost" deviation, as with a Redis call whose reply was lost.
     pub(crate) fn conclude(&self, made: Made, durable: Result<(), Error>) -> Result<ReserveReply, Error> {
         let Made { order, reply, idem } = made;
-        if let Err(e) = undoable(&durable) {
+        // Refused: undone before it is settled (a retry waiting on it then decides anew).
+        let refused = undoable(&durable);
+        if refused.is_err() {
             let mut s = self.lock();
             if s.orders
                 .get(&order.order_id)
@@ -483,11 +507,9 @@ impl EmbeddedEngine {
                 s.idem.remove(&idem);
                 s.deadlines.remove(&(order.pay_before_ms, order.order_id.clone()));
             }
-            drop(s);
-            self.settled(&order.order_id, &durable);
-            return Err(e);
         }
         self.settled(&order.order_id, &durable);
+        refused?;
         self.report(&order.item_id, &reply);
         // In doubt: kept and reported above, answered with the error.
         durable.map(|()| reply)
@@ -702,7 +724,9 @@ impl EmbeddedEngine {
             (prev, to, reply, durable)
         };
         let durable = durable.await;
-        if let Err(e) = undoable(&durable) {
+        // Refused: undone before it is settled (a retry waiting on it then decides anew).
+        let refused = undoable(&durable);
+        if refused.is_err() {
             let mut s = self.lock();
             if s.orders.get(order_id).is_some_and(|o| o.status == to) {
                 if to == OrderStatus::Paid {
@@ -711,16 +735,14 @@ impl EmbeddedEngine {
                         item.paid -= prev.qty;
                     }
                     s.deadlines.insert((prev.pay_before_ms, prev.order_id.clone()));
-                    s.orders.insert(prev.order_id.clone(), prev);
+                    s.orders.insert(prev.order_id.clone(), prev.clone());
                 } else {
                     unrelease(&mut s, &prev, to);
                 }
             }
-            drop(s);
-            self.settled(order_id, &durable);
-            return Err(e);
         }
         self.settled(order_id, &durable);
+        refused?;
         match reply {
             TransitionReply::Done { status, stock_after } => self.listener.news(ItemNews::Order {
                 item: &prev.item_id,
@@ -833,17 +855,17 @@ impl EmbeddedEngine {
         };
         let (events, durable) = events;
         let durable = durable.await;
-        if let Err(e) = undoable(&durable) {
+        // Refused: undone before it is settled (a retry waiting on it then decides anew).
+        let refused = undoable(&durable);
+        if refused.is_err() {
             let mut s = self.lock();
             let last = events.last().map(|ev| ev.status);
             if s.orders.get(order_id).map(|o| o.status) == last {
                 undo.put_back(&mut s);
             }
-            drop(s);
-            self.settled(order_id, &durable);
-            return Err(e);
         }
         self.settled(order_id, &durable);
+        refused?;
         for ev in &events {
             let stock = match (&reply, ev.status) {
                 (TransitionReply::Done { status, stock_after }, s) if *status == s => Some(*stock_after),
@@ -961,37 +983,27 @@ impl StockEngine for EmbeddedEngine {
     /// half-way (a reservation made would be neither reported nor, on a failed commit,
     /// undone): the server calls it through [`super::Engine::reserve`], which is.
     async fn reserve(&self, cmd: &ReserveCmd) -> Result<ReserveReply, Error> {
-        let until = tokio::time::Instant::now() + SETTLE_WAIT;
-        loop {
-            match self.decide(cmd) {
-                Decided::Now(Err(Error::Settling(id))) => self.await_settled(&id, until).await?,
-                Decided::Now(reply) => return reply,
-                Decided::Made(made, durable) => {
-                    let durable = durable.await;
-                    return self.conclude(made, durable);
+        self.settling
+            .answer(|| async {
+                match self.decide(cmd) {
+                    Decided::Now(reply) => reply,
+                    Decided::Made(made, durable) => {
+                        let durable = durable.await;
+                        self.conclude(made, durable)
+                    }
                 }
-            }
-        }
+            })
+            .await
     }
 
     async fn transition(&self, t: Transition, order_id: &str, user_id: &str) -> Result<TransitionReply, Error> {
-        let until = tokio::time::Instant::now() + SETTLE_WAIT;
-        loop {
-            match self.transition_once(t, order_id, user_id).await {
-                Err(Error::Settling(id)) => self.settling.wait(&id, until).await?,
-                answered => return answered,
-            }
-        }
+        self.settling
+            .answer(|| self.transition_once(t, order_id, user_id))
+            .await
     }
 
     async fn settle(&self, op: Settle, order_id: &str, record: Option<&Order>) -> Result<TransitionReply, Error> {
-        let until = tokio::time::Instant::now() + SETTLE_WAIT;
-        loop {
-            match self.settle_once(op, order_id, record).await {
-                Err(Error::Settling(id)) => self.settling.wait(&id, until).await?,
-                answered => return answered,
-            }
-        }
+        self.settling.answer(|| self.settle_once(op, order_id, record)).await
     }
 
     async fn expire(&self, order_id: &str, _item_id: &str) -> Result<ExpireReply, Error> {
@@ -1015,16 +1027,16 @@ impl StockEngine for EmbeddedEngine {
             (prev, stock_after, durable)
         };
         let durable = durable.await;
-        if let Err(e) = undoable(&durable) {
+        // Refused: undone before it is settled (a retry waiting on it then decides anew).
+        let refused = undoable(&durable);
+        if refused.is_err() {
             let mut s = self.lock();
             if s.orders.get(order_id).is_some_and(|o| o.status == OrderStatus::Expired) {
                 unrelease(&mut s, &prev, OrderStatus::Expired);
             }
-            drop(s);
-            self.settled(order_id, &durable);
-            return Err(e);
         }
         self.settled(order_id, &durable);
+        refused?;
         self.listener.news(ItemNews::Order {
             item: &prev.item_id,
             event: OrderStatus::Expired,

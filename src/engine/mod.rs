@@ -520,12 +520,9 @@ impl Engine {
         let reply = match &self.inner.kind {
             Kind::Redis(e) if cmd.buckets <= 1 => e.batches.reserve(cmd).await,
             Kind::Embedded(e) => {
-                let until = tokio::time::Instant::now() + embedded::SETTLE_WAIT;
-                loop {
+                e.once_settled(|| async {
                     match e.decide(&cmd) {
-                        // A retry of an order whose commit has not answered yet.
-                        embedded::Decided::Now(Err(Error::Settling(id))) => e.await_settled(&id, until).await?,
-                        embedded::Decided::Now(reply) => break reply,
+                        embedded::Decided::Now(reply) => reply,
                         embedded::Decided::Made(made, durable) => {
                             let mut wait = Unsettled {
                                 engine: self.clone(),
@@ -534,10 +531,11 @@ impl Engine {
                             };
                             let durable = wait.durable.as_mut().expect("set above").await;
                             wait.durable = None;
-                            break e.conclude(wait.made.take().expect("set above"), durable);
+                            e.conclude(wait.made.take().expect("set above"), durable)
                         }
                     }
-                }
+                })
+                .await
             }
             Kind::Redis(_) => {
                 let engine = self.clone();
