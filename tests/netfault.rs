@@ -575,11 +575,7 @@ async fn both_held_mid_burst() {
 async fn postgres_blackholed_with_queries_in_flight() {
     let rig = Rig::start().await;
     let direct = sqlx::PgPool::connect(&rig.db).await.expect("the test's own pool");
-    let mut lock = direct.begin().await.expect("BEGIN");
-    sqlx::query("LOCK TABLE orders IN ACCESS EXCLUSIVE MODE")
-        .execute(&mut *lock)
-        .await
-        .expect("LOCK orders");
+    let lock = lock_orders(&direct).await;
     // More lists than the gateway's pool has connections: every connection waits on the lock.
     let lists: Vec<_> = (0..16)
         .map(|i| {
@@ -672,11 +668,7 @@ async fn the_change_feed_comes_back_after_a_blackhole() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_embedded_commit_left_in_doubt_is_kept_not_sold_again() {
     let db = shared_pg();
-    let gw = Gateway::embedded()
-        .database(&db)
-        .flag("--store-timeout", &format!("{}ms", STORE_TIMEOUT.as_millis()))
-        .start()
-        .await;
+    let gw = embedded_on(&db).await;
     let store = Store::connect(&db, Duration::from_secs(5))
         .await
         .expect("the test's own connection to the database");
@@ -689,11 +681,7 @@ async fn an_embedded_commit_left_in_doubt_is_kept_not_sold_again() {
         rows.iter().map(|o| o.user_id.clone()).collect::<Vec<_>>()
     };
     let direct = sqlx::PgPool::connect(&db).await.expect("the test's own pool");
-    let mut lock = direct.begin().await.expect("BEGIN");
-    sqlx::query("LOCK TABLE orders IN ACCESS EXCLUSIVE MODE")
-        .execute(&mut *lock)
-        .await
-        .expect("LOCK orders");
+    let lock = lock_orders(&direct).await;
 
     let started = Instant::now();
     let alice = gw.reserve(&item, "alice").await;
@@ -742,11 +730,7 @@ async fn an_embedded_commit_left_in_doubt_is_kept_not_sold_again() {
 #[tokio::test(flavor = "multi_thread")]
 async fn an_embedded_retry_is_answered_from_memory_only_once_durable() {
     let db = shared_pg();
-    let gw = Gateway::embedded()
-        .database(&db)
-        .flag("--store-timeout", &format!("{}ms", STORE_TIMEOUT.as_millis()))
-        .start()
-        .await;
+    let gw = embedded_on(&db).await;
     let item = gw.new_item(5, 1).await;
     let bobs = gw.reserve_ok(&item, "bob").await;
     let direct = sqlx::PgPool::connect(&db).await.expect("the test's own pool");
@@ -757,19 +741,11 @@ async fn an_embedded_retry_is_answered_from_memory_only_once_durable() {
             .await
             .expect("the order's row")
     };
-    let lock_orders = async || {
-        let mut lock = direct.begin().await.expect("BEGIN");
-        sqlx::query("LOCK TABLE orders IN ACCESS EXCLUSIVE MODE")
-            .execute(&mut *lock)
-            .await
-            .expect("LOCK orders");
-        lock
-    };
     assert_eq!(status(&bobs).await.as_deref(), Some("reserved"));
 
     // Alice's reservation waits on the lock; her retry with the same key comes meanwhile
     // and waits too; the lock goes before the store timeout: both get her one order.
-    let lock = lock_orders().await;
+    let lock = lock_orders(&direct).await;
     let keyed = || gw.reserve_req(&item, "alice").header("Idempotency-Key", "checkout-1");
     let first = tokio::spawn(send(keyed()));
     tokio::time::sleep(STORE_TIMEOUT / 4).await;
@@ -785,7 +761,7 @@ async fn an_embedded_retry_is_answered_from_memory_only_once_durable() {
 
     // Bob's payment waits past the store timeout: in doubt. A repeated pay, during the wait
     // and after it, is 503, never "paid" from memory.
-    let lock = lock_orders().await;
+    let lock = lock_orders(&direct).await;
     let bob_pays = tokio::spawn(send(gw.pay_req(&bobs, "bob")));
     tokio::time::sleep(STORE_TIMEOUT / 4).await;
     assert!(!bob_pays.is_finished(), "bob's payment waits on the lock");
@@ -806,4 +782,24 @@ async fn an_embedded_retry_is_answered_from_memory_only_once_durable() {
         3,
         "alice's one reservation, bob's paid unit"
     );
+}
+
+/// A transaction holding `LOCK TABLE orders` (every statement on the table waits on it
+/// until it is rolled back).
+async fn lock_orders(pool: &sqlx::PgPool) -> sqlx::Transaction<'static, sqlx::Postgres> {
+    let mut lock = pool.begin().await.expect("BEGIN");
+    sqlx::query("LOCK TABLE orders IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *lock)
+        .await
+        .expect("LOCK orders");
+    lock
+}
+
+/// An embedded gateway whose store is the database `db`, with this file's store timeout.
+async fn embedded_on(db: &str) -> Gateway {
+    Gateway::embedded()
+        .database(db)
+        .flag("--store-timeout", &format!("{}ms", STORE_TIMEOUT.as_millis()))
+        .start()
+        .await
 }
