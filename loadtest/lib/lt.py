@@ -6,8 +6,9 @@ Every number this prints comes from a tool's output or the gateway/database of t
 Standard library only.
 
   lt.py freeport
-  lt.py wrk NAME TARGET SCRIPT ITEM OUT.jsonl WRK_OUTPUT.txt... [--baseline NAME] [--redis NAME]
-              [--gateway-ok JSON] [--cpu WINDOW.json] [--threads N]
+  lt.py wrk NAME TARGET SCRIPT ITEM OUT.jsonl WRK_OUTPUT.txt... [--baseline NAME [--paired]]
+              [--redis NAME] [--gateway-ok JSON] [--cpu WINDOW.json] [--threads N]
+              (--paired: this run is paired with NAME's latest run in OUT.jsonl, taken just before)
   lt.py redis-bench NAME PIPELINE OUT.jsonl CSV_OUTPUT.txt [--cpu WINDOW.json --calls N]
   lt.py k6 NAME SCENARIO ITEM OUT.jsonl SUMMARY.json K6_EXIT_CODE [--gateway-ok JSON]
               [--cpu WINDOW.json] [--max-vus N]
@@ -55,6 +56,11 @@ def append(path, rec):
         f.write(json.dumps(rec, sort_keys=True) + "\n")
 
 
+def _load_json(path):
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
 def read_jsonl(path):
     if not os.path.exists(path):
         return []
@@ -80,6 +86,9 @@ def _flag(args, name, default=None):
 
 def cmd_wrk(args):
     baseline = _flag(args, "--baseline")
+    paired = "--paired" in args
+    if paired:
+        args.remove("--paired")
     redis_ref = _flag(args, "--redis")
     gw_ok = _flag(args, "--gateway-ok")  # JSON {"reserve": n, "pay": n}: /metrics deltas
     cpu = _flag(args, "--cpu")            # a cpu-window file
@@ -111,11 +120,40 @@ def cmd_wrk(args):
                            "p99_ms": p["latency_us"]["p99"] / 1000.0, "statuses": p["statuses"]}
                           for r, p in zip(raws, parts)]
     _attach_cpu(rec, cpu, int(j["requests"]), made)
+    if paired:
+        runs = [r for r in read_jsonl(out) if r.get("name") == baseline]
+        if not runs:
+            sys.exit(f"lt.py: --paired, but no run of {baseline} in {out}")
+        rec["pair"] = pair_ratios(rec, runs[-1])
     append(out, rec)
 
 
+def pair_ratios(run, base):
+    """A run's ratios to the bare-server run taken just before it: req/s, and the gateway's
+    CPU per answer against the bare server's (None where either is missing)."""
+    g = (run.get("cpu_us_per_answer") or {}).get("gateway")
+    b = (base.get("cpu_us_per_answer") or {}).get("baseline")
+    return {"baseline_raw": base.get("raw"), "baseline_rps": base["rps"],
+            "rps_ratio": round(run["rps"] / base["rps"], 4) if base["rps"] else None,
+            "cpu_ratio": round(g / b, 4) if g and b else None}
+
+
+def paired_medians(runs):
+    """For a measurement whose every run was paired with a bare-server run: the median of the
+    pairs' req/s ratios and of their CPU ratios, with the pairs; None otherwise."""
+    pairs = [r.get("pair") for r in runs]
+    if not pairs or not all(pairs):
+        return None
+    return {"pairs": len(pairs),
+            "rps_ratio": _median([p["rps_ratio"] for p in pairs]),
+            "cpu_ratio": _median([p["cpu_ratio"] for p in pairs]),
+            "rps_ratios": [p["rps_ratio"] for p in pairs],
+            "cpu_ratios": [p["cpu_ratio"] for p in pairs]}
+
+
 def _wrk_json(raw):
-    text = open(raw, encoding="utf-8", errors="replace").read()
+    with open(raw, encoding="utf-8", errors="replace") as f:
+        text = f.read()
     m = re.search(r"^WRK_JSON (\{.*\})\s*$", text, re.M)
     if not m:
         sys.exit(f"lt.py: no WRK_JSON line in {raw} (did wrk run the script's done()?)")
@@ -253,7 +291,7 @@ def cmd_k6(args):
     cpu = _flag(args, "--cpu")
     max_vus = _flag(args, "--max-vus")
     name, scenario, item, out, summary, code = args
-    data = json.load(open(summary, encoding="utf-8"))
+    data = _load_json(summary)
     counters = {}
     for c in ("ok", "sold_out", "limit_reached", "rate_limited", "unavailable", "other",
               "gave_up", "browsed", "paid", "order_closed"):
@@ -507,11 +545,11 @@ def cmd_cpu_window(args):
     """cpu-window BEFORE.json AFTER.json OUT.json LOADGEN_TICKS LOADGEN_WALL_S [SAMPLES.json]:
     the CPU each role spent between two cpu-snap readings (the load tool's from the run
     script's own cutime+cstime around the tool, read by bash without forking)."""
-    before, after = (json.load(open(p, encoding="utf-8")) for p in args[:2])
+    before, after = (_load_json(p) for p in args[:2])
     out, lg_ticks, lg_wall = args[2], int(args[3]), float(args[4])
     samples = []
     if len(args) > 5 and os.path.exists(args[5]):
-        samples = json.load(open(args[5], encoding="utf-8")).get("samples", [])
+        samples = _load_json(args[5]).get("samples", [])
     wall = after["t"] - before["t"]
     tck = before["clk_tck"]
     cpu_s = {}
@@ -558,7 +596,7 @@ def _attach_cpu(rec, window_path, answers, reservations=None):
     for runs that made reservations the Redis CPU and EVALSHA time per reservation."""
     if not window_path:
         return
-    w = json.load(open(window_path, encoding="utf-8"))
+    w = _load_json(window_path)
     rec["cpu"] = w
     rec["answers"] = answers
     rec["cpu_us_per_answer"] = {
@@ -944,7 +982,10 @@ def _print_cpu_table(order, rows, meta):
         servers = [c.get(k) for k in ("gateway", "redis", "postgres") if c.get(k) is not None]
         b = rows.get(r.get("baseline_ref") or "")
         ratio = None
-        if b and c.get("gateway") and (b.get("cpu_us_per_answer") or {}).get("baseline"):
+        if (r.get("paired") or {}).get("cpu_ratio"):
+            ratio = r["paired"]["cpu_ratio"]
+            r["cpu_ratio_gateway_baseline"] = round(ratio, 2)
+        elif b and c.get("gateway") and (b.get("cpu_us_per_answer") or {}).get("baseline"):
             ratio = c["gateway"] / b["cpu_us_per_answer"]["baseline"]
             r["cpu_ratio_gateway_baseline"] = round(ratio, 2)
         busy, loaded = r.get("cpu_machine_busy_cores"), r.get("cpu_machine_median_cores")
@@ -1114,7 +1155,7 @@ def cmd_report(args):
     meta = {}
     meta_path = os.path.join(run_dir, "meta.json")
     if os.path.exists(meta_path):
-        meta = json.load(open(meta_path, encoding="utf-8"))
+        meta = _load_json(meta_path)
 
     order, groups = [], {}
     for r in meas:
@@ -1135,11 +1176,18 @@ def cmd_report(args):
                     tot[k] = tot.get(k, 0) + v
             med[key] = tot
         _median_cpu(med, runs)
+        med.pop("pair", None)
+        paired = paired_medians(runs)
+        if paired:
+            med["paired"] = paired
         rows[name] = med
     for name, r in rows.items():
         b = rows.get(r.get("baseline_ref") or "")
         rr = rows.get(r.get("redis_ref") or "")
         r["ratio_baseline"] = r["rps"] / b["rps"] if b and b["rps"] else None
+        if r.get("paired"):
+            # Interleaved: the median of the pairs' ratios, not the ratio of the medians.
+            r["ratio_baseline"] = r["paired"]["rps_ratio"]
         r["ratio_redis"] = r["rps"] / rr["rps"] if rr and rr["rps"] else None
 
     head = ["measurement", "target", "tool", "req/s", "p50 ms", "p99 ms", "answers",
@@ -1172,6 +1220,13 @@ def cmd_report(args):
         print("  ".join(h.ljust(w) for h, w in zip(head, widths)))
         for row in table:
             print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)))
+    for name in order:
+        pr = rows[name].get("paired")
+        if pr:
+            print(f"{name}: x baseline and gateway/baseline are the medians of {pr['pairs']} pairs "
+                  f"(each run right after a run of {rows[name].get('baseline_ref')}): req/s ratios "
+                  + ", ".join(f"{v:.2f}" for v in pr["rps_ratios"])
+                  + "; CPU ratios " + ", ".join(f"{v:.2f}" if v else "-" for v in pr["cpu_ratios"]))
     for name in order:
         per = rows[name].get("per_wrk")
         if per:

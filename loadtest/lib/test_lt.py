@@ -86,10 +86,6 @@ class CpuTable(unittest.TestCase):
         self.assertTrue(line.rstrip().endswith("1.75"), line)
 
 
-if __name__ == "__main__":
-    unittest.main()
-
-
 METRICS = """\
 # TYPE seckill_requests_total counter
 seckill_requests_total{route="reserve",outcome="ok"} 7
@@ -117,3 +113,66 @@ class SoldOutFlag(unittest.TestCase):
         ok, detail = lt.flag_share(1_450_178, 278_235)
         self.assertFalse(ok, detail)
         self.assertIn("1171943 went to the engine", detail)
+
+
+def wrk_output(d, name, rps):
+    """A wrk output file as loadtest/wrk/common.lua prints it: 10 s at `rps`, all 200s."""
+    n = int(rps * 10)
+    lat = {"p50": 900, "p99": 5000, "p999": 8000, "max": 9000}
+    path = os.path.join(d, name)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("WRK_JSON " + json.dumps({
+            "requests": n, "duration_us": 10_000_000, "rps": rps, "bytes": 0, "latency_us": lat,
+            "errors": {"connect": 0, "read": 0, "write": 0, "status": 0, "timeout": 0},
+            "statuses": {"200": n}, "outcomes": {}}) + "\n")
+    return path
+
+
+class Interleaved(unittest.TestCase):
+    # A host whose speed drifts: the bare server's three runs answered 200k, 100k and 100k
+    # req/s, and the gateway's run after each 100k, 50k and 55k. Each pair says 0.5, 0.5
+    # and 0.55; the medians (55k over 100k) say 0.55.
+    BARE = (200_000, 100_000, 100_000)
+    GATEWAY = (100_000, 50_000, 55_000)
+
+    def report(self, paired):
+        with tempfile.TemporaryDirectory() as d:
+            meas = os.path.join(d, "measurements.jsonl")
+            for k, (b, g) in enumerate(zip(self.BARE, self.GATEWAY)):
+                lt.cmd_wrk(["baseline/reserve", "baseline", "reserve.lua", "demo", meas,
+                            wrk_output(d, f"b{k}.txt", b)])
+                lt.cmd_wrk(["gateway/reserve", "gateway", "reserve.lua", "lt-bulk", meas,
+                            wrk_output(d, f"g{k}.txt", g), "--baseline", "baseline/reserve"]
+                           + (["--paired"] if paired else []))
+            out = io.StringIO()
+            with contextlib.redirect_stdout(out), self.assertRaises(SystemExit) as exit:
+                lt.cmd_report([d, os.path.join(d, "report.json")])
+            self.assertEqual(exit.exception.code, 0, out.getvalue())
+            with open(os.path.join(d, "report.json"), encoding="utf-8") as f:
+                rows = {r["name"]: r for r in json.load(f)["measurements"]}
+            return rows["gateway/reserve"], out.getvalue()
+
+    def test_each_gateway_run_is_compared_with_the_bare_run_before_it(self):
+        row, text = self.report(paired=True)
+        self.assertEqual(row["paired"]["rps_ratios"], [0.5, 0.5, 0.55])
+        self.assertEqual(row["ratio_baseline"], 0.5)
+        self.assertIn("medians of 3 pairs", text)
+        self.assertIn("req/s ratios 0.50, 0.50, 0.55", text)
+
+    def test_without_pairs_the_ratio_is_of_the_medians(self):
+        row, text = self.report(paired=False)
+        self.assertNotIn("paired", row)
+        self.assertAlmostEqual(row["ratio_baseline"], 0.55)
+        self.assertNotIn("pairs", text)
+
+    def test_a_paired_run_without_a_bare_run_before_it_is_refused(self):
+        with tempfile.TemporaryDirectory() as d:
+            with self.assertRaises(SystemExit) as exit:
+                lt.cmd_wrk(["gateway/reserve", "gateway", "reserve.lua", "lt-bulk",
+                            os.path.join(d, "m.jsonl"), wrk_output(d, "g.txt", 1000),
+                            "--baseline", "baseline/reserve", "--paired"])
+            self.assertIn("no run of baseline/reserve", str(exit.exception.code))
+
+
+if __name__ == "__main__":
+    unittest.main()
