@@ -726,7 +726,9 @@ async fn an_embedded_commit_left_in_doubt_is_kept_not_sold_again() {
 /// commit (or a payment's) waits on the database, the engine holds the change in memory; a
 /// retry answered 200 from there ("your order", "already paid") would be a yes that a
 /// crash before the commit loses. Such a retry waits for the commit: answered with the
-/// change once it lands, 503 if it has not landed within a second (in doubt, say).
+/// change once it lands, 503 if it has not landed within a second (in doubt, say). So does
+/// a read of the order (`GET /api/v1/orders/{id}`): it never shows a change a crash could
+/// take back.
 #[tokio::test(flavor = "multi_thread")]
 async fn an_embedded_retry_is_answered_from_memory_only_once_durable() {
     let db = shared_pg();
@@ -766,17 +768,21 @@ async fn an_embedded_retry_is_answered_from_memory_only_once_durable() {
     tokio::time::sleep(STORE_TIMEOUT / 4).await;
     assert!(!bob_pays.is_finished(), "bob's payment waits on the lock");
     gw.pay(&bobs, "bob").await.assert_refused(503, "unavailable");
+    // Nor does a read of his order show "paid" before it is durable.
+    gw.get_order(&bobs, "bob").await.assert_refused(503, "unavailable");
     bob_pays
         .await
         .expect("bob's first pay")
         .assert_refused(503, "unavailable");
     gw.pay(&bobs, "bob").await.assert_refused(503, "unavailable");
+    gw.get_order(&bobs, "bob").await.assert_refused(503, "unavailable");
     lock.rollback().await.expect("ROLLBACK: the lock goes");
     // Once the journal's write again is answered, the retry gets the payment, in the
-    // database.
+    // database, and a read shows it.
     let paid = send_until(Duration::from_secs(15), gw.pay_req(&bobs, "bob"), |r| r.status == 200).await;
     assert_eq!(paid.expect("bob's retry answered 200").json["status"], "paid");
     assert_eq!(status(&bobs).await.as_deref(), Some("paid"), "a 200 is a row");
+    assert_eq!(gw.get_order(&bobs, "bob").await.assert_ok()["status"], "paid");
     assert_eq!(
         gw.get_item(&item).await.assert_ok()["stock_remaining"],
         3,

@@ -1078,7 +1078,14 @@ impl StockEngine for EmbeddedEngine {
     }
 
     async fn order(&self, order_id: &str) -> Result<Option<Order>, Error> {
-        Ok(self.lock().orders.get(order_id).cloned())
+        // A read shows an order's change once it is durable, as the change's own answer
+        // does: a crash before the commit would take back what it showed.
+        self.settling
+            .answer(|| async {
+                let order = self.lock().orders.get(order_id).cloned();
+                self.settling.durable(order_id, order)
+            })
+            .await
     }
 
     async fn catalog(&self) -> Result<Vec<String>, Error> {
