@@ -674,9 +674,12 @@ impl Store {
         })
     }
 
+    /// Create or replace an item's row (its pause switch stays). A write whose outcome is
+    /// unknown is [`Error::StoreInDoubt`], as for [`Self::set_paused`]: an upsert, so
+    /// writing it again is harmless.
     pub async fn put_item(&self, spec: &ItemSpec, now_ms: i64) -> Result<(), Error> {
         with_writer!(self, pool => {
-            self.bounded(
+            self.bounded_write(
                 sqlx::query(
                     "INSERT INTO items (item_id, name, price_cents, stock_total, per_user_limit, starts_ms, ends_ms, updated_ms, buckets, paused) \
                      VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
@@ -708,14 +711,14 @@ impl Store {
     pub async fn set_paused(&self, item_id: Option<&str>, paused: bool, now_ms: i64) -> Result<bool, Error> {
         with_writer!(self, pool => {
             let done = match item_id {
-                Some(id) => self.bounded(
+                Some(id) => self.bounded_write(
                     sqlx::query("UPDATE items SET paused = $1, updated_ms = $2 WHERE item_id = $3")
                         .bind(paused)
                         .bind(now_ms)
                         .bind(id)
                         .execute(pool),
                 ),
-                None => self.bounded(
+                None => self.bounded_write(
                     sqlx::query(
                         "INSERT INTO controls (name, value, updated_ms) VALUES ('paused_all', $1, $2) \
                          ON CONFLICT (name) DO UPDATE SET value = excluded.value, updated_ms = excluded.updated_ms",

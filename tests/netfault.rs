@@ -575,7 +575,7 @@ async fn both_held_mid_burst() {
 async fn postgres_blackholed_with_queries_in_flight() {
     let rig = Rig::start().await;
     let direct = sqlx::PgPool::connect(&rig.db).await.expect("the test's own pool");
-    let lock = lock_orders(&direct).await;
+    let lock = lock_table(&direct, "orders").await;
     // More lists than the gateway's pool has connections: every connection waits on the lock.
     let lists: Vec<_> = (0..16)
         .map(|i| {
@@ -681,7 +681,7 @@ async fn an_embedded_commit_left_in_doubt_is_kept_not_sold_again() {
         rows.iter().map(|o| o.user_id.clone()).collect::<Vec<_>>()
     };
     let direct = sqlx::PgPool::connect(&db).await.expect("the test's own pool");
-    let lock = lock_orders(&direct).await;
+    let lock = lock_table(&direct, "orders").await;
 
     let started = Instant::now();
     let alice = gw.reserve(&item, "alice").await;
@@ -747,7 +747,7 @@ async fn an_embedded_retry_is_answered_from_memory_only_once_durable() {
 
     // Alice's reservation waits on the lock; her retry with the same key comes meanwhile
     // and waits too; the lock goes before the store timeout: both get her one order.
-    let lock = lock_orders(&direct).await;
+    let lock = lock_table(&direct, "orders").await;
     let keyed = || gw.reserve_req(&item, "alice").header("Idempotency-Key", "checkout-1");
     let first = tokio::spawn(send(keyed()));
     tokio::time::sleep(STORE_TIMEOUT / 4).await;
@@ -763,7 +763,7 @@ async fn an_embedded_retry_is_answered_from_memory_only_once_durable() {
 
     // Bob's payment waits past the store timeout: in doubt. A repeated pay, during the wait
     // and after it, is 503, never "paid" from memory.
-    let lock = lock_orders(&direct).await;
+    let lock = lock_table(&direct, "orders").await;
     let bob_pays = tokio::spawn(send(gw.pay_req(&bobs, "bob")));
     tokio::time::sleep(STORE_TIMEOUT / 4).await;
     assert!(!bob_pays.is_finished(), "bob's payment waits on the lock");
@@ -790,14 +790,60 @@ async fn an_embedded_retry_is_answered_from_memory_only_once_durable() {
     );
 }
 
-/// A transaction holding `LOCK TABLE orders` (every statement on the table waits on it
+/// Embedded: an item's definition whose write is in doubt (the store timeout passed while
+/// the database held it) is kept, and written again until the database takes it: the
+/// gateway and the database agree, also after a restart. The admin is told 503 (sending the
+/// same definition again is harmless). A pause switch that arrives meanwhile is refused at
+/// once, undone, and never written.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_embedded_item_definition_in_doubt_is_kept_and_written() {
+    let db = shared_pg();
+    let mut gw = embedded_on(&db).await;
+    let item = gw.new_item(5, 1).await;
+    let direct = sqlx::PgPool::connect(&db).await.expect("the test's own pool");
+    let row = async || -> (i64, bool) {
+        sqlx::query_as("SELECT stock_total, paused FROM items WHERE item_id = $1")
+            .bind(&item)
+            .fetch_one(&direct)
+            .await
+            .expect("the item's row")
+    };
+
+    let lock = lock_table(&direct, "items").await;
+    gw.put_item(&item, 9, 1).await.assert_refused(503, "unavailable");
+    send(gw.admin(gw.post(&format!("/admin/v1/items/{item}/pause"))))
+        .await
+        .assert_refused(503, "unavailable");
+    lock.rollback().await.expect("ROLLBACK: the lock goes");
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while row().await.0 != 9 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the definition is written once the lock goes"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let shown = gw.get_item(&item).await;
+    assert_eq!(shown.assert_ok()["stock_total"], 9, "the gateway kept the definition");
+    assert_eq!(shown.assert_ok()["state"], "active", "the refused pause was undone");
+    assert!(!row().await.1, "the refused pause was not written");
+
+    gw.stop().await;
+    let gw = embedded_on(&db).await;
+    let shown = gw.get_item(&item).await;
+    assert_eq!(shown.assert_ok()["stock_total"], 9, "after a restart, the same");
+    assert_eq!(shown.assert_ok()["stock_remaining"], 9);
+}
+
+/// A transaction holding `LOCK TABLE table` (every statement on the table waits on it
 /// until it is rolled back).
-async fn lock_orders(pool: &sqlx::PgPool) -> sqlx::Transaction<'static, sqlx::Postgres> {
+async fn lock_table(pool: &sqlx::PgPool, table: &str) -> sqlx::Transaction<'static, sqlx::Postgres> {
     let mut lock = pool.begin().await.expect("BEGIN");
-    sqlx::query("LOCK TABLE orders IN ACCESS EXCLUSIVE MODE")
+    sqlx::query(&format!("LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE"))
         .execute(&mut *lock)
         .await
-        .expect("LOCK orders");
+        .expect("LOCK TABLE");
     lock
 }
 

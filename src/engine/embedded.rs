@@ -651,6 +651,31 @@ fn close_as(s: &mut State, order_id: &str, status: OrderStatus, refund: RefundOf
 }
 
 impl EmbeddedEngine {
+    /// Undo a definition of `item_id` the journal refused: the `previous` one back, with
+    /// the item's counters as they are now (reservations made meanwhile stay). Kept, and
+    /// said, when that cannot be: a new item sold from meanwhile (its orders name it), or
+    /// a previous stock below what is now held.
+    fn unput(&self, item_id: &str, previous: Option<ItemState>) {
+        let mut s = self.lock();
+        let Some(item) = s.items.get_mut(item_id) else {
+            return;
+        };
+        let held = item.reserved + item.paid;
+        match previous {
+            Some(p) if p.spec.stock_total >= held => {
+                item.stock = p.spec.stock_total - held;
+                item.spec = p.spec;
+            }
+            None if held == 0 && item.cancelled == 0 && item.expired == 0 && item.refunded == 0 => {
+                s.items.remove(item_id);
+            }
+            _ => tracing::warn!(
+                item = item_id,
+                "item definition kept: sold from while the database refused it"
+            ),
+        }
+    }
+
     /// [`StockEngine::transition`], once: [`Error::Settling`] to wait and decide again.
     async fn transition_once(&self, t: Transition, order_id: &str, user_id: &str) -> Result<TransitionReply, Error> {
         let now = self.clock.now_ms();
@@ -919,23 +944,22 @@ impl StockEngine for EmbeddedEngine {
             s.items.insert(spec.item_id.clone(), state);
             prev
         };
-        if let Some(j) = &self.journal
-            && let Err(e) = j.put_item(spec.clone()).await
-        {
-            let mut s = self.lock();
-            match previous {
-                Some(p) => s.items.insert(spec.item_id.clone(), p),
-                None => s.items.remove(&spec.item_id),
-            };
-            return Err(e);
+        let durable = match &self.journal {
+            Some(j) => j.put_item(spec.clone()).await,
+            None => Ok(()),
+        };
+        if let Err(refused) = undoable(&durable) {
+            self.unput(&spec.item_id, previous);
+            return Err(refused);
         }
+        // In doubt, the definition stays (the journal writes it again): 503 all the same.
         let stock = self.lock().items.get(&spec.item_id).map_or(0, |i| i.stock);
         self.listener.news(ItemNews::Put {
             item: &spec.item_id,
             stock,
             total: spec.stock_total,
         });
-        Ok(PutReply::Stored { stock })
+        durable.map(|()| PutReply::Stored { stock })
     }
 
     async fn item(&self, item_id: &str) -> Result<Option<ItemState>, Error> {
@@ -958,9 +982,11 @@ impl StockEngine for EmbeddedEngine {
                 .map(|j| j.set_paused(item_id.map(str::to_owned), paused));
             (before, durable)
         };
-        if let Some(durable) = durable
-            && let Err(e) = durable.await
-        {
+        let durable = match durable {
+            Some(durable) => durable.await,
+            None => Ok(()),
+        };
+        if let Err(refused) = undoable(&durable) {
             let mut s = self.lock();
             match item_id {
                 Some(id) => {
@@ -970,13 +996,14 @@ impl StockEngine for EmbeddedEngine {
                 }
                 None => s.all_paused = before,
             }
-            return Err(e);
+            return Err(refused);
         }
+        // In doubt, the switch stays (the journal writes it again): 503 all the same.
         self.listener.news(match item_id {
             Some(item) => ItemNews::Remote { item },
             None => ItemNews::AllPaused(paused),
         });
-        Ok(true)
+        durable.map(|()| true)
     }
 
     /// [`Self::decide`], then the commit awaited and [`Self::conclude`]d. Not safe to drop
@@ -1106,6 +1133,95 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+
+    /// A journal that takes events at once and holds every item definition after the
+    /// first until `gate` is notified, then refuses it.
+    struct RefusingItems {
+        puts: std::sync::atomic::AtomicU32,
+        gate: Arc<tokio::sync::Notify>,
+    }
+
+    impl Journal for RefusingItems {
+        fn append(&self, _events: Vec<OrderEvent>) -> BoxFuture<'static, Result<(), Error>> {
+            Box::pin(async { Ok(()) })
+        }
+        fn put_item(&self, _spec: ItemSpec) -> BoxFuture<'static, Result<(), Error>> {
+            let first = self.puts.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0;
+            let gate = self.gate.clone();
+            Box::pin(async move {
+                if first {
+                    return Ok(());
+                }
+                gate.notified().await;
+                Err(Error::Store("refused".into()))
+            })
+        }
+        fn set_paused(&self, _item_id: Option<String>, _paused: bool) -> BoxFuture<'static, Result<(), Error>> {
+            Box::pin(async { Ok(()) })
+        }
+    }
+
+    fn item_spec(stock_total: i64) -> ItemSpec {
+        ItemSpec {
+            item_id: "i".into(),
+            name: "n".into(),
+            price_cents: 1,
+            stock_total,
+            per_user_limit: 1,
+            starts_ms: 0,
+            ends_ms: i64::MAX / 2,
+            buckets: 1,
+            paused: false,
+        }
+    }
+
+    /// A replacement the journal refuses puts the previous definition back, but not the
+    /// previous counters: what was reserved while it was being written stays reserved (it
+    /// was answered 200), and the stock is the previous total less what is held. Were the
+    /// old counters put back, those units would be sold again. When the previous total is
+    /// below what is now held, the new definition stays.
+    #[tokio::test]
+    async fn a_refused_replacement_keeps_what_was_sold_meanwhile() {
+        for (sold_meanwhile, stock_total, stock) in [(2, 5, 3), (7, 9, 2)] {
+            let gate = Arc::new(tokio::sync::Notify::new());
+            let journal = RefusingItems {
+                puts: Default::default(),
+                gate: gate.clone(),
+            };
+            let settings = EngineSettings {
+                payment_timeout: Duration::from_secs(60),
+                idempotency_ttl: Duration::from_secs(10),
+                closed_order_ttl: Duration::from_secs(30),
+            };
+            let e = EmbeddedEngine::new(settings, Clock::manual(1_000_000), Some(Box::new(journal)));
+            e.put_item(&item_spec(5)).await.unwrap();
+            let nine = item_spec(9);
+            let replace = e.put_item(&nine);
+            let sell = async {
+                for n in 0..sold_meanwhile {
+                    let cmd = ReserveCmd {
+                        item_id: "i".into(),
+                        user_id: format!("u{n}"),
+                        qty: 1,
+                        order_id: format!("o{n}"),
+                        idem_key: None,
+                        buckets: 1,
+                    };
+                    assert!(matches!(e.reserve(&cmd).await.unwrap(), ReserveReply::Reserved { .. }));
+                }
+                gate.notify_one();
+            };
+            let (replaced, ()) = tokio::join!(replace, sell);
+            assert!(replaced.is_err(), "the replacement is refused");
+            let item = e.item("i").await.unwrap().unwrap();
+            assert_eq!(item.reserved, sold_meanwhile, "sold meanwhile: {sold_meanwhile}");
+            assert_eq!(
+                (item.spec.stock_total, item.stock),
+                (stock_total, stock),
+                "sold meanwhile: {sold_meanwhile}"
+            );
+        }
+    }
 
     #[tokio::test]
     async fn closed_orders_and_old_keys_are_pruned() {

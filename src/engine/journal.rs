@@ -89,13 +89,27 @@ impl SqliteJournal {
             let mut waiters = Vec::new();
             let mut barriers = Vec::new();
             for job in group {
+                // An item's definition or pause switch left in doubt is kept by the engine,
+                // like a commit of events: written again before anything after it.
                 match job {
                     Job::Item(spec, done) => {
-                        let _ = done.send(store.put_item(&spec, clock.now_ms()).await);
+                        let put = || store.put_item(&spec, clock.now_ms());
+                        if Self::answer(done, put().await) {
+                            let what = format!("item {}", spec.item_id);
+                            Self::write_until_answered(&what, &mut rx, &mut barriers, put).await;
+                        }
                     }
                     Job::Pause(item, paused, done) => {
-                        let set = store.set_paused(item.as_deref(), paused, clock.now_ms()).await;
-                        let _ = done.send(set.map(|_| ()));
+                        let set = || async {
+                            store
+                                .set_paused(item.as_deref(), paused, clock.now_ms())
+                                .await
+                                .map(|_| ())
+                        };
+                        if Self::answer(done, set().await) {
+                            let what = format!("pause switch of {}", item.as_deref().unwrap_or("every sale"));
+                            Self::write_until_answered(&what, &mut rx, &mut barriers, set).await;
+                        }
                     }
                     Job::Events(evs, done) if evs.is_empty() => barriers.push(done),
                     Job::Events(evs, done) => {
@@ -105,7 +119,8 @@ impl SqliteJournal {
                 }
             }
             if !events.is_empty() && Self::commit(&store, &events, waiters).await {
-                Self::write_until_answered(&store, &events, &mut rx, &mut barriers).await;
+                let what = format!("{} events", events.len());
+                Self::write_until_answered(&what, &mut rx, &mut barriers, || store.apply(&events)).await;
             }
             // Everything before them is written, or refused (and undone by its callers).
             for b in barriers {
@@ -114,18 +129,27 @@ impl SqliteJournal {
         }
     }
 
-    /// A commit left in doubt (its waiters were told so and keep their changes): write the
-    /// same events again until the database takes them. The upsert is forward-only, so a second
-    /// write of what the first one applied changes nothing. Until then every job that
-    /// arrives is refused at once: nothing of it was sent, so its caller can undo it, and the
-    /// database still holds a prefix of the engine's history. A barrier (no events) joins
-    /// `barriers` instead, answered once the write is done.
-    async fn write_until_answered(
-        store: &Store,
-        events: &[OrderEvent],
+    /// Send a job's outcome to its waiter; true when it is unknown ([`Error::StoreInDoubt`]).
+    fn answer(done: oneshot::Sender<Result<(), Error>>, outcome: Result<(), Error>) -> bool {
+        let in_doubt = matches!(outcome, Err(Error::StoreInDoubt(_)));
+        let _ = done.send(outcome);
+        in_doubt
+    }
+
+    /// A write left in doubt (its waiters were told so and keep their changes): `write` it
+    /// again until the database takes it. Every write is an upsert (the events' forward-only),
+    /// so a second write of what the first one applied changes nothing. Until then every job
+    /// that arrives is refused at once: nothing of it was sent, so its caller can undo it,
+    /// and the database still holds a prefix of the engine's history. A barrier (no events)
+    /// joins `barriers` instead, answered once the write is done.
+    async fn write_until_answered<T, F>(
+        what: &str,
         rx: &mut mpsc::UnboundedReceiver<Job>,
         barriers: &mut Vec<oneshot::Sender<Result<(), Error>>>,
-    ) {
+        mut write: impl FnMut() -> F,
+    ) where
+        F: std::future::Future<Output = Result<T, Error>>,
+    {
         let mut delays = crate::retry::backoff();
         let mut open = true;
         loop {
@@ -141,19 +165,16 @@ impl SqliteJournal {
                     },
                 }
             }
-            match store.apply(events).await {
+            match write().await {
                 Ok(_) => {
-                    tracing::info!(
-                        events = events.len(),
-                        "journal commit whose outcome was unknown: written"
-                    );
+                    tracing::info!(what, "journal write whose outcome was unknown: written");
                     return;
                 }
                 // Refused too (a full disk, say): the engine holds the changes and answered
                 // nobody 200 for them, so they are written once the database takes them, as
                 // the persistence worker does with a batch.
                 Err(e) => {
-                    tracing::warn!(cause = %e, events = events.len(), "journal commit whose outcome is unknown: writing it again");
+                    tracing::warn!(cause = %e, what, "journal write whose outcome is unknown: writing it again");
                 }
             }
         }
