@@ -1225,8 +1225,8 @@ def cmd_report(args):
         if pr:
             print(f"{name}: x baseline and gateway/baseline are the medians of {pr['pairs']} pairs "
                   f"(each run right after a run of {rows[name].get('baseline_ref')}): req/s ratios "
-                  + ", ".join(f"{v:.2f}" for v in pr["rps_ratios"])
-                  + "; CPU ratios " + ", ".join(f"{v:.2f}" if v else "-" for v in pr["cpu_ratios"]))
+                  + ", ".join(f"{v:.2f}" if v is not None else "-" for v in pr["rps_ratios"])
+                  + "; CPU ratios " + ", ".join(f"{v:.2f}" if v is not None else "-" for v in pr["cpu_ratios"]))
     for name in order:
         per = rows[name].get("per_wrk")
         if per:

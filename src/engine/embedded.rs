@@ -651,20 +651,32 @@ fn close_as(s: &mut State, order_id: &str, status: OrderStatus, refund: RefundOf
 }
 
 impl EmbeddedEngine {
-    /// Undo a definition of `item_id` the journal refused: the `previous` one back, with
-    /// the item's counters as they are now (reservations made meanwhile stay). Kept, and
-    /// said, when that cannot be: a new item sold from meanwhile (its orders name it), or
-    /// a previous stock below what is now held.
-    fn unput(&self, item_id: &str, previous: Option<ItemState>) {
+    /// Undo `refused`, a definition the journal did not write: the `previous` one back,
+    /// with the item's counters and pause switch as they are now (reservations made
+    /// meanwhile stay; a pause is written on its own). Left alone when a later definition
+    /// replaced it; kept, and said, when it cannot be undone: a new item sold from
+    /// meanwhile (its orders name it), or a previous stock below what is now held.
+    fn unput(&self, refused: &ItemSpec, previous: Option<ItemState>) {
         let mut s = self.lock();
+        let item_id = refused.item_id.as_str();
         let Some(item) = s.items.get_mut(item_id) else {
             return;
         };
+        let current = ItemSpec {
+            paused: refused.paused,
+            ..item.spec.clone()
+        };
+        if current != *refused {
+            return;
+        }
         let held = item.reserved + item.paid;
         match previous {
             Some(p) if p.spec.stock_total >= held => {
                 item.stock = p.spec.stock_total - held;
-                item.spec = p.spec;
+                item.spec = ItemSpec {
+                    paused: item.spec.paused,
+                    ..p.spec
+                };
             }
             None if held == 0 && item.cancelled == 0 && item.expired == 0 && item.refunded == 0 => {
                 s.items.remove(item_id);
@@ -949,7 +961,7 @@ impl StockEngine for EmbeddedEngine {
             None => Ok(()),
         };
         if let Err(refused) = undoable(&durable) {
-            self.unput(&spec.item_id, previous);
+            self.unput(&spec, previous);
             return Err(refused);
         }
         // In doubt, the definition stays (the journal writes it again): 503 all the same.
@@ -1108,9 +1120,11 @@ impl StockEngine for EmbeddedEngine {
         // A read shows an order's change once it is durable, as the change's own answer
         // does: a crash before the commit would take back what it showed.
         self.settling
-            .answer(|| async {
-                let order = self.lock().orders.get(order_id).cloned();
-                self.settling.durable(order_id, order)
+            .answer(|| {
+                // Under the lock, as the undo of a refused commit runs before it settles.
+                let s = self.lock();
+                let order = s.orders.get(order_id).cloned();
+                std::future::ready(self.settling.durable(order_id, order))
             })
             .await
     }
@@ -1179,7 +1193,8 @@ mod tests {
     /// previous counters: what was reserved while it was being written stays reserved (it
     /// was answered 200), and the stock is the previous total less what is held. Were the
     /// old counters put back, those units would be sold again. When the previous total is
-    /// below what is now held, the new definition stays.
+    /// below what is now held, the new definition stays. A pause made meanwhile (written on
+    /// its own) stays too.
     #[tokio::test]
     async fn a_refused_replacement_keeps_what_was_sold_meanwhile() {
         for (sold_meanwhile, stock_total, stock) in [(2, 5, 3), (7, 9, 2)] {
@@ -1209,6 +1224,10 @@ mod tests {
                     };
                     assert!(matches!(e.reserve(&cmd).await.unwrap(), ReserveReply::Reserved { .. }));
                 }
+                assert!(
+                    e.pause(Some("i"), true).await.unwrap(),
+                    "paused meanwhile (and written)"
+                );
                 gate.notify_one();
             };
             let (replaced, ()) = tokio::join!(replace, sell);
@@ -1220,6 +1239,7 @@ mod tests {
                 (stock_total, stock),
                 "sold meanwhile: {sold_meanwhile}"
             );
+            assert!(item.spec.paused, "the pause written meanwhile stays");
         }
     }
 

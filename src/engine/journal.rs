@@ -85,46 +85,83 @@ impl SqliteJournal {
                     Err(_) => break,
                 }
             }
-            let mut events = Vec::new();
-            let mut waiters = Vec::new();
             let mut barriers = Vec::new();
-            for job in group {
-                // An item's definition or pause switch left in doubt is kept by the engine,
-                // like a commit of events: written again before anything after it.
-                match job {
-                    Job::Item(spec, done) => {
-                        let put = || store.put_item(&spec, clock.now_ms());
-                        if Self::answer(done, put().await) {
-                            let what = format!("item {}", spec.item_id);
-                            Self::write_until_answered(&what, &mut rx, &mut barriers, put).await;
-                        }
-                    }
-                    Job::Pause(item, paused, done) => {
-                        let set = || async {
-                            store
-                                .set_paused(item.as_deref(), paused, clock.now_ms())
-                                .await
-                                .map(|_| ())
-                        };
-                        if Self::answer(done, set().await) {
-                            let what = format!("pause switch of {}", item.as_deref().unwrap_or("every sale"));
-                            Self::write_until_answered(&what, &mut rx, &mut barriers, set).await;
-                        }
-                    }
-                    Job::Events(evs, done) if evs.is_empty() => barriers.push(done),
-                    Job::Events(evs, done) => {
-                        events.extend(evs);
-                        waiters.push(done);
-                    }
-                }
-            }
-            if !events.is_empty() && Self::commit(&store, &events, waiters).await {
-                let what = format!("{} events", events.len());
-                Self::write_until_answered(&what, &mut rx, &mut barriers, || store.apply(&events)).await;
-            }
+            Self::write_group(group, &store, &clock, &mut rx, &mut barriers).await;
             // Everything before them is written, or refused (and undone by its callers).
             for b in barriers {
                 let _ = b.send(Ok(()));
+            }
+        }
+    }
+
+    /// One group's jobs, written in the order they were enqueued: runs of events as one
+    /// commit each, before the item definition or pause switch that follows them. After a
+    /// write left in doubt, the rest of the group is refused like what arrives meanwhile,
+    /// and the write is made again until the database answers.
+    async fn write_group(
+        group: Vec<Job>,
+        store: &Store,
+        clock: &Clock,
+        rx: &mut mpsc::UnboundedReceiver<Job>,
+        barriers: &mut Vec<oneshot::Sender<Result<(), Error>>>,
+    ) {
+        let mut jobs = group.into_iter();
+        let mut events = Vec::new();
+        let mut waiters = Vec::new();
+        loop {
+            let job = jobs.next();
+            if !matches!(job, Some(Job::Events(..))) && !events.is_empty() {
+                if Self::commit(store, &events, std::mem::take(&mut waiters)).await {
+                    Self::refuse(job.into_iter().chain(jobs), barriers);
+                    let what = format!("{} events", events.len());
+                    Self::write_until_answered(&what, rx, barriers, || store.apply(&events)).await;
+                    return;
+                }
+                events.clear();
+            }
+            match job {
+                None => return,
+                Some(Job::Events(evs, done)) if evs.is_empty() => barriers.push(done),
+                Some(Job::Events(evs, done)) => {
+                    events.extend(evs);
+                    waiters.push(done);
+                }
+                // An item's definition or pause switch left in doubt is kept by the engine,
+                // like a commit of events.
+                Some(Job::Item(spec, done)) => {
+                    let put = || store.put_item(&spec, clock.now_ms());
+                    if Self::answer(done, put().await) {
+                        Self::refuse(jobs, barriers);
+                        let what = format!("item {}", spec.item_id);
+                        Self::write_until_answered(&what, rx, barriers, put).await;
+                        return;
+                    }
+                }
+                Some(Job::Pause(item, paused, done)) => {
+                    let set = || async {
+                        store
+                            .set_paused(item.as_deref(), paused, clock.now_ms())
+                            .await
+                            .map(|_| ())
+                    };
+                    if Self::answer(done, set().await) {
+                        Self::refuse(jobs, barriers);
+                        let what = format!("pause switch of {}", item.as_deref().unwrap_or("every sale"));
+                        Self::write_until_answered(&what, rx, barriers, set).await;
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Refuse `jobs` (nothing of them was sent, so their callers undo them); a barrier
+    /// joins `barriers`, answered once the write in doubt before it is done.
+    fn refuse(jobs: impl Iterator<Item = Job>, barriers: &mut Vec<oneshot::Sender<Result<(), Error>>>) {
+        for job in jobs {
+            match job {
+                Job::Events(evs, done) if evs.is_empty() => barriers.push(done),
+                job => job.refuse(),
             }
         }
     }
@@ -159,8 +196,7 @@ impl SqliteJournal {
                 tokio::select! {
                     () = &mut pause => break,
                     job = rx.recv(), if open => match job {
-                        Some(Job::Events(evs, done)) if evs.is_empty() => barriers.push(done),
-                        Some(job) => job.refuse(),
+                        Some(job) => Self::refuse(std::iter::once(job), barriers),
                         None => open = false,
                     },
                 }
