@@ -1175,13 +1175,23 @@ mod tests {
         }
     }
 
-    fn item_spec(stock_total: i64) -> ItemSpec {
+    /// A minute to pay; idempotency keys kept 10 s, closed orders 30 s.
+    fn settings() -> EngineSettings {
+        EngineSettings {
+            payment_timeout: Duration::from_secs(60),
+            idempotency_ttl: Duration::from_secs(10),
+            closed_order_ttl: Duration::from_secs(30),
+        }
+    }
+
+    /// Item `i`, on sale from the epoch for ever, `per_user_limit` units a shopper.
+    fn item_spec(stock_total: i64, per_user_limit: i64) -> ItemSpec {
         ItemSpec {
             item_id: "i".into(),
             name: "n".into(),
             price_cents: 1,
             stock_total,
-            per_user_limit: 1,
+            per_user_limit,
             starts_ms: 0,
             ends_ms: i64::MAX / 2,
             buckets: 1,
@@ -1203,14 +1213,9 @@ mod tests {
                 puts: Default::default(),
                 gate: gate.clone(),
             };
-            let settings = EngineSettings {
-                payment_timeout: Duration::from_secs(60),
-                idempotency_ttl: Duration::from_secs(10),
-                closed_order_ttl: Duration::from_secs(30),
-            };
-            let e = EmbeddedEngine::new(settings, Clock::manual(1_000_000), Some(Box::new(journal)));
-            e.put_item(&item_spec(5)).await.unwrap();
-            let nine = item_spec(9);
+            let e = EmbeddedEngine::new(settings(), Clock::manual(1_000_000), Some(Box::new(journal)));
+            e.put_item(&item_spec(5, 1)).await.unwrap();
+            let nine = item_spec(9, 1);
             let replace = e.put_item(&nine);
             let sell = async {
                 for n in 0..sold_meanwhile {
@@ -1246,24 +1251,8 @@ mod tests {
     #[tokio::test]
     async fn closed_orders_and_old_keys_are_pruned() {
         let clock = Clock::manual(1_000_000);
-        let settings = EngineSettings {
-            payment_timeout: Duration::from_secs(60),
-            idempotency_ttl: Duration::from_secs(10),
-            closed_order_ttl: Duration::from_secs(30),
-        };
-        let e = EmbeddedEngine::new(settings, clock.clone(), None);
-        let spec = ItemSpec {
-            item_id: "i".into(),
-            name: "n".into(),
-            price_cents: 1,
-            stock_total: 10,
-            per_user_limit: 5,
-            starts_ms: 0,
-            ends_ms: i64::MAX / 2,
-            buckets: 1,
-            paused: false,
-        };
-        e.put_item(&spec).await.unwrap();
+        let e = EmbeddedEngine::new(settings(), clock.clone(), None);
+        e.put_item(&item_spec(10, 5)).await.unwrap();
         let mut ids = Vec::new();
         for n in 0..3 {
             let cmd = ReserveCmd {

@@ -22,20 +22,6 @@ enum Job {
     Pause(Option<String>, bool, oneshot::Sender<Result<(), Error>>),
 }
 
-impl Job {
-    /// Answered without being written (a commit before it is in doubt): its caller undoes it.
-    fn refuse(self) {
-        let refused = || {
-            Err(Error::Store(
-                "not written: an earlier commit's outcome is unknown and is being written again".into(),
-            ))
-        };
-        let _ = match self {
-            Job::Events(_, done) | Job::Item(_, done) | Job::Pause(_, _, done) => done.send(refused()),
-        };
-    }
-}
-
 pub struct SqliteJournal {
     /// Unbounded, so that [`Journal::append`] enqueues at once, under the engine's lock
     /// (what is in flight is bounded by the requests in flight).
@@ -155,22 +141,29 @@ impl SqliteJournal {
         }
     }
 
-    /// Refuse `jobs` (nothing of them was sent, so their callers undo them); a barrier
-    /// joins `barriers`, answered once the write in doubt before it is done.
+    /// Refuse `jobs`, answered without being written (a write before them is in doubt):
+    /// nothing of them was sent, so their callers undo them. A barrier joins `barriers`,
+    /// answered once the write in doubt before it is done.
     fn refuse(jobs: impl Iterator<Item = Job>, barriers: &mut Vec<oneshot::Sender<Result<(), Error>>>) {
         for job in jobs {
-            match job {
-                Job::Events(evs, done) if evs.is_empty() => barriers.push(done),
-                job => job.refuse(),
-            }
+            let done = match job {
+                Job::Events(evs, done) if evs.is_empty() => {
+                    barriers.push(done);
+                    continue;
+                }
+                Job::Events(_, done) | Job::Item(_, done) | Job::Pause(_, _, done) => done,
+            };
+            let _ = done.send(Err(Error::Store(
+                "not written: an earlier commit's outcome is unknown and is being written again".into(),
+            )));
         }
     }
 
-    /// Send a job's outcome to its waiter; true when it is unknown ([`Error::StoreInDoubt`]).
+    /// Send a job's outcome to its waiter; true when it is unknown ([`in_doubt`]).
     fn answer(done: oneshot::Sender<Result<(), Error>>, outcome: Result<(), Error>) -> bool {
-        let in_doubt = matches!(outcome, Err(Error::StoreInDoubt(_)));
+        let unknown = in_doubt(&outcome);
         let _ = done.send(outcome);
-        in_doubt
+        unknown
     }
 
     /// A write left in doubt (its waiters were told so and keep their changes): `write` it
@@ -218,7 +211,7 @@ impl SqliteJournal {
 
     /// One group's commit: SQLite, a WAL append without fsync (checkpoints run beside it,
     /// see `store::checkpointer`); PostgreSQL, a transaction that waits for its WAL flush.
-    /// Every waiter gets the outcome; true when it is unknown ([`Error::StoreInDoubt`]).
+    /// Every waiter gets the outcome; true when it is unknown ([`in_doubt`]).
     async fn commit(store: &Store, events: &[OrderEvent], waiters: Vec<oneshot::Sender<Result<(), Error>>>) -> bool {
         let started = std::time::Instant::now();
         let result = store.apply(events).await;
@@ -240,7 +233,7 @@ impl SqliteJournal {
                 Err(e) => Err(e.clone()),
             });
         }
-        matches!(result, Err(Error::StoreInDoubt(_)))
+        in_doubt(&result)
     }
 
     /// Enqueue now; the future resolves once the job is done.
@@ -255,6 +248,12 @@ impl SqliteJournal {
             rx.await.map_err(|_| Error::Internal("journal stopped".into()))?
         })
     }
+}
+
+/// Whether a write's outcome is unknown: it may or may not have been applied
+/// ([`Error::StoreInDoubt`]), so it is written again rather than undone.
+fn in_doubt<T>(outcome: &Result<T, Error>) -> bool {
+    matches!(outcome, Err(Error::StoreInDoubt(_)))
 }
 
 impl Journal for SqliteJournal {
