@@ -1220,13 +1220,15 @@ def cmd_report(args):
         print("  ".join(h.ljust(w) for h, w in zip(head, widths)))
         for row in table:
             print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)))
+    def ratios(vs):
+        return ", ".join(f"{v:.2f}" if v is not None else "-" for v in vs)
+
     for name in order:
         pr = rows[name].get("paired")
         if pr:
             print(f"{name}: x baseline and gateway/baseline are the medians of {pr['pairs']} pairs "
                   f"(each run right after a run of {rows[name].get('baseline_ref')}): req/s ratios "
-                  + ", ".join(f"{v:.2f}" if v is not None else "-" for v in pr["rps_ratios"])
-                  + "; CPU ratios " + ", ".join(f"{v:.2f}" if v is not None else "-" for v in pr["cpu_ratios"]))
+                  f"{ratios(pr['rps_ratios'])}; CPU ratios {ratios(pr['cpu_ratios'])}")
     for name in order:
         per = rows[name].get("per_wrk")
         if per:

@@ -1199,6 +1199,18 @@ mod tests {
         }
     }
 
+    /// One unit of item `i` for `user_id`, as order `order_id`.
+    fn reserve_one(user_id: &str, order_id: &str, idem_key: Option<String>) -> ReserveCmd {
+        ReserveCmd {
+            item_id: "i".into(),
+            user_id: user_id.into(),
+            qty: 1,
+            order_id: order_id.into(),
+            idem_key,
+            buckets: 1,
+        }
+    }
+
     /// A replacement the journal refuses puts the previous definition back, but not the
     /// previous counters: what was reserved while it was being written stays reserved (it
     /// was answered 200), and the stock is the previous total less what is held. Were the
@@ -1219,14 +1231,7 @@ mod tests {
             let replace = e.put_item(&nine);
             let sell = async {
                 for n in 0..sold_meanwhile {
-                    let cmd = ReserveCmd {
-                        item_id: "i".into(),
-                        user_id: format!("u{n}"),
-                        qty: 1,
-                        order_id: format!("o{n}"),
-                        idem_key: None,
-                        buckets: 1,
-                    };
+                    let cmd = reserve_one(&format!("u{n}"), &format!("o{n}"), None);
                     assert!(matches!(e.reserve(&cmd).await.unwrap(), ReserveReply::Reserved { .. }));
                 }
                 assert!(
@@ -1255,14 +1260,7 @@ mod tests {
         e.put_item(&item_spec(10, 5)).await.unwrap();
         let mut ids = Vec::new();
         for n in 0..3 {
-            let cmd = ReserveCmd {
-                item_id: "i".into(),
-                user_id: "u".into(),
-                qty: 1,
-                order_id: format!("o{n}"),
-                idem_key: Some(format!("k{n}")),
-                buckets: 1,
-            };
+            let cmd = reserve_one("u", &format!("o{n}"), Some(format!("k{n}")));
             e.reserve(&cmd).await.unwrap();
             ids.push(cmd.order_id);
         }
